@@ -1,1 +1,53 @@
+//! Emulated devices of the `vmm` microVM monitor.
+//!
+//! Everything here is plain Rust on top of byte-level register accesses: the crate
+//! builds and unit-tests without KVM. The VMM places the devices on a [`bus::Bus`]
+//! (port I/O or MMIO) and routes vCPU exits to them.
+
+pub mod acpi_pm;
 pub mod bus;
+pub mod legacy;
+
+/// What a device may ask of the VM as a whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestExitRequest {
+    /// The guest asked to be switched off (ACPI S5).
+    PowerOff,
+    /// The guest asked for a reset (i8042 pulse of the reset line).
+    Reset,
+}
+
+/// Receives a device's request to end the VM. The VMM implements it by waking its
+/// event loop; tests implement it by recording the request.
+pub trait ExitRequester: Send + Sync {
+    /// Asks for the VM to end for `reason`. Must not block.
+    fn request_exit(&self, reason: GuestExitRequest);
+}
+
+/// Something that raises a guest interrupt line (edge), e.g. through a KVM irqfd.
+pub trait InterruptLine: Send + Sync {
+    /// Raises the interrupt once.
+    fn trigger(&self) -> std::io::Result<()>;
+}
+
+impl InterruptLine for vmm_sys_util::eventfd::EventFd {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.write(1)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Records every exit request, in order.
+    #[derive(Default)]
+    pub struct RecordingExit(pub Mutex<Vec<GuestExitRequest>>);
+
+    impl ExitRequester for RecordingExit {
+        fn request_exit(&self, reason: GuestExitRequest) {
+            self.0.lock().unwrap().push(reason);
+        }
+    }
+}

@@ -6,7 +6,7 @@
 //! and handed back to it as RAM only where that is safe).
 //!
 //! ```text
-//! 0x0000_0500  GDT (4 entries)          0x0000_0520  IDT (empty, limit 0)
+//! 0x0000_0500  GDT (5 entries)          0x0000_0540  IDT (empty, limit 0)
 //! 0x0000_6000  PVH start_info + memmap  0x0000_7000  zero page (boot_params)
 //! 0x0000_8ff0  initial stack pointer    0x0000_9000  PML4, PDPT, 4 x PD (identity map of 4 GiB)
 //! 0x0002_0000  kernel command line      0x0009_fc00  EBDA (reserved)
@@ -17,7 +17,7 @@
 /// Start of the GDT the VMM sets up for the boot CPU.
 pub const BOOT_GDT_START: u64 = 0x500;
 /// Start of the (empty) IDT loaded on the boot CPU.
-pub const BOOT_IDT_START: u64 = 0x520;
+pub const BOOT_IDT_START: u64 = 0x540;
 /// PVH `hvm_start_info` structure, followed by its memory map.
 pub const PVH_INFO_START: u64 = 0x6000;
 /// The Linux zero page (`struct boot_params`).

@@ -1,0 +1,193 @@
+//! The COM1 8250 UART, built on vm-superio's register model.
+//!
+//! Output goes to any writer (the VMM's stdout). Input from the host is queued here
+//! and fed into the UART's 64-byte receive FIFO as the guest drains it, so a paste
+//! larger than the FIFO is not lost.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::Arc;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+
+use crate::bus::BusDevice;
+use crate::InterruptLine;
+
+/// Host input held back while the guest's FIFO is full; beyond this, input is dropped
+/// and counted.
+const MAX_PENDING_INPUT: usize = 64 * 1024;
+
+/// Adapts an [`InterruptLine`] to vm-superio's trigger.
+#[derive(Clone)]
+pub struct IrqTrigger(pub Arc<dyn InterruptLine>);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.trigger()
+    }
+}
+
+/// An 8250 UART on the port-I/O bus (eight registers).
+pub struct SerialDevice {
+    uart: Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>,
+    pending: VecDeque<u8>,
+    dropped_input: u64,
+}
+
+impl SerialDevice {
+    /// A UART that raises `irq` and writes the guest's output to `out`.
+    pub fn new(irq: Arc<dyn InterruptLine>, out: Box<dyn Write + Send>) -> Self {
+        SerialDevice {
+            uart: Serial::new(IrqTrigger(irq), out),
+            pending: VecDeque::new(),
+            dropped_input: 0,
+        }
+    }
+
+    /// Queues host input for the guest.
+    pub fn queue_input(&mut self, input: &[u8]) {
+        self.pending.extend(input);
+        self.feed_fifo();
+        if self.pending.len() > MAX_PENDING_INPUT {
+            self.dropped_input += (self.pending.len() - MAX_PENDING_INPUT) as u64;
+            self.pending.truncate(MAX_PENDING_INPUT);
+            log::warn!(
+                "serial: guest is not reading its console; {} input bytes dropped so far",
+                self.dropped_input
+            );
+        }
+    }
+
+    /// Input bytes dropped because the guest did not read them.
+    pub fn dropped_input(&self) -> u64 {
+        self.dropped_input
+    }
+
+    fn feed_fifo(&mut self) {
+        while !self.pending.is_empty() && self.uart.fifo_capacity() > 0 {
+            let (front, _) = self.pending.as_slices();
+            let n = front.len().min(self.uart.fifo_capacity());
+            match self.uart.enqueue_raw_bytes(&front[..n]) {
+                Ok(done) => {
+                    self.pending.drain(..done);
+                }
+                Err(e) => {
+                    log::warn!("serial: cannot deliver input to the guest: {e:?}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        // The UART has byte-wide registers; wider accesses read the first one.
+        if offset < 8 {
+            data[0] = self.uart.read(offset as u8);
+            self.feed_fifo();
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset < 8 && !data.is_empty() {
+            if let Err(e) = self.uart.write(offset as u8, data[0]) {
+                log::warn!("serial: guest write failed: {e:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct CountingIrq(AtomicUsize);
+    impl InterruptLine for CountingIrq {
+        fn trigger(&self) -> std::io::Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+    impl Write for SharedBuf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const THR: u64 = 0;
+    const IER: u64 = 1;
+    const LSR: u64 = 5;
+    const LSR_DATA_READY: u8 = 1;
+
+    fn device() -> (SerialDevice, SharedBuf, Arc<CountingIrq>) {
+        let out = SharedBuf::default();
+        let irq = Arc::new(CountingIrq::default());
+        (
+            SerialDevice::new(irq.clone(), Box::new(out.clone())),
+            out,
+            irq,
+        )
+    }
+
+    #[test]
+    fn guest_writes_reach_the_host_writer() {
+        let (mut dev, out, _) = device();
+        for b in b"hi\n" {
+            dev.write(THR, &[*b]);
+        }
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\n");
+    }
+
+    #[test]
+    fn input_larger_than_fifo_is_delivered_in_order() {
+        let (mut dev, _, irq) = device();
+        dev.write(IER, &[1]); // receive-data interrupt on
+        let input: Vec<u8> = (0..200u8).collect();
+        dev.queue_input(&input);
+        assert!(irq.0.load(Ordering::SeqCst) > 0);
+        let mut got = Vec::new();
+        let mut b = [0u8];
+        loop {
+            dev.read(LSR, &mut b);
+            if b[0] & LSR_DATA_READY == 0 {
+                break;
+            }
+            dev.read(THR, &mut b);
+            got.push(b[0]);
+        }
+        assert_eq!(got, input);
+        assert_eq!(dev.dropped_input(), 0);
+    }
+
+    #[test]
+    fn input_beyond_the_limit_is_counted_as_dropped() {
+        let (mut dev, _, _) = device();
+        dev.queue_input(&vec![b'x'; MAX_PENDING_INPUT + 100]);
+        // The FIFO took 64 bytes, the pending queue is full, the rest is dropped.
+        assert_eq!(dev.dropped_input(), 100 - 64);
+    }
+
+    #[test]
+    fn out_of_range_offsets_are_ignored() {
+        let (mut dev, out, _) = device();
+        dev.write(8, &[b'x']);
+        let mut b = [0xffu8; 2];
+        dev.read(9, &mut b);
+        assert_eq!(b, [0, 0]);
+        assert!(out.0.lock().unwrap().is_empty());
+    }
+}
