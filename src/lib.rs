@@ -1,1 +1,2 @@
 pub mod arch;
+pub mod config;

@@ -1,0 +1,166 @@
+//! `VmConfig`: what the user asked for, validated, as plain data.
+
+use std::path::PathBuf;
+
+use crate::arch::x86_64::layout::MAX_CPUS;
+
+/// One MiB.
+pub const MIB: u64 = 1 << 20;
+/// Smallest guest memory accepted: room for the boot tables and a small kernel.
+pub const MIN_MEMORY: u64 = 16 * MIB;
+/// Largest guest memory accepted (1 TiB).
+pub const MAX_MEMORY: u64 = 1 << 40;
+
+/// Errors in what the user gave.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// Memory size that does not parse.
+    #[error("--memory '{0}' is not a size; give a number with a unit, e.g. 512M or 2G.")]
+    MemoryUnparsable(String),
+    /// Memory size out of range.
+    #[error("--memory {given} is out of range; give between 16M and 1024G.")]
+    MemoryOutOfRange { given: String },
+    /// vCPU count out of range.
+    #[error("--cpus {given} is out of range; give between 1 and {max}.")]
+    CpusOutOfRange { given: u64, max: u32 },
+}
+
+/// A validated description of one VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// ELF vmlinux (64-bit or PVH entry) or bzImage.
+    pub kernel: PathBuf,
+    /// Optional initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line given by the user; `None` means the VMM's default.
+    pub cmdline: Option<String>,
+    /// Number of vCPUs.
+    pub cpus: u32,
+    /// Guest memory in bytes, a multiple of 4 KiB.
+    pub memory: u64,
+}
+
+impl VmConfig {
+    /// A configuration with the defaults: 1 vCPU, 128 MiB, default cmdline.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: None,
+            cpus: 1,
+            memory: 128 * MIB,
+        }
+    }
+
+    /// Checks the ranges that do not depend on the host (KVM limits are checked when
+    /// the VM is built).
+    pub fn validate(&self) -> Result<(), Error> {
+        check_cpus(self.cpus as u64)?;
+        check_memory(self.memory, &format!("{}M", self.memory / MIB))
+    }
+}
+
+/// Checks a vCPU count against the boot tables' limit.
+pub fn check_cpus(cpus: u64) -> Result<u32, Error> {
+    if cpus == 0 || cpus > MAX_CPUS as u64 {
+        return Err(Error::CpusOutOfRange {
+            given: cpus,
+            max: MAX_CPUS,
+        });
+    }
+    Ok(cpus as u32)
+}
+
+fn check_memory(bytes: u64, given: &str) -> Result<(), Error> {
+    if !(MIN_MEMORY..=MAX_MEMORY).contains(&bytes) {
+        return Err(Error::MemoryOutOfRange {
+            given: given.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Parses a memory size: a whole number with an optional unit K, M, G or T (also
+/// written KiB, MB, ...; all binary). A bare number means MiB. The result is
+/// rounded up to whole 4 KiB pages and checked against the accepted range.
+pub fn parse_memory(s: &str) -> Result<u64, Error> {
+    let unparsable = || Error::MemoryUnparsable(s.to_string());
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| unparsable())?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 20,
+        "k" | "kb" | "kib" => 10,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(unparsable()),
+    };
+    let too_big = || Error::MemoryOutOfRange {
+        given: s.to_string(),
+    };
+    let bytes = n.checked_mul(1u64 << shift).ok_or_else(too_big)?;
+    let bytes = bytes.checked_add(0xfff).ok_or_else(too_big)? & !0xfff;
+    check_memory(bytes, s)?;
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_units_parse() {
+        assert_eq!(parse_memory("512M").unwrap(), 512 * MIB);
+        assert_eq!(parse_memory("512").unwrap(), 512 * MIB);
+        assert_eq!(parse_memory("2G").unwrap(), 2048 * MIB);
+        assert_eq!(parse_memory("1GiB").unwrap(), 1024 * MIB);
+        assert_eq!(parse_memory("65536k").unwrap(), 64 * MIB);
+        assert_eq!(parse_memory(" 128mb ").unwrap(), 128 * MIB);
+    }
+
+    #[test]
+    fn memory_rounds_up_to_pages() {
+        assert_eq!(parse_memory("16385K").unwrap(), 16 * MIB + 4096);
+    }
+
+    #[test]
+    fn memory_zero_small_or_absurd_is_out_of_range() {
+        for s in ["0", "0G", "15M", "2T", "18446744073709551615G"] {
+            assert!(
+                matches!(parse_memory(s), Err(Error::MemoryOutOfRange { .. })),
+                "{s}"
+            );
+        }
+    }
+
+    #[test]
+    fn memory_garbage_is_unparsable() {
+        for s in ["", "M", "12X", "-5M", "1.5G", "abc", "5 M B"] {
+            assert_eq!(
+                parse_memory(s),
+                Err(Error::MemoryUnparsable(s.into())),
+                "{s}"
+            );
+        }
+    }
+
+    #[test]
+    fn cpus_range_is_enforced() {
+        assert!(check_cpus(0).is_err());
+        assert_eq!(check_cpus(1), Ok(1));
+        assert_eq!(check_cpus(MAX_CPUS as u64), Ok(MAX_CPUS));
+        assert!(matches!(
+            check_cpus(MAX_CPUS as u64 + 1),
+            Err(Error::CpusOutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn error_messages_name_the_input_and_the_fix() {
+        let e = parse_memory("12X").unwrap_err().to_string();
+        assert!(e.contains("--memory '12X'") && e.contains("512M"), "{e}");
+        let e = check_cpus(0).unwrap_err().to_string();
+        assert!(e.contains("--cpus 0") && e.contains("between 1 and"), "{e}");
+    }
+}
