@@ -1,2 +1,3 @@
 pub mod arch;
 pub mod config;
+pub mod loader;
