@@ -1,3 +1,4 @@
 pub mod arch;
 pub mod config;
+pub mod exit;
 pub mod loader;

@@ -106,8 +106,7 @@ pub fn write_zero_page(
     header: Option<setup_header>,
     info: &BootInfo,
 ) -> Result<u64, Error> {
-    let mut params = boot_params::default();
-    params.hdr = match header {
+    let hdr = match header {
         Some(h) => h,
         None => setup_header {
             boot_flag: 0xaa55,
@@ -115,6 +114,10 @@ pub fn write_zero_page(
             kernel_alignment: 0x100_0000,
             ..Default::default()
         },
+    };
+    let mut params = boot_params {
+        hdr,
+        ..Default::default()
     };
     const LOADER_UNDEFINED: u8 = 0xff;
     const CAN_USE_HEAP: u8 = 0x80;

@@ -48,7 +48,7 @@ pub fn translate(mem: &GuestMemoryMmap, cr3: u64, addr: u64) -> Option<u64> {
     let pdpte = read((pml4e & !0xfff) + ((addr >> 30) & 0x1ff) * 8)?;
     let pde = read((pdpte & !0xfff) + ((addr >> 21) & 0x1ff) * 8)?;
     let present = pml4e & pdpte & pde & 1 == 1 && pde & PAGE_SIZE_2M != 0;
-    present.then(|| (pde & !0x1f_ffff & 0x000f_ffff_ffff_ffff) | (addr & 0x1f_ffff))
+    present.then_some((pde & !0x1f_ffff & 0x000f_ffff_ffff_ffff) | (addr & 0x1f_ffff))
 }
 
 #[cfg(test)]

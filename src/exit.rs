@@ -1,0 +1,170 @@
+//! How a VM ends, and the one-shot signal through which vCPUs, devices and the
+//! host (signals, the embedder) report that it should end.
+
+use std::sync::Mutex;
+
+use devices::{ExitRequester, GuestExitRequest};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Why a guest crashed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CrashKind {
+    /// The vCPU hit a triple fault (KVM_EXIT_SHUTDOWN).
+    TripleFault,
+    /// KVM could not continue, e.g. its instruction emulator failed.
+    InternalError {
+        /// KVM's suberror (1 = emulation failure).
+        suberror: u32,
+    },
+    /// VM entry failed with a hardware reason code.
+    EntryFailure(u64),
+    /// The guest reported a crash through a system event.
+    GuestReported,
+}
+
+/// A crashed vCPU's state, for the report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CrashReport {
+    /// What happened.
+    pub kind: CrashKind,
+    /// Index of the vCPU.
+    pub cpu: u32,
+    /// Instruction pointer, if it could be read.
+    pub rip: Option<u64>,
+    /// Bytes at the instruction pointer, if they could be read.
+    pub instruction: Vec<u8>,
+}
+
+impl std::fmt::Display for CrashReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            CrashKind::TripleFault => write!(f, "triple fault")?,
+            CrashKind::InternalError { suberror: 1 } => {
+                write!(f, "KVM internal error: instruction emulation failure")?
+            }
+            CrashKind::InternalError { suberror } => {
+                write!(f, "KVM internal error (suberror {suberror})")?
+            }
+            CrashKind::EntryFailure(r) => write!(f, "VM entry failure (hardware reason {r:#x})")?,
+            CrashKind::GuestReported => write!(f, "crash reported by the guest")?,
+        }
+        write!(f, " on vCPU {}", self.cpu)?;
+        match self.rip {
+            Some(rip) => write!(f, ", RIP {rip:#x}")?,
+            None => write!(f, ", RIP unknown")?,
+        }
+        if self.instruction.is_empty() {
+            write!(f, ", instruction bytes unavailable")
+        } else {
+            let hex: Vec<String> = self
+                .instruction
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            write!(f, ", instruction bytes {}", hex.join(" "))
+        }
+    }
+}
+
+/// How a VM run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest rebooted (the VMM does not restart it).
+    Reset,
+    /// The guest crashed.
+    Crash(CrashReport),
+    /// The host sent this signal (SIGTERM, SIGINT, SIGHUP).
+    Signal(i32),
+    /// The embedder or the console escape asked the VM to stop.
+    Stopped,
+}
+
+/// The first reported outcome wins; later reports are logged and dropped.
+pub struct ExitSignal {
+    outcome: Mutex<Option<Result<VmExit, String>>>,
+    evt: EventFd,
+}
+
+impl ExitSignal {
+    /// A signal nobody has raised yet.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(ExitSignal {
+            outcome: Mutex::new(None),
+            evt: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Reports an outcome; an `Err` is a VMM failure described in one sentence.
+    pub fn raise(&self, outcome: Result<VmExit, String>) {
+        let mut slot = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(outcome);
+            if let Err(e) = self.evt.write(1) {
+                log::error!("cannot wake the event loop to stop the VM: {e}");
+            }
+        } else {
+            log::debug!("VM already ending; ignoring {outcome:?}");
+        }
+    }
+
+    /// Whether an outcome was reported.
+    pub fn is_raised(&self) -> bool {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// The reported outcome, if any.
+    pub fn outcome(&self) -> Option<Result<VmExit, String>> {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Readable once an outcome is reported.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+}
+
+impl ExitRequester for ExitSignal {
+    fn request_exit(&self, reason: GuestExitRequest) {
+        self.raise(Ok(match reason {
+            GuestExitRequest::PowerOff => VmExit::PowerOff,
+            GuestExitRequest::Reset => VmExit::Reset,
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_outcome_wins() {
+        let s = ExitSignal::new().unwrap();
+        assert!(!s.is_raised());
+        s.request_exit(GuestExitRequest::Reset);
+        s.raise(Ok(VmExit::PowerOff));
+        assert_eq!(s.outcome(), Some(Ok(VmExit::Reset)));
+        assert_eq!(s.eventfd().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn crash_report_names_reason_rip_and_bytes() {
+        let r = CrashReport {
+            kind: CrashKind::InternalError { suberror: 1 },
+            cpu: 1,
+            rip: Some(0xffff_ffff_8100_0000),
+            instruction: vec![0x0f, 0x01, 0xca],
+        };
+        assert_eq!(
+            r.to_string(),
+            "KVM internal error: instruction emulation failure on vCPU 1, RIP 0xffffffff81000000, instruction bytes 0f 01 ca"
+        );
+    }
+}
