@@ -1,4 +1,47 @@
+//! `vmm`: a KVM microVM monitor.
+//!
+//! The library is what the `vmm` binary runs, and what programs embed:
+//!
+//! ```no_run
+//! use vmm::{builder, config::VmConfig, runtime::RunOptions};
+//! let mut config = VmConfig::new("vmlinux");
+//! config.cmdline = Some("console=ttyS0 reboot=k panic=-1".into());
+//! let vm = builder::build(&config, Box::new(std::io::stdout()), std::time::Instant::now())?;
+//! let stop = vm.stop_handle(); // may be sent to another thread
+//! let exit = vm.run(RunOptions::default())?;
+//! println!("guest ended: {exit:?}");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Data flows one way: [`config::VmConfig`] → [`builder::build`] → [`builder::MicroVm::run`]
+//! → [`exit::VmExit`].
+
 pub mod arch;
+pub mod builder;
 pub mod config;
 pub mod exit;
 pub mod loader;
+pub mod logger;
+pub mod runtime;
+pub mod terminal;
+pub mod vstate;
+
+/// Process exit status: the guest powered off or rebooted, or the user quit.
+pub const EXIT_OK: i32 = 0;
+/// Process exit status: the VMM itself failed (KVM or host error).
+pub const EXIT_VMM_ERROR: i32 = 1;
+/// Process exit status: bad command-line input.
+pub const EXIT_USAGE: i32 = 2;
+/// Process exit status: the guest crashed (triple fault, KVM internal error).
+pub const EXIT_GUEST_CRASH: i32 = 3;
+/// Process exit status base for a stop by signal: 128 + the signal number.
+pub const EXIT_SIGNAL_BASE: i32 = 128;
+
+/// The process exit status for a VM outcome.
+pub fn exit_status(exit: &exit::VmExit) -> i32 {
+    match exit {
+        exit::VmExit::PowerOff | exit::VmExit::Reset | exit::VmExit::Stopped => EXIT_OK,
+        exit::VmExit::Crash(_) => EXIT_GUEST_CRASH,
+        exit::VmExit::Signal(s) => EXIT_SIGNAL_BASE + s,
+    }
+}

@@ -1,0 +1,159 @@
+//! The KVM VM: its file descriptor, memory slots, in-kernel interrupt controllers.
+
+use kvm_bindings::{
+    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, CpuId,
+    KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Address of the three pages KVM needs for the TSS on Intel (inside the MMIO hole).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Errors setting up the KVM VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// /dev/kvm cannot be opened.
+    #[error("Cannot open /dev/kvm: {0}. Check that KVM is enabled and that you may use it (kvm group or root).")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// A capability the VMM relies on is missing.
+    #[error("This host's KVM lacks {0}; a KVM with an in-kernel irqchip is required.")]
+    MissingCap(&'static str),
+    /// A KVM ioctl failed.
+    #[error("KVM could not {what}: {err}.")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        err: kvm_ioctls::Error,
+    },
+    /// More vCPUs than KVM allows.
+    #[error("--cpus {given} is more than this host's KVM allows ({max}); give at most {max}.")]
+    TooManyCpus { given: u32, max: usize },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |err| Error::Kvm { what, err }
+}
+
+/// A VM with its in-kernel irqchip (PIC, IOAPIC, local APICs) and PIT.
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+}
+
+impl Vm {
+    /// Opens /dev/kvm and creates an empty VM.
+    pub fn new() -> Result<Self, Error> {
+        let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+            (Cap::Pit2, "KVM_CAP_PIT2"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(Error::MissingCap(name));
+            }
+        }
+        let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        Ok(Vm { kvm, fd })
+    }
+
+    /// The most vCPUs this VM may have.
+    pub fn max_vcpus(&self) -> usize {
+        self.kvm.get_max_vcpus()
+    }
+
+    /// Checks `cpus` against KVM's limit.
+    pub fn check_vcpu_count(&self, cpus: u32) -> Result<(), Error> {
+        let max = self.max_vcpus();
+        if cpus as usize > max {
+            return Err(Error::TooManyCpus { given: cpus, max });
+        }
+        Ok(())
+    }
+
+    /// Registers every guest memory region as a KVM memory slot.
+    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), Error> {
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|_| Error::MissingCap("a host mapping of guest memory"))?;
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the host range belongs to `mem`, a live mapping of exactly
+            // `memory_size` bytes that the VMM keeps mapped for the VM's lifetime
+            // (the VM holds a clone of the GuestMemoryMmap's Arc'ed regions).
+            unsafe { self.fd.set_user_memory_region(region) }
+                .map_err(kvm_err("register guest memory"))?;
+        }
+        Ok(())
+    }
+
+    /// Creates the in-kernel PIC + IOAPIC + local APICs and the PIT.
+    pub fn setup_irqchip(&self) -> Result<(), Error> {
+        self.fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("set the TSS address"))?;
+        self.fd
+            .create_irq_chip()
+            .map_err(kvm_err("create the in-kernel irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd
+            .create_pit2(pit)
+            .map_err(kvm_err("create the PIT"))?;
+        // Emulation failures then carry the instruction bytes; optional.
+        if self
+            .fd
+            .check_extension_raw(KVM_CAP_EXIT_ON_EMULATION_FAILURE.into())
+            > 0
+        {
+            let cap = kvm_enable_cap {
+                cap: KVM_CAP_EXIT_ON_EMULATION_FAILURE,
+                args: [1, 0, 0, 0],
+                ..Default::default()
+            };
+            if let Err(e) = self.fd.enable_cap(&cap) {
+                log::debug!("cannot enable KVM_CAP_EXIT_ON_EMULATION_FAILURE: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// CPUID leaves KVM can give a guest on this host.
+    pub fn supported_cpuid(&self) -> Result<CpuId, Error> {
+        self.kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("report its supported CPUID"))
+    }
+
+    /// Connects `evt` to interrupt line `gsi`: each write raises an edge.
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), Error> {
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(kvm_err("connect an interrupt eventfd"))
+    }
+
+    /// Creates vCPU `index`.
+    pub fn create_vcpu(&self, index: u32) -> Result<VcpuFd, Error> {
+        self.fd
+            .create_vcpu(index as u64)
+            .map_err(kvm_err("create a vCPU"))
+    }
+
+    /// The VM file descriptor (for device set-up such as ioeventfds).
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+}
