@@ -330,6 +330,5 @@ fn install_kick_handler() -> Result<(), Error> {
         std::sync::OnceLock::new();
     INSTALLED
         .get_or_init(|| register_signal_handler(kick_signal(), kick_handler))
-        .clone()
         .map_err(Error::Signal)
 }
