@@ -36,10 +36,10 @@ pub enum Error {
         err: std::io::Error,
     },
     /// The path is a directory.
-    #[error("{what} '{path}' is a directory; give the path of a file.")]
+    #[error("The {what} '{path}' is a directory; give the path of a file.")]
     Directory { what: &'static str, path: PathBuf },
     /// The file is empty.
-    #[error("{what} '{path}' is empty; give a non-empty file.")]
+    #[error("The {what} '{path}' is empty; give a non-empty file.")]
     Empty { what: &'static str, path: PathBuf },
     /// Neither ELF nor bzImage.
     #[error(

@@ -53,7 +53,12 @@ fn main() {
             }
             // clap's first line names the bad input; the rest is usage.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let first = first.join(" ");
             let first = first.trim_start_matches("error: ");
             usage_exit(format_args!("{first}; run 'vmm --help' for usage."));
         }
