@@ -1,5 +1,5 @@
 # Reads back what the VMM put in the zero page: the e820 map, the command line
-# and the RSDP address, and prints them; then resets.
+# the RSDP address and the initrd, and prints them; then resets.
 .include "lib.S"
 .globl _start
 _start:
@@ -32,6 +32,22 @@ _start:
     mov 0x70(%rbx), %rax            # acpi_rsdp_addr
     call puthex
     call putnl
+    lea m_initrd(%rip), %rsi
+    call puts
+    mov 0x218(%rbx), %eax           # hdr.ramdisk_image
+    mov %rax, %r12
+    call puthex
+    call putsp
+    mov 0x21c(%rbx), %eax           # hdr.ramdisk_size
+    call puthex
+    call putsp
+    xor %eax, %eax
+    test %r12, %r12
+    jz 3f
+    mov (%r12), %rax                # first 8 bytes of the initrd
+    bswap %rax                      # print them in memory order
+3:  call puthex
+    call putnl
     lea m_cmdline(%rip), %rsi
     call puts
     mov 0x228(%rbx), %esi           # hdr.cmd_line_ptr
@@ -41,4 +57,5 @@ _start:
 m_count:   .asciz "VMM-GUEST: e820 entries "
 m_entry:   .asciz "VMM-GUEST: e820 "
 m_rsdp:    .asciz "VMM-GUEST: rsdp "
+m_initrd:  .asciz "VMM-GUEST: initrd "
 m_cmdline: .asciz "VMM-GUEST: cmdline "

@@ -1,0 +1,132 @@
+//! Bad input: one line on stderr naming the input and the fix, exit status 2,
+//! never a panic. Runs the real binary.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{guest, run, vmm};
+
+const EXIT_USAGE: i32 = 2;
+
+fn assert_usage_error(args: &[&str], mentions: &[&str]) {
+    let mut cmd = vmm();
+    cmd.args(args);
+    let out = run(cmd, Duration::from_secs(30));
+    assert_eq!(out.code, Some(EXIT_USAGE), "{args:?}: {out:#?}");
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: want one line: {out:#?}");
+    assert!(lines[0].starts_with("vmm: error: "), "{args:?}: {out:#?}");
+    for m in mentions {
+        assert!(
+            lines[0].contains(m),
+            "{args:?}: {m:?} not in {:?}",
+            lines[0]
+        );
+    }
+    assert!(!out.stderr.contains("panicked") && !out.stderr.contains("RUST_BACKTRACE"));
+    assert!(out.stdout.is_empty(), "{args:?}: {out:#?}");
+}
+
+fn tmp(name: &str, bytes: &[u8]) -> String {
+    let p = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn kernel_missing_directory_empty_or_not_a_kernel() {
+    assert_usage_error(
+        &["--kernel", "/nonexistent/vmlinux"],
+        &["/nonexistent/vmlinux", "Check the path"],
+    );
+    assert_usage_error(&["--kernel", "/"], &["'/'", "is a directory"]);
+    let empty = tmp("empty-kernel", b"");
+    assert_usage_error(&["--kernel", &empty], &[&empty, "is empty"]);
+    let text = tmp("text-kernel", b"#!/bin/sh\necho hi\n");
+    assert_usage_error(
+        &["--kernel", &text],
+        &[&text, "neither an ELF vmlinux nor a bzImage"],
+    );
+}
+
+#[test]
+fn truncated_kernels_are_rejected() {
+    let elf = std::fs::read(guest("hello")).unwrap();
+    let cut = tmp("truncated.elf", &elf[..100]);
+    assert_usage_error(&["--kernel", &cut], &[&cut, "truncated or malformed"]);
+    // A bzImage header whose protected-mode part is missing.
+    let mut bz = vec![0u8; 0x300];
+    bz[0x1f1] = 4;
+    bz[0x202..0x206].copy_from_slice(b"HdrS");
+    bz[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    bz[0x211] = 1;
+    bz[0x214..0x218].copy_from_slice(&0x100000u32.to_le_bytes());
+    bz[0x236..0x238].copy_from_slice(&1u16.to_le_bytes());
+    let bz = tmp("truncated.bzImage", &bz);
+    assert_usage_error(&["--kernel", &bz], &[&bz, "truncated or malformed"]);
+}
+
+#[test]
+fn memory_zero_absurd_or_unparsable() {
+    let k = guest("hello");
+    let k = k.to_str().unwrap();
+    assert_usage_error(
+        &["--kernel", k, "--memory", "0"],
+        &["--memory 0", "between"],
+    );
+    assert_usage_error(
+        &["--kernel", k, "--memory", "99999G"],
+        &["--memory 99999G", "between"],
+    );
+    assert_usage_error(
+        &["--kernel", k, "--memory", "lots"],
+        &["--memory 'lots'", "e.g. 512M"],
+    );
+}
+
+#[test]
+fn cpus_zero_or_too_many() {
+    let k = guest("hello");
+    let k = k.to_str().unwrap();
+    assert_usage_error(
+        &["--kernel", k, "--cpus", "0"],
+        &["--cpus 0", "between 1 and"],
+    );
+    assert_usage_error(&["--kernel", k, "--cpus", "1000"], &["--cpus 1000"]);
+    assert_usage_error(&["--kernel", k, "--cpus", "two"], &["two", "--help"]);
+}
+
+#[test]
+fn initrd_missing_or_too_big() {
+    let k = guest("hello");
+    let k = k.to_str().unwrap();
+    assert_usage_error(
+        &["--kernel", k, "--initrd", "/nonexistent/initrd"],
+        &["initrd '/nonexistent/initrd'"],
+    );
+    let big = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("initrd-20M");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(20 << 20).unwrap();
+    let big = big.to_str().unwrap();
+    assert_usage_error(
+        &["--kernel", k, "--memory", "16M", "--initrd", big],
+        &[big, "does not fit", "--memory"],
+    );
+}
+
+#[test]
+fn cmdline_longer_than_the_kernel_accepts() {
+    let k = guest("hello");
+    let long = "x".repeat(4000);
+    assert_usage_error(
+        &["--kernel", k.to_str().unwrap(), "--cmdline", &long],
+        &["4000 bytes", "shorten --cmdline"],
+    );
+}
+
+#[test]
+fn unknown_or_missing_arguments() {
+    assert_usage_error(&[], &["--kernel"]);
+    assert_usage_error(&["--kernel", "x", "--bogus"], &["--bogus"]);
+}

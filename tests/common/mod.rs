@@ -1,0 +1,229 @@
+//! Shared helpers of the integration tests: the real `vmm` binary, test guests
+//! assembled from tests/guests, and host detection.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The `vmm` binary under test.
+pub fn vmm() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vmm"));
+    c.stdin(Stdio::null());
+    c
+}
+
+/// What /dev/kvm is on this machine: it decides how far a Linux guest can get.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Host {
+    /// PVM, the software KVM (see shared/HOST-KVM.md).
+    Pvm,
+    /// KVM on VMX or SVM.
+    Hardware,
+}
+
+/// Detects the host kind and says so in the test output.
+pub fn host() -> Host {
+    let h = if Path::new("/sys/module/kvm_pvm").exists() {
+        Host::Pvm
+    } else {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        assert!(
+            cpuinfo.contains(" vmx") || cpuinfo.contains(" svm") || Path::new("/dev/kvm").exists(),
+            "no usable KVM on this host"
+        );
+        Host::Hardware
+    };
+    eprintln!("host: {h:?}");
+    h
+}
+
+/// Assembles and links test guest `name` (tests/guests/NAME.S) once per test
+/// binary and returns the ELF path.
+pub fn guest(name: &str) -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let src_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests");
+    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guests");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let obj = out_dir.join(format!("{name}.o"));
+    let elf = out_dir.join(format!("{name}.elf"));
+    let ok = Command::new("as")
+        .arg("--64")
+        .arg("-I")
+        .arg(&src_dir)
+        .arg("-o")
+        .arg(&obj)
+        .arg(src_dir.join(format!("{name}.S")))
+        .status()
+        .expect("GNU as (binutils) is needed to build the test guests")
+        .success();
+    assert!(ok, "assembling {name}.S failed");
+    let ok = Command::new("ld")
+        .args([
+            "-nostdlib",
+            "--no-warn-rwx-segments",
+            "-Ttext=0x200000",
+            "--section-start=.trampoline=0x10000",
+            "-e",
+            "_start",
+            "-o",
+        ])
+        .arg(&elf)
+        .arg(&obj)
+        .status()
+        .expect("GNU ld is needed to build the test guests")
+        .success();
+    assert!(ok, "linking {name} failed");
+    elf
+}
+
+/// Output and exit status of a finished VMM.
+#[derive(Debug)]
+pub struct Outcome {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    /// The lines the guest printed with the "VMM-GUEST: " prefix, prefix removed.
+    pub fn guest_lines(&self) -> Vec<&str> {
+        self.stdout
+            .lines()
+            .filter_map(|l| l.trim_end_matches('\r').strip_prefix("VMM-GUEST: "))
+            .collect()
+    }
+}
+
+/// A VMM process whose output is collected in the background.
+pub struct Running {
+    pub child: Child,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    started: Instant,
+}
+
+fn collect(
+    mut r: impl Read + Send + 'static,
+    buf: Arc<Mutex<Vec<u8>>>,
+    echo: bool,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = r.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            if echo {
+                // Visible with --nocapture: the guest console as it happens.
+                eprint!("{}", String::from_utf8_lossy(&chunk[..n]));
+            }
+            buf.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    })
+}
+
+impl Running {
+    /// Starts `cmd` with piped output.
+    pub fn start(mut cmd: Command) -> Running {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut child = cmd.spawn().expect("cannot start vmm");
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), stdout.clone(), true),
+            collect(child.stderr.take().unwrap(), stderr.clone(), true),
+        ];
+        Running {
+            child,
+            stdout,
+            stderr,
+            readers,
+            started,
+        }
+    }
+
+    /// Console output so far.
+    pub fn stdout_now(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until the console shows `needle`, the process exits, or `timeout` passes.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.stdout_now().contains(needle) {
+                return true;
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return self.stdout_now().contains(needle);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// Sends `sig` to the VMM.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits up to `timeout` for the exit; kills the VMM if it does not exit.
+    pub fn finish(mut self, timeout: Duration) -> Outcome {
+        use std::os::unix::process::ExitStatusExt;
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break Some(s);
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let elapsed = self.started.elapsed();
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        let out = Outcome {
+            code: status.and_then(|s| s.code()),
+            signal: status.and_then(|s| s.signal()),
+            stdout: String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned(),
+            stderr: String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned(),
+            elapsed,
+        };
+        assert!(
+            status.is_some(),
+            "vmm did not exit within {timeout:?} and was killed: {out:#?}"
+        );
+        out
+    }
+}
+
+/// Runs the VMM to completion.
+pub fn run(mut cmd: Command, timeout: Duration) -> Outcome {
+    cmd.stdin(Stdio::null());
+    Running::start(cmd).finish(timeout)
+}
+
+/// CPU time (user + system) the process has used, from /proc.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
