@@ -203,3 +203,26 @@ fn sigint_stops_the_vmm_with_its_own_status() {
     let out = halted_guest(libc::SIGINT);
     assert_eq!(out.code, Some(128 + libc::SIGINT), "{out:#?}");
 }
+
+#[test]
+fn pvh_entry_gets_start_info_with_a_memory_map_that_adds_up() {
+    host();
+    let mut cmd = vmm();
+    cmd.arg("--kernel")
+        .arg(guest("pvh"))
+        .args(["--memory", "96M"]);
+    let out = run(cmd, TIMEOUT);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let lines = out.guest_lines();
+    assert!(lines.contains(&"pvh entry"), "{out:#?}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("start_info magic ok")),
+        "{out:#?}"
+    );
+    let total: u64 = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("memmap "))
+        .map(|l| parse_hex(l.split(' ').nth(1).unwrap()))
+        .sum();
+    assert_eq!(total, 96 << 20, "{out:#?}");
+}
