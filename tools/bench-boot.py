@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Boot-latency and memory-overhead benchmark: vmm against QEMU (-M microvm), the
+same guests, in the same run.
+
+1. Start latency, median of N runs: a PVH test guest (tests/guests/pvh.S) whose
+   first instruction writes a byte to COM1. Measured from spawn to that byte on
+   the VMM's stdout, and to the process exit. For vmm also the VMM's own trace
+   of its first KVM_RUN (--log-level debug), from the start of main().
+2. Memory: the project's Linux kernel with 1 vCPU / 128 MiB, sampled when the
+   console shows MILESTONE: VmRSS and VmHWM of the process, minus the resident
+   part of the guest-RAM mapping (from /proc/PID/smaps) = VMM overhead.
+
+Usage: tools/bench-boot.py [--runs 10] [--milestone TEXT] [--skip-linux]
+Needs: cargo build --release; qemu-system-x86; resources/build-kernel.sh and
+build-initramfs.sh (cached).
+"""
+import argparse, os, re, select, signal, statistics, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VMM = os.path.join(ROOT, "target/release/vmm")
+PVM_PARAMS = ("noxsave nofsgsbase clearcpuid=cx16,popcnt,xsave,smap,bmi1,bmi2,abm,movbe,"
+              "fsgsbase,rdrand,rdseed,rdpid,invpcid,aes,pclmulqdq,sha_ni,sse4_2,adx,clflushopt,clwb")
+
+
+def build_pvh_guest(tmp):
+    src = os.path.join(ROOT, "tests/guests/pvh.S")
+    obj, elf = os.path.join(tmp, "pvh.o"), os.path.join(tmp, "pvh.elf")
+    subprocess.run(["as", "--64", "-o", obj, src], check=True)
+    subprocess.run(["ld", "-nostdlib", "--no-warn-rwx-segments", "-Ttext=0x200000", "-e", "_start",
+                    "-o", elf, obj], check=True)
+    return elf
+
+
+def qemu_cmd(kernel, mem_mib, extra=(), initrd=None, cmdline=None):
+    cmd = ["qemu-system-x86_64", "-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-smp", "1",
+           "-m", str(mem_mib), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+           "-serial", "stdio", "-kernel", kernel, *extra]
+    if initrd:
+        cmd += ["-initrd", initrd]
+    if cmdline:
+        cmd += ["-append", cmdline]
+    return cmd
+
+
+def time_to_first_byte(cmd):
+    """Returns (seconds to first stdout byte, seconds to exit, stderr)."""
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = None
+    fd = p.stdout.fileno()
+    while first is None:
+        r, _, _ = select.select([fd], [], [], 10)
+        if not r:
+            p.kill()
+            raise RuntimeError(f"no output from {cmd[0]}")
+        if os.read(fd, 1):
+            first = time.monotonic() - t0
+        else:
+            break
+    p.stdout.read()
+    err = p.stderr.read().decode(errors="replace")
+    p.wait()
+    return first, time.monotonic() - t0, err
+
+
+def median_ms(xs):
+    return statistics.median(xs) * 1000
+
+
+def bench_start(runs, tmp):
+    elf = build_pvh_guest(tmp)
+    vmm_first, vmm_exit, vmm_kvm_run = [], [], []
+    q_first, q_exit = [], []
+    for _ in range(runs):
+        f, e, err = time_to_first_byte([VMM, "--kernel", elf, "--memory", "128M", "--log-level", "debug"])
+        vmm_first.append(f)
+        vmm_exit.append(e)
+        m = re.search(r"first KVM_RUN (\d+) us after VMM start", err)
+        if m:
+            vmm_kvm_run.append(int(m.group(1)) / 1e6)
+        f, e, _ = time_to_first_byte(qemu_cmd(elf, 128, ["-device", "isa-debug-exit,iobase=0xf4,iosize=1"]))
+        q_first.append(f)
+        q_exit.append(e)
+    print(f"## Start latency, PVH test guest, median of {runs} (ms)\n")
+    print("| | vmm | QEMU microvm | QEMU / vmm |\n|---|---|---|---|")
+    print(f"| spawn → first guest byte on the console | {median_ms(vmm_first):.2f} | {median_ms(q_first):.2f} | "
+          f"{median_ms(q_first) / median_ms(vmm_first):.1f}x |")
+    print(f"| spawn → process exit | {median_ms(vmm_exit):.2f} | {median_ms(q_exit):.2f} | "
+          f"{median_ms(q_exit) / median_ms(vmm_exit):.1f}x |")
+    if vmm_kvm_run:
+        print(f"| main() → first KVM_RUN (vmm's own trace) | {median_ms(vmm_kvm_run):.2f} | | |")
+    print()
+
+
+def guest_ram_rss_kib(pid, size_kib):
+    """Resident KiB of the largest anonymous mapping of about the guest RAM size."""
+    best = 0
+    cur_size = None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                cur_size = None
+            elif line.startswith("Size:"):
+                cur_size = int(line.split()[1])
+            elif line.startswith("Rss:") and cur_size is not None and size_kib <= cur_size <= size_kib + 4096:
+                best = max(best, int(line.split()[1]))
+    return best
+
+
+def status_kib(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def sample_memory(cmd, milestone, timeout):
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    buf = b""
+    deadline = time.monotonic() + timeout
+    fd = p.stdout.fileno()
+    try:
+        while milestone.encode() not in buf:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{cmd[0]}: milestone {milestone!r} not seen in {timeout}s")
+            r, _, _ = select.select([fd], [], [], 1)
+            if r:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise RuntimeError(f"{cmd[0]} exited before the milestone")
+                buf += chunk
+        time.sleep(0.5)
+        rss, hwm = status_kib(p.pid, "VmRSS"), status_kib(p.pid, "VmHWM")
+        guest = guest_ram_rss_kib(p.pid, 128 * 1024)
+        return rss, hwm, guest
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def bench_memory(milestone, timeout):
+    kdir = subprocess.run(["bash", os.path.join(ROOT, "resources/build-kernel.sh")], check=True,
+                          capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    initrd = subprocess.run(["bash", os.path.join(ROOT, "resources/build-initramfs.sh")], check=True,
+                            capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    cmdline = "console=ttyS0 reboot=k panic=-1"
+    if os.path.isdir("/sys/module/kvm_pvm"):
+        cmdline += " " + PVM_PARAMS
+    kernel = os.path.join(kdir, "vmlinux")
+    rows = []
+    for name, cmd in [
+        ("vmm", [VMM, "--kernel", kernel, "--initrd", initrd, "--memory", "128M", "--cmdline", cmdline]),
+        ("QEMU microvm", qemu_cmd(kernel, 128, initrd=initrd, cmdline=cmdline)),
+    ]:
+        rss, hwm, guest = sample_memory(cmd, milestone, timeout)
+        rows.append((name, rss, hwm, guest))
+    print(f"## Memory, Linux guest, 1 vCPU / 128 MiB, sampled at {milestone!r} (KiB)\n")
+    print("| | VmRSS | VmHWM (peak) | guest RAM resident | overhead (RSS − guest) | peak overhead (HWM − guest) |")
+    print("|---|---|---|---|---|---|")
+    for name, rss, hwm, guest in rows:
+        print(f"| {name} | {rss} | {hwm} | {guest} | {rss - guest} | {hwm - guest} |")
+    print()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--milestone", default="VMM-TEST: userspace up")
+    ap.add_argument("--timeout", type=int, default=600)
+    ap.add_argument("--skip-linux", action="store_true")
+    a = ap.parse_args()
+    if not os.path.exists(VMM):
+        sys.exit("build first: cargo build --release")
+    print(f"host: {'PVM (software KVM)' if os.path.isdir('/sys/module/kvm_pvm') else 'hardware KVM'}, "
+          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        bench_start(a.runs, tmp)
+    if not a.skip_linux:
+        bench_memory(a.milestone, a.timeout)
+
+
+if __name__ == "__main__":
+    main()
