@@ -226,3 +226,29 @@ fn pvh_entry_gets_start_info_with_a_memory_map_that_adds_up() {
         .sum();
     assert_eq!(total, 96 << 20, "{out:#?}");
 }
+
+#[test]
+fn host_input_reaches_the_guest_through_the_uart() {
+    host();
+    use std::io::Write;
+    let mut cmd = vmm();
+    cmd.arg("--kernel")
+        .arg(guest("echo"))
+        .stdin(std::process::Stdio::piped());
+    let mut vm = Running::start(cmd);
+    assert!(
+        vm.wait_for("ready for input", TIMEOUT),
+        "{}",
+        vm.stdout_now()
+    );
+    // More than the UART's 64-byte FIFO, so the VMM's input queue is exercised.
+    let text = "the quick brown fox jumps over the lazy dog, twice: the quick brown fox jumps over the lazy dog";
+    let mut stdin = vm.child.stdin.take().unwrap();
+    writeln!(stdin, "{text}").unwrap();
+    let out = vm.finish(TIMEOUT);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.guest_lines().contains(&format!("got {text}").as_str()),
+        "{out:#?}"
+    );
+}
