@@ -108,7 +108,7 @@ fn initrd_is_loaded_where_the_zero_page_says() {
 #[test]
 fn every_vcpu_reports_a_distinct_apic_id() {
     host();
-    for cpus in [1u64, 2, 4, 8] {
+    for cpus in [1u64, 2, 4, 8, 64] {
         let mut cmd = vmm();
         cmd.arg("--kernel")
             .arg(guest("smp"))
