@@ -34,6 +34,7 @@ pub struct SerialDevice {
     uart: Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>,
     pending: VecDeque<u8>,
     dropped_input: u64,
+    output_failed: bool,
 }
 
 impl SerialDevice {
@@ -43,6 +44,7 @@ impl SerialDevice {
             uart: Serial::new(IrqTrigger(irq), out),
             pending: VecDeque::new(),
             dropped_input: 0,
+            output_failed: false,
         }
     }
 
@@ -95,7 +97,11 @@ impl BusDevice for SerialDevice {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset < 8 && !data.is_empty() {
             if let Err(e) = self.uart.write(offset as u8, data[0]) {
-                log::warn!("serial: guest write failed: {e:?}");
+                // A closed console (e.g. `vmm | head`) fails every byte: say it once.
+                if !self.output_failed {
+                    log::warn!("serial: console output failed, further output is lost: {e:?}");
+                    self.output_failed = true;
+                }
             }
         }
     }
@@ -179,6 +185,29 @@ mod tests {
         dev.queue_input(&vec![b'x'; MAX_PENDING_INPUT + 100]);
         // The FIFO took 64 bytes, the pending queue is full, the rest is dropped.
         assert_eq!(dev.dropped_input(), 100 - 64);
+    }
+
+    struct BrokenPipe;
+    impl Write for BrokenPipe {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn closed_output_does_not_stop_the_device() {
+        let irq = Arc::new(CountingIrq::default());
+        let mut dev = SerialDevice::new(irq, Box::new(BrokenPipe));
+        for _ in 0..10 {
+            dev.write(THR, &[b'x']);
+        }
+        assert!(dev.output_failed);
+        let mut b = [0u8];
+        dev.read(LSR, &mut b);
+        assert_ne!(b[0] & 0x20, 0, "transmitter still reports empty");
     }
 
     #[test]
