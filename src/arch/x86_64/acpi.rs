@@ -25,7 +25,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use super::layout::{
     ACPI_MAX_SIZE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, ACPI_START,
-    APIC_START, IOAPIC_START, IRQ_MAX, MAX_CPUS,
+    APIC_START, I8042_KBD_IRQ, I8042_PORT, IOAPIC_START, IRQ_MAX, MAX_CPUS, SERIAL_IRQ,
+    SERIAL_PORT,
 };
 
 /// A virtio-mmio device to announce in the DSDT.
@@ -265,7 +266,8 @@ fn build_madt(num_cpus: u8) -> Vec<u8> {
     madt.as_slice().to_vec()
 }
 
-/// Builds the DSDT: `\_S5` and one `\_SB_.VRxx` device per virtio-mmio device.
+/// Builds the DSDT: `\_S5`, the legacy devices, and one `\_SB_.VRxx` device per
+/// virtio-mmio device.
 fn build_dsdt(devices: &[VirtioMmioDeviceInfo]) -> Result<Vec<u8>, Error> {
     if devices.len() > MAX_VIRTIO_DEVICES {
         return Err(Error::TooManyDevices(devices.len()));
@@ -280,13 +282,12 @@ fn build_dsdt(devices: &[VirtioMmioDeviceInfo]) -> Result<Vec<u8>, Error> {
     let s5_values: [&dyn Aml; 4] = [&ACPI_S5_SLEEP_TYPE, &zero, &zero, &zero];
     aml::Name::new("_S5_".into(), &aml::Package::new(s5_values.to_vec())).to_aml_bytes(&mut body);
 
-    if !devices.is_empty() {
-        let mut system_bus = Vec::new();
-        for (index, device) in devices.iter().enumerate() {
-            virtio_device_aml(index, device, &mut system_bus)?;
-        }
-        body.extend_from_slice(&aml::Scope::raw("\\_SB_".into(), system_bus));
+    let mut system_bus = Vec::new();
+    legacy_devices_aml(&mut system_bus);
+    for (index, device) in devices.iter().enumerate() {
+        virtio_device_aml(index, device, &mut system_bus)?;
     }
+    body.extend_from_slice(&aml::Scope::raw("\\_SB_".into(), system_bus));
 
     let mut dsdt = Sdt::new(
         *b"DSDT",
@@ -298,6 +299,44 @@ fn build_dsdt(devices: &[VirtioMmioDeviceInfo]) -> Result<Vec<u8>, Error> {
     );
     dsdt.append_slice(&body);
     Ok(dsdt.as_slice().to_vec())
+}
+
+/// Appends COM1 (PNP0501) and the i8042 (PNP0303) with their ports and interrupts.
+///
+/// In hardware-reduced ACPI mode the guest has no legacy PIC and no legacy ISA IRQ
+/// numbers: an ISA device's interrupt is usable only when a device object names its
+/// GSI. Without this, Linux registers COM1 at legacy IRQ 4, cannot request that IRQ
+/// when the console is opened, and every write from user space fails with EIO.
+fn legacy_devices_aml(sink: &mut Vec<u8>) {
+    let com1_io = aml::IO::new(SERIAL_PORT, SERIAL_PORT, 1, 8);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, SERIAL_IRQ);
+    let com1_crs = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
+    let com1_hid = aml::EISAName::new("PNP0501");
+    let uid: u8 = 0;
+    aml::Device::new(
+        "COM1".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &com1_hid),
+            &aml::Name::new("_UID".into(), &uid),
+            &aml::Name::new("_CRS".into(), &com1_crs),
+        ],
+    )
+    .to_aml_bytes(sink);
+
+    let data = aml::IO::new(I8042_PORT, I8042_PORT, 1, 1);
+    let command = aml::IO::new(I8042_PORT + 4, I8042_PORT + 4, 1, 1);
+    let kbd_irq = aml::Interrupt::new(true, true, false, false, I8042_KBD_IRQ);
+    let kbd_crs = aml::ResourceTemplate::new(vec![&data, &command, &kbd_irq]);
+    let kbd_hid = aml::EISAName::new("PNP0303");
+    aml::Device::new(
+        "PS2K".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &kbd_hid),
+            &aml::Name::new("_UID".into(), &uid),
+            &aml::Name::new("_CRS".into(), &kbd_crs),
+        ],
+    )
+    .to_aml_bytes(sink);
 }
 
 /// Appends the AML of device `VR<index>` to `sink`:
@@ -617,6 +656,28 @@ mod tests {
         assert_eq!(nmi.len(), 6);
         assert_eq!(nmi[2], 0xff, "all processors");
         assert_eq!(nmi[5], 1, "LINT1");
+    }
+
+    #[test]
+    fn dsdt_declares_com1_and_the_i8042_with_their_interrupts() {
+        let t = Tables::create(1, &[]);
+        let dsdt = t.dsdt();
+        // EisaId("PNP0501") and EisaId("PNP0303") as encoded dwords.
+        assert_eq!(count(dsdt, &[0x41, 0xd0, 0x05, 0x01]), 1);
+        assert_eq!(count(dsdt, &[0x41, 0xd0, 0x03, 0x03]), 1);
+        // IO descriptor: decode16, min = max = 0x3f8, alignment 1, length 8.
+        assert_eq!(
+            count(dsdt, &[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]),
+            1
+        );
+        // Extended interrupt descriptor for GSI 4: consumer, edge, active high.
+        assert_eq!(
+            count(
+                dsdt,
+                &[0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0x00, 0x00, 0x00]
+            ),
+            1
+        );
     }
 
     #[test]

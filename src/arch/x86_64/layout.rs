@@ -72,6 +72,8 @@ pub const SERIAL_PORT: u16 = 0x3f8;
 pub const SERIAL_IRQ: u32 = 4;
 /// The i8042 keyboard controller's data port; its command port is 0x64.
 pub const I8042_PORT: u16 = 0x60;
+/// IRQ of the i8042's keyboard port (announced in the DSDT; no keyboard is attached).
+pub const I8042_KBD_IRQ: u32 = 1;
 /// ACPI hardware-reduced sleep control register (one byte, port I/O).
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
 /// ACPI hardware-reduced sleep status register (one byte, port I/O).
