@@ -89,6 +89,17 @@ fi
 
 # --- Build in a temp dir under the cache root ------------------------------------
 mkdir -p "$CACHE_ROOT"
+# One build per key at a time: a second caller (a parallel test, another
+# checkout) waits for the first and then takes its result.
+exec 9>"$CACHE_ROOT/.kernel-$KEY.lock"
+if ! flock -n 9; then
+    log "another build of kernel $KEY is running; waiting for it"
+    flock 9
+fi
+if [[ -f "$FINAL/vmlinux" && -f "$FINAL/bzImage" ]]; then
+    echo "$FINAL"
+    exit 0
+fi
 BUILD="$(mktemp -d "$CACHE_ROOT/.kernel-$KEY.build.XXXXXX")"
 LOG="$BUILD/build.log"
 SRC="$BUILD/src"
@@ -98,7 +109,12 @@ export ARCH=x86_64
 unset CROSS_COMPILE KBUILD_OUTPUT KCONFIG_CONFIG O 2>/dev/null || true
 
 succeeded=0
+CHILD=
 cleanup() {
+    if [[ -n "$CHILD" ]]; then # interrupted while a step was running
+        kill -TERM "$CHILD" 2>/dev/null || true
+        wait "$CHILD" 2>/dev/null || true
+    fi
     if ((succeeded == 0)) && [[ -f "$LOG" ]]; then
         cp -f "$LOG" "$CACHE_ROOT/kernel-$KEY.failed.log" 2>/dev/null || true
     fi
@@ -118,10 +134,16 @@ fail() {
 }
 
 # run STEP-DESCRIPTION CMD...: append output to the log, fail with its tail.
+# The step runs in the background and is waited for, so that an INT/TERM sent
+# to this script is handled at once (cleanup stops the step, e.g. make).
 run() {
-    local what="$1"; shift
+    local what="$1" rc=0; shift
     printf '\n### %s: %s\n' "$what" "$*" >>"$LOG"
-    "$@" >>"$LOG" 2>&1 || fail "$what failed"
+    "$@" >>"$LOG" 2>&1 </dev/null &
+    CHILD=$!
+    wait "$CHILD" || rc=$?
+    CHILD=
+    ((rc == 0)) || fail "$what failed (exit $rc)"
 }
 
 start=$SECONDS
