@@ -5,8 +5,9 @@
 # /dev/null and an /init shell script that:
 #   - mounts /proc,
 #   - prints exactly the line "VMM-TEST: userspace up" on the console,
-#   - powers off (`poweroff -f`) or, with vmm.test=reboot on the kernel command
-#     line, reboots (`reboot -f`); vmm.test=poweroff or nothing -> power off.
+#   - with vmm.test=poweroff on the kernel command line powers off (`poweroff -f`),
+#     with vmm.test=reboot reboots (`reboot -f`); with neither it runs an
+#     interactive shell on the console and powers off when the shell exits.
 #
 # Usage: resources/build-initramfs.sh [OUT.cpio]
 #
@@ -84,8 +85,9 @@ read -r -d '' INIT_SCRIPT <<'EOF' || true
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 set -f
 mount -t proc proc /proc
+mount -t devtmpfs dev /dev 2>/dev/null
 echo "VMM-TEST: userspace up"
-action=poweroff
+action=shell
 read -r cmdline </proc/cmdline
 for arg in $cmdline; do
     case "$arg" in
@@ -93,6 +95,13 @@ for arg in $cmdline; do
     vmm.test=reboot) action=reboot ;;
     esac
 done
+if [ "$action" = shell ]; then
+    # Interactive use (resources/run-guest.sh): a shell on the console; the VM
+    # powers off when it exits.
+    echo "VMM-TEST: shell (exit to power off)"
+    setsid cttyhack sh -l
+    action=poweroff
+fi
 echo "VMM-TEST: $action"
 "$action" -f
 echo "VMM-TEST: $action -f failed"
