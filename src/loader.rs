@@ -170,7 +170,7 @@ pub fn load_kernel(
     path: &Path,
     mem_end: u64,
 ) -> Result<LoadedKernel, Error> {
-    let (mut file, size) = open_file("kernel image", path)?;
+    let (mut file, _) = open_file("kernel image", path)?;
     let format = detect_format(&mut file, path)?;
     file.seek(SeekFrom::Start(0)).map_err(|err| Error::Open {
         what: "kernel image",
@@ -198,7 +198,6 @@ pub fn load_kernel(
             })
         }
         Format::BzImage => {
-            // The setup sectors plus at least one sector of kernel must be there.
             let r =
                 BzImage::load(mem, None, &mut file, himem).map_err(|e| loader_error(path, e))?;
             let hdr = r.setup_header.ok_or_else(|| Error::Malformed {
@@ -214,9 +213,7 @@ pub fn load_kernel(
             let base = load.max(hdr.pref_address);
             let end = base
                 .checked_add(u64::from(hdr.init_size))
-                .filter(|&e| {
-                    e <= mem_end && u64::from(hdr.init_size) < size.saturating_mul(64).max(1 << 30)
-                })
+                .filter(|&e| e <= mem_end)
                 .ok_or_else(|| Error::KernelTooBig(path.to_path_buf()))?;
             let cmdline_max = if hdr.version >= 0x0206 {
                 (hdr.cmdline_size as usize).min(CMDLINE_MAX_SIZE - 1)
