@@ -7,6 +7,7 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod legacy;
+pub mod virtio;
 
 /// What a device may ask of the VM as a whole.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

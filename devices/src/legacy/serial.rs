@@ -202,7 +202,7 @@ mod tests {
         let irq = Arc::new(CountingIrq::default());
         let mut dev = SerialDevice::new(irq, Box::new(BrokenPipe));
         for _ in 0..10 {
-            dev.write(THR, &[b'x']);
+            dev.write(THR, b"x");
         }
         assert!(dev.output_failed);
         let mut b = [0u8];
@@ -213,7 +213,7 @@ mod tests {
     #[test]
     fn out_of_range_offsets_are_ignored() {
         let (mut dev, out, _) = device();
-        dev.write(8, &[b'x']);
+        dev.write(8, b"x");
         let mut b = [0xffu8; 2];
         dev.read(9, &mut b);
         assert_eq!(b, [0, 0]);

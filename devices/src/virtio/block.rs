@@ -1,0 +1,429 @@
+//! virtio-blk (virtio 1.2 §5.2) on a raw image file: IN, OUT, FLUSH and GET_ID.
+//!
+//! Data moves between the file and guest memory with pread/pwrite straight into
+//! the guest's pages: the VMM makes no copy. Every guest-given address, length,
+//! direction and sector is checked; a bad request fails with IOERR, a chain the
+//! device cannot even answer marks the device as needing a reset.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use virtio_bindings::virtio_blk::*;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::{
+    ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+
+/// Virtio device ID of a block device.
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+/// Sector size of the virtio-blk protocol.
+pub const SECTOR_SIZE: u64 = 512;
+/// Descriptors per queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Data segments per request announced in SEG_MAX (the chain also has the header
+/// and the status descriptor).
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Size of the request header (type, reserved, sector).
+const HEADER_SIZE: u32 = 16;
+
+/// Errors opening a disk image.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The image cannot be opened.
+    #[error("Cannot open disk image '{path}': {err}. Check the path and its permissions.")]
+    Open { path: PathBuf, err: std::io::Error },
+    /// The image is a directory.
+    #[error("Disk image '{0}' is a directory; give an image file.")]
+    Directory(PathBuf),
+    /// Another process holds the image.
+    #[error("Disk image '{0}' is in use by another process (it holds a lock on it); stop that VM or give another image.")]
+    InUse(PathBuf),
+    /// The image is smaller than a sector.
+    #[error("Disk image '{0}' is smaller than one 512-byte sector; give a non-empty image.")]
+    TooSmall(PathBuf),
+    /// The serial is too long.
+    #[error("Disk id '{0}' is longer than 20 bytes; give a shorter id.")]
+    IdTooLong(String),
+}
+
+/// A virtio block device.
+pub struct Block {
+    file: File,
+    read_only: bool,
+    capacity: u64,
+    id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    acked_features: u64,
+    active: Option<Active>,
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: Interrupt,
+}
+
+/// Why a request could not be completed normally.
+#[derive(Debug, PartialEq, Eq)]
+enum RequestError {
+    /// Answer with this status.
+    Status(u8),
+    /// The chain has no usable status descriptor: nothing can be answered.
+    Unanswerable,
+}
+
+impl Block {
+    /// Opens `path` (read-only if asked) and locks it against other VMMs: an
+    /// exclusive lock for read-write, a shared one for read-only use.
+    pub fn open(path: &Path, read_only: bool, id: Option<&str>) -> Result<Self, Error> {
+        let open_err = |err| Error::Open {
+            path: path.to_path_buf(),
+            err,
+        };
+        let mut id_bytes = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        if let Some(id) = id {
+            if id.len() > id_bytes.len() {
+                return Err(Error::IdTooLong(id.to_string()));
+            }
+            id_bytes[..id.len()].copy_from_slice(id.as_bytes());
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        if meta.is_dir() {
+            return Err(Error::Directory(path.to_path_buf()));
+        }
+        let op = if read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on a descriptor this function owns; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(Error::InUse(path.to_path_buf()));
+            }
+            return Err(open_err(err));
+        }
+        let capacity = meta.len() / SECTOR_SIZE;
+        if capacity == 0 {
+            return Err(Error::TooSmall(path.to_path_buf()));
+        }
+        if !meta.len().is_multiple_of(SECTOR_SIZE) {
+            log::warn!(
+                "disk image '{}' is not a whole number of sectors; its last {} bytes are not visible",
+                path.display(),
+                meta.len() % SECTOR_SIZE
+            );
+        }
+        Ok(Block {
+            file,
+            read_only,
+            capacity,
+            id: id_bytes,
+            acked_features: 0,
+            active: None,
+        })
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn config_bytes(&self) -> [u8; 24] {
+        let mut c = [0u8; 24];
+        c[0..8].copy_from_slice(&self.capacity.to_le_bytes());
+        // size_max (8..12) unused: SIZE_MAX is not offered.
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        // geometry (16..20) unused.
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        c
+    }
+
+    /// Executes one request chain; returns the number of bytes written to guest memory.
+    fn execute(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        descs: &[Descriptor],
+    ) -> Result<u32, RequestError> {
+        let status = match descs.last() {
+            Some(d) if descs.len() >= 2 && d.is_write_only() && d.len() >= 1 => *d,
+            _ => return Err(RequestError::Unanswerable),
+        };
+        // The status byte must be writable guest memory, or nothing can be answered.
+        if mem.get_slice(status.addr(), 1).is_err() {
+            return Err(RequestError::Unanswerable);
+        }
+        let ioerr = RequestError::Status(VIRTIO_BLK_S_IOERR as u8);
+        let header = descs[0];
+        if header.is_write_only() || header.len() < HEADER_SIZE {
+            return Err(ioerr);
+        }
+        let mut raw = [0u8; HEADER_SIZE as usize];
+        mem.read_slice(&mut raw, header.addr())
+            .map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR as u8))?;
+        let kind = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
+        let mut sector_bytes = [0u8; 8];
+        sector_bytes.copy_from_slice(&raw[8..16]);
+        let sector = u64::from_le_bytes(sector_bytes);
+        let data = &descs[1..descs.len() - 1];
+        match kind {
+            VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+                let write = kind == VIRTIO_BLK_T_OUT;
+                if write && self.read_only {
+                    return Err(ioerr);
+                }
+                // Direction: the device writes into IN buffers and reads OUT buffers.
+                if data.is_empty() || data.iter().any(|d| d.is_write_only() == write) {
+                    return Err(ioerr);
+                }
+                let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
+                if total == 0 || !total.is_multiple_of(SECTOR_SIZE) {
+                    return Err(ioerr);
+                }
+                let in_range = sector
+                    .checked_add(total / SECTOR_SIZE)
+                    .is_some_and(|end| end <= self.capacity);
+                if !in_range {
+                    return Err(ioerr);
+                }
+                let mut offset = sector * SECTOR_SIZE;
+                for d in data {
+                    self.transfer(mem, d.addr(), d.len() as usize, offset, write)
+                        .map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR as u8))?;
+                    offset += u64::from(d.len());
+                }
+                Ok(if write { 0 } else { total as u32 })
+            }
+            VIRTIO_BLK_T_FLUSH => {
+                if !self.read_only {
+                    self.file.sync_data().map_err(|e| {
+                        log::warn!("virtio-blk: flush failed: {e}");
+                        RequestError::Status(VIRTIO_BLK_S_IOERR as u8)
+                    })?;
+                }
+                Ok(0)
+            }
+            VIRTIO_BLK_T_GET_ID => {
+                let d = data
+                    .first()
+                    .filter(|d| d.is_write_only())
+                    .ok_or(RequestError::Status(VIRTIO_BLK_S_IOERR as u8))?;
+                let n = (d.len() as usize).min(self.id.len());
+                mem.write_slice(&self.id[..n], d.addr())
+                    .map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR as u8))?;
+                Ok(n as u32)
+            }
+            _ => Err(RequestError::Status(VIRTIO_BLK_S_UNSUPP as u8)),
+        }
+    }
+
+    /// Moves `len` bytes between guest memory at `addr` and the file at `offset`.
+    fn transfer(
+        &self,
+        mem: &GuestMemoryMmap,
+        addr: GuestAddress,
+        len: usize,
+        offset: u64,
+        write: bool,
+    ) -> std::io::Result<()> {
+        let slice = mem
+            .get_slice(addr, len)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        let guard = slice.ptr_guard_mut();
+        let base = guard.as_ptr();
+        let mut done = 0usize;
+        while done < len {
+            let off = libc::off_t::try_from(offset + done as u64)
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+            // SAFETY: `base..base+len` is a live mapping of guest memory returned by
+            // get_slice for exactly `len` bytes; `done < len` keeps the pointer and
+            // the count inside it. The guest may change the bytes concurrently,
+            // which is fine for plain byte copies by the kernel.
+            let n = unsafe {
+                let p = base.add(done);
+                if write {
+                    libc::pwrite(
+                        self.file.as_raw_fd(),
+                        p as *const libc::c_void,
+                        len - done,
+                        off,
+                    )
+                } else {
+                    libc::pread(
+                        self.file.as_raw_fd(),
+                        p as *mut libc::c_void,
+                        len - done,
+                        off,
+                    )
+                }
+            };
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Handles every available request; false if the queue is unusable.
+    fn drain_queue(&mut self) -> bool {
+        let Some(mut active) = self.active.take() else {
+            return true;
+        };
+        let ok = self.drain(&mut active);
+        self.active = Some(active);
+        ok
+    }
+
+    fn drain(&mut self, a: &mut Active) -> bool {
+        let mem = a.mem.clone();
+        let mut used_any = false;
+        let mut healthy = true;
+        loop {
+            if a.queue.event_idx_enabled() && a.queue.disable_notification(&mem).is_err() {
+                return false;
+            }
+            // An available index further ahead than the queue is long is a guest error.
+            match a.queue.avail_idx(&mem, Ordering::Acquire) {
+                Ok(avail)
+                    if (avail - std::num::Wrapping(a.queue.next_avail())).0 <= a.queue.size() => {}
+                _ => return false,
+            }
+            while let Some(chain) = a.queue.pop_descriptor_chain(&mem) {
+                let head = chain.head_index();
+                // The chain iterator stops at loops and overlong chains (bounded by
+                // the queue size) and at descriptors outside guest memory.
+                let descs: Vec<Descriptor> = chain.collect();
+                let (len, status) = match self.execute(&mem, &descs) {
+                    Ok(n) => (n, Some(VIRTIO_BLK_S_OK as u8)),
+                    Err(RequestError::Status(s)) => (0, Some(s)),
+                    Err(RequestError::Unanswerable) => (0, None),
+                };
+                let written = match (status, descs.last()) {
+                    (Some(s), Some(d)) => match mem.write_obj(s, d.addr()) {
+                        Ok(()) => len + 1,
+                        Err(_) => {
+                            healthy = false;
+                            0
+                        }
+                    },
+                    _ => {
+                        log::warn!("virtio-blk: request without a writable status byte; device needs reset");
+                        healthy = false;
+                        0
+                    }
+                };
+                if a.queue.add_used(&mem, head, written).is_err() {
+                    return false;
+                }
+                used_any = true;
+            }
+            if !a.queue.event_idx_enabled() {
+                break;
+            }
+            match a.queue.enable_notification(&mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(_) => return false,
+            }
+        }
+        if used_any && a.queue.needs_notification(&mem).unwrap_or(true) {
+            a.interrupt.raise(INTERRUPT_USED_BUFFER);
+        }
+        healthy
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE);
+        if self.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.config_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| config.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        log::debug!("virtio-blk: ignoring write to read-only config at {offset:#x}");
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        mut queues: Vec<Queue>,
+        interrupt: Interrupt,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                got: queues.len(),
+                want: 1,
+            });
+        }
+        let queue = queues.remove(0);
+        self.active = Some(Active {
+            mem,
+            queue,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) -> bool {
+        index != 0 || self.drain_queue()
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests;

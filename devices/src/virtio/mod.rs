@@ -1,0 +1,112 @@
+//! Virtio devices (virtio 1.2) and their MMIO transport.
+
+pub mod block;
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+use crate::InterruptLine;
+
+/// Feature bit: the device conforms to virtio 1.x (no legacy interface).
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+/// Feature bit: indirect descriptor tables.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+/// Feature bit: used/available event index suppression.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+
+/// Device status bits (virtio 1.2 §2.1).
+pub mod status {
+    /// The guest found the device.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest has a driver for it.
+    pub const DRIVER: u32 = 2;
+    /// The driver is ready: queues may be used.
+    pub const DRIVER_OK: u32 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error it cannot recover from without a reset.
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    /// The driver gave up on the device.
+    pub const FAILED: u32 = 0x80;
+}
+
+/// Interrupt status bit: a used buffer was added to a queue.
+pub const INTERRUPT_USED_BUFFER: u32 = 1;
+/// Interrupt status bit: the configuration (or the device status) changed.
+pub const INTERRUPT_CONFIG_CHANGE: u32 = 2;
+
+/// The device's interrupt: the status register the transport exposes plus the
+/// line that raises it in the guest.
+#[derive(Clone)]
+pub struct Interrupt {
+    status: Arc<AtomicU32>,
+    line: Arc<dyn InterruptLine>,
+}
+
+impl Interrupt {
+    /// An interrupt raising `line`.
+    pub fn new(line: Arc<dyn InterruptLine>) -> Self {
+        Interrupt {
+            status: Arc::new(AtomicU32::new(0)),
+            line,
+        }
+    }
+
+    /// Sets `bits` in the interrupt status and raises the line.
+    pub fn raise(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = self.line.trigger() {
+            log::warn!("virtio: cannot raise the device interrupt: {e}");
+        }
+    }
+
+    /// Current interrupt status.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// Clears the acknowledged `bits`.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// What activation failed on.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ActivateError {
+    /// The driver set up a different number of queues than the device has.
+    #[error("The driver set up {got} queues, the device needs {want}.")]
+    QueueCount { got: usize, want: usize },
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (2 = block, 1 = net).
+    fn device_type(&self) -> u32;
+    /// Largest size of each queue.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features the device offers.
+    fn features(&self) -> u64;
+    /// Features the driver accepted (a subset of [`VirtioDevice::features`]).
+    fn ack_features(&mut self, features: u64);
+    /// Reads device configuration space; bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device configuration space; writes to read-only fields are ignored.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device with the queues the driver set up.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Interrupt,
+    ) -> Result<(), ActivateError>;
+    /// Processes the requests the driver made available on queue `index`.
+    /// Returns false if the device found the queue unusable and needs a reset.
+    fn process_queue(&mut self, index: usize) -> bool;
+    /// Stops the device and drops its queues.
+    fn reset(&mut self);
+}
