@@ -11,6 +11,10 @@ use devices::acpi_pm::AcpiSleep;
 use devices::bus::Bus;
 use devices::legacy::i8042::I8042;
 use devices::legacy::serial::SerialDevice;
+use devices::virtio::block::Block;
+use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, REG_QUEUE_NOTIFY};
+use devices::virtio::Interrupt;
+use kvm_ioctls::IoEventAddress;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -62,6 +66,18 @@ pub enum Error {
     /// The GDT cannot be written.
     #[error("Cannot write the boot GDT into guest memory.")]
     Gdt,
+    /// A disk image cannot be used.
+    #[error(transparent)]
+    Disk(#[from] devices::virtio::block::Error),
+    /// A virtio device cannot be set up.
+    #[error("Cannot set up virtio device {index}: {err}.")]
+    Virtio { index: usize, err: std::io::Error },
+    /// A queue notification cannot be connected to KVM.
+    #[error("KVM could not connect a queue notification of virtio device {index}: {err}.")]
+    IoEvent {
+        index: usize,
+        err: kvm_ioctls::Error,
+    },
 }
 
 impl Error {
@@ -85,6 +101,7 @@ pub struct MicroVm {
     pub(crate) pio: Bus,
     pub(crate) mmio: Bus,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) virtio: Vec<Arc<Mutex<MmioTransport>>>,
     pub(crate) exit: Arc<ExitSignal>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) started: Instant,
@@ -106,10 +123,12 @@ pub fn build(
 
     let exit = Arc::new(ExitSignal::new().map_err(Error::EventFd)?);
     let (pio, serial) = legacy_devices(&vm, exit.clone(), serial_out)?;
-    let mmio = Bus::new();
+    let mut mmio = Bus::new();
+    let disks = open_disks(config)?;
+    let (virtio, virtio_info) = virtio_devices(&vm, &mem, &mut mmio, disks)?;
 
-    let kernel = load_boot_images(config, &mem)?;
-    let entry = write_boot_tables(config, &mem, &kernel)?;
+    let kernel = load_boot_images(config, &mem, &virtio_info)?;
+    let entry = write_boot_tables(config, &mem, &kernel, &virtio_info)?;
     let vcpus = create_vcpus(&vm, config.cpus, &entry)?;
     Ok(MicroVm {
         vm,
@@ -118,6 +137,7 @@ pub fn build(
         pio,
         mmio,
         serial,
+        virtio,
         exit,
         stop: Arc::new(AtomicBool::new(false)),
         started,
@@ -156,6 +176,80 @@ fn legacy_devices(
     Ok((pio, serial))
 }
 
+/// Opens (and locks) every disk image before anything is attached, so a bad
+/// image fails the start without side effects.
+fn open_disks(config: &VmConfig) -> Result<Vec<Block>, Error> {
+    config
+        .disks
+        .iter()
+        .map(|d| Block::open(&d.path, d.read_only, d.id.as_deref()).map_err(Error::from))
+        .collect()
+}
+
+/// The attached virtio devices and where the guest finds them.
+type VirtioSet = (
+    Vec<Arc<Mutex<MmioTransport>>>,
+    Vec<acpi::VirtioMmioDeviceInfo>,
+);
+
+/// Places each device's virtio-mmio window on the MMIO bus, with an irqfd for its
+/// interrupt and an ioeventfd per queue, so neither interrupts nor notifications
+/// wait on a vCPU exit handler.
+fn virtio_devices(
+    vm: &vm::Vm,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    disks: Vec<Block>,
+) -> Result<VirtioSet, Error> {
+    let mut transports = Vec::new();
+    let mut info = Vec::new();
+    for (index, disk) in disks.into_iter().enumerate() {
+        let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
+        let irq = VIRTIO_IRQ_START + index as u32;
+        let virtio_err = |err| Error::Virtio { index, err };
+        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(virtio_err)?;
+        vm.register_irqfd(&irq_evt, irq)?;
+        let interrupt = Interrupt::new(Arc::new(irq_evt));
+        let transport =
+            MmioTransport::new(Box::new(disk), mem.clone(), interrupt).map_err(virtio_err)?;
+        for (queue, evt) in transport.queue_evts().iter().enumerate() {
+            vm.fd()
+                .register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
+                    queue as u32,
+                )
+                .map_err(|err| Error::IoEvent { index, err })?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(transport.clone(), base, MMIO_WINDOW_SIZE)
+            .map_err(|e| Error::Bus("virtio device", e))?;
+        transports.push(transport);
+        info.push(acpi::VirtioMmioDeviceInfo {
+            addr: base,
+            len: VIRTIO_MMIO_SIZE,
+            irq,
+        });
+    }
+    Ok((transports, info))
+}
+
+/// Command-line entries announcing virtio-mmio devices to kernels that find them
+/// there (ACPI kernels find them in the DSDT).
+fn virtio_cmdline_entries(devices: &[acpi::VirtioMmioDeviceInfo]) -> Vec<String> {
+    devices
+        .iter()
+        .map(|d| {
+            format!(
+                "virtio_mmio.device={}K@{:#x}:{}",
+                d.len / 1024,
+                d.addr,
+                d.irq
+            )
+        })
+        .collect()
+}
+
 /// End of the RAM below the 32-bit MMIO hole.
 fn low_ram_end(config: &VmConfig) -> u64 {
     config.memory.min(MMIO_HOLE_START)
@@ -165,6 +259,7 @@ fn low_ram_end(config: &VmConfig) -> u64 {
 fn load_boot_images(
     config: &VmConfig,
     mem: &GuestMemoryMmap,
+    virtio: &[acpi::VirtioMmioDeviceInfo],
 ) -> Result<(LoadedKernel, bootparams::BootInfo), Error> {
     let low_end = low_ram_end(config);
     let kernel = loader::load_kernel(mem, &config.kernel, low_end)?;
@@ -172,7 +267,16 @@ fn load_boot_images(
         Some(path) => Some(loader::load_initrd(mem, path, &kernel, low_end)?),
         None => None,
     };
-    let cmdline = loader::build_cmdline(config.cmdline.as_deref(), &[]);
+    let mut entries = virtio_cmdline_entries(virtio);
+    let user_root = config
+        .cmdline
+        .as_deref()
+        .is_some_and(|c| c.split_whitespace().any(|a| a.starts_with("root=")));
+    if config.root_is_first_disk && !user_root {
+        entries.push("root=/dev/vda".into());
+        entries.push("rw".into());
+    }
+    let cmdline = loader::build_cmdline(config.cmdline.as_deref(), &entries);
     let cmdline = loader::write_cmdline(mem, &cmdline, kernel.cmdline_max)?;
     let info = bootparams::BootInfo {
         cmdline,
@@ -188,6 +292,7 @@ fn write_boot_tables(
     config: &VmConfig,
     mem: &GuestMemoryMmap,
     (kernel, mut info): &(LoadedKernel, bootparams::BootInfo),
+    virtio: &[acpi::VirtioMmioDeviceInfo],
 ) -> Result<BootEntry, Error> {
     let gdt: Vec<u8> = gdt::BOOT_GDT.iter().flat_map(|e| e.to_le_bytes()).collect();
     mem.write_slice(&gdt, GuestAddress(BOOT_GDT_START))
@@ -202,7 +307,7 @@ fn write_boot_tables(
         mem,
         &acpi::AcpiConfig {
             num_cpus: cpus,
-            virtio_devices: &[],
+            virtio_devices: virtio,
         },
     )?;
     info.rsdp = rsdp.0;

@@ -23,6 +23,62 @@ pub enum Error {
     /// vCPU count out of range.
     #[error("--cpus {given} is out of range; give between 1 and {max}.")]
     CpusOutOfRange { given: u64, max: u32 },
+    /// A `--disk` spec that does not parse.
+    #[error("--disk '{spec}': {reason}; give path=FILE[,readonly=on|off][,id=SERIAL].")]
+    DiskSpec { spec: String, reason: String },
+    /// More disks than the MMIO window and interrupt lines allow.
+    #[error("{0} disks are more than the {max} the VMM can attach; give fewer --disk options.", max = MAX_DISKS)]
+    TooManyDisks(usize),
+}
+
+/// Most virtio devices the VMM attaches (one interrupt line each, IRQ 5..=23).
+pub const MAX_DISKS: usize = 19;
+
+/// A disk image attached as a virtio-blk device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// Read-only to the guest, and opened read-only on the host.
+    pub read_only: bool,
+    /// Serial the guest reads with GET_ID (at most 20 bytes).
+    pub id: Option<String>,
+}
+
+/// Parses `path=FILE[,readonly=on|off][,id=SERIAL]`.
+pub fn parse_disk_spec(spec: &str) -> Result<DiskConfig, Error> {
+    let err = |reason: &str| Error::DiskSpec {
+        spec: spec.to_string(),
+        reason: reason.to_string(),
+    };
+    let mut path = None;
+    let mut read_only = false;
+    let mut id = None;
+    for item in spec.split(',') {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| err(&format!("'{item}' is not key=value")))?;
+        match key {
+            "path" if value.is_empty() => return Err(err("the path is empty")),
+            "path" => path = Some(PathBuf::from(value)),
+            "readonly" | "ro" => {
+                read_only = match value {
+                    "on" | "true" | "yes" | "1" => true,
+                    "off" | "false" | "no" | "0" => false,
+                    _ => return Err(err(&format!("readonly='{value}' is not on or off"))),
+                }
+            }
+            "id" if value.len() > 20 => return Err(err("the id is longer than 20 bytes")),
+            "id" => id = Some(value.to_string()),
+            other => return Err(err(&format!("unknown key '{other}'"))),
+        }
+    }
+    let path = path.ok_or_else(|| err("no path= given"))?;
+    Ok(DiskConfig {
+        path,
+        read_only,
+        id,
+    })
 }
 
 /// A validated description of one VM.
@@ -38,6 +94,11 @@ pub struct VmConfig {
     pub cpus: u32,
     /// Guest memory in bytes, a multiple of 4 KiB.
     pub memory: u64,
+    /// virtio-blk disks, in order (the first is /dev/vda).
+    pub disks: Vec<DiskConfig>,
+    /// Whether the first disk is the root file system (adds `root=/dev/vda rw`
+    /// unless the command line names a root already).
+    pub root_is_first_disk: bool,
 }
 
 impl VmConfig {
@@ -49,6 +110,8 @@ impl VmConfig {
             cmdline: None,
             cpus: 1,
             memory: 128 * MIB,
+            disks: Vec::new(),
+            root_is_first_disk: false,
         }
     }
 
@@ -56,6 +119,9 @@ impl VmConfig {
     /// the VM is built).
     pub fn validate(&self) -> Result<(), Error> {
         check_cpus(self.cpus as u64)?;
+        if self.disks.len() > MAX_DISKS {
+            return Err(Error::TooManyDisks(self.disks.len()));
+        }
         check_memory(self.memory, &format!("{}M", self.memory / MIB))
     }
 }
@@ -154,6 +220,43 @@ mod tests {
             check_cpus(MAX_CPUS as u64 + 1),
             Err(Error::CpusOutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn disk_specs_parse() {
+        assert_eq!(
+            parse_disk_spec("path=/a.img").unwrap(),
+            DiskConfig {
+                path: "/a.img".into(),
+                read_only: false,
+                id: None
+            }
+        );
+        assert_eq!(
+            parse_disk_spec("path=d.img,readonly=on,id=SER1").unwrap(),
+            DiskConfig {
+                path: "d.img".into(),
+                read_only: true,
+                id: Some("SER1".into())
+            }
+        );
+        assert!(!parse_disk_spec("readonly=off,path=x").unwrap().read_only);
+    }
+
+    #[test]
+    fn bad_disk_specs_name_the_problem() {
+        for (spec, want) in [
+            ("", "is not key=value"),
+            ("disk.img", "is not key=value"),
+            ("path=", "the path is empty"),
+            ("readonly=on", "no path= given"),
+            ("path=a,readonly=maybe", "not on or off"),
+            ("path=a,cache=none", "unknown key 'cache'"),
+            ("path=a,id=123456789012345678901", "longer than 20 bytes"),
+        ] {
+            let e = parse_disk_spec(spec).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("path=FILE"), "{spec:?}: {e}");
+        }
     }
 
     #[test]

@@ -27,6 +27,13 @@ struct Cli {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1, value_name = "N")]
     cpus: u64,
+    /// Root file system image: attached read-write as the first virtio disk
+    /// (/dev/vda), with `root=/dev/vda rw` added unless --cmdline names a root.
+    #[arg(long, value_name = "PATH")]
+    rootfs: Option<PathBuf>,
+    /// Another virtio disk: path=FILE[,readonly=on|off][,id=SERIAL]. Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<String>,
     /// Guest memory, with unit K, M or G (a bare number is MiB).
     #[arg(long, default_value = "128M", value_name = "SIZE")]
     memory: String,
@@ -70,6 +77,19 @@ fn main() {
     vm_config.cmdline = cli.cmdline;
     vm_config.cpus = config::check_cpus(cli.cpus).unwrap_or_else(|e| usage_exit(e));
     vm_config.memory = config::parse_memory(&cli.memory).unwrap_or_else(|e| usage_exit(e));
+    if let Some(rootfs) = cli.rootfs {
+        vm_config.disks.push(config::DiskConfig {
+            path: rootfs,
+            read_only: false,
+            id: None,
+        });
+        vm_config.root_is_first_disk = true;
+    }
+    for spec in &cli.disk {
+        vm_config
+            .disks
+            .push(config::parse_disk_spec(spec).unwrap_or_else(|e| usage_exit(e)));
+    }
 
     let vm = match builder::build(&vm_config, Box::new(std::io::stdout()), started) {
         Ok(vm) => vm,

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::serial::SerialDevice;
+use devices::virtio::mmio::QueueEvents;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 
 use crate::builder::MicroVm;
@@ -87,6 +88,10 @@ impl MicroVm {
             })));
         }
         em.add_subscriber(Arc::new(Mutex::new(ExitWatch(self.exit.clone()))));
+        for transport in &self.virtio {
+            let events = QueueEvents::new(transport.clone()).map_err(Error::Signals)?;
+            em.add_subscriber(Arc::new(Mutex::new(events)));
+        }
 
         let ctx = VcpuContext {
             pio: self.pio.clone(),
