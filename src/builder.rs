@@ -88,6 +88,7 @@ impl Error {
             Error::Config(_)
                 | Error::Loader(_)
                 | Error::Memory(_)
+                | Error::Disk(_)
                 | Error::Vm(vm::Error::TooManyCpus { .. })
         )
     }

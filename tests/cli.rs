@@ -130,3 +130,30 @@ fn unknown_or_missing_arguments() {
     assert_usage_error(&[], &["--kernel"]);
     assert_usage_error(&["--kernel", "x", "--bogus"], &["--bogus"]);
 }
+
+#[test]
+fn bad_disks_are_refused_before_the_guest_starts() {
+    let k = guest("hello");
+    let k = k.to_str().unwrap();
+    assert_usage_error(
+        &["--kernel", k, "--rootfs", "/nonexistent/disk.img"],
+        &["/nonexistent/disk.img", "Cannot open disk image"],
+    );
+    assert_usage_error(
+        &["--kernel", k, "--disk", "path=/"],
+        &["'/'", "is a directory"],
+    );
+    assert_usage_error(
+        &["--kernel", k, "--disk", "path=x.img,cache=none"],
+        &["unknown key 'cache'", "path=FILE"],
+    );
+    assert_usage_error(
+        &["--kernel", k, "--disk", "x.img"],
+        &["--disk 'x.img'", "path=FILE"],
+    );
+    let empty = tmp("empty-disk", b"");
+    assert_usage_error(
+        &["--kernel", k, "--disk", &format!("path={empty}")],
+        &[&empty, "smaller than one 512-byte sector"],
+    );
+}

@@ -252,3 +252,48 @@ fn host_input_reaches_the_guest_through_the_uart() {
         "{out:#?}"
     );
 }
+
+#[test]
+fn a_disk_in_use_by_another_vmm_is_refused_and_left_unchanged() {
+    host();
+    let img = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("locked.img");
+    let content: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&img, &content).unwrap();
+    let mut first = vmm();
+    first
+        .arg("--kernel")
+        .arg(guest("halt"))
+        .arg("--rootfs")
+        .arg(&img);
+    let mut first = Running::start(first);
+    assert!(
+        first.wait_for("VMM-GUEST: halted", TIMEOUT),
+        "{}",
+        first.stdout_now()
+    );
+
+    for args in [
+        vec!["--rootfs".to_string(), img.display().to_string()],
+        vec![
+            "--disk".into(),
+            format!("path={},readonly=on", img.display()),
+        ],
+    ] {
+        let mut second = vmm();
+        second.arg("--kernel").arg(guest("hello")).args(&args);
+        let out = run(second, TIMEOUT);
+        assert_eq!(out.code, Some(2), "{out:#?}");
+        assert!(
+            out.stderr.contains("is in use by another process"),
+            "{out:#?}"
+        );
+        assert!(
+            out.guest_lines().is_empty(),
+            "the second guest must not start: {out:#?}"
+        );
+    }
+    first.signal(libc::SIGTERM);
+    let out = first.finish(Duration::from_secs(10));
+    assert_eq!(out.code, Some(128 + libc::SIGTERM));
+    assert_eq!(std::fs::read(&img).unwrap(), content);
+}

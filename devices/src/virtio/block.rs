@@ -92,15 +92,15 @@ impl Block {
             }
             id_bytes[..id.len()].copy_from_slice(id.as_bytes());
         }
+        if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+            return Err(Error::Directory(path.to_path_buf()));
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
             .open(path)
             .map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
-        if meta.is_dir() {
-            return Err(Error::Directory(path.to_path_buf()));
-        }
         let op = if read_only {
             libc::LOCK_SH
         } else {
