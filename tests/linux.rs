@@ -226,3 +226,104 @@ fn four_cpus_come_up_and_panic_reboot_exits_0() {
         out.stderr
     );
 }
+
+fn rootfs_copy(name: &str) -> PathBuf {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    let pristine = IMAGE.get_or_init(|| resource("build-rootfs.sh"));
+    let copy = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::copy(pristine, &copy).unwrap();
+    copy
+}
+
+fn mount_count(image: &Path) -> u64 {
+    let out = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(image)
+        .output()
+        .expect("dumpe2fs (e2fsprogs) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Mount count:"))
+        .map(|v| v.trim().parse().unwrap())
+        .expect("dumpe2fs prints the mount count")
+}
+
+#[test]
+fn ext4_rootfs_read_only_disk_and_user_space_dd_to_a_third_disk() {
+    let host = host();
+    let k = kernel("vmlinux");
+    let root = rootfs_copy("linux-rootfs.ext4");
+    let before = mount_count(&root);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    // A pseudo-random pattern the guest copies from the read-only disk to the third.
+    let mut x: u32 = 0x1234_5678;
+    let pattern: Vec<u8> = (0..65536)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    let ro = dir.join("linux-pattern.img");
+    std::fs::write(&ro, &pattern).unwrap();
+    let out_disk = dir.join("linux-out.img");
+    std::fs::write(&out_disk, vec![0u8; 1 << 20]).unwrap();
+
+    let cmd = cmdline(host, "vmm.copy=vdb:vdc:16");
+    let ro_spec = format!("path={},readonly=on,id=PATTERN", ro.display());
+    let out_spec = format!("path={}", out_disk.display());
+    let out = boot(
+        host,
+        &[
+            "--kernel",
+            k.to_str().unwrap(),
+            "--rootfs",
+            root.to_str().unwrap(),
+            "--disk",
+            &ro_spec,
+            "--disk",
+            &out_spec,
+            "--memory",
+            "256M",
+            "--cmdline",
+            &cmd,
+        ],
+    );
+    eprintln!("asserting: vda/vdb/vdc sizes, ext4 mounted rw (mount count +1), init from the rootfs, dd vdb->vdc byte-exact, vdb unchanged, exit 0");
+    let blocks = std::fs::metadata(&root).unwrap().len() / 512;
+    assert_console(
+        &out,
+        &[
+            &format!("[vda] {blocks} 512-byte logical blocks"),
+            "[vdb] 128 512-byte logical blocks",
+            "[vdc] 2048 512-byte logical blocks",
+            "EXT4-fs (vda): mounted filesystem",
+            "VMM-TEST: rootfs init up",
+            "VMM-TEST: copied 16 blocks vdb -> vdc",
+        ],
+    );
+    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
+    assert!(
+        out.stderr.contains("guest ended: PowerOff"),
+        "stderr: {}",
+        out.stderr
+    );
+    assert_eq!(
+        mount_count(&root),
+        before + 1,
+        "the guest's ext4 mount reached the host file"
+    );
+    assert_eq!(
+        std::fs::read(&ro).unwrap(),
+        pattern,
+        "read-only disk unchanged"
+    );
+    let written = std::fs::read(&out_disk).unwrap();
+    assert_eq!(
+        &written[..pattern.len()],
+        &pattern[..],
+        "guest dd reached the host file byte-exact"
+    );
+    assert!(written[pattern.len()..].iter().all(|&b| b == 0));
+}
