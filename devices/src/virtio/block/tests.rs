@@ -449,3 +449,83 @@ fn read_only_images_may_be_shared() {
         Err(Error::InUse(_))
     ));
 }
+
+#[test]
+fn indirect_descriptor_tables_are_followed() {
+    let (p, bytes) = image(4);
+    let mut h = Harness::new(&p.0, false);
+    assert_ne!(h.dev.features() & (1 << VIRTIO_RING_F_INDIRECT_DESC), 0);
+    const TABLE: u64 = DATA + 0x3000;
+    h.header(HDR, VIRTIO_BLK_T_IN, 1);
+    // The indirect table: header, 512-byte buffer, status.
+    let table = [
+        (HDR, 16u32, F_NEXT, 1u16),
+        (BUF, 512, F_NEXT | F_WRITE, 2),
+        (STATUS, 1, F_WRITE, 0),
+    ];
+    for (i, (addr, len, flags, next)) in table.iter().enumerate() {
+        let at = TABLE + i as u64 * 16;
+        h.mem.write_obj(*addr, GuestAddress(at)).unwrap();
+        h.mem.write_obj(*len, GuestAddress(at + 8)).unwrap();
+        h.mem.write_obj(*flags, GuestAddress(at + 12)).unwrap();
+        h.mem.write_obj(*next, GuestAddress(at + 14)).unwrap();
+    }
+    const F_INDIRECT: u16 = 4;
+    h.write_desc(0, TABLE, 48, F_INDIRECT, 0);
+    h.publish(0);
+    assert!(h.process());
+    let mut got = vec![0u8; 512];
+    h.mem.read_slice(&mut got, GuestAddress(BUF)).unwrap();
+    assert_eq!(got, bytes[512..1024]);
+    assert_eq!(h.status(STATUS), 0);
+    assert_eq!(h.used(0).1, 513);
+}
+
+#[test]
+fn event_idx_suppresses_interrupts_the_driver_did_not_ask_for() {
+    let (p, _) = image(4);
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mut q = Queue::new(QUEUE_SIZE).unwrap();
+    q.set_size(QSIZE);
+    q.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
+    q.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
+    q.set_used_ring_address(Some(USED_RING as u32), Some(0));
+    q.set_ready(true);
+    q.set_event_idx(true);
+    let mut dev = Block::open(&p.0, false, None).unwrap();
+    let irq = Arc::new(CountingIrq::default());
+    dev.activate(mem.clone(), vec![q], Interrupt::new(irq.clone()))
+        .unwrap();
+    let mut h = Harness {
+        mem,
+        dev,
+        irq,
+        next_desc: 0,
+        avail_idx: 0,
+    };
+    // used_event (after the avail ring) = 5: interrupt only once the used index passes 5.
+    h.mem
+        .write_obj(5u16, GuestAddress(AVAIL_RING + 4 + 2 * u64::from(QSIZE)))
+        .unwrap();
+    for _ in 0..2 {
+        h.next_desc = 0; // the previous chain is done: reuse its descriptors
+        simple(&mut h, VIRTIO_BLK_T_FLUSH, 0, 512, true);
+        assert!(h.process());
+    }
+    assert_eq!(h.used_idx(), 2);
+    assert_eq!(
+        h.irq.0.load(AtomicOrdering::SeqCst),
+        0,
+        "no interrupt before used_event"
+    );
+    for _ in 0..4 {
+        h.next_desc = 0;
+        simple(&mut h, VIRTIO_BLK_T_FLUSH, 0, 512, true);
+        assert!(h.process());
+    }
+    assert_eq!(
+        h.irq.0.load(AtomicOrdering::SeqCst),
+        1,
+        "one interrupt when used_event is crossed"
+    );
+}
