@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Sets up a fresh Debian 12 machine (packages, guest kernel, busybox initramfs),
-# builds vmm and boots the default guest with its console on this terminal.
-# Extra arguments are passed to vmm (e.g. --cpus 2). Quit with Ctrl-A x.
+# Sets up a fresh Debian 12 machine (packages, guest kernel, busybox root file
+# system), builds vmm and boots the default guest with its console on this
+# terminal: `vmm --kernel vmlinux --rootfs disk.img`, a shell on the console.
+# The disk persists in the cache directory between runs. Extra arguments are
+# passed to vmm (e.g. --cpus 2). Quit with `exit` (powers off) or Ctrl-A x.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash resources/setup-host.sh
 cargo build --release --quiet
 kdir=$(bash resources/build-kernel.sh | tail -n 1)
-initrd=$(bash resources/build-initramfs.sh | tail -n 1)
+image=$(bash resources/build-rootfs.sh | tail -n 1)
+disk="${VMM_CACHE_DIR:-$HOME/.cache/vmm}/guest-disk.ext4"
+[[ -f "$disk" ]] || cp "$image" "$disk"
 
 cmdline="console=ttyS0 reboot=k panic=-1"
 if [[ -d /sys/module/kvm_pvm ]]; then
@@ -17,4 +21,4 @@ if [[ -d /sys/module/kvm_pvm ]]; then
     cmdline+=" noxsave nofsgsbase clearcpuid=cx16,popcnt,xsave,smap,bmi1,bmi2,abm,movbe,fsgsbase,rdrand,rdseed,rdpid,invpcid,aes,pclmulqdq,sha_ni,sse4_2,adx,clflushopt,clwb"
     echo "run-guest: PVM host: the guest kernel runs partly emulated; expect ~2 minutes to a shell." >&2
 fi
-exec ./target/release/vmm --kernel "$kdir/bzImage" --initrd "$initrd" --memory 256M --cmdline "$cmdline" "$@"
+exec ./target/release/vmm --kernel "$kdir/vmlinux" --rootfs "$disk" --memory 256M --cmdline "$cmdline vmm.test=shell" "$@"
