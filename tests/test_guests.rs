@@ -375,3 +375,38 @@ fn virtio_blk_write_to_a_read_only_disk_fails_and_leaves_the_file() {
     );
     assert_eq!(std::fs::read(&img).unwrap(), bytes);
 }
+
+#[test]
+fn rootfs_adds_root_to_the_cmdline_unless_the_user_named_one() {
+    host();
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let img = dir.join("cmdline-root.img");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let data = dir.join("cmdline-data.img");
+    std::fs::write(&data, vec![0u8; 4096]).unwrap();
+    let cmdline_of = |user: &str| {
+        let mut cmd = vmm();
+        cmd.arg("--kernel")
+            .arg(guest("bootparams"))
+            .arg("--rootfs")
+            .arg(&img)
+            .arg("--disk")
+            .arg(format!("path={},readonly=on", data.display()))
+            .args(["--cmdline", user]);
+        let out = run(cmd, TIMEOUT);
+        assert_eq!(out.code, Some(0), "{out:#?}");
+        out.guest_lines()
+            .iter()
+            .find_map(|l| l.strip_prefix("cmdline "))
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        cmdline_of("console=ttyS0"),
+        "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 root=/dev/vda rw"
+    );
+    assert_eq!(
+        cmdline_of("console=ttyS0 root=/dev/vdb"),
+        "console=ttyS0 root=/dev/vdb virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+    );
+}
