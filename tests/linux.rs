@@ -113,50 +113,32 @@ fn assert_console(out: &Outcome, needles: &[&str]) {
     }
 }
 
-#[test]
-fn vmlinux_boots_to_userspace_and_acpi_poweroff_exits_0() {
-    let host = host();
-    let (k, i) = (kernel("vmlinux"), initramfs());
-    let cmd = cmdline(host, "vmm.test=poweroff");
-    let out = boot(
-        host,
-        &[
-            "--kernel",
-            k.to_str().unwrap(),
-            "--initrd",
-            i.to_str().unwrap(),
-            "--memory",
-            "256M",
-            "--cmdline",
-            &cmd,
-        ],
-    );
-    eprintln!(
-        "asserting: banner, e820 = 256 MiB, 1 CPU, user-space marker, ACPI power-off, exit 0"
-    );
-    assert_console(
-        &out,
-        &[
-            "Linux version 6.1",
-            "smp: Brought up 1 node, 1 CPU",
-            MARKER,
-            "reboot: Power down",
-        ],
-    );
-    assert_eq!(e820_total(&out.stdout), 256 << 20, "{}", out.stdout);
-    assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
-    assert!(
-        out.stderr.contains("guest ended: PowerOff"),
-        "stderr: {}",
-        out.stderr
-    );
+/// How an initramfs boot is asked to end, and what the VMM must then report.
+struct Ending {
+    param: &'static str,
+    console: &'static str,
+    exit: &'static str,
 }
 
-#[test]
-fn bzimage_boots_two_cpus_to_userspace_and_reboot_exits_0() {
+const POWEROFF: Ending = Ending {
+    param: "vmm.test=poweroff",
+    console: "reboot: Power down",
+    exit: "guest ended: PowerOff",
+};
+const REBOOT: Ending = Ending {
+    param: "vmm.test=reboot",
+    console: "reboot: Restarting system",
+    exit: "guest ended: Reset",
+};
+
+/// Boots `kernel` with the busybox initramfs on `cpus` vCPUs and `mib` MiB and
+/// checks the banner, the e820 map, the CPU count, the user-space marker and the
+/// ending.
+fn boot_initramfs_to_userspace(kernel_name: &str, cpus: u32, mib: u64, ending: Ending) {
     let host = host();
-    let (k, i) = (kernel("bzImage"), initramfs());
-    let cmd = cmdline(host, "vmm.test=reboot");
+    let (k, i) = (kernel(kernel_name), initramfs());
+    let cmd = cmdline(host, ending.param);
+    let (cpus_arg, mem_arg) = (cpus.to_string(), format!("{mib}M"));
     let out = boot(
         host,
         &[
@@ -165,30 +147,36 @@ fn bzimage_boots_two_cpus_to_userspace_and_reboot_exits_0() {
             "--initrd",
             i.to_str().unwrap(),
             "--cpus",
-            "2",
+            &cpus_arg,
             "--memory",
-            "512M",
+            &mem_arg,
             "--cmdline",
             &cmd,
         ],
     );
-    eprintln!("asserting: banner, e820 = 512 MiB, 2 CPUs, user-space marker, i8042 reboot, exit 0");
+    let brought_up = if cpus == 1 {
+        "smp: Brought up 1 node, 1 CPU".to_string()
+    } else {
+        format!("smp: Brought up 1 node, {cpus} CPUs")
+    };
+    eprintln!("asserting: {kernel_name} banner, e820 = {mib} MiB, {brought_up:?}, user-space marker, {:?}, exit 0", ending.exit);
     assert_console(
         &out,
-        &[
-            "Linux version 6.1",
-            "smp: Brought up 1 node, 2 CPUs",
-            MARKER,
-            "reboot: Restarting system",
-        ],
+        &["Linux version 6.1", &brought_up, MARKER, ending.console],
     );
-    assert_eq!(e820_total(&out.stdout), 512 << 20, "{}", out.stdout);
+    assert_eq!(e820_total(&out.stdout), mib << 20, "{}", out.stdout);
     assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
-    assert!(
-        out.stderr.contains("guest ended: Reset"),
-        "stderr: {}",
-        out.stderr
-    );
+    assert!(out.stderr.contains(ending.exit), "stderr: {}", out.stderr);
+}
+
+#[test]
+fn vmlinux_boots_to_userspace_and_acpi_poweroff_exits_0() {
+    boot_initramfs_to_userspace("vmlinux", 1, 256, POWEROFF);
+}
+
+#[test]
+fn bzimage_boots_two_cpus_to_userspace_and_reboot_exits_0() {
+    boot_initramfs_to_userspace("bzImage", 2, 512, REBOOT);
 }
 
 #[test]

@@ -71,6 +71,10 @@ struct Harness {
 
 impl Harness {
     fn new(path: &std::path::Path, read_only: bool) -> Self {
+        Self::with_event_idx(path, read_only, false)
+    }
+
+    fn with_event_idx(path: &std::path::Path, read_only: bool, event_idx: bool) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let mut q = Queue::new(QUEUE_SIZE).unwrap();
         q.set_size(QSIZE);
@@ -78,6 +82,7 @@ impl Harness {
         q.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
         q.set_used_ring_address(Some(USED_RING as u32), Some(0));
         q.set_ready(true);
+        q.set_event_idx(event_idx);
         assert!(q.is_valid(&mem));
         let mut dev = Block::open(path, read_only, Some("serial-0123")).unwrap();
         let irq = Arc::new(CountingIrq::default());
@@ -484,25 +489,7 @@ fn indirect_descriptor_tables_are_followed() {
 #[test]
 fn event_idx_suppresses_interrupts_the_driver_did_not_ask_for() {
     let (p, _) = image(4);
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    let mut q = Queue::new(QUEUE_SIZE).unwrap();
-    q.set_size(QSIZE);
-    q.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
-    q.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
-    q.set_used_ring_address(Some(USED_RING as u32), Some(0));
-    q.set_ready(true);
-    q.set_event_idx(true);
-    let mut dev = Block::open(&p.0, false, None).unwrap();
-    let irq = Arc::new(CountingIrq::default());
-    dev.activate(mem.clone(), vec![q], Interrupt::new(irq.clone()))
-        .unwrap();
-    let mut h = Harness {
-        mem,
-        dev,
-        irq,
-        next_desc: 0,
-        avail_idx: 0,
-    };
+    let mut h = Harness::with_event_idx(&p.0, false, true);
     // used_event (after the avail ring) = 5: interrupt only once the used index passes 5.
     h.mem
         .write_obj(5u16, GuestAddress(AVAIL_RING + 4 + 2 * u64::from(QSIZE)))
