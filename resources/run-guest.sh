@@ -16,7 +16,7 @@ disk="${VMM_CACHE_DIR:-$HOME/.cache/vmm}/guest-disk.ext4"
 
 cmdline="console=ttyS0 reboot=k panic=-1"
 if [[ -d /sys/module/kvm_pvm ]]; then
-    # PVM software KVM (see shared/HOST-KVM.md): steer the kernel clear of the
+    # PVM software KVM (see docs/TESTING-ON-PVM.md): steer the kernel clear of the
     # instructions its emulator lacks. Not needed on VMX/SVM hosts.
     cmdline+=" noxsave nofsgsbase clearcpuid=cx16,popcnt,xsave,smap,bmi1,bmi2,abm,movbe,fsgsbase,rdrand,rdseed,rdpid,invpcid,aes,pclmulqdq,sha_ni,sse4_2,adx,clflushopt,clwb"
     echo "run-guest: PVM host: the guest kernel runs partly emulated; expect ~2 minutes to a shell." >&2

@@ -2,7 +2,7 @@
 //! initramfs (resources/build-initramfs.sh), booted by the real binary. They prove
 //! the VMM against an implementation nobody here wrote.
 //!
-//! On the PVM host (shared/HOST-KVM.md) the kernel carries the test-only patches
+//! On the PVM host (docs/TESTING-ON-PVM.md) the kernel carries the test-only patches
 //! that let user space run, and gets the parameters that avoid instructions PVM's
 //! emulator lacks; a boot that dies of an emulation failure is retried once and
 //! reported as such. Linux guests run one at a time.

@@ -18,7 +18,7 @@ pub fn vmm() -> Command {
 /// What /dev/kvm is on this machine: it decides how far a Linux guest can get.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Host {
-    /// PVM, the software KVM (see shared/HOST-KVM.md).
+    /// PVM, the software KVM (see docs/TESTING-ON-PVM.md).
     Pvm,
     /// KVM on VMX or SVM.
     Hardware,
