@@ -47,7 +47,7 @@ impl BusDevice for AcpiSleep {
                 if sleep_type == self.soft_off_type {
                     self.exit.request_exit(GuestExitRequest::PowerOff);
                 } else {
-                    log::warn!("acpi: guest asked for unsupported sleep type {sleep_type}");
+                    crate::guest_warn!("acpi: guest asked for unsupported sleep type {sleep_type}");
                 }
             }
             SLEEP_CONTROL | SLEEP_STATUS => {}

@@ -4,6 +4,20 @@
 //! builds and unit-tests without KVM. The VMM places the devices on a [`bus::Bus`]
 //! (port I/O or MMIO) and routes vCPU exits to them.
 
+/// Logs a warning the guest caused. Each call site logs its first 10
+/// occurrences and then every 10 000th, so a hostile guest cannot flood the
+/// host's log by repeating a bad access.
+#[macro_export]
+macro_rules! guest_warn {
+    ($($arg:tt)*) => {{
+        static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n < 10 || n % 10_000 == 0 {
+            log::warn!("{} (guest-caused, occurrence {})", format_args!($($arg)*), n + 1);
+        }
+    }};
+}
+
 pub mod acpi_pm;
 pub mod bus;
 pub mod legacy;

@@ -55,7 +55,7 @@ impl SerialDevice {
         if self.pending.len() > MAX_PENDING_INPUT {
             self.dropped_input += (self.pending.len() - MAX_PENDING_INPUT) as u64;
             self.pending.truncate(MAX_PENDING_INPUT);
-            log::warn!(
+            crate::guest_warn!(
                 "serial: guest is not reading its console; {} input bytes dropped so far",
                 self.dropped_input
             );

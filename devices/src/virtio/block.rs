@@ -326,7 +326,7 @@ impl Block {
                         }
                     },
                     _ => {
-                        log::warn!("virtio-blk: request without a writable status byte; device needs reset");
+                        crate::guest_warn!("virtio-blk: request without a writable status byte; device needs reset");
                         healthy = false;
                         0
                     }

@@ -171,7 +171,7 @@ impl MmioTransport {
         }
         // Bits may only be added, never removed, except by a reset.
         if value & self.status != self.status {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio: driver cleared status bits {:#x} -> {value:#x}; ignored",
                 self.status
             );
@@ -185,7 +185,7 @@ impl MmioTransport {
                 && self.status & DRIVER != 0;
             if !ok {
                 // Leave FEATURES_OK clear: the driver reads it back and gives up.
-                log::warn!(
+                crate::guest_warn!(
                     "virtio: driver features {:#x} rejected",
                     self.driver_features
                 );
@@ -196,7 +196,7 @@ impl MmioTransport {
         }
         if new & DRIVER_OK != 0 {
             if self.status & FEATURES_OK == 0 && value & FEATURES_OK == 0 {
-                log::warn!("virtio: DRIVER_OK before FEATURES_OK; device not started");
+                crate::guest_warn!("virtio: DRIVER_OK before FEATURES_OK; device not started");
                 self.status = value & !DRIVER_OK;
                 self.mark_needs_reset();
                 return;
@@ -216,7 +216,7 @@ impl MmioTransport {
             .zip(&self.bad_config)
             .position(|(q, &bad)| bad || !q.ready() || !q.is_valid(&self.mem))
         {
-            log::warn!("virtio: queue {i} is not ready or not valid at DRIVER_OK");
+            crate::guest_warn!("virtio: queue {i} is not ready or not valid at DRIVER_OK");
             self.mark_needs_reset();
             return;
         }
@@ -242,7 +242,7 @@ impl MmioTransport {
         {
             Ok(()) => self.activated = true,
             Err(e) => {
-                log::warn!("virtio: device activation failed: {e}");
+                crate::guest_warn!("virtio: device activation failed: {e}");
                 self.mark_needs_reset();
             }
         }
