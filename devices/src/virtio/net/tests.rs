@@ -1,0 +1,290 @@
+//! virtio-net against guest memory built in the test, with a datagram socket
+//! pair standing in for the TAP device (it keeps frame boundaries the same way).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::*;
+use crate::InterruptLine;
+
+const MEM_SIZE: usize = 0x100000;
+const QSIZE: u16 = 16;
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+/// Ring areas of queue i start at RINGS + i * 0x4000.
+const RINGS: u64 = 0x1000;
+const BUFS: u64 = 0x20000;
+
+#[derive(Default)]
+struct CountingIrq(AtomicUsize);
+impl InterruptLine for CountingIrq {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// One end of a SOCK_DGRAM socket pair.
+struct SocketBackend(OwnedFd);
+impl AsRawFd for SocketBackend {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+impl NetBackend for SocketBackend {
+    fn supports_offloads(&self) -> bool {
+        false
+    }
+    fn set_offloads(&mut self, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn socket_pair() -> (SocketBackend, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two new descriptors into `fds`.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, 0);
+    // SAFETY: both descriptors are new and owned here.
+    unsafe {
+        (
+            SocketBackend(OwnedFd::from_raw_fd(fds[0])),
+            OwnedFd::from_raw_fd(fds[1]),
+        )
+    }
+}
+
+struct Harness {
+    mem: GuestMemoryMmap,
+    dev: Net<SocketBackend>,
+    peer: OwnedFd,
+    irq: Arc<CountingIrq>,
+    next_desc: [u16; 2],
+    avail_idx: [u16; 2],
+}
+
+fn ring(q: usize) -> (u64, u64, u64) {
+    let base = RINGS + q as u64 * 0x4000;
+    (base, base + 0x1000, base + 0x2000)
+}
+
+impl Harness {
+    fn new() -> Self {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let queues = (0..2)
+            .map(|i| {
+                let (d, a, u) = ring(i);
+                let mut q = Queue::new(QUEUE_SIZE).unwrap();
+                q.set_size(QSIZE);
+                q.set_desc_table_address(Some(d as u32), Some(0));
+                q.set_avail_ring_address(Some(a as u32), Some(0));
+                q.set_used_ring_address(Some(u as u32), Some(0));
+                q.set_ready(true);
+                q
+            })
+            .collect();
+        let (backend, peer) = socket_pair();
+        let mut dev = Net::new(backend, [2, 0, 0, 0, 0, 1]);
+        let irq = Arc::new(CountingIrq::default());
+        dev.activate(mem.clone(), queues, Interrupt::new(irq.clone()))
+            .unwrap();
+        Harness {
+            mem,
+            dev,
+            peer,
+            irq,
+            next_desc: [0; 2],
+            avail_idx: [0; 2],
+        }
+    }
+
+    fn add_chain(&mut self, q: usize, descs: &[(u64, u32, bool)]) {
+        let (table, avail, _) = ring(q);
+        let head = self.next_desc[q];
+        for (i, &(addr, len, writable)) in descs.iter().enumerate() {
+            let index = self.next_desc[q];
+            let flags =
+                if writable { F_WRITE } else { 0 } | if i + 1 < descs.len() { F_NEXT } else { 0 };
+            let at = table + u64::from(index) * 16;
+            self.mem.write_obj(addr, GuestAddress(at)).unwrap();
+            self.mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+            self.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+            self.mem
+                .write_obj(index + 1, GuestAddress(at + 14))
+                .unwrap();
+            self.next_desc[q] += 1;
+        }
+        let slot = avail + 4 + u64::from(self.avail_idx[q] % QSIZE) * 2;
+        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+        self.avail_idx[q] += 1;
+        self.mem
+            .write_obj(self.avail_idx[q], GuestAddress(avail + 2))
+            .unwrap();
+    }
+
+    fn used(&self, q: usize) -> Vec<(u32, u32)> {
+        let (_, _, used) = ring(q);
+        let idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).unwrap();
+        (0..idx)
+            .map(|i| {
+                let at = used + 4 + u64::from(i) * 8;
+                (
+                    self.mem.read_obj(GuestAddress(at)).unwrap(),
+                    self.mem.read_obj(GuestAddress(at + 4)).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn peer_send(&self, frame: &[u8]) {
+        // SAFETY: sends from a valid buffer of `frame.len()` bytes.
+        let n = unsafe { libc::send(self.peer.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(n as usize, frame.len());
+    }
+
+    fn peer_recv(&self) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 70000];
+        // SAFETY: receives into a valid buffer of `buf.len()` bytes.
+        let n = unsafe {
+            libc::recv(
+                self.peer.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        (n >= 0).then(|| {
+            buf.truncate(n as usize);
+            buf
+        })
+    }
+}
+
+/// A frame with a virtio-net header: 12 header bytes, then `len` payload bytes.
+fn frame(len: usize, seed: u8) -> Vec<u8> {
+    let mut f = vec![0u8; NET_HDR_SIZE];
+    f.extend((0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)));
+    f
+}
+
+#[test]
+fn guest_frame_reaches_the_backend_byte_exact() {
+    let mut h = Harness::new();
+    let f = frame(60, 1);
+    h.mem
+        .write_slice(&f[..NET_HDR_SIZE], GuestAddress(BUFS))
+        .unwrap();
+    h.mem
+        .write_slice(&f[NET_HDR_SIZE..], GuestAddress(BUFS + 0x100))
+        .unwrap();
+    h.add_chain(
+        TX,
+        &[
+            (BUFS, NET_HDR_SIZE as u32, false),
+            (BUFS + 0x100, 60, false),
+        ],
+    );
+    assert!(h.dev.process_queue(TX));
+    assert_eq!(h.peer_recv().as_deref(), Some(&f[..]));
+    assert_eq!(h.used(TX), [(0, 0)]);
+    let c = h.dev.counters();
+    assert_eq!((c.tx_packets, c.tx_bytes, c.tx_dropped), (1, 60, 0));
+    assert_eq!(h.irq.0.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn backend_frame_fills_a_guest_receive_buffer() {
+    let mut h = Harness::new();
+    h.add_chain(RX, &[(BUFS, 1526, true)]);
+    let f = frame(100, 7);
+    h.peer_send(&f);
+    assert!(h.dev.process_rx());
+    assert_eq!(h.used(RX), [(0, f.len() as u32)]);
+    let mut got = vec![0u8; f.len()];
+    h.mem.read_slice(&mut got, GuestAddress(BUFS)).unwrap();
+    assert_eq!(got, f);
+    let c = h.dev.counters();
+    assert_eq!((c.rx_packets, c.rx_bytes), (1, 100));
+}
+
+#[test]
+fn without_receive_buffers_the_device_stops_reading_until_the_guest_posts_some() {
+    let mut h = Harness::new();
+    let f = frame(64, 3);
+    h.peer_send(&f);
+    assert!(h.dev.process_rx());
+    assert!(
+        !h.dev.wants_backend_events(),
+        "no buffers: backend not watched"
+    );
+    assert!(h.used(RX).is_empty());
+    // The guest posts two buffers and notifies the receive queue: the waiting
+    // frame fills the first, and with one buffer left the backend is watched again.
+    h.add_chain(RX, &[(BUFS, 2048, true)]);
+    h.add_chain(RX, &[(BUFS + 0x1000, 2048, true)]);
+    assert!(h.dev.process_queue(RX));
+    assert!(h.dev.wants_backend_events());
+    assert_eq!(h.used(RX), [(0, f.len() as u32)]);
+    assert_eq!(
+        h.dev.counters().rx_dropped,
+        0,
+        "the frame waited, it was not dropped"
+    );
+}
+
+#[test]
+fn malformed_guest_frames_are_dropped_and_counted() {
+    let mut h = Harness::new();
+    h.add_chain(TX, &[(BUFS, 8, false)]); // shorter than the header
+    h.add_chain(TX, &[(BUFS, 60, true)]); // write-only descriptor
+    h.add_chain(TX, &[(MEM_SIZE as u64 - 16, 64, false)]); // outside guest memory
+    h.add_chain(TX, &[(BUFS, (NET_HDR_SIZE + MAX_FRAME + 1) as u32, false)]); // oversized
+    assert!(h.dev.process_queue(TX));
+    assert_eq!(h.used(TX).len(), 4, "every chain is returned");
+    assert_eq!(h.dev.counters().tx_dropped, 4);
+    assert_eq!(h.peer_recv(), None, "nothing reached the backend");
+    // The device goes on working.
+    h.add_chain(TX, &[(BUFS, 72, false)]);
+    assert!(h.dev.process_queue(TX));
+    assert_eq!(h.peer_recv().map(|f| f.len()), Some(72));
+}
+
+#[test]
+fn unusable_receive_buffers_are_returned_empty() {
+    let mut h = Harness::new();
+    h.add_chain(RX, &[(BUFS, 2048, false)]); // not writable
+    h.add_chain(RX, &[(BUFS, 4, true)]); // smaller than the header
+    h.add_chain(RX, &[(BUFS + 0x1000, 2048, true)]);
+    let f = frame(64, 9);
+    h.peer_send(&f);
+    assert!(h.dev.process_rx());
+    assert_eq!(h.used(RX), [(0, 0), (1, 0), (2, f.len() as u32)]);
+    assert_eq!(h.dev.counters().rx_dropped, 2);
+}
+
+#[test]
+fn config_space_has_the_mac_and_link_up() {
+    let h = Harness::new();
+    let mut cfg = [0u8; 8];
+    h.dev.read_config(0, &mut cfg);
+    assert_eq!(cfg, [2, 0, 0, 0, 0, 1, 1, 0]);
+    let mut far = [0xffu8; 4];
+    h.dev.read_config(u64::MAX, &mut far);
+    assert_eq!(far, [0; 4]);
+    assert_ne!(h.dev.features() & (1 << VIRTIO_NET_F_MAC), 0);
+    assert_eq!(
+        h.dev.features() & (1 << VIRTIO_NET_F_GUEST_TSO4),
+        0,
+        "no offloads without backend support"
+    );
+}
