@@ -13,7 +13,9 @@ use devices::legacy::i8042::I8042;
 use devices::legacy::serial::SerialDevice;
 use devices::virtio::block::Block;
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, REG_QUEUE_NOTIFY};
-use devices::virtio::Interrupt;
+use devices::virtio::net::Net;
+use devices::virtio::tap::Tap;
+use devices::virtio::{Interrupt, VirtioDevice};
 use kvm_ioctls::IoEventAddress;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -69,6 +71,9 @@ pub enum Error {
     /// A disk image cannot be used.
     #[error(transparent)]
     Disk(#[from] devices::virtio::block::Error),
+    /// A TAP device cannot be used.
+    #[error(transparent)]
+    Tap(#[from] devices::virtio::tap::Error),
     /// A virtio device cannot be set up.
     #[error("Cannot set up virtio device {index}: {err}.")]
     Virtio { index: usize, err: std::io::Error },
@@ -89,6 +94,7 @@ impl Error {
                 | Error::Loader(_)
                 | Error::Memory(_)
                 | Error::Disk(_)
+                | Error::Tap(_)
                 | Error::Vm(vm::Error::TooManyCpus { .. })
         )
     }
@@ -103,6 +109,7 @@ pub struct MicroVm {
     pub(crate) mmio: Bus,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
     pub(crate) virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    pub(crate) virtio_names: Vec<String>,
     pub(crate) exit: Arc<ExitSignal>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) started: Instant,
@@ -125,8 +132,9 @@ pub fn build(
     let exit = Arc::new(ExitSignal::new().map_err(Error::EventFd)?);
     let (pio, serial) = legacy_devices(&vm, exit.clone(), serial_out)?;
     let mut mmio = Bus::new();
-    let disks = open_disks(config)?;
-    let (virtio, virtio_info) = virtio_devices(&vm, &mem, &mut mmio, disks)?;
+    let devices = open_devices(config)?;
+    let virtio_names = devices.iter().map(|(name, _)| name.clone()).collect();
+    let (virtio, virtio_info) = virtio_devices(&vm, &mem, &mut mmio, devices)?;
 
     let kernel = load_boot_images(config, &mem, &virtio_info)?;
     let entry = write_boot_tables(config, &mem, &kernel, &virtio_info)?;
@@ -139,6 +147,7 @@ pub fn build(
         mmio,
         serial,
         virtio,
+        virtio_names,
         exit,
         stop: Arc::new(AtomicBool::new(false)),
         started,
@@ -177,14 +186,26 @@ fn legacy_devices(
     Ok((pio, serial))
 }
 
-/// Opens (and locks) every disk image before anything is attached, so a bad
-/// image fails the start without side effects.
-fn open_disks(config: &VmConfig) -> Result<Vec<Block>, Error> {
-    config
-        .disks
-        .iter()
-        .map(|d| Block::open(&d.path, d.read_only, d.id.as_deref()).map_err(Error::from))
-        .collect()
+/// A virtio device with the name the log uses for it.
+type NamedDevice = (String, Box<dyn VirtioDevice>);
+
+/// Opens (and locks) every disk image and attaches every TAP device before
+/// anything is placed, so bad input fails the start without side effects. Disks
+/// come first (vda, vdb, ...), then network interfaces (eth0, ...).
+fn open_devices(config: &VmConfig) -> Result<Vec<NamedDevice>, Error> {
+    let mut devices: Vec<NamedDevice> = Vec::new();
+    for (i, d) in config.disks.iter().enumerate() {
+        let block = Block::open(&d.path, d.read_only, d.id.as_deref())?;
+        devices.push((format!("disk{i} ({})", d.path.display()), Box::new(block)));
+    }
+    for (i, n) in config.nets.iter().enumerate() {
+        let mut net = Net::new(Tap::open(&n.tap)?, n.mac);
+        if let Some(mtu) = n.mtu {
+            net = net.with_mtu(mtu);
+        }
+        devices.push((format!("net{i} ({})", n.tap), Box::new(net)));
+    }
+    Ok(devices)
 }
 
 /// The attached virtio devices and where the guest finds them.
@@ -200,19 +221,18 @@ fn virtio_devices(
     vm: &vm::Vm,
     mem: &GuestMemoryMmap,
     mmio: &mut Bus,
-    disks: Vec<Block>,
+    devices: Vec<NamedDevice>,
 ) -> Result<VirtioSet, Error> {
     let mut transports = Vec::new();
     let mut info = Vec::new();
-    for (index, disk) in disks.into_iter().enumerate() {
+    for (index, (_, device)) in devices.into_iter().enumerate() {
         let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
         let irq = VIRTIO_IRQ_START + index as u32;
         let virtio_err = |err| Error::Virtio { index, err };
         let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(virtio_err)?;
         vm.register_irqfd(&irq_evt, irq)?;
         let interrupt = Interrupt::new(Arc::new(irq_evt));
-        let transport =
-            MmioTransport::new(Box::new(disk), mem.clone(), interrupt).map_err(virtio_err)?;
+        let transport = MmioTransport::new(device, mem.clone(), interrupt).map_err(virtio_err)?;
         for (queue, evt) in transport.queue_evts().iter().enumerate() {
             vm.fd()
                 .register_ioevent(

@@ -26,13 +26,93 @@ pub enum Error {
     /// A `--disk` spec that does not parse.
     #[error("--disk '{spec}': {reason}; give path=FILE[,readonly=on|off][,id=SERIAL].")]
     DiskSpec { spec: String, reason: String },
-    /// More disks than the MMIO window and interrupt lines allow.
-    #[error("{0} disks are more than the {max} the VMM can attach; give fewer --disk options.", max = MAX_DISKS)]
-    TooManyDisks(usize),
+    /// More devices than the MMIO window and interrupt lines allow.
+    #[error("{0} virtio devices are more than the {max} the VMM can attach; give fewer --disk and --net options.", max = MAX_VIRTIO_DEVICES)]
+    TooManyDevices(usize),
+    /// A `--net` spec that does not parse.
+    #[error("--net '{spec}': {reason}; give tap=NAME[,mac=02:xx:xx:xx:xx:xx][,mtu=N].")]
+    NetSpec { spec: String, reason: String },
 }
 
 /// Most virtio devices the VMM attaches (one interrupt line each, IRQ 5..=23).
-pub const MAX_DISKS: usize = 19;
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+
+/// A network interface attached to a host TAP device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Name of an existing TAP device.
+    pub tap: String,
+    /// MAC address; derived from the TAP name when not given.
+    pub mac: [u8; 6],
+    /// MTU announced to the guest, if given.
+    pub mtu: Option<u16>,
+}
+
+/// A stable, locally administered unicast MAC derived from `name` (FNV-1a).
+pub fn derived_mac(name: &str) -> [u8; 6] {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    let b = h.to_be_bytes();
+    [0x02, 0x76, b[0], b[1], b[2], b[3]]
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(&parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *m = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+/// Parses `tap=NAME[,mac=02:xx:xx:xx:xx:xx][,mtu=N]`.
+pub fn parse_net_spec(spec: &str) -> Result<NetConfig, Error> {
+    let err = |reason: &str| Error::NetSpec {
+        spec: spec.to_string(),
+        reason: reason.to_string(),
+    };
+    let (mut tap, mut mac, mut mtu) = (None, None, None);
+    for item in spec.split(',') {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| err(&format!("'{item}' is not key=value")))?;
+        match key {
+            "tap" if value.is_empty() => return Err(err("the TAP name is empty")),
+            "tap" => tap = Some(value.to_string()),
+            "mac" => {
+                let m = parse_mac(value).ok_or_else(|| {
+                    err(&format!(
+                        "mac '{value}' is not six hex bytes separated by ':'"
+                    ))
+                })?;
+                if m[0] & 1 != 0 {
+                    return Err(err(&format!("mac '{value}' is a multicast address")));
+                }
+                mac = Some(m);
+            }
+            "mtu" => {
+                let n: u16 = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (68..=65535).contains(n))
+                    .ok_or_else(|| err(&format!("mtu '{value}' is not between 68 and 65535")))?;
+                mtu = Some(n);
+            }
+            other => return Err(err(&format!("unknown key '{other}'"))),
+        }
+    }
+    let tap = tap.ok_or_else(|| err("no tap= given"))?;
+    let mac = mac.unwrap_or_else(|| derived_mac(&tap));
+    Ok(NetConfig { tap, mac, mtu })
+}
 
 /// A disk image attached as a virtio-blk device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,6 +176,8 @@ pub struct VmConfig {
     pub memory: u64,
     /// virtio-blk disks, in order (the first is /dev/vda).
     pub disks: Vec<DiskConfig>,
+    /// Network interfaces, in order (eth0, eth1, ...).
+    pub nets: Vec<NetConfig>,
     /// Whether the first disk is the root file system (adds `root=/dev/vda rw`
     /// unless the command line names a root already).
     pub root_is_first_disk: bool,
@@ -111,6 +193,7 @@ impl VmConfig {
             cpus: 1,
             memory: 128 * MIB,
             disks: Vec::new(),
+            nets: Vec::new(),
             root_is_first_disk: false,
         }
     }
@@ -119,8 +202,9 @@ impl VmConfig {
     /// the VM is built).
     pub fn validate(&self) -> Result<(), Error> {
         check_cpus(self.cpus as u64)?;
-        if self.disks.len() > MAX_DISKS {
-            return Err(Error::TooManyDisks(self.disks.len()));
+        let devices = self.disks.len() + self.nets.len();
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(Error::TooManyDevices(devices));
         }
         check_memory(self.memory, &format!("{}M", self.memory / MIB))
     }
@@ -256,6 +340,36 @@ mod tests {
         ] {
             let e = parse_disk_spec(spec).unwrap_err().to_string();
             assert!(e.contains(want) && e.contains("path=FILE"), "{spec:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn net_specs_parse_with_a_stable_derived_mac() {
+        let n = parse_net_spec("tap=tap0").unwrap();
+        assert_eq!((n.tap.as_str(), n.mtu), ("tap0", None));
+        assert_eq!(n.mac, derived_mac("tap0"));
+        assert_eq!(n.mac[0] & 3, 2, "locally administered unicast");
+        assert_ne!(derived_mac("tap0"), derived_mac("tap1"));
+        let n = parse_net_spec("mtu=1400,mac=02:aa:bb:cc:dd:ee,tap=t").unwrap();
+        assert_eq!(
+            (n.mac, n.mtu),
+            ([2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee], Some(1400))
+        );
+    }
+
+    #[test]
+    fn bad_net_specs_name_the_problem() {
+        for (spec, want) in [
+            ("tap0", "is not key=value"),
+            ("tap=", "the TAP name is empty"),
+            ("mac=02:00:00:00:00:01", "no tap= given"),
+            ("tap=t,mac=02:00:00:00:00", "not six hex bytes"),
+            ("tap=t,mac=01:00:00:00:00:01", "multicast"),
+            ("tap=t,mtu=20", "between 68 and 65535"),
+            ("tap=t,queues=4", "unknown key 'queues'"),
+        ] {
+            let e = parse_net_spec(spec).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("tap=NAME"), "{spec:?}: {e}");
         }
     }
 

@@ -34,6 +34,10 @@ struct Cli {
     /// Another virtio disk: path=FILE[,readonly=on|off][,id=SERIAL]. Repeatable.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
+    /// A network interface on an existing TAP device: tap=NAME[,mac=..][,mtu=N].
+    /// Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<String>,
     /// Guest memory, with unit K, M or G (a bare number is MiB).
     #[arg(long, default_value = "128M", value_name = "SIZE")]
     memory: String,
@@ -84,6 +88,11 @@ fn main() {
             id: None,
         });
         vm_config.root_is_first_disk = true;
+    }
+    for spec in &cli.net {
+        vm_config
+            .nets
+            .push(config::parse_net_spec(spec).unwrap_or_else(|e| usage_exit(e)));
     }
     for spec in &cli.disk {
         vm_config

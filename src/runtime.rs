@@ -137,6 +137,12 @@ impl MicroVm {
                 log::error!("a vCPU thread panicked");
             }
         }
+        for (transport, name) in self.virtio.iter().zip(&self.virtio_names) {
+            let t = transport.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(report) = t.report() {
+                log::info!("{name}: {report}");
+            }
+        }
         drop(self.vm);
         loop_result?;
         match self.exit.outcome() {

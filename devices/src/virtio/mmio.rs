@@ -113,6 +113,11 @@ impl MmioTransport {
         self.status
     }
 
+    /// One line of device statistics for the log at exit.
+    pub fn report(&self) -> Option<String> {
+        self.device.report()
+    }
+
     /// The device behind the transport.
     pub fn device(&self) -> &dyn VirtioDevice {
         self.device.as_ref()
@@ -126,6 +131,23 @@ impl MmioTransport {
         if !self.device.process_queue(index) {
             self.mark_needs_reset();
         }
+    }
+
+    /// The device's backend descriptor, if it has one.
+    pub fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.device.backend_fd()
+    }
+
+    /// Handles backend readiness (from the event loop).
+    pub fn process_backend(&mut self) {
+        if self.activated && !self.device.process_backend() {
+            self.mark_needs_reset();
+        }
+    }
+
+    /// Whether the backend descriptor should be watched now.
+    pub fn wants_backend_events(&self) -> bool {
+        self.activated && self.device.wants_backend_events()
     }
 
     fn mark_needs_reset(&mut self) {
@@ -391,37 +413,64 @@ impl BusDevice for MmioTransport {
 }
 
 /// Runs a transport's queue processing in the VMM's event loop: one eventfd per
-/// queue, signalled by a KVM ioeventfd (or by the transport itself).
+/// queue, signalled by a KVM ioeventfd (or by the transport itself), plus the
+/// device's backend descriptor (a TAP), watched only while the device can take
+/// input.
 pub struct QueueEvents {
     transport: Arc<Mutex<MmioTransport>>,
     evts: Vec<EventFd>,
+    backend: Option<std::os::fd::RawFd>,
+    backend_watched: bool,
 }
 
 impl QueueEvents {
-    /// Watches the queue eventfds of `transport`.
+    /// Watches the queue eventfds and the backend of `transport`.
     pub fn new(transport: Arc<Mutex<MmioTransport>>) -> std::io::Result<Self> {
-        let evts = transport
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let t = transport.lock().unwrap_or_else(|e| e.into_inner());
+        let evts = t
             .queue_evts()
             .iter()
             .map(EventFd::try_clone)
             .collect::<std::io::Result<Vec<_>>>()?;
-        Ok(QueueEvents { transport, evts })
+        let backend = t.backend_fd();
+        drop(t);
+        Ok(QueueEvents {
+            transport,
+            evts,
+            backend,
+            backend_watched: false,
+        })
+    }
+
+    /// Adds or removes the backend from the watch list as the device wants.
+    fn update_backend_interest(&mut self, wants: bool, ops: &mut EventOps) {
+        let Some(fd) = self.backend else { return };
+        if wants != self.backend_watched {
+            let ev = Events::with_data_raw(fd, self.evts.len() as u32, EventSet::IN);
+            let r = if wants { ops.add(ev) } else { ops.remove(ev) };
+            match r {
+                Ok(()) => self.backend_watched = wants,
+                Err(e) => log::error!("virtio: cannot change the backend watch: {e:?}"),
+            }
+        }
     }
 }
 
 impl MutEventSubscriber for QueueEvents {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
         let index = events.data() as usize;
-        if let Some(evt) = self.evts.get(index) {
-            // Coalesced notifications: one pass over the queue serves them all.
-            let _ = evt.read();
-            self.transport
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .notify_queue(index);
-        }
+        let wants = {
+            let mut t = self.transport.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(evt) = self.evts.get(index) {
+                // Coalesced notifications: one pass over the queue serves them all.
+                let _ = evt.read();
+                t.notify_queue(index);
+            } else if index == self.evts.len() {
+                t.process_backend();
+            }
+            t.wants_backend_events()
+        };
+        self.update_backend_interest(wants, ops);
     }
 
     fn init(&mut self, ops: &mut EventOps) {
@@ -430,6 +479,12 @@ impl MutEventSubscriber for QueueEvents {
                 log::error!("virtio: cannot watch queue {i}: {e:?}");
             }
         }
+        let wants = self
+            .transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .wants_backend_events();
+        self.update_backend_interest(wants, ops);
     }
 }
 

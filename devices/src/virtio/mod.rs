@@ -3,6 +3,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod tap;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -110,4 +111,23 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize) -> bool;
     /// Stops the device and drops its queues.
     fn reset(&mut self);
+    /// A descriptor the event loop watches for the device (e.g. a TAP), if any.
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// Handles readiness of [`VirtioDevice::backend_fd`]. False if the device
+    /// needs a reset.
+    fn process_backend(&mut self) -> bool {
+        true
+    }
+    /// Whether the backend descriptor should be watched now: false while the
+    /// device cannot take input (not started, or no guest buffers), so that a
+    /// readable backend does not spin the event loop.
+    fn wants_backend_events(&self) -> bool {
+        false
+    }
+    /// One line of statistics for the log at exit, if the device keeps any.
+    fn report(&self) -> Option<String> {
+        None
+    }
 }

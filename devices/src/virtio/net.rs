@@ -4,8 +4,6 @@
 //! readv/writev straight on the guest's buffers: the VMM makes no copy. Every
 //! frame carries the 12-byte virtio-net header, which the TAP device
 //! understands as is, so checksum and segmentation offloads pass through.
-//!
-//! Not yet attached by the VMM (issue 4).
 
 use std::os::fd::{AsRawFd, RawFd};
 
@@ -60,6 +58,7 @@ pub struct NetCounters {
 pub struct Net<B: NetBackend> {
     backend: B,
     mac: [u8; 6],
+    mtu: Option<u16>,
     acked_features: u64,
     counters: NetCounters,
     /// The guest has no receive buffers: stop reading the backend until it posts some.
@@ -87,6 +86,7 @@ impl<B: NetBackend> Net<B> {
         Net {
             backend,
             mac,
+            mtu: None,
             acked_features: 0,
             counters: NetCounters::default(),
             rx_waiting_for_buffers: false,
@@ -94,19 +94,15 @@ impl<B: NetBackend> Net<B> {
         }
     }
 
+    /// Announces `mtu` to the guest (VIRTIO_NET_F_MTU).
+    pub fn with_mtu(mut self, mtu: u16) -> Self {
+        self.mtu = Some(mtu);
+        self
+    }
+
     /// The counters so far.
     pub fn counters(&self) -> NetCounters {
         self.counters
-    }
-
-    /// The backend's descriptor, to watch for readability.
-    pub fn backend_fd(&self) -> RawFd {
-        self.backend.as_raw_fd()
-    }
-
-    /// Whether the device wants the backend watched (it has receive buffers).
-    pub fn wants_backend_events(&self) -> bool {
-        !self.rx_waiting_for_buffers
     }
 
     /// Sends every frame the guest queued for transmission.
@@ -116,39 +112,58 @@ impl<B: NetBackend> Net<B> {
         };
         let q = &mut queues[TX];
         let mut used_any = false;
-        while let Some(chain) = q.pop_descriptor_chain(&*mem) {
-            let head = chain.head_index();
-            let descs: Vec<Descriptor> = chain.collect();
-            let total: usize = descs.iter().map(|d| d.len() as usize).sum();
-            let well_formed = !descs.is_empty()
-                && descs.iter().all(|d| !d.is_write_only())
-                && (NET_HDR_SIZE..=NET_HDR_SIZE + MAX_FRAME).contains(&total);
-            let sent = well_formed
-                && match iovecs(mem, &descs) {
-                    Some(iov) => {
-                        // SAFETY: every iovec covers a live mapping of guest memory
-                        // (checked by get_slice for its whole length); writev only
-                        // reads from them.
-                        let n = unsafe {
-                            libc::writev(self.backend.as_raw_fd(), iov.as_ptr(), iov.len() as i32)
-                        };
-                        n >= 0 && n as usize == total
-                    }
-                    None => false,
-                };
-            if sent {
-                self.counters.tx_packets += 1;
-                self.counters.tx_bytes += (total - NET_HDR_SIZE) as u64;
-            } else {
-                self.counters.tx_dropped += 1;
-                crate::guest_warn!(
-                    "virtio-net: dropped a malformed or refused frame from the guest"
-                );
-            }
-            if q.add_used(&*mem, head, 0).is_err() {
+        loop {
+            // With EVENT_IDX, tell the driver not to kick while the queue is drained,
+            // then re-arm and look again for what arrived in between.
+            if q.event_idx_enabled() && q.disable_notification(&*mem).is_err() {
                 return false;
             }
-            used_any = true;
+            while let Some(chain) = q.pop_descriptor_chain(&*mem) {
+                let head = chain.head_index();
+                let descs: Vec<Descriptor> = chain.collect();
+                let total: usize = descs.iter().map(|d| d.len() as usize).sum();
+                let well_formed = !descs.is_empty()
+                    && descs.iter().all(|d| !d.is_write_only())
+                    && (NET_HDR_SIZE..=NET_HDR_SIZE + MAX_FRAME).contains(&total);
+                let sent = well_formed
+                    && match iovecs(mem, &descs) {
+                        Some(iov) => {
+                            // SAFETY: every iovec covers a live mapping of guest memory
+                            // (checked by get_slice for its whole length); writev only
+                            // reads from them.
+                            let n = unsafe {
+                                libc::writev(
+                                    self.backend.as_raw_fd(),
+                                    iov.as_ptr(),
+                                    iov.len() as i32,
+                                )
+                            };
+                            n >= 0 && n as usize == total
+                        }
+                        None => false,
+                    };
+                if sent {
+                    self.counters.tx_packets += 1;
+                    self.counters.tx_bytes += (total - NET_HDR_SIZE) as u64;
+                } else {
+                    self.counters.tx_dropped += 1;
+                    crate::guest_warn!(
+                        "virtio-net: dropped a malformed or refused frame from the guest"
+                    );
+                }
+                if q.add_used(&*mem, head, 0).is_err() {
+                    return false;
+                }
+                used_any = true;
+            }
+            if !q.event_idx_enabled() {
+                break;
+            }
+            match q.enable_notification(&*mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(_) => return false,
+            }
         }
         if used_any && q.needs_notification(&*mem).unwrap_or(true) {
             interrupt.raise(INTERRUPT_USED_BUFFER);
@@ -166,6 +181,13 @@ impl<B: NetBackend> Net<B> {
         let mut used_any = false;
         loop {
             let Some(chain) = q.pop_descriptor_chain(&*mem) else {
+                // No buffers: ask the driver to kick when it posts some (with
+                // EVENT_IDX that means re-arming), and stop reading the backend.
+                match q.enable_notification(&*mem) {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(_) => return false,
+                }
                 self.rx_waiting_for_buffers = true;
                 break;
             };
@@ -228,6 +250,9 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_NET_F_MAC)
             | (1 << VIRTIO_NET_F_STATUS);
+        if self.mtu.is_some() {
+            f |= 1 << VIRTIO_NET_F_MTU;
+        }
         if self.backend.supports_offloads() {
             f |= (1 << VIRTIO_NET_F_CSUM)
                 | (1 << VIRTIO_NET_F_GUEST_CSUM)
@@ -247,10 +272,11 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut config = [0u8; 10];
+        let mut config = [0u8; 12];
         config[..6].copy_from_slice(&self.mac);
         config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         config[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
+        config[10..12].copy_from_slice(&self.mtu.unwrap_or(0).to_le_bytes());
         for (i, b) in data.iter_mut().enumerate() {
             *b = usize::try_from(offset)
                 .ok()
@@ -298,6 +324,26 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         self.active = None;
         self.acked_features = 0;
         self.rx_waiting_for_buffers = false;
+    }
+
+    fn backend_fd(&self) -> Option<RawFd> {
+        Some(self.backend.as_raw_fd())
+    }
+
+    fn process_backend(&mut self) -> bool {
+        self.process_rx()
+    }
+
+    fn wants_backend_events(&self) -> bool {
+        self.active.is_some() && !self.rx_waiting_for_buffers
+    }
+
+    fn report(&self) -> Option<String> {
+        let c = self.counters;
+        Some(format!(
+            "tx {} packets {} bytes {} dropped, rx {} packets {} bytes {} dropped",
+            c.tx_packets, c.tx_bytes, c.tx_dropped, c.rx_packets, c.rx_bytes, c.rx_dropped
+        ))
     }
 }
 
