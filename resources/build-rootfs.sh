@@ -4,6 +4,7 @@
 #   - prints "VMM-TEST: rootfs init up",
 #   - with vmm.copy=SRC:DST:N on the kernel command line, copies N 4-KiB blocks
 #     from /dev/SRC to /dev/DST with dd (conv=fsync), then syncs, and says so,
+#   - with vmm.ping=ADDR pings ADDR three times and says whether it answered,
 #   - with vmm.test=shell runs a shell on the console,
 #   - powers off.
 # The image is made with `mkfs.ext4 -d` (no root, no loop mount needed) and cached
@@ -57,10 +58,12 @@ mount -t devtmpfs dev /dev 2>/dev/null
 echo "VMM-TEST: rootfs init up"
 copy=""
 shell=""
+ping_addr=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
     vmm.copy=*) copy="${arg#vmm.copy=}" ;;
     vmm.test=shell) shell=1 ;;
+    vmm.ping=*) ping_addr="${arg#vmm.ping=}" ;;
     esac
 done
 if [ -n "$copy" ]; then
@@ -69,6 +72,13 @@ if [ -n "$copy" ]; then
         echo "VMM-TEST: copied $count blocks $src -> $dst"
     else
         echo "VMM-TEST: copy $src -> $dst failed"
+    fi
+fi
+if [ -n "$ping_addr" ]; then
+    if ping -c 3 -W 5 "$ping_addr" >/dev/null 2>&1; then
+        echo "VMM-TEST: ping $ping_addr ok"
+    else
+        echo "VMM-TEST: ping $ping_addr failed"
     fi
 fi
 if [ -n "$shell" ]; then

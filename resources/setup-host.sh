@@ -5,7 +5,7 @@
 set -euo pipefail
 
 PKGS=(linux-source-6.1 busybox-static build-essential bc flex bison libelf-dev libssl-dev
-      cpio xz-utils lz4 e2fsprogs iproute2)
+      cpio xz-utils lz4 e2fsprogs iproute2 dnsmasq-base iputils-ping)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -157,3 +157,22 @@ fn bad_disks_are_refused_before_the_guest_starts() {
         &[&empty, "smaller than one 512-byte sector"],
     );
 }
+
+#[test]
+fn bad_network_interfaces_are_refused() {
+    let k = guest("hello");
+    let k = k.to_str().unwrap();
+    assert_usage_error(
+        &["--kernel", k, "--net", "tap=vmmnosuchtap0"],
+        &["no network interface 'vmmnosuchtap0'", "ip tuntap add"],
+    );
+    assert_usage_error(
+        &["--kernel", k, "--net", "tap=lo"],
+        &["'lo' is not a TAP device"],
+    );
+    assert_usage_error(
+        &["--kernel", k, "--net", "tap0"],
+        &["--net 'tap0'", "tap=NAME"],
+    );
+    assert_usage_error(&["--kernel", k, "--net", "tap=t,mac=zz"], &["mac 'zz'"]);
+}
