@@ -66,6 +66,15 @@ pub struct Net<B: NetBackend> {
     active: Option<(GuestMemoryMmap, Vec<Queue>, Interrupt)>,
 }
 
+/// Whether the driver's available index is at most a queue length ahead of the
+/// device: anything else is a guest error that would make the device spin.
+fn avail_index_sane(q: &Queue, mem: &GuestMemoryMmap) -> bool {
+    match q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+        Ok(avail) => (avail - std::num::Wrapping(q.next_avail())).0 <= q.size(),
+        Err(_) => false,
+    }
+}
+
 /// Builds iovecs over guest memory for `descs`; None if any lies outside it.
 fn iovecs(mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Option<Vec<libc::iovec>> {
     descs
@@ -116,6 +125,9 @@ impl<B: NetBackend> Net<B> {
             // With EVENT_IDX, tell the driver not to kick while the queue is drained,
             // then re-arm and look again for what arrived in between.
             if q.event_idx_enabled() && q.disable_notification(&*mem).is_err() {
+                return false;
+            }
+            if !avail_index_sane(q, mem) {
                 return false;
             }
             while let Some(chain) = q.pop_descriptor_chain(&*mem) {
@@ -180,6 +192,9 @@ impl<B: NetBackend> Net<B> {
         let q = &mut queues[RX];
         let mut used_any = false;
         loop {
+            if !avail_index_sane(q, mem) {
+                return false;
+            }
             let Some(chain) = q.pop_descriptor_chain(&*mem) else {
                 // No buffers: ask the driver to kick when it posts some (with
                 // EVENT_IDX that means re-arming), and stop reading the backend.

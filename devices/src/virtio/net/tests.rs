@@ -288,3 +288,33 @@ fn config_space_has_the_mac_and_link_up() {
         "no offloads without backend support"
     );
 }
+
+#[test]
+fn available_index_far_ahead_stops_the_device_instead_of_spinning() {
+    for q in [RX, TX] {
+        let mut h = Harness::new();
+        let (_, avail, _) = ring(q);
+        h.mem.write_obj(QSIZE + 7, GuestAddress(avail + 2)).unwrap();
+        assert!(!h.dev.process_queue(q), "queue {q}");
+        assert!(h.used(q).is_empty());
+    }
+}
+
+#[test]
+fn available_index_far_ahead_with_event_idx_does_not_hang() {
+    // Found by the virtio_net_tx fuzz target: with EVENT_IDX the drain loop
+    // re-checked the index after every pass and never ended.
+    let mut h = Harness::new();
+    let (mem, queues, interrupt) = h.dev.active.take().unwrap();
+    let queues: Vec<Queue> = queues
+        .into_iter()
+        .map(|mut q| {
+            q.set_event_idx(true);
+            q
+        })
+        .collect();
+    h.dev.active = Some((mem, queues, interrupt));
+    let (_, avail, _) = ring(TX);
+    h.mem.write_obj(QSIZE * 3, GuestAddress(avail + 2)).unwrap();
+    assert!(!h.dev.process_queue(TX));
+}
