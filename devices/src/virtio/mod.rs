@@ -77,6 +77,19 @@ impl Interrupt {
     }
 }
 
+/// Copies the device configuration bytes at `offset` into `data`; bytes past
+/// the end of `config` (or an offset that overflows) read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// What activation failed on.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ActivateError {
