@@ -26,7 +26,7 @@ IMAGE_MIB = 64
 def build_guest(tmp):
     src = os.path.join(ROOT, "tests/guests/pvh_blk_bench.S")
     obj, elf = os.path.join(tmp, "b.o"), os.path.join(tmp, "b.elf")
-    subprocess.run(["as", "--64", "-o", obj, src], check=True)
+    subprocess.run(["as", "--64", "-I", os.path.join(ROOT, "tests/guests"), "-o", obj, src], check=True)
     subprocess.run(["ld", "-nostdlib", "--no-warn-rwx-segments", "-Ttext=0x200000", "-e", "_start",
                     "-o", elf, obj], check=True)
     return elf

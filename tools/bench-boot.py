@@ -25,7 +25,7 @@ PVM_PARAMS = ("noxsave nofsgsbase clearcpuid=cx16,popcnt,xsave,smap,bmi1,bmi2,ab
 def build_pvh_guest(tmp):
     src = os.path.join(ROOT, "tests/guests/pvh.S")
     obj, elf = os.path.join(tmp, "pvh.o"), os.path.join(tmp, "pvh.elf")
-    subprocess.run(["as", "--64", "-o", obj, src], check=True)
+    subprocess.run(["as", "--64", "-I", os.path.join(ROOT, "tests/guests"), "-o", obj, src], check=True)
     subprocess.run(["ld", "-nostdlib", "--no-warn-rwx-segments", "-Ttext=0x200000", "-e", "_start",
                     "-o", elf, obj], check=True)
     return elf

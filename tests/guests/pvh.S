@@ -3,7 +3,7 @@
 # to COM1 first thing (the boot benchmark times it), checks the start info and
 # prints its memory map, then exits: port 0xf4 for QEMU's isa-debug-exit, then
 # the i8042 reset for vmm.
-.set COM1, 0x3f8
+.include "lib32.S"
 
 .section .note.pvh, "a", @note
 .balign 4
@@ -72,52 +72,6 @@ done:
     outb %al, %dx
 2:  hlt
     jmp 2b
-
-putc:
-    push %edx
-    push %eax
-    mov $COM1 + 5, %dx
-3:  inb %dx, %al
-    test $0x20, %al
-    jz 3b
-    pop %eax
-    mov $COM1, %dx
-    outb %al, %dx
-    pop %edx
-    ret
-puts:
-    push %eax
-4:  lodsb
-    test %al, %al
-    jz 5f
-    call putc
-    jmp 4b
-5:  pop %eax
-    ret
-putnl:
-    push %eax
-    mov $'\n', %al
-    call putc
-    pop %eax
-    ret
-puthex:                               # %eax as 8 hex digits
-    push %ecx
-    push %edx
-    mov %eax, %edx
-    mov $8, %ecx
-6:  rol $4, %edx
-    mov %dl, %al
-    and $0xf, %al
-    add $'0', %al
-    cmp $'9', %al
-    jbe 7f
-    add $'a' - '0' - 10, %al
-7:  call putc
-    dec %ecx
-    jnz 6b
-    pop %edx
-    pop %ecx
-    ret
 
 m_entry: .asciz "VMM-GUEST: pvh entry\n"
 m_magic: .asciz "VMM-GUEST: start_info magic ok, memmap entries "

@@ -5,7 +5,7 @@
 # RANDOM_READS random 4 KiB reads and sequential 64 KiB reads over the first
 # 64 MiB (or the whole disk), printing a line before and after each phase.
 # Ends with a write to port 0xf4 (QEMU's isa-debug-exit) and halts.
-.set COM1, 0x3f8
+.include "lib32.S"
 .set QSZ, 8
 .set RANDOM_READS, 20000
 
@@ -198,52 +198,6 @@ read:
 1:  cmpw %dx, used + 2
     jne 1b
     movzbl status, %eax
-    ret
-
-putc:
-    push %edx
-    push %eax
-    mov $COM1 + 5, %dx
-1:  inb %dx, %al
-    test $0x20, %al
-    jz 1b
-    pop %eax
-    mov $COM1, %dx
-    outb %al, %dx
-    pop %edx
-    ret
-puts:
-    push %eax
-1:  lodsb
-    test %al, %al
-    jz 2f
-    call putc
-    jmp 1b
-2:  pop %eax
-    ret
-putnl:
-    push %eax
-    mov $'\n', %al
-    call putc
-    pop %eax
-    ret
-puthex:
-    push %ecx
-    push %edx
-    mov %eax, %edx
-    mov $8, %ecx
-1:  rol $4, %edx
-    mov %dl, %al
-    and $0xf, %al
-    add $'0', %al
-    cmp $'9', %al
-    jbe 2f
-    add $'a' - '0' - 10, %al
-2:  call putc
-    dec %ecx
-    jnz 1b
-    pop %edx
-    pop %ecx
     ret
 
 key:      .asciz "virtio_mmio.device="
