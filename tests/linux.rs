@@ -14,39 +14,11 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use common::{host, run, vmm, Host, Outcome};
+use common::{host, kernel, linux_cmdline, resource, run, vmm, Host, Outcome};
 
-/// Kernel parameters that keep a 6.1 kernel clear of the instructions PVM's
-/// emulator cannot run. Only for the PVM host.
-const PVM_PARAMS: &str = "noxsave nofsgsbase clearcpuid=cx16,popcnt,xsave,smap,bmi1,bmi2,abm,movbe,fsgsbase,rdrand,rdseed,rdpid,invpcid,aes,pclmulqdq,sha_ni,sse4_2,adx,clflushopt,clwb";
 const MARKER: &str = "VMM-TEST: userspace up";
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn resource(script: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("resources")
-        .join(script);
-    let out = Command::new("bash").arg(&path).output().expect("bash runs");
-    assert!(
-        out.status.success(),
-        "{script} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    PathBuf::from(
-        stdout
-            .lines()
-            .last()
-            .expect("the script prints its result path")
-            .trim(),
-    )
-}
-
-fn kernel(name: &str) -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| resource("build-kernel.sh")).join(name)
-}
 
 fn initramfs() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
@@ -54,11 +26,7 @@ fn initramfs() -> PathBuf {
 }
 
 fn cmdline(host: Host, extra: &str) -> String {
-    let base = "console=ttyS0 reboot=k panic=-1";
-    match host {
-        Host::Pvm => format!("{base} {PVM_PARAMS} {extra}"),
-        Host::Hardware => format!("{base} {extra}"),
-    }
+    linux_cmdline(host, extra)
 }
 
 fn timeout(host: Host) -> Duration {

@@ -4,14 +4,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use common::{host, Host, Running};
+use common::{host, kernel, linux_cmdline, resource, Host, Running};
 
-const PVM_PARAMS: &str = "noxsave nofsgsbase clearcpuid=cx16,popcnt,xsave,smap,bmi1,bmi2,abm,movbe,fsgsbase,rdrand,rdseed,rdpid,invpcid,aes,pclmulqdq,sha_ni,sse4_2,adx,clflushopt,clwb";
 const HOST_ADDR: &str = "192.168.77.1";
 const GUEST_ADDR: &str = "192.168.77.15";
 const TAP: &str = "vmmtap0";
@@ -88,37 +87,8 @@ impl Drop for NetNs {
     }
 }
 
-fn resource(script: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("resources")
-        .join(script);
-    let out = Command::new("bash").arg(&path).output().expect("bash runs");
-    assert!(
-        out.status.success(),
-        "{script} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap()
-            .trim(),
-    )
-}
-
-fn kernel() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| resource("build-kernel.sh"))
-        .join("vmlinux")
-}
-
 fn cmdline(host: Host, extra: &str) -> String {
-    let base = "console=ttyS0 reboot=k panic=-1 ip=dhcp";
-    match host {
-        Host::Pvm => format!("{base} {PVM_PARAMS} {extra}"),
-        Host::Hardware => format!("{base} {extra}"),
-    }
+    linux_cmdline(host, &format!("ip=dhcp {extra}"))
 }
 
 fn boot_timeout(host: Host) -> Duration {
@@ -134,7 +104,7 @@ fn linux_gets_a_dhcp_lease_and_answers_100_pings_from_the_host() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let ns = NetNs::new("ping");
     let mut cmd = ns.command(env!("CARGO_BIN_EXE_vmm"));
-    cmd.arg("--kernel").arg(kernel()).args([
+    cmd.arg("--kernel").arg(kernel("vmlinux")).args([
         "--net",
         &format!("tap={TAP}"),
         "--memory",
@@ -200,7 +170,7 @@ fn guest_user_space_pings_the_host() {
     std::fs::copy(resource("build-rootfs.sh"), &root).unwrap();
     let mut cmd = ns.command(env!("CARGO_BIN_EXE_vmm"));
     cmd.arg("--kernel")
-        .arg(kernel())
+        .arg(kernel("vmlinux"))
         .arg("--rootfs")
         .arg(&root)
         .args([

@@ -40,6 +40,47 @@ pub fn host() -> Host {
     h
 }
 
+/// Kernel parameters that keep a 6.1 kernel clear of the instructions PVM's
+/// emulator cannot run. Only for the PVM host (docs/TESTING-ON-PVM.md).
+pub const PVM_PARAMS: &str = "noxsave nofsgsbase clearcpuid=cx16,popcnt,xsave,smap,bmi1,bmi2,abm,movbe,fsgsbase,rdrand,rdseed,rdpid,invpcid,aes,pclmulqdq,sha_ni,sse4_2,adx,clflushopt,clwb";
+
+/// Runs resources/SCRIPT (a cached builder) and returns the path it prints last.
+pub fn resource(script: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("resources")
+        .join(script);
+    let out = Command::new("bash").arg(&path).output().expect("bash runs");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("the script prints its result path")
+            .trim(),
+    )
+}
+
+/// The project's guest kernel image `name` (vmlinux or bzImage), built once.
+pub fn kernel(name: &str) -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| resource("build-kernel.sh")).join(name)
+}
+
+/// The kernel command line for `host`: console, reboot on panic, the PVM
+/// parameters where needed, then `extra`.
+pub fn linux_cmdline(host: Host, extra: &str) -> String {
+    let base = "console=ttyS0 reboot=k panic=-1";
+    match host {
+        Host::Pvm => format!("{base} {PVM_PARAMS} {extra}"),
+        Host::Hardware => format!("{base} {extra}"),
+    }
+}
+
 /// Assembles and links test guest `name` (tests/guests/NAME.S) once per test
 /// binary and returns the ELF path.
 pub fn guest(name: &str) -> PathBuf {
