@@ -2,6 +2,20 @@
 # for an empty transmit holding register.
 .set COM1, 0x3f8
 
+# The ELF note XEN_ELFNOTE_PHYS32_ENTRY that makes a VMM enter the guest through
+# PVH at `entry`.
+.macro PVH_ENTRY_NOTE entry
+    .pushsection .note.pvh, "a", @note
+    .balign 4
+    .long 4                  # name size: "Xen\0"
+    .long 4                  # descriptor size
+    .long 18                 # XEN_ELFNOTE_PHYS32_ENTRY
+    .asciz "Xen"
+    .balign 4
+    .long \entry
+    .popsection
+.endm
+
 .text
 .code32
 putc:

@@ -5,14 +5,7 @@
 # the i8042 reset for vmm.
 .include "lib32.S"
 
-.section .note.pvh, "a", @note
-.balign 4
-.long 4                      # name size: "Xen\0"
-.long 4                      # descriptor size
-.long 18                     # XEN_ELFNOTE_PHYS32_ENTRY
-.asciz "Xen"
-.balign 4
-.long pvh_start
+PVH_ENTRY_NOTE pvh_start
 
 .text
 .code32

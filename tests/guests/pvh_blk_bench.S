@@ -9,12 +9,7 @@
 .set QSZ, 8
 .set RANDOM_READS, 20000
 
-.section .note.pvh, "a", @note
-.balign 4
-.long 4, 4, 18
-.asciz "Xen"
-.balign 4
-.long pvh_start
+PVH_ENTRY_NOTE pvh_start
 
 .text
 .code32
