@@ -24,7 +24,8 @@ impl InterruptLine for NoIrq {
     }
 }
 
-struct Sock(OwnedFd, OwnedFd);
+/// The device's end of a socket pair, and the peer end kept open.
+struct Sock(OwnedFd, #[allow(dead_code)] OwnedFd);
 impl AsRawFd for Sock {
     fn as_raw_fd(&self) -> RawFd {
         self.0.as_raw_fd()

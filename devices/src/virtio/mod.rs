@@ -3,6 +3,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod ring;
 pub mod tap;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -5,15 +5,16 @@
 //! frame carries the 12-byte virtio-net header, which the TAP device
 //! understands as is, so checksum and segmentation offloads pass through.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 
 use virtio_bindings::virtio_net::*;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{
-    ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, VIRTIO_F_VERSION_1,
+    ring, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -25,6 +26,8 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const NET_HDR_SIZE: usize = 12;
 /// Largest frame the device moves: a 64 KiB GSO frame plus the Ethernet header.
 pub const MAX_FRAME: usize = 65536 + 14;
+/// Most iovecs one readv takes (the kernel's UIO_MAXIOV).
+const MAX_IOVECS: usize = 1024;
 const RX: usize = 0;
 const TX: usize = 1;
 
@@ -35,6 +38,28 @@ pub trait NetBackend: AsRawFd + Send {
     fn supports_offloads(&self) -> bool;
     /// Configures the offloads the guest accepted (its `GUEST_*` features).
     fn set_offloads(&mut self, acked_features: u64) -> std::io::Result<()>;
+
+    /// Reads one frame into `iov` and returns its full length, which is larger
+    /// than the iovecs hold if the frame did not fit (as a TAP device reports).
+    fn read_frame(&mut self, iov: &[libc::iovec]) -> std::io::Result<usize> {
+        // SAFETY: the caller's iovecs cover writable guest memory that stays mapped.
+        let n = unsafe { libc::readv(self.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// Writes one frame gathered from `iov`; returns the bytes written.
+    fn write_frame(&mut self, iov: &[libc::iovec]) -> std::io::Result<usize> {
+        // SAFETY: the caller's iovecs cover guest memory that stays mapped; writev
+        // only reads from them.
+        let n = unsafe { libc::writev(self.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
 }
 
 /// Packet and byte counters, for the log at exit.
@@ -63,6 +88,10 @@ pub struct Net<B: NetBackend> {
     counters: NetCounters,
     /// The guest has no receive buffers: stop reading the backend until it posts some.
     rx_waiting_for_buffers: bool,
+    /// Receive buffers taken from the ring, not yet filled.
+    rx: RxBuffers,
+    /// The backend failed for good: stop watching it.
+    backend_failed: bool,
     active: Option<(GuestMemoryMmap, Vec<Queue>, Interrupt)>,
 }
 
@@ -99,6 +128,8 @@ impl<B: NetBackend> Net<B> {
             acked_features: 0,
             counters: NetCounters::default(),
             rx_waiting_for_buffers: false,
+            rx: RxBuffers::default(),
+            backend_failed: false,
             active: None,
         }
     }
@@ -138,22 +169,8 @@ impl<B: NetBackend> Net<B> {
                     && descs.iter().all(|d| !d.is_write_only())
                     && (NET_HDR_SIZE..=NET_HDR_SIZE + MAX_FRAME).contains(&total);
                 let sent = well_formed
-                    && match iovecs(mem, &descs) {
-                        Some(iov) => {
-                            // SAFETY: every iovec covers a live mapping of guest memory
-                            // (checked by get_slice for its whole length); writev only
-                            // reads from them.
-                            let n = unsafe {
-                                libc::writev(
-                                    self.backend.as_raw_fd(),
-                                    iov.as_ptr(),
-                                    iov.len() as i32,
-                                )
-                            };
-                            n >= 0 && n as usize == total
-                        }
-                        None => false,
-                    };
+                    && iovecs(mem, &descs)
+                        .is_some_and(|iov| self.backend.write_frame(&iov).ok() == Some(total));
                 if sent {
                     self.counters.tx_packets += 1;
                     self.counters.tx_bytes += (total - NET_HDR_SIZE) as u64;
@@ -183,70 +200,223 @@ impl<B: NetBackend> Net<B> {
         true
     }
 
+    /// Bytes a receive frame may need, header included: the largest GSO frame
+    /// when the guest takes segmentation offloads, else an MTU-sized (VLAN) frame.
+    fn rx_frame_room(&self) -> usize {
+        let gso = (1 << VIRTIO_NET_F_GUEST_TSO4)
+            | (1 << VIRTIO_NET_F_GUEST_TSO6)
+            | (1 << VIRTIO_NET_F_GUEST_UFO);
+        NET_HDR_SIZE
+            + if self.acked_features & gso != 0 {
+                MAX_FRAME
+            } else {
+                usize::from(self.mtu.unwrap_or(1500)) + 18
+            }
+    }
+
     /// Moves frames from the backend into receive buffers until the backend has
     /// none left or the guest has no buffers (then stops reading the backend).
+    /// With MRG_RXBUF a frame may span several buffers; without, it takes one.
     pub fn process_rx(&mut self) -> bool {
+        let mrg = self.acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+        let want = if mrg { self.rx_frame_room() } else { 0 };
         let Some((mem, queues, interrupt)) = self.active.as_mut() else {
             return true;
         };
         let q = &mut queues[RX];
-        let mut used_any = false;
+        let since = q.next_used();
+        let mut healthy = true;
         loop {
-            if !avail_index_sane(q, mem) {
-                return false;
+            if self
+                .rx
+                .take_buffers(q, mem, want, &mut self.counters)
+                .is_err()
+            {
+                healthy = false;
+                break;
             }
-            let Some(chain) = q.pop_descriptor_chain(&*mem) else {
-                // No buffers: ask the driver to kick when it posts some (with
-                // EVENT_IDX that means re-arming), and stop reading the backend.
+            if !self.rx.ready(want, q.size()) {
+                // Not enough buffers: ask the driver to kick when it posts some
+                // (with EVENT_IDX that means re-arming), and stop reading the backend.
                 match q.enable_notification(&*mem) {
                     Ok(true) => continue,
                     Ok(false) => {}
-                    Err(_) => return false,
+                    Err(_) => {
+                        healthy = false;
+                        break;
+                    }
                 }
                 self.rx_waiting_for_buffers = true;
                 break;
-            };
-            let head = chain.head_index();
-            let descs: Vec<Descriptor> = chain.collect();
-            let room: usize = descs.iter().map(|d| d.len() as usize).sum();
-            let usable = descs.iter().all(|d| d.is_write_only()) && room >= NET_HDR_SIZE;
-            let iov = if usable { iovecs(mem, &descs) } else { None };
-            let Some(iov) = iov else {
-                // A buffer the device cannot use: give it back empty.
-                self.counters.rx_dropped += 1;
-                crate::guest_warn!("virtio-net: unusable receive buffer from the guest");
-                if q.add_used(&*mem, head, 0).is_err() {
-                    return false;
-                }
-                used_any = true;
-                continue;
-            };
-            // SAFETY: every iovec covers a live mapping of guest memory (checked by
-            // get_slice for its whole length) that the guest gave the device to write.
-            let n =
-                unsafe { libc::readv(self.backend.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
-            if n < 0 {
-                // Nothing to read (or a backend error): return the buffer to the ring.
-                q.go_to_previous_position();
-                break;
             }
-            let n = n as usize;
-            if n < NET_HDR_SIZE {
+            let (iov, room) = self.rx.iovecs(mem, want);
+            let n = match self.backend.read_frame(&iov) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EFAULT | libc::EINVAL)) => {
+                    // The backend consumed a frame it could not place.
+                    self.counters.rx_dropped += 1;
+                    continue;
+                }
+                Err(e) => {
+                    log::error!("virtio-net: the backend failed, no more frames are received: {e}");
+                    self.backend_failed = true;
+                    break;
+                }
+            };
+            if !(NET_HDR_SIZE..=room).contains(&n) {
+                // Too short, or larger than the buffers (the TAP device truncates
+                // and reports the full length): lost, and the buffers stay for the next.
                 self.counters.rx_dropped += 1;
-                q.go_to_previous_position();
                 continue;
+            }
+            let used = self.rx.consume(mem, n);
+            if ring::add_used_all(q, mem, &used).is_err() {
+                healthy = false;
+                break;
             }
             self.counters.rx_packets += 1;
             self.counters.rx_bytes += (n - NET_HDR_SIZE) as u64;
-            if q.add_used(&*mem, head, n as u32).is_err() {
-                return false;
-            }
-            used_any = true;
         }
-        if used_any && q.needs_notification(&*mem).unwrap_or(true) {
+        if q.next_used() != since && ring::needs_interrupt_since(q, mem, since) {
             interrupt.raise(INTERRUPT_USED_BUFFER);
         }
-        true
+        healthy
+    }
+}
+
+/// Receive buffers taken from the ring and not yet filled. The device keeps
+/// them between frames, so that with MRG_RXBUF it can read a frame into as many
+/// buffers as the largest frame needs and give back only those it filled.
+#[derive(Default)]
+struct RxBuffers {
+    /// Per chain, oldest first: head index, number of descriptors, room in bytes.
+    chains: VecDeque<(u16, usize, usize)>,
+    /// The descriptors of those chains, in order: guest address and length.
+    descs: VecDeque<(GuestAddress, usize)>,
+    /// Total room of the chains.
+    room: usize,
+}
+
+impl RxBuffers {
+    /// Whether a frame can be read now: one chain without MRG_RXBUF (`want` 0),
+    /// else room for the largest frame, or every descriptor the ring can hold.
+    fn ready(&self, want: usize, queue_size: u16) -> bool {
+        if want == 0 {
+            return !self.chains.is_empty();
+        }
+        !self.chains.is_empty()
+            && (self.room >= want
+                || self.chains.len() >= usize::from(queue_size)
+                || self.descs.len() >= usize::from(queue_size))
+    }
+
+    /// Takes chains from the available ring until [`Self::ready`]. Buffers the
+    /// device cannot write go back empty and are counted. Err: the ring is broken.
+    fn take_buffers(
+        &mut self,
+        q: &mut Queue,
+        mem: &GuestMemoryMmap,
+        want: usize,
+        counters: &mut NetCounters,
+    ) -> Result<(), ()> {
+        while !self.ready(want, q.size()) {
+            if !avail_index_sane(q, mem) {
+                return Err(());
+            }
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                return Ok(());
+            };
+            let head = chain.head_index();
+            // The chain iterator stops at loops and at the queue size.
+            let descs: Vec<Descriptor> = chain.collect();
+            let room: usize = descs.iter().map(|d| d.len() as usize).sum();
+            let usable = room >= NET_HDR_SIZE
+                && descs.iter().all(|d| {
+                    d.is_write_only() && mem.get_slice(d.addr(), d.len() as usize).is_ok()
+                });
+            if !usable {
+                counters.rx_dropped += 1;
+                crate::guest_warn!("virtio-net: unusable receive buffer from the guest");
+                q.add_used(mem, head, 0).map_err(|_| ())?;
+                continue;
+            }
+            self.chains.push_back((head, descs.len(), room));
+            self.descs
+                .extend(descs.iter().map(|d| (d.addr(), d.len() as usize)));
+            self.room += room;
+        }
+        Ok(())
+    }
+
+    /// Iovecs over the buffers one frame may fill (the first chain, or with
+    /// `want` > 0 the chains up to `want` bytes), and their room.
+    fn iovecs(&self, mem: &GuestMemoryMmap, want: usize) -> (Vec<libc::iovec>, usize) {
+        let mut iov = Vec::new();
+        let mut room = 0;
+        let mut next = 0;
+        for &(_, ndescs, chain_room) in &self.chains {
+            if iov.len() + ndescs > MAX_IOVECS {
+                break;
+            }
+            for &(addr, len) in self.descs.range(next..next + ndescs) {
+                // Checked when the chain was taken; guest memory does not change.
+                if let Ok(slice) = mem.get_slice(addr, len) {
+                    iov.push(libc::iovec {
+                        iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                        iov_len: len,
+                    });
+                }
+            }
+            next += ndescs;
+            room += chain_room;
+            if room >= want {
+                break;
+            }
+        }
+        (iov, room)
+    }
+
+    /// Gives up the chains a frame of `n` bytes filled, writes their count into
+    /// the header's num_buffers (1 without MRG_RXBUF, as virtio 1.2 §5.1.6.4
+    /// asks), and returns their used elements.
+    fn consume(&mut self, mem: &GuestMemoryMmap, n: usize) -> Vec<(u16, u32)> {
+        let mut used = Vec::with_capacity(1);
+        let mut left = n;
+        let mut first_descs = Vec::new();
+        while let Some((head, ndescs, room)) = self.chains.pop_front() {
+            let descs = self.descs.drain(..ndescs);
+            if used.is_empty() {
+                first_descs.extend(descs);
+            } else {
+                drop(descs);
+            }
+            self.room -= room;
+            let take = left.min(room);
+            used.push((head, take as u32));
+            left -= take;
+            if left == 0 {
+                break;
+            }
+        }
+        // num_buffers sits at bytes 10-11 of the header, inside the first chain.
+        let count = (used.len() as u16).to_le_bytes();
+        for (i, byte) in count.iter().enumerate() {
+            let mut offset = NET_HDR_SIZE - 2 + i;
+            for &(addr, len) in &first_descs {
+                if offset < len {
+                    let _ = mem.write_obj(*byte, addr.unchecked_add(offset as u64));
+                    break;
+                }
+                offset -= len;
+            }
+        }
+        used
+    }
+
+    fn clear(&mut self) {
+        *self = RxBuffers::default();
     }
 }
 
@@ -264,7 +434,8 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_NET_F_MAC)
-            | (1 << VIRTIO_NET_F_STATUS);
+            | (1 << VIRTIO_NET_F_STATUS)
+            | (1 << VIRTIO_NET_F_MRG_RXBUF);
         if self.mtu.is_some() {
             f |= 1 << VIRTIO_NET_F_MTU;
         }
@@ -313,6 +484,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         }
         self.active = Some((mem, queues, interrupt));
         self.rx_waiting_for_buffers = false;
+        self.rx.clear();
         Ok(())
     }
 
@@ -332,6 +504,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         self.active = None;
         self.acked_features = 0;
         self.rx_waiting_for_buffers = false;
+        self.rx.clear();
     }
 
     fn backend_fd(&self) -> Option<RawFd> {
@@ -343,7 +516,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     }
 
     fn wants_backend_events(&self) -> bool {
-        self.active.is_some() && !self.rx_waiting_for_buffers
+        self.active.is_some() && !self.rx_waiting_for_buffers && !self.backend_failed
     }
 
     fn report(&self) -> Option<String> {

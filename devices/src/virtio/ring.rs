@@ -1,0 +1,65 @@
+//! Used-ring helpers that virtio-queue does not offer: publishing several used
+//! elements under one index update, and deciding on an interrupt for all that
+//! was published since a given point.
+
+use std::num::Wrapping;
+use std::sync::atomic::{fence, Ordering};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Size of the used ring header (flags and index).
+const USED_HEADER: u64 = 4;
+/// Size of one used element.
+const USED_ELEM: u64 = 8;
+
+/// Puts every `(head, length)` of `elems` on the used ring and only then moves
+/// the used index past them, so that the driver sees all of them or none (a
+/// merged receive frame must never be seen in part).
+pub fn add_used_all(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    elems: &[(u16, u32)],
+) -> Result<(), virtio_queue::Error> {
+    let Some((&(last_head, last_len), first)) = elems.split_last() else {
+        return Ok(());
+    };
+    let base = Wrapping(q.next_used());
+    for (i, &(head, len)) in first.iter().enumerate() {
+        if head >= q.size() {
+            return Err(virtio_queue::Error::InvalidDescriptorIndex);
+        }
+        let slot = u64::from((base + Wrapping(i as u16)).0 % q.size());
+        let addr = GuestAddress(q.used_ring())
+            .checked_add(USED_HEADER + slot * USED_ELEM)
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        let mut elem = [0u8; USED_ELEM as usize];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        mem.write_slice(&elem, addr)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+    }
+    // add_used writes the last element and then stores the index with release
+    // ordering, which publishes the elements written above with it.
+    q.set_next_used((base + Wrapping(first.len() as u16)).0);
+    q.add_used(mem, last_head, last_len)
+}
+
+/// Whether the driver wants an interrupt for the used elements published since
+/// the used index was `since` (with EVENT_IDX: whether its `used_event` lies in
+/// that span; without: always).
+pub fn needs_interrupt_since(q: &Queue, mem: &GuestMemoryMmap, since: u16) -> bool {
+    if !q.event_idx_enabled() {
+        return true;
+    }
+    // The used index stores must be visible before used_event is read.
+    fence(Ordering::SeqCst);
+    let Some(addr) = GuestAddress(q.avail_ring()).checked_add(4 + 2 * u64::from(q.size())) else {
+        return true;
+    };
+    let Ok(event) = mem.load::<u16>(addr, Ordering::Relaxed) else {
+        return true;
+    };
+    let now = Wrapping(q.next_used());
+    now - Wrapping(u16::from_le(event)) - Wrapping(1) < now - Wrapping(since)
+}
