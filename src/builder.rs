@@ -199,7 +199,7 @@ fn open_devices(config: &VmConfig) -> Result<Vec<NamedDevice>, Error> {
         devices.push((format!("disk{i} ({})", d.path.display()), Box::new(block)));
     }
     for (i, n) in config.nets.iter().enumerate() {
-        let mut net = Net::new(Tap::open(&n.tap)?, n.mac);
+        let mut net = Net::new(Tap::open(&n.tap)?, n.mac).with_mrg_rxbuf(n.mrg_rxbuf);
         if let Some(mtu) = n.mtu {
             net = net.with_mtu(mtu);
         }

@@ -30,7 +30,7 @@ pub enum Error {
     #[error("{0} virtio devices are more than the {max} the VMM can attach; give fewer --disk and --net options.", max = MAX_VIRTIO_DEVICES)]
     TooManyDevices(usize),
     /// A `--net` spec that does not parse.
-    #[error("--net '{spec}': {reason}; give tap=NAME[,mac=02:xx:xx:xx:xx:xx][,mtu=N].")]
+    #[error("--net '{spec}': {reason}; give tap=NAME[,mac=02:xx:xx:xx:xx:xx][,mtu=N][,mrg_rxbuf=on|off].")]
     NetSpec { spec: String, reason: String },
 }
 
@@ -46,6 +46,8 @@ pub struct NetConfig {
     pub mac: [u8; 6],
     /// MTU announced to the guest, if given.
     pub mtu: Option<u16>,
+    /// Whether the device offers mergeable receive buffers (on by default).
+    pub mrg_rxbuf: bool,
 }
 
 /// A stable, locally administered unicast MAC derived from `name` (FNV-1a).
@@ -73,13 +75,13 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
     Some(mac)
 }
 
-/// Parses `tap=NAME[,mac=02:xx:xx:xx:xx:xx][,mtu=N]`.
+/// Parses `tap=NAME[,mac=02:xx:xx:xx:xx:xx][,mtu=N][,mrg_rxbuf=on|off]`.
 pub fn parse_net_spec(spec: &str) -> Result<NetConfig, Error> {
     let err = |reason: &str| Error::NetSpec {
         spec: spec.to_string(),
         reason: reason.to_string(),
     };
-    let (mut tap, mut mac, mut mtu) = (None, None, None);
+    let (mut tap, mut mac, mut mtu, mut mrg_rxbuf) = (None, None, None, true);
     for item in spec.split(',') {
         let (key, value) = item
             .split_once('=')
@@ -106,12 +108,24 @@ pub fn parse_net_spec(spec: &str) -> Result<NetConfig, Error> {
                     .ok_or_else(|| err(&format!("mtu '{value}' is not between 68 and 65535")))?;
                 mtu = Some(n);
             }
+            "mrg_rxbuf" => {
+                mrg_rxbuf = match value {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(err(&format!("mrg_rxbuf '{value}' is not on or off"))),
+                }
+            }
             other => return Err(err(&format!("unknown key '{other}'"))),
         }
     }
     let tap = tap.ok_or_else(|| err("no tap= given"))?;
     let mac = mac.unwrap_or_else(|| derived_mac(&tap));
-    Ok(NetConfig { tap, mac, mtu })
+    Ok(NetConfig {
+        tap,
+        mac,
+        mtu,
+        mrg_rxbuf,
+    })
 }
 
 /// A disk image attached as a virtio-blk device.
@@ -346,14 +360,14 @@ mod tests {
     #[test]
     fn net_specs_parse_with_a_stable_derived_mac() {
         let n = parse_net_spec("tap=tap0").unwrap();
-        assert_eq!((n.tap.as_str(), n.mtu), ("tap0", None));
+        assert_eq!((n.tap.as_str(), n.mtu, n.mrg_rxbuf), ("tap0", None, true));
         assert_eq!(n.mac, derived_mac("tap0"));
         assert_eq!(n.mac[0] & 3, 2, "locally administered unicast");
         assert_ne!(derived_mac("tap0"), derived_mac("tap1"));
-        let n = parse_net_spec("mtu=1400,mac=02:aa:bb:cc:dd:ee,tap=t").unwrap();
+        let n = parse_net_spec("mtu=1400,mac=02:aa:bb:cc:dd:ee,tap=t,mrg_rxbuf=off").unwrap();
         assert_eq!(
-            (n.mac, n.mtu),
-            ([2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee], Some(1400))
+            (n.mac, n.mtu, n.mrg_rxbuf),
+            ([2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee], Some(1400), false)
         );
     }
 
@@ -366,6 +380,7 @@ mod tests {
             ("tap=t,mac=02:00:00:00:00", "not six hex bytes"),
             ("tap=t,mac=01:00:00:00:00:01", "multicast"),
             ("tap=t,mtu=20", "between 68 and 65535"),
+            ("tap=t,mrg_rxbuf=yes", "not on or off"),
             ("tap=t,queues=4", "unknown key 'queues'"),
         ] {
             let e = parse_net_spec(spec).unwrap_err().to_string();

@@ -17,37 +17,10 @@ Usage: tools/bench-blk.py [--runs 5]   (after cargo build --release)
 """
 import argparse, os, select, statistics, subprocess, tempfile, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VMM = os.path.join(ROOT, "target/release/vmm")
+from benchlib import build_guest, cpu_ns, host_line, qemu_cmd, VMM
+
 RANDOM_READS = 20000
 IMAGE_MIB = 64
-
-
-def build_guest(tmp):
-    src = os.path.join(ROOT, "tests/guests/pvh_blk_bench.S")
-    obj, elf = os.path.join(tmp, "b.o"), os.path.join(tmp, "b.elf")
-    subprocess.run(["as", "--64", "-I", os.path.join(ROOT, "tests/guests"), "-o", obj, src], check=True)
-    subprocess.run(["ld", "-nostdlib", "--no-warn-rwx-segments", "-Ttext=0x200000", "-e", "_start",
-                    "-o", elf, obj], check=True)
-    return elf
-
-
-def is_vcpu_thread(comm):
-    return comm.startswith("vcpu") or comm.startswith("CPU ")  # vmm: vcpuN, QEMU: "CPU 0/KVM"
-
-
-def vmm_cpu_ns(pid):
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                if is_vcpu_thread(f.read()):
-                    continue
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return total
 
 
 def run_once(cmd):
@@ -66,7 +39,7 @@ def run_once(cmd):
             if not chunk:
                 raise RuntimeError(f"{cmd[0]} exited early: {buf!r}")
             buf += chunk
-            now, cpu = time.monotonic(), vmm_cpu_ns(p.pid)
+            now, cpu = time.monotonic(), cpu_ns(p.pid)
             for key in (b"bench start", b"random done", b"sequential done"):
                 if key in buf and key not in marks:
                     marks[key] = (now, cpu)
@@ -90,25 +63,22 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        elf = build_guest(tmp)
+        elf = build_guest("pvh_blk_bench", tmp)
         image = os.path.join(tmp, "bench.img")
         with open(image, "wb") as f:
             f.write(os.urandom(IMAGE_MIB << 20))
         cmds = {
             "vmm": [VMM, "--kernel", elf, "--memory", "128M", "--disk", f"path={image},readonly=on"],
-            "QEMU microvm": ["qemu-system-x86_64", "-M", "microvm,acpi=off", "-enable-kvm",
-                             "-cpu", "host,-arch-capabilities", "-m", "128", "-nodefaults", "-no-user-config",
-                             "-nographic", "-no-reboot", "-serial", "stdio",
-                             "-global", "virtio-mmio.force-legacy=false",
-                             "-drive", f"id=d0,file={image},format=raw,if=none,readonly=on",
-                             "-device", "virtio-blk-device,drive=d0", "-kernel", elf, "-append", "console=ttyS0"],
+            "QEMU microvm": qemu_cmd(elf, 128, machine="microvm,acpi=off", cmdline="console=ttyS0", extra=[
+                "-global", "virtio-mmio.force-legacy=false",
+                "-drive", f"id=d0,file={image},format=raw,if=none,readonly=on",
+                "-device", "virtio-blk-device,drive=d0"]),
         }
         results = {name: [] for name in cmds}
         for _ in range(a.runs):  # interleaved, so both see the same machine state
             for name, cmd in cmds.items():
                 results[name].append(run_once(cmd))
-    host = "PVM (software KVM)" if os.path.isdir("/sys/module/kvm_pvm") else "hardware KVM"
-    print(f"host: {host}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}, median of {a.runs} runs each\n")
+    print(f"{host_line()}, median of {a.runs} runs each\n")
     med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in results.items()}
     v, q = med["vmm"], med["QEMU microvm"]
     print("| | vmm | QEMU microvm | vmm / QEMU |\n|---|---|---|---|")

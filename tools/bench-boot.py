@@ -16,30 +16,8 @@ build-initramfs.sh (cached).
 """
 import argparse, os, re, select, signal, statistics, subprocess, sys, tempfile, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VMM = os.path.join(ROOT, "target/release/vmm")
-PVM_PARAMS = ("noxsave nofsgsbase clearcpuid=cx16,popcnt,xsave,smap,bmi1,bmi2,abm,movbe,"
-              "fsgsbase,rdrand,rdseed,rdpid,invpcid,aes,pclmulqdq,sha_ni,sse4_2,adx,clflushopt,clwb")
-
-
-def build_pvh_guest(tmp):
-    src = os.path.join(ROOT, "tests/guests/pvh.S")
-    obj, elf = os.path.join(tmp, "pvh.o"), os.path.join(tmp, "pvh.elf")
-    subprocess.run(["as", "--64", "-I", os.path.join(ROOT, "tests/guests"), "-o", obj, src], check=True)
-    subprocess.run(["ld", "-nostdlib", "--no-warn-rwx-segments", "-Ttext=0x200000", "-e", "_start",
-                    "-o", elf, obj], check=True)
-    return elf
-
-
-def qemu_cmd(kernel, mem_mib, extra=(), initrd=None, cmdline=None):
-    cmd = ["qemu-system-x86_64", "-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-smp", "1",
-           "-m", str(mem_mib), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-           "-serial", "stdio", "-kernel", kernel, *extra]
-    if initrd:
-        cmd += ["-initrd", initrd]
-    if cmdline:
-        cmd += ["-append", cmdline]
-    return cmd
+from benchlib import ROOT, VMM, PVM_PARAMS, build_guest, guest_kernel, guest_ram_rss_kib, host_line, on_pvm, \
+    qemu_cmd, status_kib
 
 
 def time_to_first_byte(cmd):
@@ -68,7 +46,7 @@ def median_ms(xs):
 
 
 def bench_start(runs, tmp):
-    elf = build_pvh_guest(tmp)
+    elf = build_guest("pvh", tmp)
     vmm_first, vmm_exit, vmm_kvm_run = [], [], []
     q_first, q_exit = [], []
     for _ in range(runs):
@@ -90,29 +68,6 @@ def bench_start(runs, tmp):
     if vmm_kvm_run:
         print(f"| main() → first KVM_RUN (vmm's own trace) | {median_ms(vmm_kvm_run):.2f} | | |")
     print()
-
-
-def guest_ram_rss_kib(pid, size_kib):
-    """Resident KiB of the largest anonymous mapping of about the guest RAM size."""
-    best = 0
-    cur_size = None
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-                cur_size = None
-            elif line.startswith("Size:"):
-                cur_size = int(line.split()[1])
-            elif line.startswith("Rss:") and cur_size is not None and size_kib <= cur_size <= size_kib + 4096:
-                best = max(best, int(line.split()[1]))
-    return best
-
-
-def status_kib(pid, key):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def sample_memory(cmd, milestone, timeout):
@@ -143,12 +98,11 @@ def sample_memory(cmd, milestone, timeout):
 
 
 def bench_memory(milestone, timeout):
-    kdir = subprocess.run(["bash", os.path.join(ROOT, "resources/build-kernel.sh")], check=True,
-                          capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    kdir = guest_kernel()
     initrd = subprocess.run(["bash", os.path.join(ROOT, "resources/build-initramfs.sh")], check=True,
                             capture_output=True, text=True).stdout.strip().splitlines()[-1]
     cmdline = "console=ttyS0 reboot=k panic=-1"
-    if os.path.isdir("/sys/module/kvm_pvm"):
+    if on_pvm():
         cmdline += " " + PVM_PARAMS
     kernel = os.path.join(kdir, "vmlinux")
     rows = []
@@ -175,8 +129,7 @@ def main():
     a = ap.parse_args()
     if not os.path.exists(VMM):
         sys.exit("build first: cargo build --release")
-    print(f"host: {'PVM (software KVM)' if os.path.isdir('/sys/module/kvm_pvm') else 'hardware KVM'}, "
-          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}\n")
+    print(host_line() + "\n")
     with tempfile.TemporaryDirectory() as tmp:
         bench_start(a.runs, tmp)
     if not a.skip_linux:

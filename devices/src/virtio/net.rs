@@ -84,6 +84,7 @@ pub struct Net<B: NetBackend> {
     backend: B,
     mac: [u8; 6],
     mtu: Option<u16>,
+    mrg_rxbuf: bool,
     acked_features: u64,
     counters: NetCounters,
     /// The guest has no receive buffers: stop reading the backend until it posts some.
@@ -125,6 +126,7 @@ impl<B: NetBackend> Net<B> {
             backend,
             mac,
             mtu: None,
+            mrg_rxbuf: true,
             acked_features: 0,
             counters: NetCounters::default(),
             rx_waiting_for_buffers: false,
@@ -137,6 +139,13 @@ impl<B: NetBackend> Net<B> {
     /// Announces `mtu` to the guest (VIRTIO_NET_F_MTU).
     pub fn with_mtu(mut self, mtu: u16) -> Self {
         self.mtu = Some(mtu);
+        self
+    }
+
+    /// Whether to offer mergeable receive buffers (VIRTIO_NET_F_MRG_RXBUF, on
+    /// by default).
+    pub fn with_mrg_rxbuf(mut self, on: bool) -> Self {
+        self.mrg_rxbuf = on;
         self
     }
 
@@ -434,8 +443,10 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_NET_F_MAC)
-            | (1 << VIRTIO_NET_F_STATUS)
-            | (1 << VIRTIO_NET_F_MRG_RXBUF);
+            | (1 << VIRTIO_NET_F_STATUS);
+        if self.mrg_rxbuf {
+            f |= 1 << VIRTIO_NET_F_MRG_RXBUF;
+        }
         if self.mtu.is_some() {
             f |= 1 << VIRTIO_NET_F_MTU;
         }

@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""virtio-net benchmark: vmm against QEMU (-M microvm, virtio-net-device on a
+TAP), the same Linux guest, one after the other in the same run.
+
+For each configuration: a network namespace with a TAP at 192.168.77.1/24; the
+project's kernel (1 vCPU, 256 MiB) with a static address 192.168.77.15 and
+root=/dev/vdz rootwait, so that it stays up with networking and no user space.
+From the namespace, once the kernel has configured its address:
+1. 3 warm-up pings, then 100 pings 20 ms apart: median round trip.
+2. ping -f -s 1400 for 10 s: echo replies per second, MB/s (IP bytes both ways,
+   1428 per packet), and the VMM's CPU time per packet (two frames per reply:
+   the request in, the reply out), for its own threads (non-vCPU: where the
+   device emulation runs) and for the whole process.
+3. After the flood: the resident part of guest RAM (pages the guest touched,
+   receive buffers among them) and the process RSS.
+Configurations: vmm (mergeable receive buffers on, the default), vmm with
+--net ...,mrg_rxbuf=off, and QEMU 7.2 (modern virtio-mmio, userspace
+virtio-net: this host has no /dev/vhost-net).
+
+Usage: sudo tools/bench-net.py   (after cargo build --release; needs root,
+iproute2, iputils-ping, qemu-system-x86, and the kernel from resources/)
+"""
+import os, re, select, signal, statistics, subprocess, sys, time
+
+from benchlib import VMM, PVM_PARAMS, cpu_ns, guest_kernel, guest_ram_rss_kib, host_line, on_pvm, qemu_cmd, \
+    status_kib
+
+TAP = "vmmtap0"
+HOST, GUEST = "192.168.77.1", "192.168.77.15"
+MAC = "02:00:00:00:00:15"
+MEM_MIB = 256
+FLOOD_S = 10
+IP_BYTES = 1400 + 8 + 20
+
+
+def sh(*args):
+    subprocess.run(args, check=True)
+
+
+class Namespace:
+    def __init__(self, name):
+        self.name = name
+        subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
+        sh("ip", "netns", "add", name)
+        for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "tuntap", "add", "dev", TAP, "mode", "tap"],
+                    ["ip", "addr", "add", f"{HOST}/24", "dev", TAP], ["ip", "link", "set", TAP, "up"]):
+            sh("ip", "netns", "exec", name, *cmd)
+
+    def run(self, *cmd):
+        return subprocess.run(["ip", "netns", "exec", self.name, *cmd], capture_output=True, text=True)
+
+    def close(self):
+        subprocess.run(["ip", "netns", "del", self.name])
+
+
+def wait_for(p, needle, timeout):
+    buf, fd = b"", p.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    while needle.encode() not in buf:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{needle!r} not seen in {timeout}s: {buf[-2000:]!r}")
+        r, _, _ = select.select([fd], [], [], 1)
+        if r:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError(f"the VMM exited: {buf[-2000:]!r}")
+            buf += chunk
+
+
+def measure(name, cmd, ns):
+    p = subprocess.Popen(["ip", "netns", "exec", ns.name, *cmd], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(p, "IP-Config: Complete", 900)
+        ns.run("ping", "-c", "3", "-i", "0.2", "-W", "5", GUEST)
+        out = ns.run("ping", "-c", "100", "-i", "0.02", "-W", "5", GUEST).stdout
+        rtts = [float(x) for x in re.findall(r"time=([\d.]+) ms", out)]
+        if len(rtts) < 100:
+            raise RuntimeError(f"{name}: {100 - len(rtts)} of 100 pings lost:\n{out}")
+        cpu0, all0, t0 = cpu_ns(p.pid), cpu_ns(p.pid) + cpu_ns(p.pid, vcpu=True), time.monotonic()
+        out = ns.run("ping", "-f", "-s", "1400", "-w", str(FLOOD_S), "-q", GUEST).stdout
+        cpu1, all1, t1 = cpu_ns(p.pid), cpu_ns(p.pid) + cpu_ns(p.pid, vcpu=True), time.monotonic()
+        m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+        if not m:
+            raise RuntimeError(f"{name}: no ping summary:\n{out}")
+        sent, replies = int(m.group(1)), int(m.group(2))
+        frames = 2 * replies
+        return {
+            "rtt_ms": statistics.median(rtts),
+            "pps": replies / (t1 - t0),
+            "mbps": 2 * replies * IP_BYTES / (t1 - t0) / 1e6,
+            "lost": sent - replies,
+            "cpu_us": (cpu1 - cpu0) / frames / 1000,
+            "all_us": (all1 - all0) / frames / 1000,
+            "guest_kib": guest_ram_rss_kib(p.pid, MEM_MIB * 1024),
+            "rss_kib": status_kib(p.pid, "VmRSS"),
+        }
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def main():
+    if os.geteuid() != 0:
+        sys.exit("run as root: the benchmark creates a network namespace and a TAP device")
+    if not os.path.exists(VMM):
+        sys.exit("build first: cargo build --release")
+    kernel = os.path.join(guest_kernel(), "vmlinux")
+    cmdline = (f"console=ttyS0 reboot=k panic=-1 ip={GUEST}::{HOST}:255.255.255.0::eth0:off "
+               "root=/dev/vdz rootwait")
+    if on_pvm():
+        cmdline += " " + PVM_PARAMS
+    vmm = [VMM, "--kernel", kernel, "--memory", f"{MEM_MIB}M", "--cmdline", cmdline]
+    configs = [
+        ("vmm", vmm + ["--net", f"tap={TAP},mac={MAC}"]),
+        ("vmm, mrg_rxbuf=off", vmm + ["--net", f"tap={TAP},mac={MAC},mrg_rxbuf=off"]),
+        ("QEMU microvm", qemu_cmd(kernel, MEM_MIB, cmdline=cmdline, extra=[
+            "-global", "virtio-mmio.force-legacy=false",
+            "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
+            "-device", f"virtio-net-device,netdev=n0,mac={MAC}"])),
+    ]
+    results = {}
+    for name, cmd in configs:
+        ns = Namespace(f"vmm-bench-net-{os.getpid()}")
+        try:
+            results[name] = measure(name, cmd, ns)
+        finally:
+            ns.close()
+    print(f"{host_line()}, Linux guest 1 vCPU / {MEM_MIB} MiB, ping from the host side of the TAP\n")
+    names = [n for n, _ in configs]
+    q = results["QEMU microvm"]
+    print("| | " + " | ".join(names) + " | vmm vs QEMU |")
+    print("|---|" + "---|" * (len(names) + 1))
+    rows = [
+        ("ping round trip, median of 100", "rtt_ms", "{:.3f} ms", lambda v: f"{q['rtt_ms'] / v:.2f}x faster"),
+        (f"ping -f -s 1400, {FLOOD_S} s: echo replies/s", "pps", "{:.0f}", lambda v: f"{v / q['pps']:.2f}x"),
+        ("ping -f -s 1400: MB/s (IP bytes, both ways)", "mbps", "{:.2f}", lambda v: f"{v / q['mbps']:.2f}x"),
+        ("ping -f -s 1400: requests without reply", "lost", "{}", lambda v: ""),
+        ("VMM CPU per packet, non-vCPU threads", "cpu_us", "{:.1f} µs", lambda v: f"{q['cpu_us'] / v:.2f}x less"),
+        ("VMM CPU per packet, all threads", "all_us", "{:.1f} µs", lambda v: f"{q['all_us'] / v:.2f}x less"),
+        ("guest RAM resident after the flood", "guest_kib", "{} KiB", lambda v: ""),
+        ("process RSS after the flood", "rss_kib", "{} KiB", lambda v: ""),
+    ]
+    for label, key, fmt, ratio in rows:
+        cells = [fmt.format(results[n][key]) for n in names]
+        print(f"| {label} | " + " | ".join(cells) + f" | {ratio(results['vmm'][key])} |")
+
+
+if __name__ == "__main__":
+    main()

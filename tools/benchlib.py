@@ -1,0 +1,88 @@
+"""Shared parts of the benchmarks in tools/: paths, the guest kernel parameters
+the PVM host needs, QEMU's base command line, test-guest assembly, and the
+/proc readings (CPU time of the VMM's own threads, resident guest RAM)."""
+import os, re, subprocess, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VMM = os.path.join(ROOT, "target/release/vmm")
+PVM_PARAMS = ("noxsave nofsgsbase clearcpuid=cx16,popcnt,xsave,smap,bmi1,bmi2,abm,movbe,"
+              "fsgsbase,rdrand,rdseed,rdpid,invpcid,aes,pclmulqdq,sha_ni,sse4_2,adx,clflushopt,clwb")
+
+
+def on_pvm():
+    return os.path.isdir("/sys/module/kvm_pvm")
+
+
+def host_line():
+    kind = "PVM (software KVM)" if on_pvm() else "hardware KVM"
+    return f"host: {kind}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}"
+
+
+def qemu_cmd(kernel, mem_mib, extra=(), initrd=None, cmdline=None, machine="microvm"):
+    cmd = ["qemu-system-x86_64", "-M", machine, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-smp", "1",
+           "-m", str(mem_mib), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+           "-serial", "stdio", "-kernel", kernel, *extra]
+    if initrd:
+        cmd += ["-initrd", initrd]
+    if cmdline:
+        cmd += ["-append", cmdline]
+    return cmd
+
+
+def build_guest(name, tmp):
+    """Assembles tests/guests/NAME.S into an ELF in tmp, as the test suite does."""
+    src = os.path.join(ROOT, "tests/guests", f"{name}.S")
+    obj, elf = os.path.join(tmp, f"{name}.o"), os.path.join(tmp, f"{name}.elf")
+    subprocess.run(["as", "--64", "-I", os.path.join(ROOT, "tests/guests"), "-o", obj, src], check=True)
+    subprocess.run(["ld", "-nostdlib", "--no-warn-rwx-segments", "-Ttext=0x200000", "-e", "_start",
+                    "-o", elf, obj], check=True)
+    return elf
+
+
+def guest_kernel():
+    """The project's guest kernel directory (built or taken from the cache)."""
+    out = subprocess.run(["bash", os.path.join(ROOT, "resources/build-kernel.sh")], check=True,
+                         capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+def is_vcpu_thread(comm):
+    return comm.startswith("vcpu") or comm.startswith("CPU ")  # vmm: vcpuN, QEMU: "CPU 0/KVM"
+
+
+def cpu_ns(pid, vcpu=False):
+    """CPU nanoseconds of the process's non-vCPU threads (or of its vCPU threads)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if is_vcpu_thread(f.read()) != vcpu:
+                    continue
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
+def guest_ram_rss_kib(pid, size_kib):
+    """Resident KiB of the largest anonymous mapping of about the guest RAM size."""
+    best = 0
+    cur_size = None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                cur_size = None
+            elif line.startswith("Size:"):
+                cur_size = int(line.split()[1])
+            elif line.startswith("Rss:") and cur_size is not None and size_kib <= cur_size <= size_kib + 4096:
+                best = max(best, int(line.split()[1]))
+    return best
+
+
+def status_kib(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
