@@ -146,6 +146,41 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 #[test]
+fn a_tap_device_the_user_may_not_attach_is_a_one_line_error() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let ns = NetNs::new("perm");
+    // Owned by another user: attaching needs CAP_NET_ADMIN, which the VMM is
+    // started without (as root, so /dev/kvm and /dev/net/tun still open).
+    let st = ns
+        .command("ip")
+        .args(["tuntap", "add", "dev", "vmmtap1", "mode", "tap", "user", "4242"])
+        .status()
+        .expect("ip runs");
+    assert!(st.success());
+    let out = ns
+        .command("setpriv")
+        .args(["--bounding-set=-net_admin", "--inh-caps=-net_admin"])
+        .arg(env!("CARGO_BIN_EXE_vmm"))
+        .arg("--kernel")
+        .arg(guest("hello"))
+        .args(["--net", "tap=vmmtap1"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("setpriv (util-linux) runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("asserting: exit 2, one line naming the TAP device and the fix, no guest output");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("Cannot attach TAP device 'vmmtap1'")
+            && stderr.contains("Operation not permitted")
+            && stderr.contains("device's owner"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "the guest never ran");
+}
+
+#[test]
 fn test_guest_frame_is_captured_byte_exact_and_an_injected_frame_reaches_it() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let ns = NetNs::new("frame");

@@ -11,16 +11,21 @@ From the namespace, once the kernel has configured its address:
    1428 per packet), and the VMM's CPU time per packet (two frames per reply:
    the request in, the reply out), for its own threads (non-vCPU: where the
    device emulation runs) and for the whole process.
+   Requests unanswered at ping's deadline are reported with the most that were
+   in flight at once (ping's "pipe"), the frames the TAP device dropped on the
+   way to the VMM (its tx_dropped: queue full), and for vmm the drops its
+   device counted (its counters, logged at exit).
 3. After the flood: the resident part of guest RAM (pages the guest touched,
    receive buffers among them) and the process RSS.
+Each configuration boots RUNS times, interleaved; the table has medians.
 Configurations: vmm (mergeable receive buffers on, the default), vmm with
 --net ...,mrg_rxbuf=off, and QEMU 7.2 (modern virtio-mmio, userspace
 virtio-net: this host has no /dev/vhost-net).
 
-Usage: sudo tools/bench-net.py   (after cargo build --release; needs root,
+Usage: sudo tools/bench-net.py [--runs 3]   (after cargo build --release; needs root,
 iproute2, iputils-ping, qemu-system-x86, and the kernel from resources/)
 """
-import os, re, select, signal, statistics, subprocess, sys, time
+import argparse, os, re, select, signal, statistics, subprocess, sys, tempfile, time
 
 from benchlib import VMM, PVM_PARAMS, cpu_ns, guest_kernel, guest_ram_rss_kib, host_line, on_pvm, qemu_cmd, \
     status_kib
@@ -67,9 +72,11 @@ def wait_for(p, needle, timeout):
             buf += chunk
 
 
-def measure(name, cmd, ns):
-    p = subprocess.Popen(["ip", "netns", "exec", ns.name, *cmd], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+def measure(name, cmd, ns, tmp):
+    errpath = os.path.join(tmp, "stderr")
+    with open(errpath, "w") as err:
+        p = subprocess.Popen(["ip", "netns", "exec", ns.name, *cmd], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=err)
     try:
         wait_for(p, "IP-Config: Complete", 900)
         ns.run("ping", "-c", "3", "-i", "0.2", "-W", "5", GUEST)
@@ -80,12 +87,14 @@ def measure(name, cmd, ns):
         cpu0, all0, t0 = cpu_ns(p.pid), cpu_ns(p.pid) + cpu_ns(p.pid, vcpu=True), time.monotonic()
         out = ns.run("ping", "-f", "-s", "1400", "-w", str(FLOOD_S), "-q", GUEST).stdout
         cpu1, all1, t1 = cpu_ns(p.pid), cpu_ns(p.pid) + cpu_ns(p.pid, vcpu=True), time.monotonic()
+        tap_dropped = int(ns.run("cat", f"/sys/class/net/{TAP}/statistics/tx_dropped").stdout or 0)
         m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
         if not m:
             raise RuntimeError(f"{name}: no ping summary:\n{out}")
         sent, replies = int(m.group(1)), int(m.group(2))
+        pipe = re.search(r"pipe (\d+)", out)
         frames = 2 * replies
-        return {
+        result = {
             "rtt_ms": statistics.median(rtts),
             "pps": replies / (t1 - t0),
             "mbps": 2 * replies * IP_BYTES / (t1 - t0) / 1e6,
@@ -94,6 +103,9 @@ def measure(name, cmd, ns):
             "all_us": (all1 - all0) / frames / 1000,
             "guest_kib": guest_ram_rss_kib(p.pid, MEM_MIB * 1024),
             "rss_kib": status_kib(p.pid, "VmRSS"),
+            "tap_dropped": tap_dropped,
+            "pipe": int(pipe.group(1)) if pipe else 1,
+            "dev_dropped": float("nan"),
         }
     finally:
         p.send_signal(signal.SIGTERM)
@@ -102,9 +114,17 @@ def measure(name, cmd, ns):
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+    with open(errpath) as f:
+        counters = re.findall(r"tx \d+ packets \d+ bytes (\d+) dropped, rx \d+ packets \d+ bytes (\d+) dropped", f.read())
+    if counters:
+        result["dev_dropped"] = sum(int(a) + int(b) for a, b in counters)
+    return result
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: the benchmark creates a network namespace and a TAP device")
     if not os.path.exists(VMM):
@@ -114,7 +134,7 @@ def main():
                "root=/dev/vdz rootwait")
     if on_pvm():
         cmdline += " " + PVM_PARAMS
-    vmm = [VMM, "--kernel", kernel, "--memory", f"{MEM_MIB}M", "--cmdline", cmdline]
+    vmm = [VMM, "--kernel", kernel, "--memory", f"{MEM_MIB}M", "--cmdline", cmdline, "--log-level", "info"]
     configs = [
         ("vmm", vmm + ["--net", f"tap={TAP},mac={MAC}"]),
         ("vmm, mrg_rxbuf=off", vmm + ["--net", f"tap={TAP},mac={MAC},mrg_rxbuf=off"]),
@@ -123,14 +143,18 @@ def main():
             "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
             "-device", f"virtio-net-device,netdev=n0,mac={MAC}"])),
     ]
-    results = {}
-    for name, cmd in configs:
-        ns = Namespace(f"vmm-bench-net-{os.getpid()}")
-        try:
-            results[name] = measure(name, cmd, ns)
-        finally:
-            ns.close()
-    print(f"{host_line()}, Linux guest 1 vCPU / {MEM_MIB} MiB, ping from the host side of the TAP\n")
+    runs = {name: [] for name, _ in configs}
+    for _ in range(a.runs):
+        for name, cmd in configs:
+            ns = Namespace(f"vmm-bench-net-{os.getpid()}")
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    runs[name].append(measure(name, cmd, ns, tmp))
+            finally:
+                ns.close()
+    results = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
+    print(f"{host_line()}, Linux guest 1 vCPU / {MEM_MIB} MiB, ping from the host side of the TAP, "
+          f"median of {a.runs} boots each\n")
     names = [n for n, _ in configs]
     q = results["QEMU microvm"]
     print("| | " + " | ".join(names) + " | vmm vs QEMU |")
@@ -139,14 +163,17 @@ def main():
         ("ping round trip, median of 100", "rtt_ms", "{:.3f} ms", lambda v: f"{q['rtt_ms'] / v:.2f}x faster"),
         (f"ping -f -s 1400, {FLOOD_S} s: echo replies/s", "pps", "{:.0f}", lambda v: f"{v / q['pps']:.2f}x"),
         ("ping -f -s 1400: MB/s (IP bytes, both ways)", "mbps", "{:.2f}", lambda v: f"{v / q['mbps']:.2f}x"),
-        ("ping -f -s 1400: requests without reply", "lost", "{}", lambda v: ""),
+        ("ping -f -s 1400: requests unanswered at the deadline", "lost", "{:.0f}", lambda v: ""),
+        ("ping -f -s 1400: most requests in flight (ping's pipe)", "pipe", "{:.0f}", lambda v: ""),
+        ("frames the TAP dropped (queue to the VMM full)", "tap_dropped", "{:.0f}", lambda v: ""),
+        ("frames the virtio-net device dropped (its counters)", "dev_dropped", "{:.0f}", lambda v: ""),
         ("VMM CPU per packet, non-vCPU threads", "cpu_us", "{:.1f} µs", lambda v: f"{q['cpu_us'] / v:.2f}x less"),
         ("VMM CPU per packet, all threads", "all_us", "{:.1f} µs", lambda v: f"{q['all_us'] / v:.2f}x less"),
-        ("guest RAM resident after the flood", "guest_kib", "{} KiB", lambda v: ""),
-        ("process RSS after the flood", "rss_kib", "{} KiB", lambda v: ""),
+        ("guest RAM resident after the flood", "guest_kib", "{:.0f} KiB", lambda v: ""),
+        ("process RSS after the flood", "rss_kib", "{:.0f} KiB", lambda v: ""),
     ]
     for label, key, fmt, ratio in rows:
-        cells = [fmt.format(results[n][key]) for n in names]
+        cells = [fmt.format(results[n][key]) if results[n][key] == results[n][key] else "n/a" for n in names]
         print(f"| {label} | " + " | ".join(cells) + f" | {ratio(results['vmm'][key])} |")
 
 

@@ -19,7 +19,9 @@ def host_line():
 
 
 def qemu_cmd(kernel, mem_mib, extra=(), initrd=None, cmdline=None, machine="microvm"):
-    cmd = ["qemu-system-x86_64", "-M", machine, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-smp", "1",
+    # debug-threads names the vCPU threads "CPU n/KVM", which cpu_ns() needs to
+    # tell them from QEMU's own threads.
+    cmd = ["qemu-system-x86_64", "-name", "bench,debug-threads=on", "-M", machine, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-smp", "1",
            "-m", str(mem_mib), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
            "-serial", "stdio", "-kernel", kernel, *extra]
     if initrd:
