@@ -153,7 +153,9 @@ fn a_tap_device_the_user_may_not_attach_is_a_one_line_error() {
     // started without (as root, so /dev/kvm and /dev/net/tun still open).
     let st = ns
         .command("ip")
-        .args(["tuntap", "add", "dev", "vmmtap1", "mode", "tap", "user", "4242"])
+        .args([
+            "tuntap", "add", "dev", "vmmtap1", "mode", "tap", "user", "4242",
+        ])
         .status()
         .expect("ip runs");
     assert!(st.success());
