@@ -5,40 +5,20 @@
 # a frame of EtherType 0x88b6 (others are given back to the device), prints it
 # with its virtio-net header, and resets.
 .include "lib.S"
-
-.set MMIO, 0xd0000000
 .set QSZ, 8
+.include "virtio_lib.S"
+
 .set NRX, 4
 .set RXBUF, 2048
 .set HDR, 12
 .set TXLEN, 14 + 64
-.set F_NEXT, 1
-.set F_WRITE, 2
 
 .text
 .globl _start
 _start:
-    mov $MMIO, %rbx
-    cmpl $0x74726976, 0x000(%rbx)     # "virt"
-    jne no_device
-    cmpl $1, 0x008(%rbx)              # network device
-    jne no_device
-    movl $0, 0x070(%rbx)              # reset
-    movl $1, 0x070(%rbx)              # ACKNOWLEDGE
-    movl $3, 0x070(%rbx)              # DRIVER
-    movl $1, 0x014(%rbx)              # device features, high word
-    testl $1, 0x010(%rbx)             # VERSION_1
-    jz bad_features
-    movl $0, 0x014(%rbx)
-    testl $(1 << 5), 0x010(%rbx)      # MAC
-    jz bad_features
-    movl $0, 0x024(%rbx)
-    movl $(1 << 5), 0x020(%rbx)       # MAC
-    movl $1, 0x024(%rbx)
-    movl $1, 0x020(%rbx)              # VERSION_1
-    movl $11, 0x070(%rbx)             # FEATURES_OK
-    testl $8, 0x070(%rbx)
-    jz bad_features
+    mov $1, %edi                      # network device
+    mov $(1 << 5), %esi               # MAC
+    call virtio_init
 
     # The MAC from the configuration space becomes the frame's source address.
     lea txframe + 6(%rip), %rdi
@@ -175,25 +155,6 @@ _start:
     call putnl
     jmp reset
 
-# setup_queue: queue %edi with descriptor table %rsi, available ring %rdx,
-# used ring %rcx, QSZ entries; marks it ready.
-setup_queue:
-    movl %edi, 0x030(%rbx)
-    cmpl $QSZ, 0x034(%rbx)
-    jb bad_features
-    movl $QSZ, 0x038(%rbx)
-    movl %esi, 0x080(%rbx)
-    shr $32, %rsi
-    movl %esi, 0x084(%rbx)
-    movl %edx, 0x090(%rbx)
-    shr $32, %rdx
-    movl %edx, 0x094(%rbx)
-    movl %ecx, 0x0a0(%rbx)
-    shr $32, %rcx
-    movl %ecx, 0x0a4(%rbx)
-    movl $1, 0x044(%rbx)              # queue ready
-    ret
-
 # putbytes: %ecx bytes at %rsi as hex pairs.
 putbytes:
     push %rsi
@@ -224,14 +185,6 @@ putbytes:
     pop %rsi
     ret
 
-no_device:
-    lea m_nodev(%rip), %rsi
-    call puts
-    jmp reset
-bad_features:
-    lea m_badf(%rip), %rsi
-    call puts
-    jmp reset
 bad_used:
     lea m_badu(%rip), %rsi
     call puts
@@ -243,8 +196,6 @@ m_recv:  .asciz "VMM-GUEST: received "
 m_nb:    .asciz " num_buffers "
 m_hdr:   .asciz " header "
 m_frame: .asciz " frame "
-m_nodev: .asciz "VMM-GUEST: no virtio-net device\n"
-m_badf:  .asciz "VMM-GUEST: feature negotiation failed\n"
 m_badu:  .asciz "VMM-GUEST: used ring names a buffer that was not posted\n"
 
 .data

@@ -4,12 +4,14 @@
 //! never panic, hang or touch memory outside the guest's.
 #![no_main]
 
+mod common;
+
 use std::io::Write;
 use std::sync::{Arc, OnceLock};
 
 use devices::virtio::block::Block;
 use devices::virtio::{Interrupt, VirtioDevice};
-use devices::InterruptLine;
+use common::NoIrq;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -19,13 +21,6 @@ const DESC: u64 = 0x1000;
 const AVAIL: u64 = 0x2000;
 const USED: u64 = 0x3000;
 const QSIZE: u16 = 16;
-
-struct NoIrq;
-impl InterruptLine for NoIrq {
-    fn trigger(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 fn image() -> &'static std::path::Path {
     static PATH: OnceLock<std::path::PathBuf> = OnceLock::new();

@@ -3,6 +3,8 @@
 //! interleaved with queue notifications. The transport must never panic.
 #![no_main]
 
+mod common;
+
 use std::io::Write;
 use std::sync::{Arc, OnceLock};
 
@@ -10,16 +12,9 @@ use devices::bus::BusDevice;
 use devices::virtio::block::Block;
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::Interrupt;
-use devices::InterruptLine;
+use common::NoIrq;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
-
-struct NoIrq;
-impl InterruptLine for NoIrq {
-    fn trigger(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 fn image() -> &'static std::path::Path {
     static PATH: OnceLock<std::path::PathBuf> = OnceLock::new();
