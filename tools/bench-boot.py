@@ -14,10 +14,10 @@ Usage: tools/bench-boot.py [--runs 10] [--milestone TEXT] [--skip-linux]
 Needs: cargo build --release; qemu-system-x86; resources/build-kernel.sh and
 build-initramfs.sh (cached).
 """
-import argparse, os, re, select, signal, statistics, subprocess, sys, tempfile, time
+import argparse, os, re, select, statistics, subprocess, sys, tempfile, time
 
 from benchlib import ROOT, VMM, PVM_PARAMS, build_guest, guest_kernel, guest_ram_rss_kib, host_line, on_pvm, \
-    qemu_cmd, status_kib
+    qemu_cmd, status_kib, stop, wait_for
 
 
 def time_to_first_byte(cmd):
@@ -72,29 +72,14 @@ def bench_start(runs, tmp):
 
 def sample_memory(cmd, milestone, timeout):
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    buf = b""
-    deadline = time.monotonic() + timeout
-    fd = p.stdout.fileno()
     try:
-        while milestone.encode() not in buf:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{cmd[0]}: milestone {milestone!r} not seen in {timeout}s")
-            r, _, _ = select.select([fd], [], [], 1)
-            if r:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    raise RuntimeError(f"{cmd[0]} exited before the milestone")
-                buf += chunk
+        wait_for(p, milestone, timeout)
         time.sleep(0.5)
         rss, hwm = status_kib(p.pid, "VmRSS"), status_kib(p.pid, "VmHWM")
         guest = guest_ram_rss_kib(p.pid, 128 * 1024)
         return rss, hwm, guest
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
+        stop(p)
 
 
 def bench_memory(milestone, timeout):

@@ -25,10 +25,10 @@ virtio-net: this host has no /dev/vhost-net).
 Usage: sudo tools/bench-net.py [--runs 3]   (after cargo build --release; needs root,
 iproute2, iputils-ping, qemu-system-x86, and the kernel from resources/)
 """
-import argparse, os, re, select, signal, statistics, subprocess, sys, tempfile, time
+import argparse, os, re, statistics, subprocess, sys, tempfile, time
 
 from benchlib import VMM, PVM_PARAMS, cpu_ns, guest_kernel, guest_ram_rss_kib, host_line, on_pvm, qemu_cmd, \
-    status_kib
+    status_kib, stop, wait_for
 
 TAP = "vmmtap0"
 HOST, GUEST = "192.168.77.1", "192.168.77.15"
@@ -56,20 +56,6 @@ class Namespace:
 
     def close(self):
         subprocess.run(["ip", "netns", "del", self.name])
-
-
-def wait_for(p, needle, timeout):
-    buf, fd = b"", p.stdout.fileno()
-    deadline = time.monotonic() + timeout
-    while needle.encode() not in buf:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{needle!r} not seen in {timeout}s: {buf[-2000:]!r}")
-        r, _, _ = select.select([fd], [], [], 1)
-        if r:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                raise RuntimeError(f"the VMM exited: {buf[-2000:]!r}")
-            buf += chunk
 
 
 def measure(name, cmd, ns, tmp):
@@ -108,12 +94,7 @@ def measure(name, cmd, ns, tmp):
             "dev_dropped": float("nan"),
         }
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop(p)
     with open(errpath) as f:
         counters = re.findall(r"tx \d+ packets \d+ bytes (\d+) dropped, rx \d+ packets \d+ bytes (\d+) dropped", f.read())
     if counters:

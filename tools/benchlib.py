@@ -1,7 +1,7 @@
 """Shared parts of the benchmarks in tools/: paths, the guest kernel parameters
 the PVM host needs, QEMU's base command line, test-guest assembly, and the
 /proc readings (CPU time of the VMM's own threads, resident guest RAM)."""
-import os, re, subprocess, time
+import os, re, select, signal, subprocess, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VMM = os.path.join(ROOT, "target/release/vmm")
@@ -88,3 +88,29 @@ def status_kib(pid, key):
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def wait_for(p, needle, timeout):
+    """Reads p's stdout until `needle` shows; raises if p exits or time runs out."""
+    buf, fd = b"", p.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    while needle.encode() not in buf:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{needle!r} not seen in {timeout}s: {buf[-2000:]!r}")
+        r, _, _ = select.select([fd], [], [], 1)
+        if r:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError(f"the VMM exited before {needle!r}: {buf[-2000:]!r}")
+            buf += chunk
+    return buf
+
+
+def stop(p):
+    """SIGTERM, then SIGKILL if the VMM has not exited in 10 s."""
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
