@@ -40,7 +40,9 @@ fuzz_target!(|data: &[u8]| {
                 let mut buf = [0u8; 8];
                 t.read(offset, &mut buf[..width]);
             }
-            2 => t.notify_queue(usize::from(op[1])),
+            2 => {
+                let _ = t.notify_queue(usize::from(op[1]));
+            }
             _ => t.write(0x070, &u32::from(op[3]).to_le_bytes()),
         }
     }

@@ -8,7 +8,6 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
@@ -16,7 +15,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{
-    ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, VIRTIO_F_VERSION_1,
+    ring, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -60,6 +59,8 @@ pub struct Block {
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     acked_features: u64,
     active: Option<Active>,
+    /// The last pass stopped at its budget with requests left.
+    more: bool,
 }
 
 struct Active {
@@ -132,6 +133,7 @@ impl Block {
             id: id_bytes,
             acked_features: 0,
             active: None,
+            more: false,
         })
     }
 
@@ -295,19 +297,23 @@ impl Block {
 
     fn drain(&mut self, a: &mut Active) -> bool {
         let mem = a.mem.clone();
-        let mut used_any = false;
+        let mut done = 0;
         let mut healthy = true;
+        self.more = false;
         loop {
             if a.queue.event_idx_enabled() && a.queue.disable_notification(&mem).is_err() {
                 return false;
             }
             // An available index further ahead than the queue is long is a guest error.
-            match a.queue.avail_idx(&mem, Ordering::Acquire) {
-                Ok(avail)
-                    if (avail - std::num::Wrapping(a.queue.next_avail())).0 <= a.queue.size() => {}
-                _ => return false,
+            if !ring::avail_index_sane(&a.queue, &mem) {
+                return false;
             }
-            while let Some(chain) = a.queue.pop_descriptor_chain(&mem) {
+            while done < ring::BUDGET {
+                let chain = match ring::pop_chain(&mut a.queue, &mem) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(_) => return false,
+                };
                 let head = chain.head_index();
                 // The chain iterator stops at loops and overlong chains (bounded by
                 // the queue size) and at descriptors outside guest memory.
@@ -334,7 +340,12 @@ impl Block {
                 if a.queue.add_used(&mem, head, written).is_err() {
                     return false;
                 }
-                used_any = true;
+                done += 1;
+            }
+            if done >= ring::BUDGET {
+                // Let the event loop serve the others; the transport calls again.
+                self.more = true;
+                break;
             }
             if !a.queue.event_idx_enabled() {
                 break;
@@ -345,7 +356,7 @@ impl Block {
                 Err(_) => return false,
             }
         }
-        if used_any && a.queue.needs_notification(&mem).unwrap_or(true) {
+        if done > 0 && a.queue.needs_notification(&mem).unwrap_or(true) {
             a.interrupt.raise(INTERRUPT_USED_BUFFER);
         }
         healthy
@@ -412,9 +423,14 @@ impl VirtioDevice for Block {
         index != 0 || self.drain_queue()
     }
 
+    fn queue_pending(&self, index: usize) -> bool {
+        index == 0 && self.more
+    }
+
     fn reset(&mut self) {
         self.active = None;
         self.acked_features = 0;
+        self.more = false;
     }
 }
 

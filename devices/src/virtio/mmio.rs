@@ -123,14 +123,24 @@ impl MmioTransport {
         self.device.as_ref()
     }
 
+    /// Whether the device runs: activated and not broken. A device that needs
+    /// a reset is not called again until the driver resets it.
+    fn running(&self) -> bool {
+        self.activated && self.status & status::DEVICE_NEEDS_RESET == 0
+    }
+
     /// Processes queue `index` after a notification (from the event loop).
-    pub fn notify_queue(&mut self, index: usize) {
-        if !self.activated || index >= self.queues.len() {
-            return;
+    /// Returns true if the queue has work left after a pass that stopped at
+    /// its budget: the caller signals the queue again.
+    pub fn notify_queue(&mut self, index: usize) -> bool {
+        if !self.running() || index >= self.queues.len() {
+            return false;
         }
         if !self.device.process_queue(index) {
             self.mark_needs_reset();
+            return false;
         }
+        self.device.queue_pending(index)
     }
 
     /// The device's backend descriptor, if it has one.
@@ -140,14 +150,15 @@ impl MmioTransport {
 
     /// Handles backend readiness (from the event loop).
     pub fn process_backend(&mut self) {
-        if self.activated && !self.device.process_backend() {
+        if self.running() && !self.device.process_backend() {
             self.mark_needs_reset();
         }
     }
 
-    /// Whether the backend descriptor should be watched now.
+    /// Whether the backend descriptor should be watched now (never while the
+    /// device is broken: a readable backend would wake the loop for nothing).
     pub fn wants_backend_events(&self) -> bool {
-        self.activated && self.device.wants_backend_events()
+        self.running() && self.device.wants_backend_events()
     }
 
     fn mark_needs_reset(&mut self) {
@@ -236,7 +247,10 @@ impl MmioTransport {
             .queues
             .iter()
             .zip(&self.bad_config)
-            .position(|(q, &bad)| bad || !q.ready() || !q.is_valid(&self.mem))
+            // virtio-queue cannot read an available ring at guest address 0.
+            .position(|(q, &bad)| {
+                bad || !q.ready() || !q.is_valid(&self.mem) || q.avail_ring() == 0
+            })
         {
             crate::guest_warn!("virtio: queue {i} is not ready or not valid at DRIVER_OK");
             self.mark_needs_reset();
@@ -464,7 +478,12 @@ impl MutEventSubscriber for QueueEvents {
             if let Some(evt) = self.evts.get(index) {
                 // Coalesced notifications: one pass over the queue serves them all.
                 let _ = evt.read();
-                t.notify_queue(index);
+                if t.notify_queue(index) {
+                    // Work left after a bounded pass: come back after the others.
+                    if let Err(e) = evt.write(1) {
+                        log::error!("virtio: cannot signal queue {index} again: {e}");
+                    }
+                }
             } else if index == self.evts.len() {
                 t.process_backend();
             }
@@ -675,5 +694,99 @@ mod tests {
         w(&mut t, REG_STATUS, status::ACKNOWLEDGE);
         assert_ne!(r(&mut t, REG_STATUS) & status::FEATURES_OK, 0);
         let _ = std::fs::remove_file(p);
+    }
+
+    #[test]
+    fn a_queue_with_its_driver_area_at_address_0_is_refused() {
+        // virtio-queue cannot read an available ring at 0: starting the device
+        // on it would leave a queue that says it has work the device cannot take.
+        let (mut t, p) = transport("zero");
+        negotiate(&mut t);
+        setup_queue(&mut t, 16);
+        w(&mut t, REG_QUEUE_READY, 0);
+        w(&mut t, REG_QUEUE_DRIVER_LOW, 0);
+        w(&mut t, REG_QUEUE_READY, 1);
+        w(&mut t, REG_STATUS, RUNNING);
+        assert!(!t.activated);
+        assert_ne!(r(&mut t, REG_STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        let _ = std::fs::remove_file(p);
+    }
+
+    /// A device whose queue processing always fails, with a backend descriptor
+    /// it always wants watched; counts the calls it gets.
+    struct Failing {
+        calls: Arc<std::sync::atomic::AtomicUsize>,
+        backend: std::fs::File,
+    }
+    impl VirtioDevice for Failing {
+        fn device_type(&self) -> u32 {
+            1
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn features(&self) -> u64 {
+            1 << super::super::VIRTIO_F_VERSION_1
+        }
+        fn ack_features(&mut self, _: u64) {}
+        fn read_config(&self, _: u64, _: &mut [u8]) {}
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn activate(
+            &mut self,
+            _: GuestMemoryMmap,
+            _: Vec<Queue>,
+            _: Interrupt,
+        ) -> Result<(), super::super::ActivateError> {
+            Ok(())
+        }
+        fn process_queue(&mut self, _: usize) -> bool {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            false
+        }
+        fn process_backend(&mut self) -> bool {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            false
+        }
+        fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+            Some(std::os::fd::AsRawFd::as_raw_fd(&self.backend))
+        }
+        fn wants_backend_events(&self) -> bool {
+            true
+        }
+        fn reset(&mut self) {}
+    }
+
+    #[test]
+    fn a_broken_device_is_not_called_again_and_its_backend_not_watched() {
+        // Found in review: a device that failed kept its (readable) backend in
+        // the level-triggered event loop, which then spun.
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let dev = Failing {
+            calls: calls.clone(),
+            backend: std::fs::File::open("/dev/null").unwrap(),
+        };
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+        let mut t =
+            MmioTransport::new(Box::new(dev), mem, Interrupt::new(Arc::new(NoIrq))).unwrap();
+        negotiate(&mut t);
+        setup_queue(&mut t, 16);
+        w(&mut t, REG_STATUS, RUNNING);
+        assert!(t.activated);
+        assert!(t.wants_backend_events());
+        assert!(!t.notify_queue(0));
+        assert_ne!(r(&mut t, REG_STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        assert!(
+            !t.wants_backend_events(),
+            "a broken device's backend is not watched"
+        );
+        t.process_backend();
+        assert!(!t.notify_queue(0));
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // After the driver resets it, the device runs again.
+        w(&mut t, REG_STATUS, 0);
+        negotiate(&mut t);
+        setup_queue(&mut t, 16);
+        w(&mut t, REG_STATUS, RUNNING);
+        assert!(t.wants_backend_events());
     }
 }

@@ -123,6 +123,11 @@ pub trait VirtioDevice: Send {
     /// Processes the requests the driver made available on queue `index`.
     /// Returns false if the device found the queue unusable and needs a reset.
     fn process_queue(&mut self, index: usize) -> bool;
+    /// Whether queue `index` still has work after its last pass stopped at the
+    /// per-pass budget (the transport then signals the queue again).
+    fn queue_pending(&self, _index: usize) -> bool {
+        false
+    }
     /// Stops the device and drops its queues.
     fn reset(&mut self);
     /// A descriptor the event loop watches for the device (e.g. a TAP), if any.

@@ -93,16 +93,9 @@ pub struct Net<B: NetBackend> {
     rx: RxBuffers,
     /// The backend failed for good: stop watching it.
     backend_failed: bool,
+    /// The last transmit pass stopped at its budget with chains left.
+    tx_more: bool,
     active: Option<(GuestMemoryMmap, Vec<Queue>, Interrupt)>,
-}
-
-/// Whether the driver's available index is at most a queue length ahead of the
-/// device: anything else is a guest error that would make the device spin.
-fn avail_index_sane(q: &Queue, mem: &GuestMemoryMmap) -> bool {
-    match q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
-        Ok(avail) => (avail - std::num::Wrapping(q.next_avail())).0 <= q.size(),
-        Err(_) => false,
-    }
 }
 
 /// Builds iovecs over guest memory for `descs`; None if any lies outside it.
@@ -132,6 +125,7 @@ impl<B: NetBackend> Net<B> {
             rx_waiting_for_buffers: false,
             rx: RxBuffers::default(),
             backend_failed: false,
+            tx_more: false,
             active: None,
         }
     }
@@ -160,17 +154,23 @@ impl<B: NetBackend> Net<B> {
             return true;
         };
         let q = &mut queues[TX];
-        let mut used_any = false;
+        let mut used = 0;
+        self.tx_more = false;
         loop {
             // With EVENT_IDX, tell the driver not to kick while the queue is drained,
             // then re-arm and look again for what arrived in between.
             if q.event_idx_enabled() && q.disable_notification(&*mem).is_err() {
                 return false;
             }
-            if !avail_index_sane(q, mem) {
+            if !ring::avail_index_sane(q, mem) {
                 return false;
             }
-            while let Some(chain) = q.pop_descriptor_chain(&*mem) {
+            while used < ring::BUDGET {
+                let chain = match ring::pop_chain(q, mem) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(_) => return false,
+                };
                 let head = chain.head_index();
                 let descs: Vec<Descriptor> = chain.collect();
                 let total: usize = descs.iter().map(|d| d.len() as usize).sum();
@@ -192,7 +192,12 @@ impl<B: NetBackend> Net<B> {
                 if q.add_used(&*mem, head, 0).is_err() {
                     return false;
                 }
-                used_any = true;
+                used += 1;
+            }
+            if used >= ring::BUDGET {
+                // Let the event loop serve the others; the transport calls again.
+                self.tx_more = true;
+                break;
             }
             if !q.event_idx_enabled() {
                 break;
@@ -203,7 +208,7 @@ impl<B: NetBackend> Net<B> {
                 Err(_) => return false,
             }
         }
-        if used_any && q.needs_notification(&*mem).unwrap_or(true) {
+        if used > 0 && q.needs_notification(&*mem).unwrap_or(true) {
             interrupt.raise(INTERRUPT_USED_BUFFER);
         }
         true
@@ -235,7 +240,9 @@ impl<B: NetBackend> Net<B> {
         let q = &mut queues[RX];
         let since = q.next_used();
         let mut healthy = true;
-        loop {
+        // Bounded work per pass: while the backend stays readable, the event
+        // loop calls again after serving the others.
+        while usize::from(q.next_used().wrapping_sub(since)) < ring::BUDGET {
             if self
                 .rx
                 .take_buffers(q, mem, want, &mut self.counters)
@@ -259,7 +266,14 @@ impl<B: NetBackend> Net<B> {
                 break;
             }
             let (iov, room) = self.rx.iovecs(mem, want);
+            if iov.is_empty() {
+                // Cannot happen with the chains take_buffers accepts; never read
+                // with no buffers (a TAP returns 0 and keeps the frame).
+                healthy = false;
+                break;
+            }
             let n = match self.backend.read_frame(&iov) {
+                Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -331,17 +345,19 @@ impl RxBuffers {
         counters: &mut NetCounters,
     ) -> Result<(), ()> {
         while !self.ready(want, q.size()) {
-            if !avail_index_sane(q, mem) {
+            if !ring::avail_index_sane(q, mem) {
                 return Err(());
             }
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
+            let Some(chain) = ring::pop_chain(q, mem).map_err(|_| ())? else {
                 return Ok(());
             };
             let head = chain.head_index();
-            // The chain iterator stops at loops and at the queue size.
+            // The chain iterator stops at loops and at the queue size (an
+            // indirect table may still hold more descriptors than one readv takes).
             let descs: Vec<Descriptor> = chain.collect();
             let room: usize = descs.iter().map(|d| d.len() as usize).sum();
             let usable = room >= NET_HDR_SIZE
+                && descs.len() <= MAX_IOVECS
                 && descs.iter().all(|d| {
                     d.is_write_only() && mem.get_slice(d.addr(), d.len() as usize).is_ok()
                 });
@@ -370,13 +386,15 @@ impl RxBuffers {
                 break;
             }
             for &(addr, len) in self.descs.range(next..next + ndescs) {
-                // Checked when the chain was taken; guest memory does not change.
-                if let Ok(slice) = mem.get_slice(addr, len) {
-                    iov.push(libc::iovec {
-                        iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                        iov_len: len,
-                    });
-                }
+                // Checked when the chain was taken, and guest memory does not
+                // change: a failure here would be a bug, so read nothing.
+                let Ok(slice) = mem.get_slice(addr, len) else {
+                    return (Vec::new(), 0);
+                };
+                iov.push(libc::iovec {
+                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                    iov_len: len,
+                });
             }
             next += ndescs;
             room += chain_room;
@@ -515,11 +533,16 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         self.active = None;
         self.acked_features = 0;
         self.rx_waiting_for_buffers = false;
+        self.tx_more = false;
         self.rx.clear();
     }
 
     fn backend_fd(&self) -> Option<RawFd> {
         Some(self.backend.as_raw_fd())
+    }
+
+    fn queue_pending(&self, index: usize) -> bool {
+        index == TX && self.tx_more
     }
 
     fn process_backend(&mut self) -> bool {

@@ -1,12 +1,53 @@
-//! Used-ring helpers that virtio-queue does not offer: publishing several used
-//! elements under one index update, and deciding on an interrupt for all that
-//! was published since a given point.
+//! Queue helpers that virtio-queue does not offer: a checked pop, a bound on
+//! the work of one pass, publishing several used elements under one index
+//! update, and deciding on an interrupt for all that was published since a
+//! given point.
 
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Errors of the queue helpers.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The available index says chains are ready that cannot be read.
+    #[error("The available ring announces chains that cannot be read; the queue is unusable until the driver resets the device.")]
+    Unreadable,
+}
+
+/// Most chains a device completes in one pass over a queue before it lets the
+/// event loop serve everything else (and asks to be called again).
+pub const BUDGET: usize = 256;
+
+/// Whether the driver's available index is at most a queue length ahead of the
+/// device: anything else is a guest error that would make the device spin.
+pub fn avail_index_sane(q: &Queue, mem: &GuestMemoryMmap) -> bool {
+    match q.avail_idx(mem, Ordering::Acquire) {
+        Ok(avail) => (avail - Wrapping(q.next_avail())).0 <= q.size(),
+        Err(_) => false,
+    }
+}
+
+/// The next available chain, None when the driver has posted no more, or Err
+/// when the ring says there is more but it cannot be read (a queue the device
+/// cannot use: looping on it would never end).
+pub fn pop_chain<'a>(
+    q: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, Error> {
+    if let Some(chain) = q.pop_descriptor_chain(mem) {
+        return Ok(Some(chain));
+    }
+    match q.avail_idx(mem, Ordering::Acquire) {
+        Ok(avail) if avail.0 == q.next_avail() => Ok(None),
+        _ => {
+            crate::guest_warn!("virtio: {}", Error::Unreadable);
+            Err(Error::Unreadable)
+        }
+    }
+}
 
 /// Size of the used ring header (flags and index).
 const USED_HEADER: u64 = 4;

@@ -402,3 +402,77 @@ fn a_frame_larger_than_the_buffer_is_dropped_and_counted_and_the_buffer_reused()
     let c = h.dev.counters();
     assert_eq!((c.rx_packets, c.rx_dropped), (1, 1));
 }
+
+/// Runs `f` on a thread and fails if it takes more than 10 s (a hang).
+fn within_10s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the device hung")
+}
+
+#[test]
+fn a_ring_the_queue_library_cannot_read_stops_the_device_instead_of_hanging() {
+    // Found in review: virtio-queue pops nothing from an available ring at
+    // guest address 0 while its index says there is more, and the drain loops
+    // went round forever. (The transport also refuses such a queue at DRIVER_OK.)
+    for (q, event_idx) in [(RX, false), (TX, true)] {
+        let mut h = Harness::new();
+        h.add_chain(q, &[(BUFS, 2048, q == RX)]);
+        h.peer_send(&frame(64, 1));
+        let (mem, mut queues, interrupt) = h.dev.active.take().unwrap();
+        queues[q].set_avail_ring_address(Some(0), Some(0));
+        queues[q].set_event_idx(event_idx);
+        h.dev.active = Some((mem, queues, interrupt));
+        // The ring at 0 says one chain (head 0) is available.
+        h.mem.write_obj([0u16, 1, 0], GuestAddress(0)).unwrap();
+        let mut dev = h.dev;
+        let healthy = within_10s(move || dev.process_queue(q));
+        assert!(!healthy, "queue {q}: the device reports it needs a reset");
+    }
+}
+
+#[test]
+fn a_receive_chain_longer_than_one_readv_takes_is_returned_unused() {
+    // Found in review: an indirect table of more than 1024 descriptors gave
+    // readv no buffers; a TAP then returns 0 and keeps the frame, and the loop
+    // never ended. Such a chain is now unusable.
+    let mut h = Harness::new();
+    let table = BUFS + 0x10000;
+    for i in 0..1100u64 {
+        let at = GuestAddress(table + i * 16);
+        h.mem.write_obj(BUFS + i, at).unwrap();
+        h.mem.write_obj(1u32, at.unchecked_add(8)).unwrap();
+        let flags: u16 = F_WRITE | if i < 1099 { F_NEXT } else { 0 };
+        h.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
+        h.mem
+            .write_obj((i + 1) as u16, at.unchecked_add(14))
+            .unwrap();
+    }
+    // One descriptor in the ring pointing at the indirect table (flag 4).
+    let (ring_table, avail, _) = ring(RX);
+    h.mem.write_obj(table, GuestAddress(ring_table)).unwrap();
+    h.mem
+        .write_obj(1100u32 * 16, GuestAddress(ring_table + 8))
+        .unwrap();
+    h.mem
+        .write_obj(4u16, GuestAddress(ring_table + 12))
+        .unwrap();
+    h.mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
+    h.mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+    h.next_desc[RX] = 1;
+    h.avail_idx[RX] = 1;
+    h.peer_send(&frame(64, 2));
+    let mut dev = h.dev;
+    let (healthy, dev) = within_10s(move || (dev.process_queue(RX), dev));
+    assert!(healthy);
+    h.dev = dev;
+    assert_eq!(h.used(RX), [(0, 0)]);
+    assert_eq!(h.dev.counters().rx_dropped, 1);
+    // A normal buffer then takes the waiting frame.
+    h.add_chain(RX, &[(BUFS, 2048, true)]);
+    assert!(h.dev.process_queue(RX));
+    assert_eq!(h.used(RX)[1], (1, 64 + NET_HDR_SIZE as u32));
+}
