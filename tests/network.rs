@@ -37,7 +37,10 @@ struct NetNs {
 impl NetNs {
     fn new(tag: &str) -> NetNs {
         let name = format!("vmm-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
         sh(&["ip", "netns", "add", &name]);
         let exec = |rest: &[&str]| {
             let mut v = vec!["ip", "netns", "exec", &name];
@@ -146,6 +149,65 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 #[test]
+fn a_second_interface_on_a_second_tap_answers_pings() {
+    let host = host();
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let ns = NetNs::new("two");
+    for args in [
+        &["tuntap", "add", "dev", "vmmtap1", "mode", "tap"][..],
+        &["addr", "add", "192.168.78.1/24", "dev", "vmmtap1"],
+        &["link", "set", "vmmtap1", "up"],
+    ] {
+        let st = ns.command("ip").args(args).status().expect("ip runs");
+        assert!(st.success(), "ip {args:?}");
+    }
+    let mut cmd = ns.command(env!("CARGO_BIN_EXE_vmm"));
+    cmd.arg("--kernel").arg(kernel("vmlinux")).args([
+        "--net",
+        &format!("tap={TAP}"),
+        "--net",
+        "tap=vmmtap1,mac=02:00:00:00:01:15",
+        "--memory",
+        "256M",
+        "--log-level",
+        "info",
+    ]);
+    // The second interface (eth1) gets a static address on the second TAP's
+    // subnet; the kernel stays up with no root device.
+    cmd.args([
+        "--cmdline",
+        &linux_cmdline(
+            host,
+            "ip=192.168.78.15::192.168.78.1:255.255.255.0::eth1:off root=/dev/vdz rootwait",
+        ),
+    ]);
+    let mut vm = Running::start(cmd);
+    let up = vm.wait_for("IP-Config: Complete", boot_timeout(host));
+    let console = vm.stdout_now();
+    let ping = ns
+        .command("ping")
+        .args(["-c", "10", "-i", "0.2", "-W", "5", "-q", "192.168.78.15"])
+        .output()
+        .expect("ping (iputils-ping) is installed");
+    vm.signal(libc::SIGTERM);
+    let out = vm.finish(Duration::from_secs(20));
+    eprintln!("asserting: eth1 configured, 10/10 echo replies over vmmtap1, the second device's counters at exit");
+    assert!(up, "{console}");
+    assert!(console.contains("device=eth1"), "{console}");
+    let summary = String::from_utf8_lossy(&ping.stdout);
+    assert!(
+        summary.contains("10 packets transmitted, 10 received"),
+        "{summary}\nvmm: {}",
+        out.stderr
+    );
+    assert!(
+        rx_packets(&out.stderr, "net1 (vmmtap1)") >= 10,
+        "net1 counted the echo requests: {}",
+        out.stderr
+    );
+}
+
+#[test]
 fn a_tap_device_the_user_may_not_attach_is_a_one_line_error() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let ns = NetNs::new("perm");
@@ -247,6 +309,18 @@ impl Drop for NetNs {
     }
 }
 
+/// The received-packets counter of `device` ("net0 (vmmtap0)") in the
+/// counters vmm logs at exit; 0 if absent.
+fn rx_packets(stderr: &str, device: &str) -> u64 {
+    stderr
+        .lines()
+        .find(|l| l.contains(&format!("{device}: tx ")))
+        .and_then(|l| l.split("rx ").nth(1))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 fn cmdline(host: Host, extra: &str) -> String {
     linux_cmdline(host, &format!("ip=dhcp {extra}"))
 }
@@ -303,19 +377,8 @@ fn linux_gets_a_dhcp_lease_and_answers_100_pings_from_the_host() {
         out.stderr
     );
     assert_eq!(out.code, Some(128 + libc::SIGTERM), "{}", out.stderr);
-    let counters = out
-        .stderr
-        .lines()
-        .find(|l| l.contains("net0 (vmmtap0): tx "))
-        .unwrap_or_default();
-    let rx: u64 = counters
-        .split("rx ")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
     assert!(
-        rx >= 100,
+        rx_packets(&out.stderr, "net0 (vmmtap0)") >= 100,
         "the device counted the echo requests: {}",
         out.stderr
     );
