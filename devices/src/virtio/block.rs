@@ -315,9 +315,19 @@ impl Block {
                     Err(_) => return false,
                 };
                 let head = chain.head_index();
-                // The chain iterator stops at loops and overlong chains (bounded by
-                // the queue size) and at descriptors outside guest memory.
-                let descs: Vec<Descriptor> = chain.collect();
+                let Some(descs) = ring::descriptors(chain, a.queue.size()) else {
+                    // Longer than the queue: not a request a driver may make, and
+                    // its status byte is out of reach.
+                    crate::guest_warn!(
+                        "virtio-blk: a chain longer than the queue size; device needs reset"
+                    );
+                    if a.queue.add_used(&mem, head, 0).is_err() {
+                        return false;
+                    }
+                    done += 1;
+                    healthy = false;
+                    continue;
+                };
                 let (len, status) = match self.execute(&mem, &descs) {
                     Ok(n) => (n, Some(VIRTIO_BLK_S_OK as u8)),
                     Err(RequestError::Status(s)) => (0, Some(s)),

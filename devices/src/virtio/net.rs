@@ -172,7 +172,7 @@ impl<B: NetBackend> Net<B> {
                     Err(_) => return false,
                 };
                 let head = chain.head_index();
-                let descs: Vec<Descriptor> = chain.collect();
+                let descs = ring::descriptors(chain, q.size()).unwrap_or_default();
                 let total: usize = descs.iter().map(|d| d.len() as usize).sum();
                 let well_formed = !descs.is_empty()
                     && descs.iter().all(|d| !d.is_write_only())
@@ -352,12 +352,10 @@ impl RxBuffers {
                 return Ok(());
             };
             let head = chain.head_index();
-            // The chain iterator stops at loops and at the queue size (an
-            // indirect table may still hold more descriptors than one readv takes).
-            let descs: Vec<Descriptor> = chain.collect();
+            // An overlong chain comes back empty, hence unusable.
+            let descs = ring::descriptors(chain, q.size()).unwrap_or_default();
             let room: usize = descs.iter().map(|d| d.len() as usize).sum();
             let usable = room >= NET_HDR_SIZE
-                && descs.len() <= MAX_IOVECS
                 && descs.iter().all(|d| {
                     d.is_write_only() && mem.get_slice(d.addr(), d.len() as usize).is_ok()
                 });

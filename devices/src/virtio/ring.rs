@@ -6,6 +6,7 @@
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -53,6 +54,15 @@ pub fn pop_chain<'a>(
 const USED_HEADER: u64 = 4;
 /// Size of one used element.
 const USED_ELEM: u64 = 8;
+
+/// The descriptors of `chain`, or None if it is longer than `max`, the queue
+/// size: a driver must not make a longer chain (virtio 1.2 §2.7.5.3.1), and
+/// inside an indirect table virtio-queue would follow up to 65535. The
+/// iterator itself stops at loops and at descriptors outside guest memory.
+pub fn descriptors(chain: DescriptorChain<&GuestMemoryMmap>, max: u16) -> Option<Vec<Descriptor>> {
+    let descs: Vec<Descriptor> = chain.take(usize::from(max) + 1).collect();
+    (descs.len() <= usize::from(max)).then_some(descs)
+}
 
 /// Puts every `(head, length)` of `elems` on the used ring and only then moves
 /// the used index past them, so that the driver sees all of them or none (a

@@ -516,3 +516,34 @@ fn event_idx_suppresses_interrupts_the_driver_did_not_ask_for() {
         "one interrupt when used_event is crossed"
     );
 }
+
+#[test]
+fn a_chain_longer_than_the_queue_marks_the_device_broken() {
+    // An indirect table may hold up to 65535 descriptors; a driver must not
+    // make a chain longer than the queue (16 here). The chain is returned empty.
+    let (p, _) = image(1);
+    let mut h = Harness::new(&p.0, false);
+    h.header(HDR, VIRTIO_BLK_T_IN, 0);
+    let table = DATA + 0x4000;
+    for i in 0..17u64 {
+        let (addr, len, flags) = match i {
+            0 => (HDR, 16, F_NEXT),
+            16 => (STATUS, 1, F_WRITE),
+            _ => (BUF + (i - 1) * 512, 512, F_NEXT | F_WRITE),
+        };
+        let at = table + i * 16;
+        h.mem.write_obj(addr, GuestAddress(at)).unwrap();
+        h.mem.write_obj(len as u32, GuestAddress(at + 8)).unwrap();
+        h.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+        h.mem
+            .write_obj((i + 1) as u16, GuestAddress(at + 14))
+            .unwrap();
+    }
+    h.mem.write_obj(0x5au8, GuestAddress(STATUS)).unwrap();
+    h.write_desc(0, table, 17 * 16, 4, 0); // INDIRECT
+    h.publish(0);
+    assert!(!h.process());
+    assert_eq!(h.used_idx(), 1);
+    assert_eq!(h.used(0), (0, 0));
+    assert_eq!(h.status(STATUS), 0x5a, "nothing was written");
+}

@@ -440,36 +440,45 @@ fn a_ring_the_queue_library_cannot_read_stops_the_device_instead_of_hanging() {
     }
 }
 
-#[test]
-fn a_receive_chain_longer_than_one_readv_takes_is_returned_unused() {
-    // Found in review: an indirect table of more than 1024 descriptors gave
-    // readv no buffers; a TAP then returns 0 and keeps the frame, and the loop
-    // never ended. Such a chain is now unusable.
-    let mut h = Harness::new();
+/// Posts on queue `q` one descriptor pointing at an indirect table of `n`
+/// one-byte descriptors (writable or not).
+fn add_indirect_chain(h: &mut Harness, q: usize, n: u64, writable: bool) {
     let table = BUFS + 0x10000;
-    for i in 0..1100u64 {
+    for i in 0..n {
         let at = GuestAddress(table + i * 16);
         h.mem.write_obj(BUFS + i, at).unwrap();
         h.mem.write_obj(1u32, at.unchecked_add(8)).unwrap();
-        let flags: u16 = F_WRITE | if i < 1099 { F_NEXT } else { 0 };
+        let flags: u16 = if writable { F_WRITE } else { 0 } | if i + 1 < n { F_NEXT } else { 0 };
         h.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
         h.mem
             .write_obj((i + 1) as u16, at.unchecked_add(14))
             .unwrap();
     }
-    // One descriptor in the ring pointing at the indirect table (flag 4).
-    let (ring_table, avail, _) = ring(RX);
-    h.mem.write_obj(table, GuestAddress(ring_table)).unwrap();
+    let (ring_table, avail, _) = ring(q);
+    let index = u64::from(h.next_desc[q]);
+    let at = GuestAddress(ring_table + index * 16);
+    h.mem.write_obj(table, at).unwrap();
     h.mem
-        .write_obj(1100u32 * 16, GuestAddress(ring_table + 8))
+        .write_obj((n * 16) as u32, at.unchecked_add(8))
         .unwrap();
+    h.mem.write_obj(4u16, at.unchecked_add(12)).unwrap(); // INDIRECT
+    let slot = avail + 4 + u64::from(h.avail_idx[q] % h.qsize) * 2;
+    h.mem.write_obj(h.next_desc[q], GuestAddress(slot)).unwrap();
+    h.next_desc[q] += 1;
+    h.avail_idx[q] += 1;
     h.mem
-        .write_obj(4u16, GuestAddress(ring_table + 12))
+        .write_obj(h.avail_idx[q], GuestAddress(avail + 2))
         .unwrap();
-    h.mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
-    h.mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
-    h.next_desc[RX] = 1;
-    h.avail_idx[RX] = 1;
+}
+
+#[test]
+fn a_receive_chain_longer_than_the_queue_is_returned_unused() {
+    // Found in review: an indirect table may hold up to 65535 descriptors; one
+    // of more than 1024 gave readv no buffers, a TAP then returns 0 and keeps
+    // the frame, and the loop never ended. A chain longer than the queue (which
+    // a driver must not make) is now unusable.
+    let mut h = Harness::new();
+    add_indirect_chain(&mut h, RX, 1100, true);
     h.peer_send(&frame(64, 2));
     let mut dev = h.dev;
     let (healthy, dev) = within_10s(move || (dev.process_queue(RX), dev));
@@ -481,6 +490,20 @@ fn a_receive_chain_longer_than_one_readv_takes_is_returned_unused() {
     h.add_chain(RX, &[(BUFS, 2048, true)]);
     assert!(h.dev.process_queue(RX));
     assert_eq!(h.used(RX)[1], (1, 64 + NET_HDR_SIZE as u32));
+}
+
+#[test]
+fn a_transmit_chain_longer_than_the_queue_is_dropped_and_counted() {
+    let mut h = Harness::new();
+    add_indirect_chain(&mut h, TX, 17, false);
+    assert!(h.dev.process_queue(TX));
+    assert_eq!(h.used(TX), [(0, 0)]);
+    assert_eq!(h.dev.counters().tx_dropped, 1);
+    assert_eq!(h.peer_recv(), None, "nothing reached the backend");
+    // A chain within the queue size goes out: 12 one-byte descriptors.
+    add_indirect_chain(&mut h, TX, 12, false);
+    assert!(h.dev.process_queue(TX));
+    assert_eq!(h.peer_recv().map(|f| f.len()), Some(12));
 }
 
 #[test]
