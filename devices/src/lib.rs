@@ -65,4 +65,22 @@ pub(crate) mod test_util {
             self.0.lock().unwrap().push(reason);
         }
     }
+
+    /// An interrupt line that counts how often it was raised.
+    #[derive(Default)]
+    pub struct CountingIrq(std::sync::atomic::AtomicUsize);
+
+    impl CountingIrq {
+        /// Times the line was raised so far.
+        pub fn count(&self) -> usize {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    impl InterruptLine for CountingIrq {
+        fn trigger(&self) -> std::io::Result<()> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
 }

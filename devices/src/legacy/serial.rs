@@ -110,17 +110,8 @@ impl BusDevice for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use crate::test_util::CountingIrq;
     use std::sync::Mutex;
-
-    #[derive(Default)]
-    struct CountingIrq(AtomicUsize);
-    impl InterruptLine for CountingIrq {
-        fn trigger(&self) -> std::io::Result<()> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-    }
 
     #[derive(Clone, Default)]
     struct SharedBuf(Arc<Mutex<Vec<u8>>>);
@@ -164,7 +155,7 @@ mod tests {
         dev.write(IER, &[1]); // receive-data interrupt on
         let input: Vec<u8> = (0..200u8).collect();
         dev.queue_input(&input);
-        assert!(irq.0.load(Ordering::SeqCst) > 0);
+        assert!(irq.count() > 0);
         let mut got = Vec::new();
         let mut b = [0u8];
         loop {

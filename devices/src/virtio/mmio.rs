@@ -510,16 +510,10 @@ impl MutEventSubscriber for QueueEvents {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::CountingIrq;
     use crate::virtio::block::Block;
     use std::io::Write;
     use vm_memory::GuestAddress;
-
-    struct NoIrq;
-    impl crate::InterruptLine for NoIrq {
-        fn trigger(&self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     fn transport(tag: &str) -> (MmioTransport, std::path::PathBuf) {
         let path = std::env::temp_dir().join(format!("vmm-mmio-{}-{tag}", std::process::id()));
@@ -529,7 +523,12 @@ mod tests {
             .unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
         let dev = Block::open(&path, false, None).unwrap();
-        let t = MmioTransport::new(Box::new(dev), mem, Interrupt::new(Arc::new(NoIrq))).unwrap();
+        let t = MmioTransport::new(
+            Box::new(dev),
+            mem,
+            Interrupt::new(Arc::new(CountingIrq::default())),
+        )
+        .unwrap();
         (t, path)
     }
 
@@ -766,8 +765,12 @@ mod tests {
             backend: std::fs::File::open("/dev/null").unwrap(),
         };
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
-        let mut t =
-            MmioTransport::new(Box::new(dev), mem, Interrupt::new(Arc::new(NoIrq))).unwrap();
+        let mut t = MmioTransport::new(
+            Box::new(dev),
+            mem,
+            Interrupt::new(Arc::new(CountingIrq::default())),
+        )
+        .unwrap();
         negotiate(&mut t);
         setup_queue(&mut t, 16);
         w(&mut t, REG_STATUS, RUNNING);

@@ -2,13 +2,12 @@
 //! and the malformed cases a hostile guest can produce.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
-use crate::InterruptLine;
+use crate::test_util::CountingIrq;
 
 const DESC_TABLE: u64 = 0x1000;
 const AVAIL_RING: u64 = 0x3000;
@@ -19,15 +18,6 @@ const QSIZE: u16 = 16;
 
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
-
-#[derive(Default)]
-struct CountingIrq(AtomicUsize);
-impl InterruptLine for CountingIrq {
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.fetch_add(1, AtomicOrdering::SeqCst);
-        Ok(())
-    }
-}
 
 /// A disk image with a known pattern: byte i is (i * 7) mod 251.
 fn image(sectors: u64) -> (tempfile_path::TempPath, Vec<u8>) {
@@ -183,7 +173,7 @@ fn read_returns_file_bytes_with_ok_status() {
     assert_eq!(h.status(STATUS), VIRTIO_BLK_S_OK as u8);
     assert_eq!(h.used_idx(), 1);
     assert_eq!(h.used(0), (0, 1025));
-    assert_eq!(h.irq.0.load(AtomicOrdering::SeqCst), 1);
+    assert_eq!(h.irq.count(), 1);
 }
 
 #[test]
@@ -500,21 +490,13 @@ fn event_idx_suppresses_interrupts_the_driver_did_not_ask_for() {
         assert!(h.process());
     }
     assert_eq!(h.used_idx(), 2);
-    assert_eq!(
-        h.irq.0.load(AtomicOrdering::SeqCst),
-        0,
-        "no interrupt before used_event"
-    );
+    assert_eq!(h.irq.count(), 0, "no interrupt before used_event");
     for _ in 0..4 {
         h.next_desc = 0;
         simple(&mut h, VIRTIO_BLK_T_FLUSH, 0, 512, true);
         assert!(h.process());
     }
-    assert_eq!(
-        h.irq.0.load(AtomicOrdering::SeqCst),
-        1,
-        "one interrupt when used_event is crossed"
-    );
+    assert_eq!(h.irq.count(), 1, "one interrupt when used_event is crossed");
 }
 
 #[test]

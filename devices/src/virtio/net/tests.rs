@@ -2,13 +2,12 @@
 //! pair standing in for the TAP device (it keeps frame boundaries the same way).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
-use crate::InterruptLine;
+use crate::test_util::CountingIrq;
 
 const MEM_SIZE: usize = 0x100000;
 const QSIZE: u16 = 16;
@@ -17,15 +16,6 @@ const F_WRITE: u16 = 2;
 /// Ring areas of queue i start at RINGS + i * 0x4000.
 const RINGS: u64 = 0x1000;
 const BUFS: u64 = 0x20000;
-
-#[derive(Default)]
-struct CountingIrq(AtomicUsize);
-impl InterruptLine for CountingIrq {
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-}
 
 /// One end of a SOCK_DGRAM socket pair.
 struct SocketBackend(OwnedFd);
@@ -128,7 +118,7 @@ impl Harness {
     }
 
     fn add_chain(&mut self, q: usize, descs: &[(u64, u32, bool)]) {
-        let (table, avail, _) = ring(q);
+        let (table, _, _) = ring(q);
         let head = self.next_desc[q];
         for (i, &(addr, len, writable)) in descs.iter().enumerate() {
             let index = self.next_desc[q];
@@ -143,6 +133,12 @@ impl Harness {
                 .unwrap();
             self.next_desc[q] += 1;
         }
+        self.publish(q, head);
+    }
+
+    /// Makes the chain at `head` available on queue `q`.
+    fn publish(&mut self, q: usize, head: u16) {
+        let (_, avail, _) = ring(q);
         let slot = avail + 4 + u64::from(self.avail_idx[q] % self.qsize) * 2;
         self.mem.write_obj(head, GuestAddress(slot)).unwrap();
         self.avail_idx[q] += 1;
@@ -218,7 +214,7 @@ fn guest_frame_reaches_the_backend_byte_exact() {
     assert_eq!(h.used(TX), [(0, 0)]);
     let c = h.dev.counters();
     assert_eq!((c.tx_packets, c.tx_bytes, c.tx_dropped), (1, 60, 0));
-    assert_eq!(h.irq.0.load(Ordering::SeqCst), 1);
+    assert_eq!(h.irq.count(), 1);
 }
 
 #[test]
@@ -454,21 +450,16 @@ fn add_indirect_chain(h: &mut Harness, q: usize, n: u64, writable: bool) {
             .write_obj((i + 1) as u16, at.unchecked_add(14))
             .unwrap();
     }
-    let (ring_table, avail, _) = ring(q);
-    let index = u64::from(h.next_desc[q]);
-    let at = GuestAddress(ring_table + index * 16);
+    let (ring_table, _, _) = ring(q);
+    let head = h.next_desc[q];
+    let at = GuestAddress(ring_table + u64::from(head) * 16);
     h.mem.write_obj(table, at).unwrap();
     h.mem
         .write_obj((n * 16) as u32, at.unchecked_add(8))
         .unwrap();
     h.mem.write_obj(4u16, at.unchecked_add(12)).unwrap(); // INDIRECT
-    let slot = avail + 4 + u64::from(h.avail_idx[q] % h.qsize) * 2;
-    h.mem.write_obj(h.next_desc[q], GuestAddress(slot)).unwrap();
     h.next_desc[q] += 1;
-    h.avail_idx[q] += 1;
-    h.mem
-        .write_obj(h.avail_idx[q], GuestAddress(avail + 2))
-        .unwrap();
+    h.publish(q, head);
 }
 
 #[test]
