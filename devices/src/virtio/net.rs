@@ -102,14 +102,18 @@ pub struct Net<B: NetBackend> {
 fn iovecs(mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Option<Vec<libc::iovec>> {
     descs
         .iter()
-        .map(|d| {
-            let slice = mem.get_slice(d.addr(), d.len() as usize).ok()?;
-            Some(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: d.len() as usize,
-            })
-        })
+        .map(|d| guest_iovec(mem, d.addr(), d.len() as usize))
         .collect()
+}
+
+/// An iovec over `len` bytes of guest memory at `addr`; None unless they lie
+/// within one region of guest memory.
+fn guest_iovec(mem: &GuestMemoryMmap, addr: GuestAddress, len: usize) -> Option<libc::iovec> {
+    let slice = mem.get_slice(addr, len).ok()?;
+    Some(libc::iovec {
+        iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+        iov_len: len,
+    })
 }
 
 impl<B: NetBackend> Net<B> {
@@ -357,7 +361,7 @@ impl RxBuffers {
             let room: usize = descs.iter().map(|d| d.len() as usize).sum();
             let usable = room >= NET_HDR_SIZE
                 && descs.iter().all(|d| {
-                    d.is_write_only() && mem.get_slice(d.addr(), d.len() as usize).is_ok()
+                    d.is_write_only() && guest_iovec(mem, d.addr(), d.len() as usize).is_some()
                 });
             if !usable {
                 counters.rx_dropped += 1;
@@ -386,13 +390,10 @@ impl RxBuffers {
             for &(addr, len) in self.descs.range(next..next + ndescs) {
                 // Checked when the chain was taken, and guest memory does not
                 // change: a failure here would be a bug, so read nothing.
-                let Ok(slice) = mem.get_slice(addr, len) else {
+                let Some(v) = guest_iovec(mem, addr, len) else {
                     return (Vec::new(), 0);
                 };
-                iov.push(libc::iovec {
-                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                    iov_len: len,
-                });
+                iov.push(v);
             }
             next += ndescs;
             room += chain_room;
@@ -409,15 +410,7 @@ impl RxBuffers {
     fn consume(&mut self, mem: &GuestMemoryMmap, n: usize) -> Vec<(u16, u32)> {
         let mut used = Vec::with_capacity(1);
         let mut left = n;
-        let mut first_descs = Vec::new();
-        while let Some((head, ndescs, room)) = self.chains.pop_front() {
-            let descs = self.descs.drain(..ndescs);
-            if used.is_empty() {
-                first_descs.extend(descs);
-            } else {
-                drop(descs);
-            }
-            self.room -= room;
+        for &(head, _, room) in &self.chains {
             let take = left.min(room);
             used.push((head, take as u32));
             left -= take;
@@ -426,16 +419,21 @@ impl RxBuffers {
             }
         }
         // num_buffers sits at bytes 10-11 of the header, inside the first chain.
+        let first_ndescs = self.chains.front().map_or(0, |c| c.1);
         let count = (used.len() as u16).to_le_bytes();
         for (i, byte) in count.iter().enumerate() {
             let mut offset = NET_HDR_SIZE - 2 + i;
-            for &(addr, len) in &first_descs {
+            for &(addr, len) in self.descs.range(..first_ndescs) {
                 if offset < len {
                     let _ = mem.write_obj(*byte, addr.unchecked_add(offset as u64));
                     break;
                 }
                 offset -= len;
             }
+        }
+        for (_, ndescs, room) in self.chains.drain(..used.len()) {
+            self.descs.drain(..ndescs);
+            self.room -= room;
         }
         used
     }
