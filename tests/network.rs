@@ -19,6 +19,19 @@ const TAP: &str = "vmmtap0";
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// `ip ARGS` inside network namespace `ns`; panics unless it succeeds.
+fn ip_in(ns: &str, args: &[&str]) {
+    sh(&[&["ip", "netns", "exec", ns, "ip"][..], args].concat());
+}
+
+/// Creates TAP device `name` with host address `addr` (CIDR) and brings it up,
+/// running `ip ARGS` through `ip`.
+fn add_tap(ip: impl Fn(&[&str]), name: &str, addr: &str) {
+    ip(&["tuntap", "add", "dev", name, "mode", "tap"]);
+    ip(&["addr", "add", addr, "dev", name]);
+    ip(&["link", "set", name, "up"]);
+}
+
 fn sh(args: &[&str]) {
     let st = Command::new(args[0])
         .args(&args[1..])
@@ -42,15 +55,8 @@ impl NetNs {
             .stderr(Stdio::null())
             .status();
         sh(&["ip", "netns", "add", &name]);
-        let exec = |rest: &[&str]| {
-            let mut v = vec!["ip", "netns", "exec", &name];
-            v.extend_from_slice(rest);
-            sh(&v);
-        };
-        exec(&["ip", "link", "set", "lo", "up"]);
-        exec(&["ip", "tuntap", "add", "dev", TAP, "mode", "tap"]);
-        exec(&["ip", "addr", "add", &format!("{HOST_ADDR}/24"), "dev", TAP]);
-        exec(&["ip", "link", "set", TAP, "up"]);
+        ip_in(&name, &["link", "set", "lo", "up"]);
+        add_tap(|a| ip_in(&name, a), TAP, &format!("{HOST_ADDR}/24"));
         let leases = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.leases"));
         let dnsmasq = Command::new("ip")
             .args([
@@ -72,6 +78,47 @@ impl NetNs {
             .spawn()
             .expect("dnsmasq (dnsmasq-base) is installed");
         NetNs { name, dnsmasq }
+    }
+
+    /// `ip ARGS` inside the namespace; panics unless it succeeds.
+    fn ip(&self, args: &[&str]) {
+        ip_in(&self.name, args);
+    }
+
+    /// The summary of `ping -c COUNT -i INTERVAL -q ADDR` from the namespace.
+    fn ping(&self, count: u32, interval: &str, addr: &str) -> String {
+        let out = self
+            .command("ping")
+            .args([
+                "-c",
+                &count.to_string(),
+                "-i",
+                interval,
+                "-W",
+                "5",
+                "-q",
+                addr,
+            ])
+            .output()
+            .expect("ping (iputils-ping) is installed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The project's Linux kernel on the namespace's TAPs (`nets`: --net specs),
+    /// with `extra` on its command line and no root device ever appearing, so
+    /// that it stays up with networking running.
+    fn kept_alive_linux(&self, host: Host, nets: &[&str], extra: &str) -> Running {
+        let mut cmd = self.command(env!("CARGO_BIN_EXE_vmm"));
+        cmd.arg("--kernel").arg(kernel("vmlinux"));
+        for net in nets {
+            cmd.args(["--net", net]);
+        }
+        cmd.args(["--memory", "256M", "--log-level", "info", "--cmdline"])
+            .arg(linux_cmdline(
+                host,
+                &format!("{extra} root=/dev/vdz rootwait"),
+            ));
+        Running::start(cmd)
     }
 
     /// `cmd` run inside the namespace.
@@ -153,48 +200,21 @@ fn a_second_interface_on_a_second_tap_answers_pings() {
     let host = host();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let ns = NetNs::new("two");
-    for args in [
-        &["tuntap", "add", "dev", "vmmtap1", "mode", "tap"][..],
-        &["addr", "add", "192.168.78.1/24", "dev", "vmmtap1"],
-        &["link", "set", "vmmtap1", "up"],
-    ] {
-        let st = ns.command("ip").args(args).status().expect("ip runs");
-        assert!(st.success(), "ip {args:?}");
-    }
-    let mut cmd = ns.command(env!("CARGO_BIN_EXE_vmm"));
-    cmd.arg("--kernel").arg(kernel("vmlinux")).args([
-        "--net",
-        &format!("tap={TAP}"),
-        "--net",
-        "tap=vmmtap1,mac=02:00:00:00:01:15",
-        "--memory",
-        "256M",
-        "--log-level",
-        "info",
-    ]);
-    // The second interface (eth1) gets a static address on the second TAP's
-    // subnet; the kernel stays up with no root device.
-    cmd.args([
-        "--cmdline",
-        &linux_cmdline(
-            host,
-            "ip=192.168.78.15::192.168.78.1:255.255.255.0::eth1:off root=/dev/vdz rootwait",
-        ),
-    ]);
-    let mut vm = Running::start(cmd);
+    add_tap(|a| ns.ip(a), "vmmtap1", "192.168.78.1/24");
+    // The second interface (eth1) gets a static address on the second TAP's subnet.
+    let mut vm = ns.kept_alive_linux(
+        host,
+        &[&format!("tap={TAP}"), "tap=vmmtap1,mac=02:00:00:00:01:15"],
+        "ip=192.168.78.15::192.168.78.1:255.255.255.0::eth1:off",
+    );
     let up = vm.wait_for("IP-Config: Complete", boot_timeout(host));
     let console = vm.stdout_now();
-    let ping = ns
-        .command("ping")
-        .args(["-c", "10", "-i", "0.2", "-W", "5", "-q", "192.168.78.15"])
-        .output()
-        .expect("ping (iputils-ping) is installed");
+    let summary = ns.ping(10, "0.2", "192.168.78.15");
     vm.signal(libc::SIGTERM);
     let out = vm.finish(Duration::from_secs(20));
     eprintln!("asserting: eth1 configured, 10/10 echo replies over vmmtap1, the second device's counters at exit");
     assert!(up, "{console}");
     assert!(console.contains("device=eth1"), "{console}");
-    let summary = String::from_utf8_lossy(&ping.stdout);
     assert!(
         summary.contains("10 packets transmitted, 10 received"),
         "{summary}\nvmm: {}",
@@ -213,14 +233,9 @@ fn a_tap_device_the_user_may_not_attach_is_a_one_line_error() {
     let ns = NetNs::new("perm");
     // Owned by another user: attaching needs CAP_NET_ADMIN, which the VMM is
     // started without (as root, so /dev/kvm and /dev/net/tun still open).
-    let st = ns
-        .command("ip")
-        .args([
-            "tuntap", "add", "dev", "vmmtap1", "mode", "tap", "user", "4242",
-        ])
-        .status()
-        .expect("ip runs");
-    assert!(st.success());
+    ns.ip(&[
+        "tuntap", "add", "dev", "vmmtap1", "mode", "tap", "user", "4242",
+    ]);
     let out = ns
         .command("setpriv")
         .args(["--bounding-set=-net_admin", "--inh-caps=-net_admin"])
@@ -337,31 +352,13 @@ fn linux_gets_a_dhcp_lease_and_answers_100_pings_from_the_host() {
     let host = host();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let ns = NetNs::new("ping");
-    let mut cmd = ns.command(env!("CARGO_BIN_EXE_vmm"));
-    cmd.arg("--kernel").arg(kernel("vmlinux")).args([
-        "--net",
-        &format!("tap={TAP}"),
-        "--memory",
-        "256M",
-        "--log-level",
-        "info",
-    ]);
-    // No root device ever appears: the kernel stays up, networking running.
-    cmd.args(["--cmdline", &cmdline(host, "root=/dev/vdz rootwait")]);
-    let mut vm = Running::start(cmd);
+    let mut vm = ns.kept_alive_linux(host, &[&format!("tap={TAP}")], "ip=dhcp");
     let leased = vm.wait_for("IP-Config: Complete", boot_timeout(host));
     let console = vm.stdout_now();
     // First contact: let both sides resolve each other's MAC (ARP) before the
     // measured pings; the echo requests of this warm-up are not counted.
-    let _ = ns
-        .command("ping")
-        .args(["-c", "3", "-i", "0.2", "-W", "5", "-q", GUEST_ADDR])
-        .output();
-    let ping = ns
-        .command("ping")
-        .args(["-c", "100", "-i", "0.05", "-W", "5", "-q", GUEST_ADDR])
-        .output()
-        .expect("ping (iputils-ping) is installed");
+    let _ = ns.ping(3, "0.2", GUEST_ADDR);
+    let summary = ns.ping(100, "0.05", GUEST_ADDR);
     vm.signal(libc::SIGTERM);
     let out = vm.finish(Duration::from_secs(20));
     eprintln!("asserting: DHCP lease {GUEST_ADDR} from dnsmasq on the TAP, 100/100 echo replies, counters at exit");
@@ -370,7 +367,6 @@ fn linux_gets_a_dhcp_lease_and_answers_100_pings_from_the_host() {
         console.contains(&format!("my address is {GUEST_ADDR}")),
         "{console}"
     );
-    let summary = String::from_utf8_lossy(&ping.stdout);
     assert!(
         summary.contains("100 packets transmitted, 100 received"),
         "{summary}\nvmm: {}",
