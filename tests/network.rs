@@ -208,13 +208,19 @@ fn a_second_interface_on_a_second_tap_answers_pings() {
         "ip=192.168.78.15::192.168.78.1:255.255.255.0::eth1:off",
     );
     let up = vm.wait_for("IP-Config: Complete", boot_timeout(host));
-    let console = vm.stdout_now();
     let summary = ns.ping(10, "0.2", "192.168.78.15");
     vm.signal(libc::SIGTERM);
     let out = vm.finish(Duration::from_secs(20));
     eprintln!("asserting: eth1 configured, 10/10 echo replies over vmmtap1, the second device's counters at exit");
-    assert!(up, "{console}");
-    assert!(console.contains("device=eth1"), "{console}");
+    // The console at exit: the lines after "IP-Config: Complete" may not have
+    // been printed yet when the wait ends.
+    assert!(up, "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("device=eth1, hwaddr=02:00:00:00:01:15, ipaddr=192.168.78.15,"),
+        "{}",
+        out.stdout
+    );
     assert!(
         summary.contains("10 packets transmitted, 10 received"),
         "{summary}\nvmm: {}",
@@ -354,7 +360,6 @@ fn linux_gets_a_dhcp_lease_and_answers_100_pings_from_the_host() {
     let ns = NetNs::new("ping");
     let mut vm = ns.kept_alive_linux(host, &[&format!("tap={TAP}")], "ip=dhcp");
     let leased = vm.wait_for("IP-Config: Complete", boot_timeout(host));
-    let console = vm.stdout_now();
     // First contact: let both sides resolve each other's MAC (ARP) before the
     // measured pings; the echo requests of this warm-up are not counted.
     let _ = ns.ping(3, "0.2", GUEST_ADDR);
@@ -362,10 +367,11 @@ fn linux_gets_a_dhcp_lease_and_answers_100_pings_from_the_host() {
     vm.signal(libc::SIGTERM);
     let out = vm.finish(Duration::from_secs(20));
     eprintln!("asserting: DHCP lease {GUEST_ADDR} from dnsmasq on the TAP, 100/100 echo replies, counters at exit");
-    assert!(leased, "no DHCP lease: {console}");
+    assert!(leased, "no DHCP lease: {}", out.stdout);
     assert!(
-        console.contains(&format!("my address is {GUEST_ADDR}")),
-        "{console}"
+        out.stdout.contains(&format!("my address is {GUEST_ADDR}")),
+        "{}",
+        out.stdout
     );
     assert!(
         summary.contains("100 packets transmitted, 100 received"),
