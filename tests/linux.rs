@@ -14,7 +14,7 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use common::{host, kernel, linux_cmdline, resource, run, vmm, Host, Outcome};
+use common::{host, kernel, linux_cmdline, resource, run_linux, vmm, Host, Outcome};
 
 const MARKER: &str = "VMM-TEST: userspace up";
 
@@ -39,20 +39,12 @@ fn timeout(host: Host) -> Duration {
 /// Boots `args`; on PVM, retries once when the emulator fails, saying so.
 fn boot(host: Host, args: &[&str]) -> Outcome {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let attempt = || {
+    let make = || {
         let mut cmd = vmm();
         cmd.args(args).args(["--log-level", "info"]);
-        run(cmd, timeout(host))
+        cmd
     };
-    let out = attempt();
-    if host == Host::Pvm && out.code == Some(3) && out.stderr.contains("emulation failure") {
-        eprintln!(
-            "PVM emulation failure, retrying once: {}",
-            out.stderr.trim()
-        );
-        return attempt();
-    }
-    out
+    run_linux(host, make, timeout(host))
 }
 
 /// Sum of the e820 ranges the kernel printed ("BIOS-e820: [mem 0xA-0xB] kind").

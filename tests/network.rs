@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::{guest, host, kernel, linux_cmdline, resource, Host, Running};
+use common::{guest, host, kernel, linux_cmdline, resource, run_linux, start_linux, Host, Running};
 
 const HOST_ADDR: &str = "192.168.77.1";
 const GUEST_ADDR: &str = "192.168.77.15";
@@ -96,6 +96,10 @@ impl NetNs {
                 interval,
                 "-W",
                 "5",
+                // With -c, a deadline makes ping wait for every reply (until
+                // it) rather than for twice the slowest round trip seen.
+                "-w",
+                "60",
                 "-q",
                 addr,
             ])
@@ -106,19 +110,23 @@ impl NetNs {
 
     /// The project's Linux kernel on the namespace's TAPs (`nets`: --net specs),
     /// with `extra` on its command line and no root device ever appearing, so
-    /// that it stays up with networking running.
-    fn kept_alive_linux(&self, host: Host, nets: &[&str], extra: &str) -> Running {
-        let mut cmd = self.command(env!("CARGO_BIN_EXE_vmm"));
-        cmd.arg("--kernel").arg(kernel("vmlinux"));
-        for net in nets {
-            cmd.args(["--net", net]);
-        }
-        cmd.args(["--memory", "256M", "--log-level", "info", "--cmdline"])
-            .arg(linux_cmdline(
-                host,
-                &format!("{extra} root=/dev/vdz rootwait"),
-            ));
-        Running::start(cmd)
+    /// that it stays up with networking running. Returns once the kernel has
+    /// configured its network ("IP-Config: Complete"), with whether it did.
+    fn kept_alive_linux(&self, host: Host, nets: &[&str], extra: &str) -> (Running, bool) {
+        let make = || {
+            let mut cmd = self.command(env!("CARGO_BIN_EXE_vmm"));
+            cmd.arg("--kernel").arg(kernel("vmlinux"));
+            for net in nets {
+                cmd.args(["--net", net]);
+            }
+            cmd.args(["--memory", "256M", "--log-level", "info", "--cmdline"])
+                .arg(linux_cmdline(
+                    host,
+                    &format!("{extra} root=/dev/vdz rootwait"),
+                ));
+            cmd
+        };
+        start_linux(host, make, "IP-Config: Complete", boot_timeout(host))
     }
 
     /// `cmd` run inside the namespace.
@@ -202,12 +210,11 @@ fn a_second_interface_on_a_second_tap_answers_pings() {
     let ns = NetNs::new("two");
     add_tap(|a| ns.ip(a), "vmmtap1", "192.168.78.1/24");
     // The second interface (eth1) gets a static address on the second TAP's subnet.
-    let mut vm = ns.kept_alive_linux(
+    let (vm, up) = ns.kept_alive_linux(
         host,
         &[&format!("tap={TAP}"), "tap=vmmtap1,mac=02:00:00:00:01:15"],
         "ip=192.168.78.15::192.168.78.1:255.255.255.0::eth1:off",
     );
-    let up = vm.wait_for("IP-Config: Complete", boot_timeout(host));
     let summary = ns.ping(10, "0.2", "192.168.78.15");
     vm.signal(libc::SIGTERM);
     let out = vm.finish(Duration::from_secs(20));
@@ -348,7 +355,7 @@ fn cmdline(host: Host, extra: &str) -> String {
 
 fn boot_timeout(host: Host) -> Duration {
     match host {
-        Host::Pvm => Duration::from_secs(600),
+        Host::Pvm => Duration::from_secs(900),
         Host::Hardware => Duration::from_secs(60),
     }
 }
@@ -358,8 +365,7 @@ fn linux_gets_a_dhcp_lease_and_answers_100_pings_from_the_host() {
     let host = host();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let ns = NetNs::new("ping");
-    let mut vm = ns.kept_alive_linux(host, &[&format!("tap={TAP}")], "ip=dhcp");
-    let leased = vm.wait_for("IP-Config: Complete", boot_timeout(host));
+    let (vm, leased) = ns.kept_alive_linux(host, &[&format!("tap={TAP}")], "ip=dhcp");
     // First contact: let both sides resolve each other's MAC (ARP) before the
     // measured pings; the echo requests of this warm-up are not counted.
     let _ = ns.ping(3, "0.2", GUEST_ADDR);
@@ -393,24 +399,27 @@ fn guest_user_space_pings_the_host() {
     let ns = NetNs::new("uping");
     let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("net-rootfs.ext4");
     std::fs::copy(resource("build-rootfs.sh"), &root).unwrap();
-    let mut cmd = ns.command(env!("CARGO_BIN_EXE_vmm"));
-    cmd.arg("--kernel")
-        .arg(kernel("vmlinux"))
-        .arg("--rootfs")
-        .arg(&root)
-        .args([
-            "--net",
-            &format!("tap={TAP}"),
-            "--memory",
-            "256M",
-            "--log-level",
-            "info",
-        ])
-        .args([
-            "--cmdline",
-            &cmdline(host, &format!("vmm.ping={HOST_ADDR}")),
-        ]);
-    let out = Running::start(cmd).finish(boot_timeout(host));
+    let make = || {
+        let mut cmd = ns.command(env!("CARGO_BIN_EXE_vmm"));
+        cmd.arg("--kernel")
+            .arg(kernel("vmlinux"))
+            .arg("--rootfs")
+            .arg(&root)
+            .args([
+                "--net",
+                &format!("tap={TAP}"),
+                "--memory",
+                "256M",
+                "--log-level",
+                "info",
+            ])
+            .args([
+                "--cmdline",
+                &cmdline(host, &format!("vmm.ping={HOST_ADDR}")),
+            ]);
+        cmd
+    };
+    let out = run_linux(host, make, boot_timeout(host));
     eprintln!("asserting: busybox ping from the guest's /sbin/init reaches {HOST_ADDR} on the TAP, power-off, exit 0");
     assert!(
         out.stdout

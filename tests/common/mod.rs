@@ -2,6 +2,7 @@
 //! assembled from tests/guests, and host detection.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -82,15 +83,21 @@ pub fn linux_cmdline(host: Host, extra: &str) -> String {
 }
 
 /// Assembles and links test guest `name` (tests/guests/NAME.S) once per test
-/// binary and returns the ELF path.
+/// binary and returns the ELF path. The ELF is linked under a temporary name and
+/// renamed into place, and never rebuilt while the binary runs: a VMM another
+/// test started may be reading it.
 pub fn guest(name: &str) -> PathBuf {
-    static LOCK: Mutex<()> = Mutex::new(());
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    static BUILT: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(elf) = built.get(name) {
+        return elf.clone();
+    }
     let src_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests");
     let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guests");
     std::fs::create_dir_all(&out_dir).unwrap();
     let obj = out_dir.join(format!("{name}.o"));
     let elf = out_dir.join(format!("{name}.elf"));
+    let partial = out_dir.join(format!("{name}.elf.partial"));
     let ok = Command::new("as")
         .arg("--64")
         .arg("-I")
@@ -112,12 +119,14 @@ pub fn guest(name: &str) -> PathBuf {
             "_start",
             "-o",
         ])
-        .arg(&elf)
+        .arg(&partial)
         .arg(&obj)
         .status()
         .expect("GNU ld is needed to build the test guests")
         .success();
     assert!(ok, "linking {name} failed");
+    std::fs::rename(&partial, &elf).unwrap();
+    built.insert(name.to_string(), elf.clone());
     elf
 }
 
@@ -132,6 +141,13 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// On PVM, the VMM stopped the guest because KVM's instruction emulator
+    /// failed: timing-dependent on this host (docs/TESTING-ON-PVM.md), so a
+    /// Linux boot may be retried once, saying so.
+    pub fn pvm_emulation_failure(&self, host: Host) -> bool {
+        host == Host::Pvm && self.code == Some(3) && self.stderr.contains("emulation failure")
+    }
+
     /// The lines the guest printed with the "VMM-GUEST: " prefix, prefix removed.
     pub fn guest_lines(&self) -> Vec<&str> {
         self.stdout
@@ -204,6 +220,11 @@ impl Running {
                 return true;
             }
             if let Ok(Some(_)) = self.child.try_wait() {
+                // Everything the VMM printed before it exited, not just what the
+                // readers have collected so far.
+                for r in self.readers.drain(..) {
+                    let _ = r.join();
+                }
                 return self.stdout_now().contains(needle);
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -248,6 +269,65 @@ impl Running {
             "vmm did not exit within {timeout:?} and was killed: {out:#?}"
         );
         out
+    }
+}
+
+/// Runs the command `make` builds to completion; on PVM, once more if the
+/// first run ended in an emulation failure.
+pub fn run_linux(host: Host, make: impl Fn() -> Command, timeout: Duration) -> Outcome {
+    let out = run(make(), timeout);
+    if out.pvm_emulation_failure(host) {
+        eprintln!(
+            "PVM emulation failure, retrying once: {}",
+            out.stderr.trim()
+        );
+        return run(make(), timeout);
+    }
+    out
+}
+
+/// Starts the command `make` builds and waits for `milestone` on the console;
+/// on PVM, starts it once more if the first run ended in an emulation failure
+/// before it. Returns the VMM and whether the milestone was reached.
+pub fn start_linux(
+    host: Host,
+    make: impl Fn() -> Command,
+    milestone: &str,
+    timeout: Duration,
+) -> (Running, bool) {
+    let mut vm = Running::start(make());
+    if vm.wait_for(milestone, timeout) {
+        return (vm, true);
+    }
+    if let Ok(Some(status)) = vm.child.try_wait() {
+        let out = Outcome {
+            code: status.code(),
+            signal: None,
+            stdout: vm.stdout_now(),
+            stderr: String::from_utf8_lossy(&vm.stderr.lock().unwrap()).into_owned(),
+            elapsed: vm.started.elapsed(),
+        };
+        if out.pvm_emulation_failure(host) {
+            eprintln!(
+                "PVM emulation failure, retrying once: {}",
+                out.stderr.trim()
+            );
+            let mut vm = Running::start(make());
+            let reached = vm.wait_for(milestone, timeout);
+            return (vm, reached);
+        }
+    }
+    (vm, false)
+}
+
+impl Drop for Running {
+    /// A test that panics before `finish` leaves no VMM behind (it could hold a
+    /// disk lock or a namespace, or spin a core, for the rest of the suite).
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
