@@ -62,17 +62,6 @@ fn e820_total(console: &str) -> u64 {
         .sum()
 }
 
-fn assert_console(out: &Outcome, needles: &[&str]) {
-    for n in needles {
-        assert!(
-            out.stdout.contains(n),
-            "console lacks {n:?}\nstderr: {}\nconsole:\n{}",
-            out.stderr,
-            out.stdout
-        );
-    }
-}
-
 /// How an initramfs boot is asked to end, and what the VMM must then report.
 struct Ending {
     param: &'static str,
@@ -120,10 +109,7 @@ fn boot_initramfs_to_userspace(kernel_name: &str, cpus: u32, mib: u64, ending: E
         format!("smp: Brought up 1 node, {cpus} CPUs")
     };
     eprintln!("asserting: {kernel_name} banner, e820 = {mib} MiB, {brought_up:?}, user-space marker, {:?}, exit 0", ending.exit);
-    assert_console(
-        &out,
-        &["Linux version 6.1", &brought_up, MARKER, ending.console],
-    );
+    out.assert_console(&["Linux version 6.1", &brought_up, MARKER, ending.console]);
     assert_eq!(e820_total(&out.stdout), mib << 20, "{}", out.stdout);
     assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
     assert!(out.stderr.contains(ending.exit), "stderr: {}", out.stderr);
@@ -160,13 +146,10 @@ fn four_cpus_come_up_and_panic_reboot_exits_0() {
         ],
     );
     eprintln!("asserting: 4 CPUs brought up, kernel panic, reboot, exit 0");
-    assert_console(
-        &out,
-        &[
-            "smp: Brought up 1 node, 4 CPUs",
-            "Kernel panic - not syncing",
-        ],
-    );
+    out.assert_console(&[
+        "smp: Brought up 1 node, 4 CPUs",
+        "Kernel panic - not syncing",
+    ]);
     assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
     assert!(
         out.stderr.contains("guest ended: Reset"),
@@ -240,17 +223,14 @@ fn ext4_rootfs_read_only_disk_and_user_space_dd_to_a_third_disk() {
     );
     eprintln!("asserting: vda/vdb/vdc sizes, ext4 mounted rw (mount count +1), init from the rootfs, dd vdb->vdc byte-exact, vdb unchanged, exit 0");
     let blocks = std::fs::metadata(&root).unwrap().len() / 512;
-    assert_console(
-        &out,
-        &[
-            &format!("[vda] {blocks} 512-byte logical blocks"),
-            "[vdb] 128 512-byte logical blocks",
-            "[vdc] 2048 512-byte logical blocks",
-            "EXT4-fs (vda): mounted filesystem",
-            "VMM-TEST: rootfs init up",
-            "VMM-TEST: copied 16 blocks vdb -> vdc",
-        ],
-    );
+    out.assert_console(&[
+        &format!("[vda] {blocks} 512-byte logical blocks"),
+        "[vdb] 128 512-byte logical blocks",
+        "[vdc] 2048 512-byte logical blocks",
+        "EXT4-fs (vda): mounted filesystem",
+        "VMM-TEST: rootfs init up",
+        "VMM-TEST: copied 16 blocks vdb -> vdc",
+    ]);
     assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
     assert!(
         out.stderr.contains("guest ended: PowerOff"),

@@ -221,13 +221,9 @@ fn a_second_interface_on_a_second_tap_answers_pings() {
     eprintln!("asserting: eth1 configured, 10/10 echo replies over vmmtap1, the second device's counters at exit");
     // The console at exit: the lines after "IP-Config: Complete" may not have
     // been printed yet when the wait ends.
-    assert!(up, "{}", out.stdout);
-    assert!(
-        out.stdout
-            .contains("device=eth1, hwaddr=02:00:00:00:01:15, ipaddr=192.168.78.15,"),
-        "{}",
-        out.stdout
-    );
+    out.assert_console(&["IP-Config: Complete"]);
+    assert!(up, "the milestone came only after the boot timeout");
+    out.assert_console(&["device=eth1, hwaddr=02:00:00:00:01:15, ipaddr=192.168.78.15,"]);
     assert!(
         summary.contains("10 packets transmitted, 10 received"),
         "{summary}\nvmm: {}",
@@ -373,12 +369,9 @@ fn linux_gets_a_dhcp_lease_and_answers_100_pings_from_the_host() {
     vm.signal(libc::SIGTERM);
     let out = vm.finish(Duration::from_secs(20));
     eprintln!("asserting: DHCP lease {GUEST_ADDR} from dnsmasq on the TAP, 100/100 echo replies, counters at exit");
-    assert!(leased, "no DHCP lease: {}", out.stdout);
-    assert!(
-        out.stdout.contains(&format!("my address is {GUEST_ADDR}")),
-        "{}",
-        out.stdout
-    );
+    out.assert_console(&["IP-Config: Complete"]);
+    assert!(leased, "the lease came only after the boot timeout");
+    out.assert_console(&[&format!("my address is {GUEST_ADDR}")]);
     assert!(
         summary.contains("100 packets transmitted, 100 received"),
         "{summary}\nvmm: {}",
@@ -421,11 +414,6 @@ fn guest_user_space_pings_the_host() {
     };
     let out = run_linux(host, make, boot_timeout(host));
     eprintln!("asserting: busybox ping from the guest's /sbin/init reaches {HOST_ADDR} on the TAP, power-off, exit 0");
-    assert!(
-        out.stdout
-            .contains(&format!("VMM-TEST: ping {HOST_ADDR} ok")),
-        "{}",
-        out.stdout
-    );
+    out.assert_console(&[&format!("VMM-TEST: ping {HOST_ADDR} ok")]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
 }

@@ -148,6 +148,22 @@ impl Outcome {
         host == Host::Pvm && self.code == Some(3) && self.stderr.contains("emulation failure")
     }
 
+    /// Asserts that the console shows each of `needles`. The failure message
+    /// names the missing text first, then the VMM's stderr and the console's
+    /// last lines (the whole console is echoed above it in the test output).
+    pub fn assert_console(&self, needles: &[&str]) {
+        for n in needles {
+            if !self.stdout.contains(n) {
+                let lines: Vec<&str> = self.stdout.lines().collect();
+                let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+                panic!(
+                    "console lacks {n:?}\nvmm stderr:\n{}\nlast console lines:\n{tail}",
+                    self.stderr
+                );
+            }
+        }
+    }
+
     /// The lines the guest printed with the "VMM-GUEST: " prefix, prefix removed.
     pub fn guest_lines(&self) -> Vec<&str> {
         self.stdout
