@@ -25,10 +25,6 @@ fn initramfs() -> PathBuf {
     PATH.get_or_init(|| resource("build-initramfs.sh")).clone()
 }
 
-fn cmdline(host: Host, extra: &str) -> String {
-    linux_cmdline(host, extra)
-}
-
 fn timeout(host: Host) -> Duration {
     match host {
         Host::Pvm => Duration::from_secs(900),
@@ -86,7 +82,7 @@ const REBOOT: Ending = Ending {
 fn boot_initramfs_to_userspace(kernel_name: &str, cpus: u32, mib: u64, ending: Ending) {
     let host = host();
     let (k, i) = (kernel(kernel_name), initramfs());
-    let cmd = cmdline(host, ending.param);
+    let cmd = linux_cmdline(host, ending.param);
     let (cpus_arg, mem_arg) = (cpus.to_string(), format!("{mib}M"));
     let out = boot(
         host,
@@ -131,7 +127,7 @@ fn four_cpus_come_up_and_panic_reboot_exits_0() {
     let k = kernel("vmlinux");
     // No initrd and no root disk: the kernel panics, and panic=-1 reboot=k turn
     // the panic into an i8042 reset.
-    let cmd = cmdline(host, "");
+    let cmd = linux_cmdline(host, "");
     let out = boot(
         host,
         &[
@@ -201,7 +197,7 @@ fn ext4_rootfs_read_only_disk_and_user_space_dd_to_a_third_disk() {
     let out_disk = dir.join("linux-out.img");
     std::fs::write(&out_disk, vec![0u8; 1 << 20]).unwrap();
 
-    let cmd = cmdline(host, "vmm.copy=vdb:vdc:16");
+    let cmd = linux_cmdline(host, "vmm.copy=vdb:vdc:16");
     let ro_spec = format!("path={},readonly=on,id=PATTERN", ro.display());
     let out_spec = format!("path={}", out_disk.display());
     let out = boot(

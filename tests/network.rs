@@ -117,12 +117,8 @@ impl NetNs {
     /// configured its network ("IP-Config: Complete"), with whether it did.
     fn kept_alive_linux(&self, host: Host, nets: &[&str], extra: &str) -> (Running, bool) {
         let make = || {
-            let mut cmd = self.command(env!("CARGO_BIN_EXE_vmm"));
-            cmd.arg("--kernel").arg(kernel("vmlinux"));
-            for net in nets {
-                cmd.args(["--net", net]);
-            }
-            cmd.args(["--memory", "256M", "--log-level", "info", "--cmdline"])
+            let mut cmd = self.vmm(&kernel("vmlinux"), nets);
+            cmd.args(["--memory", "256M", "--cmdline"])
                 .arg(linux_cmdline(
                     host,
                     &format!("{extra} root=/dev/vdz rootwait"),
@@ -130,6 +126,18 @@ impl NetNs {
             cmd
         };
         start_linux(host, make, "IP-Config: Complete", boot_timeout(host))
+    }
+
+    /// `vmm --kernel KERNEL --net NET... --log-level info` inside the namespace,
+    /// so that the device counters are logged at exit.
+    fn vmm(&self, kernel: &Path, nets: &[&str]) -> Command {
+        let mut cmd = self.command(env!("CARGO_BIN_EXE_vmm"));
+        cmd.arg("--kernel").arg(kernel);
+        for net in nets {
+            cmd.args(["--net", net]);
+        }
+        cmd.args(["--log-level", "info"]).stdin(Stdio::null());
+        cmd
     }
 
     /// `cmd` run inside the namespace.
@@ -312,14 +320,10 @@ fn test_guest_frame_is_captured_byte_exact_and_an_injected_frame_reaches_it() {
     let ns = NetNs::new("frame");
     let guest_mac = [0x02, 0x00, 0x00, 0x00, 0x00, 0x42];
     let capture = packet_socket(&ns, 0x88b5);
-    let mut cmd = ns.command(env!("CARGO_BIN_EXE_vmm"));
-    cmd.arg("--kernel").arg(guest("virtio_net")).args([
-        "--net",
-        &format!("tap={TAP},mac=02:00:00:00:00:42"),
-        "--log-level",
-        "info",
-    ]);
-    cmd.stdin(Stdio::null());
+    let cmd = ns.vmm(
+        &guest("virtio_net"),
+        &[&format!("tap={TAP},mac=02:00:00:00:00:42")],
+    );
     let vm = Running::start(cmd);
 
     // What the guest sends: broadcast, from its MAC, EtherType 0x88b5, 64 bytes.
@@ -431,23 +435,13 @@ fn guest_user_space_pings_the_host() {
     let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("net-rootfs.ext4");
     std::fs::copy(resource("build-rootfs.sh"), &root).unwrap();
     let make = || {
-        let mut cmd = ns.command(env!("CARGO_BIN_EXE_vmm"));
-        cmd.arg("--kernel")
-            .arg(kernel("vmlinux"))
-            .arg("--rootfs")
-            .arg(&root)
-            .args([
-                "--net",
-                &format!("tap={TAP}"),
-                "--memory",
-                "256M",
-                "--log-level",
-                "info",
-            ])
-            .args([
-                "--cmdline",
-                &cmdline(host, &format!("vmm.ping={HOST_ADDR}")),
-            ]);
+        let mut cmd = ns.vmm(&kernel("vmlinux"), &[&format!("tap={TAP}")]);
+        cmd.arg("--rootfs").arg(&root).args([
+            "--memory",
+            "256M",
+            "--cmdline",
+            &cmdline(host, &format!("vmm.ping={HOST_ADDR}")),
+        ]);
         cmd
     };
     let out = run_linux(host, make, boot_timeout(host));

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -238,9 +238,7 @@ impl Running {
             if let Ok(Some(_)) = self.child.try_wait() {
                 // Everything the VMM printed before it exited, not just what the
                 // readers have collected so far.
-                for r in self.readers.drain(..) {
-                    let _ = r.join();
-                }
+                self.join_readers();
                 return self.stdout_now().contains(needle);
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -256,7 +254,6 @@ impl Running {
 
     /// Waits up to `timeout` for the exit; kills the VMM if it does not exit.
     pub fn finish(mut self, timeout: Duration) -> Outcome {
-        use std::os::unix::process::ExitStatusExt;
         let deadline = Instant::now() + timeout;
         let status = loop {
             if let Some(s) = self.child.try_wait().unwrap() {
@@ -270,33 +267,59 @@ impl Running {
             std::thread::sleep(Duration::from_millis(20));
         };
         let elapsed = self.started.elapsed();
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
-        let out = Outcome {
-            code: status.and_then(|s| s.code()),
-            signal: status.and_then(|s| s.signal()),
-            stdout: String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned(),
-            stderr: String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned(),
-            elapsed,
-        };
+        let out = self.outcome(status, elapsed);
         assert!(
             status.is_some(),
             "vmm did not exit within {timeout:?} and was killed: {out:#?}"
         );
         out
     }
+
+    /// The outcome of a VMM that has exited, or None while it runs.
+    fn exited(&mut self) -> Option<Outcome> {
+        let status = self.child.try_wait().ok()??;
+        Some(self.outcome(Some(status), self.started.elapsed()))
+    }
+
+    /// All the output (once the VMM has exited) and `status`.
+    fn outcome(&mut self, status: Option<ExitStatus>, elapsed: Duration) -> Outcome {
+        use std::os::unix::process::ExitStatusExt;
+        self.join_readers();
+        Outcome {
+            code: status.and_then(|s| s.code()),
+            signal: status.and_then(|s| s.signal()),
+            stdout: self.stdout_now(),
+            stderr: String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned(),
+            elapsed,
+        }
+    }
+
+    /// Waits until the readers have collected everything the VMM wrote.
+    fn join_readers(&mut self) {
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+    }
+}
+
+/// Whether a Linux boot that ended in `out` is retried: on PVM, once, after an
+/// emulation failure, saying so.
+fn retry_boot(host: Host, out: &Outcome) -> bool {
+    let retry = out.pvm_emulation_failure(host);
+    if retry {
+        eprintln!(
+            "PVM emulation failure, retrying once: {}",
+            out.stderr.trim()
+        );
+    }
+    retry
 }
 
 /// Runs the command `make` builds to completion; on PVM, once more if the
 /// first run ended in an emulation failure.
 pub fn run_linux(host: Host, make: impl Fn() -> Command, timeout: Duration) -> Outcome {
     let out = run(make(), timeout);
-    if out.pvm_emulation_failure(host) {
-        eprintln!(
-            "PVM emulation failure, retrying once: {}",
-            out.stderr.trim()
-        );
+    if retry_boot(host, &out) {
         return run(make(), timeout);
     }
     out
@@ -311,29 +334,16 @@ pub fn start_linux(
     milestone: &str,
     timeout: Duration,
 ) -> (Running, bool) {
-    let mut vm = Running::start(make());
-    if vm.wait_for(milestone, timeout) {
-        return (vm, true);
+    let attempt = || {
+        let mut vm = Running::start(make());
+        let reached = vm.wait_for(milestone, timeout);
+        (vm, reached)
+    };
+    let (mut vm, reached) = attempt();
+    if !reached && vm.exited().is_some_and(|out| retry_boot(host, &out)) {
+        return attempt();
     }
-    if let Ok(Some(status)) = vm.child.try_wait() {
-        let out = Outcome {
-            code: status.code(),
-            signal: None,
-            stdout: vm.stdout_now(),
-            stderr: String::from_utf8_lossy(&vm.stderr.lock().unwrap()).into_owned(),
-            elapsed: vm.started.elapsed(),
-        };
-        if out.pvm_emulation_failure(host) {
-            eprintln!(
-                "PVM emulation failure, retrying once: {}",
-                out.stderr.trim()
-            );
-            let mut vm = Running::start(make());
-            let reached = vm.wait_for(milestone, timeout);
-            return (vm, reached);
-        }
-    }
-    (vm, false)
+    (vm, reached)
 }
 
 impl Drop for Running {
