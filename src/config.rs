@@ -1,272 +1,666 @@
-//! `VmConfig`: what the user asked for, validated, as plain data.
+//! `VmConfig`: what the user asked for, as plain data in the shape of
+//! Firecracker's configuration file (`boot-source`, `machine-config`, `drives`,
+//! `network-interfaces`, `logger`, `metrics`). The command line (`cli.rs`), the
+//! `--config-file` JSON and the control API all produce it; the builder reads it.
+//! Errors name the field, never a command-line flag.
 
 use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
 
 use crate::arch::x86_64::layout::MAX_CPUS;
 
 /// One MiB.
 pub const MIB: u64 = 1 << 20;
-/// Smallest guest memory accepted: room for the boot tables and a small kernel.
-pub const MIN_MEMORY: u64 = 16 * MIB;
-/// Largest guest memory accepted (1 TiB).
-pub const MAX_MEMORY: u64 = 1 << 40;
-
-/// Errors in what the user gave.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum Error {
-    /// Memory size that does not parse.
-    #[error("--memory '{0}' is not a size; give a number with a unit, e.g. 512M or 2G.")]
-    MemoryUnparsable(String),
-    /// Memory size out of range.
-    #[error("--memory {given} is out of range; give between 16M and 1024G.")]
-    MemoryOutOfRange { given: String },
-    /// vCPU count out of range.
-    #[error("--cpus {given} is out of range; give between 1 and {max}.")]
-    CpusOutOfRange { given: u64, max: u32 },
-    /// A `--disk` spec that does not parse.
-    #[error("--disk '{spec}': {reason}; give path=FILE[,readonly=on|off][,id=SERIAL].")]
-    DiskSpec { spec: String, reason: String },
-    /// More devices than the MMIO window and interrupt lines allow.
-    #[error("{0} virtio devices are more than the {max} the VMM can attach; give fewer --disk and --net options.", max = MAX_VIRTIO_DEVICES)]
-    TooManyDevices(usize),
-    /// A `--net` spec that does not parse.
-    #[error("--net '{spec}': {reason}; give tap=NAME[,mac=02:xx:xx:xx:xx:xx][,mtu=N][,mrg_rxbuf=on|off].")]
-    NetSpec { spec: String, reason: String },
-}
-
+/// Smallest guest memory accepted, in MiB: room for the boot tables and a small kernel.
+pub const MIN_MEM_MIB: u64 = 16;
+/// Largest guest memory accepted, in MiB (1 TiB).
+pub const MAX_MEM_MIB: u64 = 1 << 20;
 /// Most virtio devices the VMM attaches (one interrupt line each, IRQ 5..=23).
 pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// Longest device ID accepted (Firecracker's limit).
+pub const MAX_ID_LEN: usize = 64;
+/// Longest disk serial a guest can read (virtio-blk GET_ID).
+pub const MAX_SERIAL_LEN: usize = 20;
+/// The kernel command line used when none is given.
+pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=-1";
+
+/// Errors in a configuration; each names the field and the fix.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// vCPU count out of range.
+    #[error("machine-config vcpu_count {0} is out of range; give between 1 and {max}.", max = MAX_CPUS)]
+    VcpuCount(u64),
+    /// SMT with an odd vCPU count.
+    #[error("machine-config vcpu_count {0} is odd; with smt enabled give 1 or an even count.")]
+    SmtOddVcpus(u64),
+    /// Memory size out of range.
+    #[error("machine-config mem_size_mib {0} is out of range; give between {MIN_MEM_MIB} and {MAX_MEM_MIB}.")]
+    MemSize(u64),
+    /// A feature of Firecracker's machine configuration this VMM does not have.
+    #[error("machine-config {field} '{value}' is not supported; give \"None\" or leave it out.")]
+    MachineFeature { field: &'static str, value: String },
+    /// An ID with characters or a length Firecracker would refuse.
+    #[error("{field} '{id}' is invalid; use 1 to {MAX_ID_LEN} ASCII letters, digits or '_'.")]
+    Id { field: &'static str, id: String },
+    /// Two devices with one ID.
+    #[error("{field} '{id}' is used twice; give each device its own ID.")]
+    DuplicateId { field: &'static str, id: String },
+    /// Two root drives.
+    #[error("drives '{0}' and '{1}' are both root devices; mark only one is_root_device.")]
+    TwoRoots(String, String),
+    /// More devices than the MMIO window and interrupt lines allow.
+    #[error("{0} virtio devices are more than the {max} the VMM can attach; configure fewer drives and network interfaces.", max = MAX_VIRTIO_DEVICES)]
+    TooManyDevices(usize),
+    /// A disk serial that does not fit GET_ID.
+    #[error("drive '{0}': serial is longer than {MAX_SERIAL_LEN} bytes; shorten it.")]
+    Serial(String),
+    /// A field given as an empty string.
+    #[error("{0} is empty; give a path.")]
+    EmptyPath(&'static str),
+    /// A MAC address that does not parse or is multicast.
+    #[error("network interface '{iface}': guest_mac '{mac}' {reason}; give six hex bytes like 06:00:AC:10:00:02.")]
+    Mac {
+        iface: String,
+        mac: String,
+        reason: &'static str,
+    },
+    /// MTU out of range.
+    #[error("network interface '{0}': mtu {1} is out of range; give between 68 and 65535.")]
+    Mtu(String, u32),
+    /// A vhost-user drive.
+    #[error("drive '{0}': vhost-user drives (socket) are not supported; give path_on_host.")]
+    VhostUser(String),
+    /// A section of Firecracker's configuration this VMM does not implement yet.
+    #[error("'{0}' is not supported by this VMM yet; remove it from the configuration.")]
+    Unsupported(&'static str),
+    /// Starting without a kernel.
+    #[error("No boot source is configured; give boot-source with kernel_image_path.")]
+    NoBootSource,
+    /// A configuration file that does not parse.
+    #[error("The configuration is not valid JSON for this VMM: {0}.")]
+    Json(String),
+}
+
+/// The kernel to boot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    /// ELF vmlinux (64-bit or PVH entry) or bzImage.
+    pub kernel_image_path: PathBuf,
+    /// Kernel command line; `None` means [`DEFAULT_BOOT_ARGS`].
+    #[serde(default)]
+    pub boot_args: Option<String>,
+    /// Optional initial ramdisk.
+    #[serde(default)]
+    pub initrd_path: Option<PathBuf>,
+}
+
+/// vCPUs and memory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// Number of vCPUs.
+    pub vcpu_count: u64,
+    /// Guest memory in MiB.
+    pub mem_size_mib: u64,
+    /// Simultaneous multithreading in the guest's CPU topology (stored; the
+    /// topology is one thread per core either way).
+    #[serde(default)]
+    pub smt: bool,
+    /// Dirty-page tracking, for diff snapshots (stored; not enforced yet).
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// Firecracker CPU template; only "None" is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+    /// Huge pages; only "None" is accepted.
+    #[serde(default = "huge_pages_none")]
+    pub huge_pages: String,
+}
+
+fn huge_pages_none() -> String {
+    "None".into()
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+            track_dirty_pages: false,
+            cpu_template: None,
+            huge_pages: huge_pages_none(),
+        }
+    }
+}
+
+/// A partial machine configuration (PATCH /machine-config).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigUpdate {
+    /// New vCPU count.
+    pub vcpu_count: Option<u64>,
+    /// New memory size.
+    pub mem_size_mib: Option<u64>,
+    /// New SMT setting.
+    pub smt: Option<bool>,
+    /// New dirty-page tracking setting.
+    pub track_dirty_pages: Option<bool>,
+    /// New CPU template.
+    pub cpu_template: Option<String>,
+    /// New huge-page setting.
+    pub huge_pages: Option<String>,
+}
+
+impl MachineConfig {
+    /// This configuration with `update` applied.
+    pub fn updated(&self, update: MachineConfigUpdate) -> MachineConfig {
+        MachineConfig {
+            vcpu_count: update.vcpu_count.unwrap_or(self.vcpu_count),
+            mem_size_mib: update.mem_size_mib.unwrap_or(self.mem_size_mib),
+            smt: update.smt.unwrap_or(self.smt),
+            track_dirty_pages: update.track_dirty_pages.unwrap_or(self.track_dirty_pages),
+            cpu_template: update.cpu_template.or_else(|| self.cpu_template.clone()),
+            huge_pages: update.huge_pages.unwrap_or_else(|| self.huge_pages.clone()),
+        }
+    }
+
+    /// Checks ranges and supported features.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.vcpu_count == 0 || self.vcpu_count > u64::from(MAX_CPUS) {
+            return Err(Error::VcpuCount(self.vcpu_count));
+        }
+        if self.smt && self.vcpu_count > 1 && self.vcpu_count % 2 == 1 {
+            return Err(Error::SmtOddVcpus(self.vcpu_count));
+        }
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_size_mib) {
+            return Err(Error::MemSize(self.mem_size_mib));
+        }
+        if let Some(t) = self.cpu_template.as_deref().filter(|t| *t != "None") {
+            return Err(Error::MachineFeature {
+                field: "cpu_template",
+                value: t.into(),
+            });
+        }
+        if self.huge_pages != "None" {
+            return Err(Error::MachineFeature {
+                field: "huge_pages",
+                value: self.huge_pages.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Guest memory in bytes.
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_size_mib * MIB
+    }
+}
+
+/// A token bucket of a rate limiter (stored; rate limiting is not enforced yet).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucket {
+    /// Tokens the bucket holds.
+    pub size: u64,
+    /// Initial extra tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_time_burst: Option<u64>,
+    /// Milliseconds to refill the bucket.
+    pub refill_time: u64,
+}
+
+/// A rate limiter (stored, returned by GET /vm/config, logged as not enforced).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiter {
+    /// Bytes per refill period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<TokenBucket>,
+    /// Operations per refill period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<TokenBucket>,
+}
+
+/// Block device caching strategy (stored; every write is passed to the host as
+/// it comes, and flushes are honoured).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheType {
+    /// Flush requests are not advertised (Firecracker's default).
+    #[default]
+    Unsafe,
+    /// Flush requests are advertised and honoured.
+    Writeback,
+}
+
+/// Block device I/O engine (stored; I/O is synchronous).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IoEngine {
+    /// Synchronous reads and writes.
+    #[default]
+    Sync,
+    /// io_uring in Firecracker; here stored and served synchronously.
+    Async,
+}
+
+/// A disk image attached as a virtio-blk device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drive {
+    /// The drive's ID (API path, metrics group `block_<id>`).
+    pub drive_id: String,
+    /// Raw image file.
+    #[serde(default)]
+    pub path_on_host: PathBuf,
+    /// The root file system: attached first (/dev/vda) and named in `root=`.
+    pub is_root_device: bool,
+    /// Read-only to the guest, and opened read-only on the host.
+    #[serde(default)]
+    pub is_read_only: bool,
+    /// With `is_root_device`: `root=PARTUUID=<partuuid>` instead of /dev/vda.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    /// Caching strategy.
+    #[serde(default)]
+    pub cache_type: CacheType,
+    /// I/O engine.
+    #[serde(default)]
+    pub io_engine: IoEngine,
+    /// Rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+    /// vhost-user socket (refused: not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+    /// Serial the guest reads with GET_ID; defaults to the first 20 bytes of
+    /// `drive_id`. (An addition of this VMM.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+}
+
+impl Drive {
+    /// A read-write, non-root drive of `path` with ID `id`.
+    pub fn new(id: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Drive {
+            drive_id: id.into(),
+            path_on_host: path.into(),
+            is_root_device: false,
+            is_read_only: false,
+            partuuid: None,
+            cache_type: CacheType::default(),
+            io_engine: IoEngine::default(),
+            rate_limiter: None,
+            socket: None,
+            serial: None,
+        }
+    }
+
+    /// The serial the guest reads.
+    pub fn effective_serial(&self) -> &str {
+        match &self.serial {
+            Some(s) => s,
+            None => {
+                let mut end = self.drive_id.len().min(MAX_SERIAL_LEN);
+                while !self.drive_id.is_char_boundary(end) {
+                    end -= 1;
+                }
+                &self.drive_id[..end]
+            }
+        }
+    }
+
+    /// Checks the drive on its own.
+    pub fn validate(&self) -> Result<(), Error> {
+        check_id("drive_id", &self.drive_id)?;
+        if self.socket.is_some() {
+            return Err(Error::VhostUser(self.drive_id.clone()));
+        }
+        if self.path_on_host.as_os_str().is_empty() {
+            return Err(Error::EmptyPath("path_on_host"));
+        }
+        if self
+            .serial
+            .as_ref()
+            .is_some_and(|s| s.len() > MAX_SERIAL_LEN)
+        {
+            return Err(Error::Serial(self.drive_id.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// A MAC address, written as six hex bytes separated by ':'.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// Parses `aa:bb:cc:dd:ee:ff`; the reason on failure.
+    pub fn parse(s: &str) -> Result<MacAddr, &'static str> {
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err("is not six hex bytes separated by ':'");
+        }
+        let mut mac = [0u8; 6];
+        for (m, p) in mac.iter_mut().zip(&parts) {
+            if p.len() != 2 {
+                return Err("is not six hex bytes separated by ':'");
+            }
+            *m = u8::from_str_radix(p, 16).map_err(|_| "is not six hex bytes separated by ':'")?;
+        }
+        if mac[0] & 1 != 0 {
+            return Err("is a multicast address");
+        }
+        Ok(MacAddr(mac))
+    }
+}
+
+impl std::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
 
 /// A network interface attached to a host TAP device.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NetConfig {
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterface {
+    /// The interface's ID (API path, metrics group `net_<id>`).
+    pub iface_id: String,
     /// Name of an existing TAP device.
-    pub tap: String,
+    pub host_dev_name: String,
     /// MAC address; derived from the TAP name when not given.
-    pub mac: [u8; 6],
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
     /// MTU announced to the guest, if given.
-    pub mtu: Option<u16>,
-    /// Whether the device offers mergeable receive buffers (on by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// Receive rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    /// Transmit rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+    /// Mergeable receive buffers (on unless turned off; an addition of this VMM).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub mrg_rxbuf: bool,
 }
 
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+impl NetworkInterface {
+    /// An interface `id` on TAP `tap` with the defaults.
+    pub fn new(id: impl Into<String>, tap: impl Into<String>) -> Self {
+        NetworkInterface {
+            iface_id: id.into(),
+            host_dev_name: tap.into(),
+            guest_mac: None,
+            mtu: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+            mrg_rxbuf: true,
+        }
+    }
+
+    /// The MAC the guest sees: the one given, or one derived from the TAP name.
+    pub fn mac(&self) -> Result<MacAddr, Error> {
+        match &self.guest_mac {
+            Some(s) => MacAddr::parse(s).map_err(|reason| Error::Mac {
+                iface: self.iface_id.clone(),
+                mac: s.clone(),
+                reason,
+            }),
+            None => Ok(derived_mac(&self.host_dev_name)),
+        }
+    }
+
+    /// Checks the interface on its own.
+    pub fn validate(&self) -> Result<(), Error> {
+        check_id("iface_id", &self.iface_id)?;
+        if self.host_dev_name.is_empty() {
+            return Err(Error::EmptyPath("host_dev_name"));
+        }
+        self.mac()?;
+        if let Some(mtu) = self.mtu {
+            if !(68..=65535).contains(&mtu) {
+                return Err(Error::Mtu(self.iface_id.clone(), mtu));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A stable, locally administered unicast MAC derived from `name` (FNV-1a).
-pub fn derived_mac(name: &str) -> [u8; 6] {
+pub fn derived_mac(name: &str) -> MacAddr {
     let mut h: u32 = 0x811c_9dc5;
     for b in name.bytes() {
         h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
     }
     let b = h.to_be_bytes();
-    [0x02, 0x76, b[0], b[1], b[2], b[3]]
+    MacAddr([0x02, 0x76, b[0], b[1], b[2], b[3]])
 }
 
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let parts: Vec<&str> = s.split(':').collect();
-    if parts.len() != 6 {
-        return None;
-    }
-    let mut mac = [0u8; 6];
-    for (m, p) in mac.iter_mut().zip(&parts) {
-        if p.len() != 2 {
-            return None;
-        }
-        *m = u8::from_str_radix(p, 16).ok()?;
-    }
-    Some(mac)
+/// Where and how the VMM logs (Firecracker's `Logger`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggerConfig {
+    /// File or named pipe for the log; stderr when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<PathBuf>,
+    /// Error, Warning, Info, Debug, Trace or Off (any case).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+    /// Print the level in each line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_level: Option<bool>,
+    /// Print the source file and line of each line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_log_origin: Option<bool>,
+    /// Only log records of this module path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
 }
 
-/// Parses `tap=NAME[,mac=02:xx:xx:xx:xx:xx][,mtu=N][,mrg_rxbuf=on|off]`.
-pub fn parse_net_spec(spec: &str) -> Result<NetConfig, Error> {
-    let err = |reason: &str| Error::NetSpec {
-        spec: spec.to_string(),
-        reason: reason.to_string(),
-    };
-    let (mut tap, mut mac, mut mtu, mut mrg_rxbuf) = (None, None, None, true);
-    for item in spec.split(',') {
-        let (key, value) = item
-            .split_once('=')
-            .ok_or_else(|| err(&format!("'{item}' is not key=value")))?;
-        match key {
-            "tap" if value.is_empty() => return Err(err("the TAP name is empty")),
-            "tap" => tap = Some(value.to_string()),
-            "mac" => {
-                let m = parse_mac(value).ok_or_else(|| {
-                    err(&format!(
-                        "mac '{value}' is not six hex bytes separated by ':'"
-                    ))
-                })?;
-                if m[0] & 1 != 0 {
-                    return Err(err(&format!("mac '{value}' is a multicast address")));
-                }
-                mac = Some(m);
-            }
-            "mtu" => {
-                let n: u16 = value
-                    .parse()
-                    .ok()
-                    .filter(|n| (68..=65535).contains(n))
-                    .ok_or_else(|| err(&format!("mtu '{value}' is not between 68 and 65535")))?;
-                mtu = Some(n);
-            }
-            "mrg_rxbuf" => {
-                mrg_rxbuf = match value {
-                    "on" => true,
-                    "off" => false,
-                    _ => return Err(err(&format!("mrg_rxbuf '{value}' is not on or off"))),
-                }
-            }
-            other => return Err(err(&format!("unknown key '{other}'"))),
-        }
-    }
-    let tap = tap.ok_or_else(|| err("no tap= given"))?;
-    let mac = mac.unwrap_or_else(|| derived_mac(&tap));
-    Ok(NetConfig {
-        tap,
-        mac,
-        mtu,
-        mrg_rxbuf,
-    })
+/// Where the VMM writes its metrics (Firecracker's `Metrics`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// File or named pipe; one JSON object per line.
+    pub metrics_path: PathBuf,
 }
 
-/// A disk image attached as a virtio-blk device.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskConfig {
-    /// Raw image file.
-    pub path: PathBuf,
-    /// Read-only to the guest, and opened read-only on the host.
-    pub read_only: bool,
-    /// Serial the guest reads with GET_ID (at most 20 bytes).
-    pub id: Option<String>,
-}
-
-/// Parses `path=FILE[,readonly=on|off][,id=SERIAL]`.
-pub fn parse_disk_spec(spec: &str) -> Result<DiskConfig, Error> {
-    let err = |reason: &str| Error::DiskSpec {
-        spec: spec.to_string(),
-        reason: reason.to_string(),
-    };
-    let mut path = None;
-    let mut read_only = false;
-    let mut id = None;
-    for item in spec.split(',') {
-        let (key, value) = item
-            .split_once('=')
-            .ok_or_else(|| err(&format!("'{item}' is not key=value")))?;
-        match key {
-            "path" if value.is_empty() => return Err(err("the path is empty")),
-            "path" => path = Some(PathBuf::from(value)),
-            "readonly" | "ro" => {
-                read_only = match value {
-                    "on" | "true" | "yes" | "1" => true,
-                    "off" | "false" | "no" | "0" => false,
-                    _ => return Err(err(&format!("readonly='{value}' is not on or off"))),
-                }
-            }
-            "id" if value.len() > 20 => return Err(err("the id is longer than 20 bytes")),
-            "id" => id = Some(value.to_string()),
-            other => return Err(err(&format!("unknown key '{other}'"))),
-        }
-    }
-    let path = path.ok_or_else(|| err("no path= given"))?;
-    Ok(DiskConfig {
-        path,
-        read_only,
-        id,
-    })
-}
-
-/// A validated description of one VM.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A validated description of one VM: Firecracker's configuration file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmConfig {
-    /// ELF vmlinux (64-bit or PVH entry) or bzImage.
-    pub kernel: PathBuf,
-    /// Optional initial ramdisk.
-    pub initrd: Option<PathBuf>,
-    /// Kernel command line given by the user; `None` means the VMM's default.
-    pub cmdline: Option<String>,
-    /// Number of vCPUs.
-    pub cpus: u32,
-    /// Guest memory in bytes, a multiple of 4 KiB.
-    pub memory: u64,
-    /// virtio-blk disks, in order (the first is /dev/vda).
-    pub disks: Vec<DiskConfig>,
+    /// The kernel; required to start.
+    #[serde(rename = "boot-source", default)]
+    pub boot_source: Option<BootSource>,
+    /// vCPUs and memory.
+    #[serde(rename = "machine-config", default)]
+    pub machine_config: MachineConfig,
+    /// virtio-blk disks; the root device is attached first (/dev/vda).
+    #[serde(default)]
+    pub drives: Vec<Drive>,
     /// Network interfaces, in order (eth0, eth1, ...).
-    pub nets: Vec<NetConfig>,
-    /// Whether the first disk is the root file system (adds `root=/dev/vda rw`
-    /// unless the command line names a root already).
-    pub root_is_first_disk: bool,
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterface>,
+    /// Logger set-up.
+    #[serde(default)]
+    pub logger: Option<LoggerConfig>,
+    /// Metrics set-up.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+    /// Firecracker sections not implemented here: refused by `validate`.
+    #[serde(default, skip_serializing)]
+    pub balloon: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    #[allow(missing_docs)]
+    pub vsock: Option<serde_json::Value>,
+    #[serde(rename = "mmds-config", default, skip_serializing)]
+    #[allow(missing_docs)]
+    pub mmds_config: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    #[allow(missing_docs)]
+    pub entropy: Option<serde_json::Value>,
+    #[serde(rename = "cpu-config", default, skip_serializing)]
+    #[allow(missing_docs)]
+    pub cpu_config: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    #[allow(missing_docs)]
+    pub pmem: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    #[allow(missing_docs)]
+    pub serial: Option<serde_json::Value>,
+    #[serde(rename = "memory-hotplug", default, skip_serializing)]
+    #[allow(missing_docs)]
+    pub memory_hotplug: Option<serde_json::Value>,
 }
 
 impl VmConfig {
-    /// A configuration with the defaults: 1 vCPU, 128 MiB, default cmdline.
+    /// A configuration booting `kernel` with the defaults: 1 vCPU, 128 MiB,
+    /// the default command line.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         VmConfig {
-            kernel: kernel.into(),
-            initrd: None,
-            cmdline: None,
-            cpus: 1,
-            memory: 128 * MIB,
-            disks: Vec::new(),
-            nets: Vec::new(),
-            root_is_first_disk: false,
+            boot_source: Some(BootSource {
+                kernel_image_path: kernel.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
         }
     }
 
-    /// Checks the ranges that do not depend on the host (KVM limits are checked when
-    /// the VM is built).
+    /// Parses a Firecracker-shaped JSON configuration and validates it.
+    pub fn from_json(text: &str) -> Result<VmConfig, Error> {
+        let config: VmConfig =
+            serde_json::from_str(text).map_err(|e| Error::Json(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The kernel command line the user gave, or the default.
+    pub fn boot_args(&self) -> &str {
+        self.boot_source
+            .as_ref()
+            .and_then(|b| b.boot_args.as_deref())
+            .unwrap_or(DEFAULT_BOOT_ARGS)
+    }
+
+    /// Drives in attachment order: the root device first, then the others as given.
+    pub fn ordered_drives(&self) -> Vec<&Drive> {
+        let root = self.drives.iter().filter(|d| d.is_root_device);
+        root.chain(self.drives.iter().filter(|d| !d.is_root_device))
+            .collect()
+    }
+
+    /// Inserts `drive`, or replaces the drive with the same ID.
+    pub fn upsert_drive(&mut self, drive: Drive) {
+        match self
+            .drives
+            .iter_mut()
+            .find(|d| d.drive_id == drive.drive_id)
+        {
+            Some(d) => *d = drive,
+            None => self.drives.push(drive),
+        }
+    }
+
+    /// Inserts `iface`, or replaces the interface with the same ID.
+    pub fn upsert_interface(&mut self, iface: NetworkInterface) {
+        match self
+            .network_interfaces
+            .iter_mut()
+            .find(|n| n.iface_id == iface.iface_id)
+        {
+            Some(n) => *n = iface,
+            None => self.network_interfaces.push(iface),
+        }
+    }
+
+    /// Checks everything that does not depend on the host (files and KVM limits
+    /// are checked when the VM is built).
     pub fn validate(&self) -> Result<(), Error> {
-        check_cpus(self.cpus as u64)?;
-        let devices = self.disks.len() + self.nets.len();
+        for (present, name) in [
+            (self.balloon.is_some(), "balloon"),
+            (self.vsock.is_some(), "vsock"),
+            (self.mmds_config.is_some(), "mmds-config"),
+            (self.entropy.is_some(), "entropy"),
+            (self.cpu_config.is_some(), "cpu-config"),
+            (self.pmem.is_some(), "pmem"),
+            (self.serial.is_some(), "serial"),
+            (self.memory_hotplug.is_some(), "memory-hotplug"),
+        ] {
+            if present {
+                return Err(Error::Unsupported(name));
+            }
+        }
+        self.machine_config.validate()?;
+        if let Some(b) = &self.boot_source {
+            if b.kernel_image_path.as_os_str().is_empty() {
+                return Err(Error::EmptyPath("boot-source kernel_image_path"));
+            }
+        }
+        let mut root: Option<&str> = None;
+        for (i, d) in self.drives.iter().enumerate() {
+            d.validate()?;
+            if self.drives[..i].iter().any(|o| o.drive_id == d.drive_id) {
+                return Err(Error::DuplicateId {
+                    field: "drive_id",
+                    id: d.drive_id.clone(),
+                });
+            }
+            if d.is_root_device {
+                if let Some(r) = root {
+                    return Err(Error::TwoRoots(r.into(), d.drive_id.clone()));
+                }
+                root = Some(&d.drive_id);
+            }
+        }
+        for (i, n) in self.network_interfaces.iter().enumerate() {
+            n.validate()?;
+            if self.network_interfaces[..i]
+                .iter()
+                .any(|o| o.iface_id == n.iface_id)
+            {
+                return Err(Error::DuplicateId {
+                    field: "iface_id",
+                    id: n.iface_id.clone(),
+                });
+            }
+        }
+        let devices = self.drives.len() + self.network_interfaces.len();
         if devices > MAX_VIRTIO_DEVICES {
             return Err(Error::TooManyDevices(devices));
         }
-        check_memory(self.memory, &format!("{}M", self.memory / MIB))
+        Ok(())
     }
 }
 
-/// Checks a vCPU count against the boot tables' limit.
-pub fn check_cpus(cpus: u64) -> Result<u32, Error> {
-    if cpus == 0 || cpus > MAX_CPUS as u64 {
-        return Err(Error::CpusOutOfRange {
-            given: cpus,
-            max: MAX_CPUS,
-        });
+/// Checks a device ID: 1 to 64 ASCII alphanumerics or underscores.
+pub fn check_id(field: &'static str, id: &str) -> Result<(), Error> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Id {
+            field,
+            id: id.chars().take(80).collect(),
+        })
     }
-    Ok(cpus as u32)
-}
-
-fn check_memory(bytes: u64, given: &str) -> Result<(), Error> {
-    if !(MIN_MEMORY..=MAX_MEMORY).contains(&bytes) {
-        return Err(Error::MemoryOutOfRange {
-            given: given.to_string(),
-        });
-    }
-    Ok(())
-}
-
-/// Parses a memory size: a whole number with an optional unit K, M, G or T (also
-/// written KiB, MB, ...; all binary). A bare number means MiB. The result is
-/// rounded up to whole 4 KiB pages and checked against the accepted range.
-pub fn parse_memory(s: &str) -> Result<u64, Error> {
-    let unparsable = || Error::MemoryUnparsable(s.to_string());
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| unparsable())?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "m" | "mb" | "mib" => 20,
-        "k" | "kb" | "kib" => 10,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        _ => return Err(unparsable()),
-    };
-    let too_big = || Error::MemoryOutOfRange {
-        given: s.to_string(),
-    };
-    let bytes = n.checked_mul(1u64 << shift).ok_or_else(too_big)?;
-    let bytes = bytes.checked_add(0xfff).ok_or_else(too_big)? & !0xfff;
-    check_memory(bytes, s)?;
-    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -274,125 +668,156 @@ mod tests {
     use super::*;
 
     #[test]
-    fn memory_units_parse() {
-        assert_eq!(parse_memory("512M").unwrap(), 512 * MIB);
-        assert_eq!(parse_memory("512").unwrap(), 512 * MIB);
-        assert_eq!(parse_memory("2G").unwrap(), 2048 * MIB);
-        assert_eq!(parse_memory("1GiB").unwrap(), 1024 * MIB);
-        assert_eq!(parse_memory("65536k").unwrap(), 64 * MIB);
-        assert_eq!(parse_memory(" 128mb ").unwrap(), 128 * MIB);
+    fn machine_config_ranges_and_smt_rule() {
+        let mut m = MachineConfig::default();
+        assert_eq!(m.validate(), Ok(()));
+        m.vcpu_count = 0;
+        assert_eq!(m.validate(), Err(Error::VcpuCount(0)));
+        m.vcpu_count = u64::from(MAX_CPUS) + 1;
+        assert!(m.validate().is_err());
+        m.vcpu_count = 3;
+        m.smt = true;
+        assert_eq!(m.validate(), Err(Error::SmtOddVcpus(3)));
+        m.vcpu_count = 4;
+        assert_eq!(m.validate(), Ok(()));
+        m.mem_size_mib = 8;
+        assert!(m
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("mem_size_mib 8"));
+        m.mem_size_mib = 128;
+        m.cpu_template = Some("T2".into());
+        assert!(m
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("cpu_template 'T2'"));
     }
 
     #[test]
-    fn memory_rounds_up_to_pages() {
-        assert_eq!(parse_memory("16385K").unwrap(), 16 * MIB + 4096);
+    fn machine_config_patch_keeps_unset_fields() {
+        let m = MachineConfig::default().updated(MachineConfigUpdate {
+            mem_size_mib: Some(256),
+            ..Default::default()
+        });
+        assert_eq!((m.vcpu_count, m.mem_size_mib), (1, 256));
     }
 
     #[test]
-    fn memory_zero_small_or_absurd_is_out_of_range() {
-        for s in ["0", "0G", "15M", "2T", "18446744073709551615G"] {
-            assert!(
-                matches!(parse_memory(s), Err(Error::MemoryOutOfRange { .. })),
-                "{s}"
-            );
+    fn ids_are_alphanumeric_or_underscore_up_to_64() {
+        assert!(check_id("drive_id", "root_fs1").is_ok());
+        for bad in ["", "a-b", "a b", "ä", &"x".repeat(65)] {
+            let e = check_id("drive_id", bad).unwrap_err().to_string();
+            assert!(e.starts_with("drive_id '"), "{e}");
         }
     }
 
     #[test]
-    fn memory_garbage_is_unparsable() {
-        for s in ["", "M", "12X", "-5M", "1.5G", "abc", "5 M B"] {
-            assert_eq!(
-                parse_memory(s),
-                Err(Error::MemoryUnparsable(s.into())),
-                "{s}"
-            );
-        }
-    }
-
-    #[test]
-    fn cpus_range_is_enforced() {
-        assert!(check_cpus(0).is_err());
-        assert_eq!(check_cpus(1), Ok(1));
-        assert_eq!(check_cpus(MAX_CPUS as u64), Ok(MAX_CPUS));
-        assert!(matches!(
-            check_cpus(MAX_CPUS as u64 + 1),
-            Err(Error::CpusOutOfRange { .. })
-        ));
-    }
-
-    #[test]
-    fn disk_specs_parse() {
+    fn firecracker_config_file_parses() {
+        let text = r#"{
+          "boot-source": {"kernel_image_path": "vmlinux", "boot_args": "console=ttyS0"},
+          "drives": [
+            {"drive_id": "data", "path_on_host": "d.img", "is_root_device": false, "is_read_only": true},
+            {"drive_id": "rootfs", "path_on_host": "r.ext4", "is_root_device": true, "is_read_only": false,
+             "cache_type": "Writeback", "io_engine": "Sync",
+             "rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}
+          ],
+          "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": false},
+          "network-interfaces": [{"iface_id": "eth0", "guest_mac": "06:00:AC:10:00:02", "host_dev_name": "tap0"}]
+        }"#;
+        let c = VmConfig::from_json(text).unwrap();
+        assert_eq!(c.boot_args(), "console=ttyS0");
+        assert_eq!(c.machine_config.vcpu_count, 2);
+        let order: Vec<&str> = c
+            .ordered_drives()
+            .iter()
+            .map(|d| d.drive_id.as_str())
+            .collect();
+        assert_eq!(order, ["rootfs", "data"]);
+        assert_eq!(c.drives[1].cache_type, CacheType::Writeback);
         assert_eq!(
-            parse_disk_spec("path=/a.img").unwrap(),
-            DiskConfig {
-                path: "/a.img".into(),
-                read_only: false,
-                id: None
-            }
+            c.network_interfaces[0].mac().unwrap(),
+            MacAddr([6, 0, 0xac, 0x10, 0, 2])
         );
-        assert_eq!(
-            parse_disk_spec("path=d.img,readonly=on,id=SER1").unwrap(),
-            DiskConfig {
-                path: "d.img".into(),
-                read_only: true,
-                id: Some("SER1".into())
-            }
-        );
-        assert!(!parse_disk_spec("readonly=off,path=x").unwrap().read_only);
+        // What GET /vm/config returns parses back to the same configuration.
+        let again = VmConfig::from_json(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(again, c);
     }
 
     #[test]
-    fn bad_disk_specs_name_the_problem() {
-        for (spec, want) in [
-            ("", "is not key=value"),
-            ("disk.img", "is not key=value"),
-            ("path=", "the path is empty"),
-            ("readonly=on", "no path= given"),
-            ("path=a,readonly=maybe", "not on or off"),
-            ("path=a,cache=none", "unknown key 'cache'"),
-            ("path=a,id=123456789012345678901", "longer than 20 bytes"),
+    fn config_file_errors_name_the_field() {
+        for (text, want) in [
+            (
+                r#"{"machine-config": {"vcpu_count": 1}}"#,
+                "missing field `mem_size_mib`",
+            ),
+            (
+                r#"{"machine-config": {"vcpu_count": "2", "mem_size_mib": 128}}"#,
+                "invalid type",
+            ),
+            (
+                r#"{"boot-source": {"kernel_image_path": "k", "bogus": 1}}"#,
+                "unknown field `bogus`",
+            ),
+            (
+                r#"{"drives": [{"drive_id": "a-b", "path_on_host": "x", "is_root_device": false}]}"#,
+                "drive_id 'a-b'",
+            ),
+            (
+                r#"{"balloon": {"amount_mib": 1}}"#,
+                "'balloon' is not supported",
+            ),
+            (
+                r#"{"vsock": {"guest_cid": 3, "uds_path": "v"}}"#,
+                "'vsock' is not supported",
+            ),
+            (
+                r#"{"network-interfaces": [{"iface_id": "e", "host_dev_name": "t", "guest_mac": "zz"}]}"#,
+                "guest_mac 'zz'",
+            ),
+            (
+                r#"{"network-interfaces": [{"iface_id": "e", "host_dev_name": "t", "mtu": 20}]}"#,
+                "mtu 20",
+            ),
+            (
+                r#"{"drives": [{"drive_id": "a", "path_on_host": "x", "is_root_device": true},
+                           {"drive_id": "b", "path_on_host": "y", "is_root_device": true}]}"#,
+                "both root devices",
+            ),
+            (
+                r#"{"drives": [{"drive_id": "a", "path_on_host": "x", "is_root_device": false},
+                           {"drive_id": "a", "path_on_host": "y", "is_root_device": false}]}"#,
+                "used twice",
+            ),
+            (
+                r#"{"drives": [{"drive_id": "a", "socket": "/s", "is_root_device": false}]}"#,
+                "vhost-user",
+            ),
+            ("{", "not valid JSON"),
         ] {
-            let e = parse_disk_spec(spec).unwrap_err().to_string();
-            assert!(e.contains(want) && e.contains("path=FILE"), "{spec:?}: {e}");
+            let e = VmConfig::from_json(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
         }
     }
 
     #[test]
-    fn net_specs_parse_with_a_stable_derived_mac() {
-        let n = parse_net_spec("tap=tap0").unwrap();
-        assert_eq!((n.tap.as_str(), n.mtu, n.mrg_rxbuf), ("tap0", None, true));
-        assert_eq!(n.mac, derived_mac("tap0"));
-        assert_eq!(n.mac[0] & 3, 2, "locally administered unicast");
-        assert_ne!(derived_mac("tap0"), derived_mac("tap1"));
-        let n = parse_net_spec("mtu=1400,mac=02:aa:bb:cc:dd:ee,tap=t,mrg_rxbuf=off").unwrap();
-        assert_eq!(
-            (n.mac, n.mtu, n.mrg_rxbuf),
-            ([2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee], Some(1400), false)
-        );
+    fn default_serial_is_the_drive_id_cut_to_20_bytes() {
+        let mut d = Drive::new("a_very_long_drive_identifier", "x");
+        assert_eq!(d.effective_serial(), "a_very_long_drive_id");
+        d.serial = Some("S1".into());
+        assert_eq!(d.effective_serial(), "S1");
+        d.serial = Some("x".repeat(21));
+        assert!(d.validate().is_err());
     }
 
     #[test]
-    fn bad_net_specs_name_the_problem() {
-        for (spec, want) in [
-            ("tap0", "is not key=value"),
-            ("tap=", "the TAP name is empty"),
-            ("mac=02:00:00:00:00:01", "no tap= given"),
-            ("tap=t,mac=02:00:00:00:00", "not six hex bytes"),
-            ("tap=t,mac=01:00:00:00:00:01", "multicast"),
-            ("tap=t,mtu=20", "between 68 and 65535"),
-            ("tap=t,mrg_rxbuf=yes", "not on or off"),
-            ("tap=t,queues=4", "unknown key 'queues'"),
-        ] {
-            let e = parse_net_spec(spec).unwrap_err().to_string();
-            assert!(e.contains(want) && e.contains("tap=NAME"), "{spec:?}: {e}");
-        }
-    }
-
-    #[test]
-    fn error_messages_name_the_input_and_the_fix() {
-        let e = parse_memory("12X").unwrap_err().to_string();
-        assert!(e.contains("--memory '12X'") && e.contains("512M"), "{e}");
-        let e = check_cpus(0).unwrap_err().to_string();
-        assert!(e.contains("--cpus 0") && e.contains("between 1 and"), "{e}");
+    fn derived_macs_are_stable_local_unicast() {
+        let m = derived_mac("tap0");
+        assert_eq!(m, derived_mac("tap0"));
+        assert_eq!(m.0[0] & 3, 2);
+        assert_ne!(m, derived_mac("tap1"));
+        assert_eq!(MacAddr::parse(&m.to_string()), Ok(m));
+        assert!(MacAddr::parse("01:00:00:00:00:01").is_err());
     }
 }

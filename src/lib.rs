@@ -4,8 +4,7 @@
 //!
 //! ```no_run
 //! use vmm::{builder, config::VmConfig, runtime::RunOptions};
-//! let mut config = VmConfig::new("vmlinux");
-//! config.cmdline = Some("console=ttyS0 reboot=k panic=-1".into());
+//! let config = VmConfig::new("vmlinux");
 //! let vm = builder::build(&config, Box::new(std::io::stdout()), std::time::Instant::now())?;
 //! let stop = vm.stop_handle(); // may be sent to another thread
 //! let exit = vm.run(RunOptions::default())?;
@@ -18,7 +17,9 @@
 
 pub mod arch;
 pub mod builder;
+pub mod cli;
 pub mod config;
+pub mod device_manager;
 pub mod exit;
 pub mod loader;
 pub mod logger;

@@ -50,13 +50,13 @@ pub enum Error {
     #[error("Kernel image '{path}' is truncated or malformed ({reason}); rebuild it.")]
     Malformed { path: PathBuf, reason: String },
     /// The image does not fit in guest memory.
-    #[error("Kernel image '{0}' does not fit in guest memory; give more --memory.")]
+    #[error("Kernel image '{0}' does not fit in guest memory; give more memory (--memory, or mem_size_mib).")]
     KernelTooBig(PathBuf),
     /// A bzImage without a 64-bit entry point.
     #[error("Kernel image '{0}' is a bzImage without a 64-bit entry point; give a 64-bit kernel.")]
     No64BitEntry(PathBuf),
     /// The initrd does not fit.
-    #[error("Initrd '{path}' ({size} bytes) does not fit in guest memory between the kernel's end at {low:#x} and {high:#x}; give more --memory or a smaller initrd.")]
+    #[error("Initrd '{path}' ({size} bytes) does not fit in guest memory between the kernel's end at {low:#x} and {high:#x}; give more memory (--memory, or mem_size_mib) or a smaller initrd.")]
     InitrdTooBig {
         path: PathBuf,
         size: u64,
@@ -458,7 +458,7 @@ mod tests {
         let p = temp_file("big-initrd", &vec![1u8; (2 * MIB) as usize]);
         let e = load_initrd(&m, &p, &kernel_ending_at(63 * MIB), 64 * MIB).unwrap_err();
         assert!(matches!(e, Error::InitrdTooBig { .. }), "{e}");
-        assert!(e.to_string().contains("give more --memory"));
+        assert!(e.to_string().contains("give more memory (--memory"));
     }
 
     #[test]

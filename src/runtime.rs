@@ -4,7 +4,7 @@
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::serial::SerialDevice;
@@ -81,24 +81,25 @@ impl MicroVm {
         if let Some(fd) = opts.console_in {
             em.add_subscriber(Arc::new(Mutex::new(ConsoleInput {
                 fd,
-                serial: self.serial.clone(),
+                serial: self.devices.serial.clone(),
                 exit: self.exit.clone(),
                 escapes: opts.console_is_terminal,
                 saw_prefix: false,
             })));
         }
         em.add_subscriber(Arc::new(Mutex::new(ExitWatch(self.exit.clone()))));
-        for transport in &self.virtio {
-            let events = QueueEvents::new(transport.clone()).map_err(Error::Signals)?;
+        for entry in &self.devices.virtio {
+            let events = QueueEvents::new(entry.transport.clone()).map_err(Error::Signals)?;
             em.add_subscriber(Arc::new(Mutex::new(events)));
         }
 
+        let stop = Arc::new(AtomicBool::new(false));
         let ctx = VcpuContext {
-            pio: self.pio.clone(),
-            mmio: self.mmio.clone(),
+            pio: self.devices.pio.clone(),
+            mmio: self.devices.mmio.clone(),
             mem: self.mem.clone(),
             exit: self.exit.clone(),
-            stop: self.stop.clone(),
+            stop: stop.clone(),
             started: self.started,
         };
         let mut threads = Vec::with_capacity(self.vcpus.len());
@@ -127,7 +128,7 @@ impl MicroVm {
         };
 
         // Stop every vCPU: set the flag first, then kick each thread out of KVM_RUN.
-        self.stop.store(true, Ordering::SeqCst);
+        stop.store(true, Ordering::SeqCst);
         for t in &threads {
             // SAFETY: the pthread_t belongs to a thread we spawned and have not joined.
             unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
@@ -137,10 +138,10 @@ impl MicroVm {
                 log::error!("a vCPU thread panicked");
             }
         }
-        for (transport, name) in self.virtio.iter().zip(&self.virtio_names) {
-            let t = transport.lock().unwrap_or_else(|e| e.into_inner());
+        for entry in &self.devices.virtio {
+            let t = entry.transport.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(report) = t.report() {
-                log::info!("{name}: {report}");
+                log::info!("{}: {report}", entry.label);
             }
         }
         drop(self.vm);

@@ -336,7 +336,7 @@ fn expect_line(lines: &[String], prefix: &str) -> Vec<String> {
 fn virtio_blk_guest_driver_reads_writes_and_a_flush_survives_sigkill() {
     host();
     let (img, mut bytes) = disk_image("virtio-rw.img");
-    let lines = virtio_blk_guest(&format!("path={},id=DISK-SERIAL-1", img.display()));
+    let lines = virtio_blk_guest(&format!("path={},serial=DISK-SERIAL-1", img.display()));
     assert_eq!(
         expect_line(&lines, "get_id status "),
         ["0000000000000000", "DISK-SERIAL-1"]

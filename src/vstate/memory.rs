@@ -9,7 +9,9 @@ use crate::arch::x86_64::bootparams::ram_regions;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// mmap failed.
-    #[error("Cannot map {size} bytes of guest memory; give less --memory.")]
+    #[error(
+        "Cannot map {size} bytes of guest memory; give less memory (--memory, or mem_size_mib)."
+    )]
     Map {
         size: u64,
         #[source]

@@ -28,7 +28,7 @@ pub enum Error {
         err: kvm_ioctls::Error,
     },
     /// More vCPUs than KVM allows.
-    #[error("--cpus {given} is more than this host's KVM allows ({max}); give at most {max}.")]
+    #[error("vcpu_count {given} (--cpus) is more than this host's KVM allows ({max}); give at most {max}.")]
     TooManyCpus { given: u32, max: usize },
 }
 

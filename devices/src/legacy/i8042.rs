@@ -1,11 +1,14 @@
 //! A minimal i8042 keyboard controller: enough for the Linux reboot path
-//! (`reboot=k` pulses the CPU reset line with command 0xFE) and for drivers that
-//! probe the controller. No keyboard is attached.
+//! (`reboot=k` pulses the CPU reset line with command 0xFE), for drivers that
+//! probe the controller, and for a keyboard whose only keys are the ones the
+//! VMM presses: Ctrl-Alt-Del ([`I8042::send_ctrl_alt_del`]), which a Linux
+//! guest with a VT keyboard turns into a reboot.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::bus::BusDevice;
-use crate::{ExitRequester, GuestExitRequest};
+use crate::{ExitRequester, GuestExitRequest, InterruptLine};
 
 /// Offset of the data port (0x60) and of the status/command port (0x64) from the
 /// device's base at 0x60.
@@ -31,35 +34,88 @@ const CMD_PULSE_RESET: u8 = 0xfe;
 
 const SELF_TEST_OK: u8 = 0x55;
 
+/// Configuration byte: keyboard interrupt enabled.
+const CONFIG_KBD_INTERRUPT: u8 = 0x01;
+/// Configuration byte: scancodes translated to set 1.
+const CONFIG_TRANSLATE: u8 = 0x40;
+
+const KBD_ACK: u8 = 0xfa;
+const KBD_RESET: u8 = 0xff;
+const KBD_SELF_TEST_PASSED: u8 = 0xaa;
+const KBD_GET_ID: u8 = 0xf2;
+
+/// Ctrl, Alt and Delete pressed, then released, in scancode set 1 (translated).
+const CTRL_ALT_DEL_SET1: [u8; 8] = [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d];
+/// The same in scancode set 2 (untranslated).
+const CTRL_ALT_DEL_SET2: [u8; 11] = [
+    0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14,
+];
+/// Most bytes the output buffer holds; more keyboard input is dropped.
+const MAX_OUTPUT: usize = 64;
+
 /// The controller at ports 0x60..=0x64.
 pub struct I8042 {
     exit: Arc<dyn ExitRequester>,
+    kbd_irq: Arc<dyn InterruptLine>,
     status: u8,
     config: u8,
-    output: Option<u8>,
+    output: VecDeque<u8>,
     /// The command whose parameter byte the next data-port write carries.
     awaiting_data_for: Option<u8>,
 }
 
 impl I8042 {
-    /// A controller whose reset line ends the VM through `exit`.
-    pub fn new(exit: Arc<dyn ExitRequester>) -> Self {
+    /// A controller whose reset line ends the VM through `exit` and whose
+    /// keyboard raises `kbd_irq` (IRQ 1).
+    pub fn new(exit: Arc<dyn ExitRequester>, kbd_irq: Arc<dyn InterruptLine>) -> Self {
         I8042 {
             exit,
+            kbd_irq,
             status: STATUS_SYSTEM_FLAG,
             // Keyboard interrupt on, translation on, as firmware leaves it.
             config: 0x45,
-            output: None,
+            output: VecDeque::new(),
             awaiting_data_for: None,
         }
     }
 
+    /// Presses and releases Ctrl-Alt-Del on the keyboard.
+    pub fn send_ctrl_alt_del(&mut self) {
+        if self.config & CONFIG_TRANSLATE != 0 {
+            self.push_keyboard(&CTRL_ALT_DEL_SET1);
+        } else {
+            self.push_keyboard(&CTRL_ALT_DEL_SET2);
+        }
+    }
+
+    /// A controller answer: no interrupt (drivers poll for it).
     fn push_output(&mut self, byte: u8) {
-        self.output = Some(byte);
+        self.output.push_back(byte);
+    }
+
+    /// Keyboard bytes: raise IRQ 1 when they become readable.
+    fn push_keyboard(&mut self, bytes: &[u8]) {
+        let was_empty = self.output.is_empty();
+        for &b in bytes {
+            if self.output.len() < MAX_OUTPUT {
+                self.output.push_back(b);
+            }
+        }
+        if was_empty {
+            self.raise_kbd_irq();
+        }
+    }
+
+    fn raise_kbd_irq(&self) {
+        if self.config & CONFIG_KBD_INTERRUPT != 0 && !self.output.is_empty() {
+            if let Err(e) = self.kbd_irq.trigger() {
+                log::warn!("i8042: cannot raise the keyboard interrupt: {e}");
+            }
+        }
     }
 
     fn status_byte(&self) -> u8 {
-        let full = if self.output.is_some() {
+        let full = if !self.output.is_empty() {
             STATUS_OUTPUT_FULL
         } else {
             0
@@ -90,8 +146,15 @@ impl I8042 {
                 self.exit.request_exit(GuestExitRequest::Reset)
             }
             Some(_) => {}
-            // A byte for the (absent) keyboard: answer "resend" so drivers give up.
-            None => self.push_output(0xfe),
+            // A command (or its parameter) for the keyboard: acknowledged.
+            None => match byte {
+                KBD_RESET => self.push_keyboard(&[KBD_ACK, KBD_SELF_TEST_PASSED]),
+                KBD_GET_ID if self.config & CONFIG_TRANSLATE != 0 => {
+                    self.push_keyboard(&[KBD_ACK, 0xab, 0x41])
+                }
+                KBD_GET_ID => self.push_keyboard(&[KBD_ACK, 0xab, 0x83]),
+                _ => self.push_keyboard(&[KBD_ACK]),
+            },
         }
     }
 }
@@ -100,7 +163,12 @@ impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         data[0] = match offset {
-            DATA => self.output.take().unwrap_or(0),
+            DATA => {
+                let byte = self.output.pop_front().unwrap_or(0);
+                // The next byte, if any, interrupts again.
+                self.raise_kbd_irq();
+                byte
+            }
             COMMAND => self.status_byte(),
             _ => 0xff,
         };
@@ -119,11 +187,14 @@ impl BusDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::RecordingExit;
+    use crate::test_util::{CountingIrq, RecordingExit};
 
     fn device() -> (I8042, Arc<RecordingExit>) {
         let exit = Arc::new(RecordingExit::default());
-        (I8042::new(exit.clone()), exit)
+        (
+            I8042::new(exit.clone(), Arc::new(CountingIrq::default())),
+            exit,
+        )
     }
 
     fn read(dev: &mut I8042, offset: u64) -> u8 {
@@ -171,5 +242,36 @@ mod tests {
         dev.write(COMMAND, &[]);
         assert_eq!(read(&mut dev, 2), 0xff);
         assert!(exit.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn ctrl_alt_del_is_eight_translated_scancodes_with_interrupts() {
+        let exit = Arc::new(RecordingExit::default());
+        let irq = Arc::new(CountingIrq::default());
+        let mut dev = I8042::new(exit, irq.clone());
+        dev.send_ctrl_alt_del();
+        assert_eq!(irq.count(), 1);
+        let mut got = Vec::new();
+        while read(&mut dev, COMMAND) & STATUS_OUTPUT_FULL != 0 {
+            got.push(read(&mut dev, DATA));
+        }
+        assert_eq!(got, CTRL_ALT_DEL_SET1);
+        // One interrupt per byte: the first on arrival, one after each read but the last.
+        assert_eq!(irq.count(), CTRL_ALT_DEL_SET1.len());
+    }
+
+    #[test]
+    fn keyboard_commands_are_acknowledged_and_untranslated_mode_gets_set_2() {
+        let (mut dev, _) = device();
+        dev.write(DATA, &[KBD_RESET]);
+        assert_eq!(read(&mut dev, DATA), KBD_ACK);
+        assert_eq!(read(&mut dev, DATA), KBD_SELF_TEST_PASSED);
+        dev.write(COMMAND, &[CMD_WRITE_CONFIG]);
+        dev.write(DATA, &[CONFIG_KBD_INTERRUPT]);
+        dev.send_ctrl_alt_del();
+        let got: Vec<u8> = (0..CTRL_ALT_DEL_SET2.len())
+            .map(|_| read(&mut dev, DATA))
+            .collect();
+        assert_eq!(got, CTRL_ALT_DEL_SET2);
     }
 }

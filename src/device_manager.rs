@@ -1,0 +1,187 @@
+//! The device manager: the port-I/O and MMIO buses, the legacy devices (COM1,
+//! i8042, ACPI sleep registers), the allocation of virtio-mmio windows and
+//! interrupt lines, and one entry per virtio device (ID, kind, transport, where
+//! the guest finds it) — what the control API and snapshots walk.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use devices::acpi_pm::AcpiSleep;
+use devices::bus::Bus;
+use devices::legacy::i8042::I8042;
+use devices::legacy::serial::SerialDevice;
+use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, REG_QUEUE_NOTIFY};
+use devices::virtio::{Interrupt, VirtioDevice};
+use kvm_ioctls::IoEventAddress;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::acpi::VirtioMmioDeviceInfo;
+use crate::arch::x86_64::layout::*;
+use crate::config::MAX_VIRTIO_DEVICES;
+use crate::exit::ExitSignal;
+use crate::vstate::vm;
+
+/// Errors placing devices.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A device cannot be placed on its bus.
+    #[error("Cannot place the {0} on its bus: {1}")]
+    Bus(&'static str, devices::bus::Error),
+    /// An eventfd cannot be created.
+    #[error("Cannot create an eventfd: {0}.")]
+    EventFd(std::io::Error),
+    /// KVM refused an interrupt line.
+    #[error(transparent)]
+    Vm(#[from] vm::Error),
+    /// No MMIO window or interrupt line is left.
+    #[error("No room for virtio device '{0}': at most {MAX_VIRTIO_DEVICES} virtio devices fit.")]
+    Full(String),
+    /// A virtio device cannot be set up.
+    #[error("Cannot set up virtio device '{id}': {err}.")]
+    Virtio { id: String, err: std::io::Error },
+    /// A queue notification cannot be connected to KVM.
+    #[error("KVM could not connect a queue notification of virtio device '{id}': {err}.")]
+    IoEvent { id: String, err: kvm_ioctls::Error },
+}
+
+/// What a virtio device is, for the API and the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VirtioKind {
+    /// virtio-blk: a drive.
+    Block,
+    /// virtio-net: a network interface.
+    Net,
+}
+
+/// One attached virtio device.
+pub struct VirtioEntry {
+    /// Its ID in the configuration (`drive_id`, `iface_id`).
+    pub id: String,
+    /// What it is.
+    pub kind: VirtioKind,
+    /// How the log names it, e.g. "disk rootfs (disk.img)".
+    pub label: String,
+    /// Its register window and queues.
+    pub transport: Arc<Mutex<MmioTransport>>,
+    /// Where the guest finds it.
+    pub info: VirtioMmioDeviceInfo,
+}
+
+/// Every device of a VM and the buses that route vCPU exits to them.
+pub struct DeviceManager {
+    /// Port-I/O bus: COM1, i8042, ACPI sleep registers.
+    pub pio: Bus,
+    /// MMIO bus: the virtio-mmio windows.
+    pub mmio: Bus,
+    /// COM1, for console input.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// The i8042, for Ctrl-Alt-Del.
+    pub i8042: Arc<Mutex<I8042>>,
+    /// The virtio devices, in attachment order.
+    pub virtio: Vec<VirtioEntry>,
+}
+
+impl DeviceManager {
+    /// Places COM1, the i8042 and the ACPI sleep registers, each with its
+    /// interrupt line connected through an irqfd.
+    pub fn new(
+        vm: &vm::Vm,
+        exit: Arc<ExitSignal>,
+        serial_out: Box<dyn Write + Send>,
+    ) -> Result<Self, Error> {
+        let mut pio = Bus::new();
+        let serial_irq = irq_line(vm, SERIAL_IRQ)?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
+        pio.insert(serial.clone(), u64::from(SERIAL_PORT), 8)
+            .map_err(|e| Error::Bus("serial port", e))?;
+        let kbd_irq = irq_line(vm, I8042_KBD_IRQ)?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone(), kbd_irq)));
+        pio.insert(i8042.clone(), u64::from(I8042_PORT), 5)
+            .map_err(|e| Error::Bus("i8042", e))?;
+        pio.insert(
+            Arc::new(Mutex::new(AcpiSleep::new(exit, ACPI_S5_SLEEP_TYPE))),
+            u64::from(ACPI_SLEEP_CONTROL_PORT),
+            2,
+        )
+        .map_err(|e| Error::Bus("ACPI sleep registers", e))?;
+        Ok(DeviceManager {
+            pio,
+            mmio: Bus::new(),
+            serial,
+            i8042,
+            virtio: Vec::new(),
+        })
+    }
+
+    /// Attaches `device` in the next virtio-mmio window with the next interrupt
+    /// line: an irqfd for its interrupt and an ioeventfd per queue, so neither
+    /// interrupts nor notifications wait on a vCPU exit handler.
+    pub fn attach_virtio(
+        &mut self,
+        vm: &vm::Vm,
+        mem: &GuestMemoryMmap,
+        (id, kind, label): (String, VirtioKind, String),
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<(), Error> {
+        let index = self.virtio.len();
+        if index >= MAX_VIRTIO_DEVICES {
+            return Err(Error::Full(id));
+        }
+        let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
+        let irq = VIRTIO_IRQ_START + index as u32;
+        let virtio_err = |err| Error::Virtio {
+            id: id.clone(),
+            err,
+        };
+        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(virtio_err)?;
+        vm.register_irqfd(&irq_evt, irq)?;
+        let interrupt = Interrupt::new(Arc::new(irq_evt));
+        let transport = MmioTransport::new(device, mem.clone(), interrupt).map_err(virtio_err)?;
+        for (queue, evt) in transport.queue_evts().iter().enumerate() {
+            vm.fd()
+                .register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
+                    queue as u32,
+                )
+                .map_err(|err| Error::IoEvent {
+                    id: id.clone(),
+                    err,
+                })?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio
+            .insert(transport.clone(), base, MMIO_WINDOW_SIZE)
+            .map_err(|e| Error::Bus("virtio device", e))?;
+        self.virtio.push(VirtioEntry {
+            id,
+            kind,
+            label,
+            transport,
+            info: VirtioMmioDeviceInfo {
+                addr: base,
+                len: VIRTIO_MMIO_SIZE,
+                irq,
+            },
+        });
+        Ok(())
+    }
+
+    /// Where the guest finds each virtio device, in attachment order.
+    pub fn virtio_info(&self) -> Vec<VirtioMmioDeviceInfo> {
+        self.virtio.iter().map(|e| e.info).collect()
+    }
+
+    /// The virtio device of `kind` with `id`.
+    pub fn find(&self, kind: VirtioKind, id: &str) -> Option<&VirtioEntry> {
+        self.virtio.iter().find(|e| e.kind == kind && e.id == id)
+    }
+}
+
+/// An eventfd connected to guest interrupt line `gsi`.
+fn irq_line(vm: &vm::Vm, gsi: u32) -> Result<Arc<EventFd>, Error> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+    vm.register_irqfd(&evt, gsi)?;
+    Ok(Arc::new(evt))
+}
