@@ -86,6 +86,7 @@ impl Error {
 
 /// A built VM, ready to run.
 pub struct MicroVm {
+    pub(crate) config: VmConfig,
     pub(crate) vm: vm::Vm,
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) vcpus: Vec<Vcpu>,
@@ -99,6 +100,7 @@ pub struct MicroVm {
 pub fn build(
     config: &VmConfig,
     serial_out: Box<dyn Write + Send>,
+    exit: Arc<ExitSignal>,
     started: Instant,
 ) -> Result<MicroVm, Error> {
     config.validate()?;
@@ -115,7 +117,6 @@ pub fn build(
     vm.register_memory(&mem)?;
     vm.setup_irqchip()?;
 
-    let exit = Arc::new(ExitSignal::new().map_err(Error::EventFd)?);
     let mut devices = DeviceManager::new(&vm, exit.clone(), serial_out)?;
     for (names, device) in open_devices(config)? {
         devices.attach_virtio(&vm, &mem, names, device)?;
@@ -125,6 +126,7 @@ pub fn build(
     let entry = write_boot_tables(cpus, &mem, &kernel, &virtio_info)?;
     let vcpus = create_vcpus(&vm, cpus, &entry)?;
     Ok(MicroVm {
+        config: config.clone(),
         vm,
         mem,
         vcpus,

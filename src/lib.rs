@@ -5,7 +5,8 @@
 //! ```no_run
 //! use vmm::{builder, config::VmConfig, runtime::RunOptions};
 //! let config = VmConfig::new("vmlinux");
-//! let vm = builder::build(&config, Box::new(std::io::stdout()), std::time::Instant::now())?;
+//! let exit = std::sync::Arc::new(vmm::exit::ExitSignal::new()?);
+//! let vm = builder::build(&config, Box::new(std::io::stdout()), exit, std::time::Instant::now())?;
 //! let stop = vm.stop_handle(); // may be sent to another thread
 //! let exit = vm.run(RunOptions::default())?;
 //! println!("guest ended: {exit:?}");
@@ -25,6 +26,7 @@ pub mod loader;
 pub mod logger;
 pub mod runtime;
 pub mod terminal;
+pub mod vmm;
 pub mod vstate;
 
 /// Process exit status: the guest powered off or rebooted, or the user quit.

@@ -1,13 +1,15 @@
 //! The `vmm` command: parse the command line, run the VM, map the outcome to an
 //! exit status. See the README for the exit statuses.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
 use vmm::cli::Cli;
-use vmm::exit::VmExit;
-use vmm::runtime::RunOptions;
-use vmm::{builder, exit_status, logger, terminal, EXIT_USAGE, EXIT_VMM_ERROR};
+use vmm::exit::{ExitSignal, VmExit};
+use vmm::runtime::{self, EventLoop, RunOptions};
+use vmm::vmm::Vmm;
+use vmm::{exit_status, logger, terminal, EXIT_USAGE, EXIT_VMM_ERROR};
 
 fn usage_exit(msg: impl std::fmt::Display) -> ! {
     eprintln!("vmm: error: {msg}");
@@ -43,15 +45,10 @@ fn main() {
         usage_exit("--api-sock is not implemented yet; give --kernel.")
     };
 
-    let vm = match builder::build(&vm_config, Box::new(std::io::stdout()), started) {
-        Ok(vm) => vm,
-        Err(e) if e.is_usage_error() => usage_exit(e),
-        Err(e) => {
-            eprintln!("vmm: error: {e}");
-            std::process::exit(EXIT_VMM_ERROR);
-        }
+    let exit = match ExitSignal::new() {
+        Ok(e) => Arc::new(e),
+        Err(e) => fail(format_args!("Cannot create an eventfd: {e}.")),
     };
-
     // Raw mode only while the guest runs; the guard restores the terminal on
     // every return path below.
     let raw = match terminal::RawMode::enable(libc::STDIN_FILENO) {
@@ -66,7 +63,16 @@ fn main() {
         console_is_terminal: raw.is_some(),
         handle_signals: true,
     };
-    let result = vm.run(opts);
+    let mut el = EventLoop::new(exit.clone(), opts).unwrap_or_else(|e| fail(e));
+    let mut vmm = Vmm::new(vm_config, exit, Box::new(std::io::stdout()), started);
+    if let Err(e) = vmm.start(&mut el) {
+        drop(raw);
+        match e {
+            vmm::vmm::Error::Build(e) if e.is_usage_error() => usage_exit(e),
+            e => fail(e),
+        }
+    }
+    let result = runtime::run(&mut vmm, &mut el, |_, _| {});
     drop(raw);
     match result {
         Ok(exit) => {
@@ -77,9 +83,11 @@ fn main() {
             }
             std::process::exit(exit_status(&exit));
         }
-        Err(e) => {
-            eprintln!("vmm: error: {e}");
-            std::process::exit(EXIT_VMM_ERROR);
-        }
+        Err(e) => fail(e),
     }
+}
+
+fn fail(msg: impl std::fmt::Display) -> ! {
+    eprintln!("vmm: error: {msg}");
+    std::process::exit(EXIT_VMM_ERROR);
 }

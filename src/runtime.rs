@@ -3,8 +3,7 @@
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::serial::SerialDevice;
@@ -12,8 +11,9 @@ use devices::virtio::mmio::QueueEvents;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 
 use crate::builder::MicroVm;
+use crate::device_manager::DeviceManager;
 use crate::exit::{ExitSignal, VmExit};
-use crate::vstate::vcpu::{kick_signal, VcpuContext};
+use crate::vmm::Vmm;
 
 /// Ctrl-A: the console escape prefix; Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A.
 pub const ESCAPE_PREFIX: u8 = 0x01;
@@ -29,9 +29,9 @@ pub enum Error {
     /// Host signals cannot be routed to the event loop.
     #[error("Cannot set up host signal handling: {0}.")]
     Signals(std::io::Error),
-    /// A vCPU failed to start.
+    /// The VM failed to start.
     #[error(transparent)]
-    Vcpu(#[from] crate::vstate::vcpu::Error),
+    Start(Box<crate::vmm::Error>),
     /// A vCPU or device failed while the guest ran.
     #[error("{0}")]
     Failed(String),
@@ -60,6 +60,105 @@ impl StopHandle {
     }
 }
 
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Console input set up to reach the serial port once the VM starts.
+#[derive(Clone, Copy)]
+struct ConsoleSpec {
+    fd: RawFd,
+    escapes: bool,
+}
+
+/// The VMM thread's event loop: host signals, the VM's end, console input,
+/// device queues and backends, and whatever the embedder adds (the API).
+pub struct EventLoop {
+    em: EventManager<Subscriber>,
+    exit: Arc<ExitSignal>,
+    console: Option<ConsoleSpec>,
+}
+
+impl EventLoop {
+    /// A loop that ends when `exit` is raised, set up as `opts` says.
+    pub fn new(exit: Arc<ExitSignal>, opts: RunOptions) -> Result<Self, Error> {
+        let mut em: EventManager<Subscriber> = EventManager::new().map_err(Error::EventLoop)?;
+        if opts.handle_signals {
+            let sigfd = block_and_signalfd().map_err(Error::Signals)?;
+            em.add_subscriber(Arc::new(Mutex::new(SignalWatch {
+                fd: sigfd,
+                exit: exit.clone(),
+            })));
+        }
+        em.add_subscriber(Arc::new(Mutex::new(ExitWatch(exit.clone()))));
+        Ok(EventLoop {
+            em,
+            exit,
+            console: opts.console_in.map(|fd| ConsoleSpec {
+                fd,
+                escapes: opts.console_is_terminal,
+            }),
+        })
+    }
+
+    /// Adds a subscriber.
+    pub fn add(&mut self, subscriber: Subscriber) {
+        self.em.add_subscriber(subscriber);
+    }
+
+    /// Watches a started VM's devices: console input to its serial port, and
+    /// each virtio device's queues and backend (left alone while `paused`).
+    pub fn watch_devices(
+        &mut self,
+        devices: &DeviceManager,
+        paused: Arc<AtomicBool>,
+    ) -> Result<(), Error> {
+        if let Some(c) = self.console {
+            self.em.add_subscriber(Arc::new(Mutex::new(ConsoleInput {
+                fd: c.fd,
+                serial: devices.serial.clone(),
+                exit: self.exit.clone(),
+                escapes: c.escapes,
+                saw_prefix: false,
+            })));
+        }
+        for entry in &devices.virtio {
+            let events = QueueEvents::new(entry.transport.clone(), paused.clone())
+                .map_err(Error::Signals)?;
+            self.em.add_subscriber(Arc::new(Mutex::new(events)));
+        }
+        Ok(())
+    }
+
+    /// Waits for events and dispatches them once.
+    pub fn run_once(&mut self) -> Result<(), Error> {
+        self.em.run().map(|_| ()).map_err(Error::EventLoop)
+    }
+}
+
+/// Runs the event loop until the VM must end, calling `between` after each
+/// round of events (where the embedder serves its requests), then shuts the VM
+/// down (every vCPU thread joined) and returns how it ended.
+pub fn run(
+    vmm: &mut Vmm,
+    el: &mut EventLoop,
+    mut between: impl FnMut(&mut Vmm, &mut EventLoop),
+) -> Result<VmExit, Error> {
+    let mut result = Ok(());
+    while !vmm.exit_signal().is_raised() {
+        if let Err(e) = el.run_once() {
+            result = Err(e);
+            break;
+        }
+        between(vmm, el);
+    }
+    vmm.shutdown();
+    result?;
+    match vmm.exit_signal().outcome() {
+        Some(Ok(exit)) => Ok(exit),
+        Some(Err(msg)) => Err(Error::Failed(msg)),
+        None => Err(Error::Failed("The VM stopped without a reason.".into())),
+    }
+}
+
 impl MicroVm {
     /// A handle to stop the VM while it runs.
     pub fn stop_handle(&self) -> StopHandle {
@@ -69,88 +168,17 @@ impl MicroVm {
     /// Runs the VM until the guest powers off, resets or crashes, a handled signal
     /// arrives, or a [`StopHandle`] is used. Every vCPU thread is joined before it returns.
     pub fn run(self, opts: RunOptions) -> Result<VmExit, Error> {
-        let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-            EventManager::new().map_err(Error::EventLoop)?;
-        if opts.handle_signals {
-            let sigfd = block_and_signalfd().map_err(Error::Signals)?;
-            em.add_subscriber(Arc::new(Mutex::new(SignalWatch {
-                fd: sigfd,
-                exit: self.exit.clone(),
-            })));
-        }
-        if let Some(fd) = opts.console_in {
-            em.add_subscriber(Arc::new(Mutex::new(ConsoleInput {
-                fd,
-                serial: self.devices.serial.clone(),
-                exit: self.exit.clone(),
-                escapes: opts.console_is_terminal,
-                saw_prefix: false,
-            })));
-        }
-        em.add_subscriber(Arc::new(Mutex::new(ExitWatch(self.exit.clone()))));
-        for entry in &self.devices.virtio {
-            let events = QueueEvents::new(entry.transport.clone()).map_err(Error::Signals)?;
-            em.add_subscriber(Arc::new(Mutex::new(events)));
-        }
-
-        let stop = Arc::new(AtomicBool::new(false));
-        let ctx = VcpuContext {
-            pio: self.devices.pio.clone(),
-            mmio: self.devices.mmio.clone(),
-            mem: self.mem.clone(),
-            exit: self.exit.clone(),
-            stop: stop.clone(),
-            started: self.started,
-        };
-        let mut threads = Vec::with_capacity(self.vcpus.len());
-        let mut start_error = None;
-        for vcpu in self.vcpus {
-            match vcpu.start(ctx.clone()) {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    start_error = Some(e);
-                    break;
-                }
-            }
-        }
-        let loop_result = match start_error {
-            Some(e) => Err(Error::Vcpu(e)),
-            None => {
-                let mut r = Ok(());
-                while !self.exit.is_raised() {
-                    if let Err(e) = em.run() {
-                        r = Err(Error::EventLoop(e));
-                        break;
-                    }
-                }
-                r
-            }
-        };
-
-        // Stop every vCPU: set the flag first, then kick each thread out of KVM_RUN.
-        stop.store(true, Ordering::SeqCst);
-        for t in &threads {
-            // SAFETY: the pthread_t belongs to a thread we spawned and have not joined.
-            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
-        }
-        for t in threads {
-            if t.join().is_err() {
-                log::error!("a vCPU thread panicked");
-            }
-        }
-        for entry in &self.devices.virtio {
-            let t = entry.transport.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(report) = t.report() {
-                log::info!("{}: {report}", entry.label);
-            }
-        }
-        drop(self.vm);
-        loop_result?;
-        match self.exit.outcome() {
-            Some(Ok(exit)) => Ok(exit),
-            Some(Err(msg)) => Err(Error::Failed(msg)),
-            None => Err(Error::Failed("The VM stopped without a reason.".into())),
-        }
+        let exit = self.exit.clone();
+        let mut el = EventLoop::new(exit.clone(), opts)?;
+        let mut vmm = Vmm::new(
+            self.config.clone(),
+            exit,
+            Box::new(std::io::sink()),
+            self.started,
+        );
+        vmm.start_built(self, &mut el)
+            .map_err(|e| Error::Start(Box::new(e)))?;
+        run(&mut vmm, &mut el, |_, _| {})
     }
 }
 

@@ -2,10 +2,12 @@
 //! dispatching every exit deliberately.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use devices::bus::Bus;
 use kvm_bindings::{
@@ -66,10 +68,96 @@ pub struct VcpuContext {
     pub mem: GuestMemoryMmap,
     /// Where outcomes are reported.
     pub exit: Arc<ExitSignal>,
-    /// Set when every vCPU must leave its loop.
-    pub stop: Arc<AtomicBool>,
     /// When the VMM process started (for the first-KVM_RUN trace).
     pub started: Instant,
+}
+
+/// What the VMM thread asks of a vCPU thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuEvent {
+    /// Leave KVM_RUN and wait.
+    Pause,
+    /// Run again.
+    Resume,
+    /// Leave the loop for good.
+    Finish,
+}
+
+/// A vCPU thread's answer, sent once it is out of KVM_RUN (or back in it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuResponse {
+    /// The vCPU is paused: it runs no guest code until resumed.
+    Paused,
+    /// The vCPU runs again.
+    Resumed,
+}
+
+/// A vCPU thread's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuState {
+    /// In (or about to enter) KVM_RUN.
+    Running,
+    /// Waiting for an event; no guest code runs.
+    Paused,
+    /// Out of the loop; the thread ends.
+    Exited,
+}
+
+/// The VMM thread's side of a running vCPU: events in, responses out, and a
+/// kick (a signal) that makes KVM_RUN return.
+pub struct VcpuHandle {
+    index: u32,
+    events: Sender<VcpuEvent>,
+    responses: Receiver<VcpuResponse>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    /// Index of the vCPU.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Makes the thread leave KVM_RUN (or return from its next entry at once).
+    pub fn kick(&self) {
+        if let Some(t) = &self.thread {
+            // SAFETY: the pthread_t belongs to a thread this handle spawned and
+            // has not joined (join takes the JoinHandle out first).
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        }
+    }
+
+    /// Sends `event` and kicks the thread so that it sees it.
+    pub fn send(&self, event: VcpuEvent) -> bool {
+        let sent = self.events.send(event).is_ok();
+        self.kick();
+        sent
+    }
+
+    /// Waits up to `timeout` for the thread's answer, kicking it again every
+    /// 10 ms (a kick that lands before the thread enters KVM_RUN is lost).
+    /// `None` if the thread ended or did not answer.
+    pub fn response(&self, timeout: Duration) -> Option<VcpuResponse> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.responses.recv_timeout(Duration::from_millis(10)) {
+                Ok(r) => return Some(r),
+                Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => return None,
+                Err(RecvTimeoutError::Timeout) => self.kick(),
+            }
+        }
+    }
+
+    /// Asks the thread to finish and joins it.
+    pub fn finish(mut self) {
+        self.send(VcpuEvent::Finish);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("the thread of vCPU {} panicked", self.index);
+            }
+        }
+    }
 }
 
 /// A configured vCPU, not yet running.
@@ -144,38 +232,78 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Starts the vCPU's thread.
-    pub fn start(self, ctx: VcpuContext) -> Result<JoinHandle<()>, Error> {
+    /// Starts the vCPU's thread, named `fc_vcpu N` as Firecracker names them
+    /// (tools find vCPU threads by that prefix), in the Running state.
+    pub fn start(self, ctx: VcpuContext) -> Result<VcpuHandle, Error> {
         install_kick_handler()?;
         let cpu = self.index;
-        std::thread::Builder::new()
-            .name(format!("vcpu{cpu}"))
+        let (event_tx, event_rx) = mpsc::channel();
+        let (response_tx, response_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("fc_vcpu {cpu}"))
             .spawn(move || {
                 let mut vcpu = self;
-                vcpu.run_loop(&ctx);
+                vcpu.run_loop(&ctx, &event_rx, &response_tx);
             })
-            .map_err(|err| Error::Spawn { cpu, err })
+            .map_err(|err| Error::Spawn { cpu, err })?;
+        Ok(VcpuHandle {
+            index: cpu,
+            events: event_tx,
+            responses: response_rx,
+            thread: Some(thread),
+        })
     }
 
-    fn run_loop(&mut self, ctx: &VcpuContext) {
+    /// The vCPU's state machine: Running (KVM_RUN, events checked whenever a
+    /// kick interrupts it), Paused (blocked on the event channel: no guest
+    /// code, no CPU), Exited.
+    fn run_loop(
+        &mut self,
+        ctx: &VcpuContext,
+        events: &Receiver<VcpuEvent>,
+        responses: &Sender<VcpuResponse>,
+    ) {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|p| p.set(run_ptr));
         let mut first = true;
-        while !ctx.stop.load(Ordering::SeqCst) {
-            if first && self.index == 0 {
-                log::debug!(
-                    "first KVM_RUN {} us after VMM start",
-                    ctx.started.elapsed().as_micros()
-                );
-                first = false;
-            }
-            match self.run_once(ctx) {
-                Step::Continue => {}
-                Step::Exit(outcome) => {
-                    ctx.exit.raise(outcome);
-                    break;
+        let mut state = VcpuState::Running;
+        while state != VcpuState::Exited {
+            let event = match state {
+                VcpuState::Running => {
+                    if first && self.index == 0 {
+                        log::debug!(
+                            "first KVM_RUN {} us after VMM start",
+                            ctx.started.elapsed().as_micros()
+                        );
+                        first = false;
+                    }
+                    match self.run_once(ctx) {
+                        Step::Continue => continue,
+                        Step::Interrupted => match events.try_recv() {
+                            Ok(e) => e,
+                            Err(TryRecvError::Empty) => continue,
+                            Err(TryRecvError::Disconnected) => VcpuEvent::Finish,
+                        },
+                        Step::Exit(outcome) => {
+                            ctx.exit.raise(outcome);
+                            VcpuEvent::Finish
+                        }
+                    }
                 }
-            }
+                VcpuState::Paused => events.recv().unwrap_or(VcpuEvent::Finish),
+                VcpuState::Exited => VcpuEvent::Finish,
+            };
+            state = match event {
+                VcpuEvent::Pause => {
+                    let _ = responses.send(VcpuResponse::Paused);
+                    VcpuState::Paused
+                }
+                VcpuEvent::Resume => {
+                    let _ = responses.send(VcpuResponse::Resumed);
+                    VcpuState::Running
+                }
+                VcpuEvent::Finish => VcpuState::Exited,
+            };
         }
         KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
     }
@@ -208,7 +336,7 @@ impl Vcpu {
                     }
                     return Step::Continue;
                 }
-                VcpuExit::Intr => return Step::Continue,
+                VcpuExit::Intr => return Step::Interrupted,
                 VcpuExit::SystemEvent(kind, _) => match kind {
                     KVM_SYSTEM_EVENT_SHUTDOWN => return Step::Exit(Ok(VmExit::PowerOff)),
                     KVM_SYSTEM_EVENT_RESET => return Step::Exit(Ok(VmExit::Reset)),
@@ -232,7 +360,7 @@ impl Vcpu {
             },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
-                return Step::Continue;
+                return Step::Interrupted;
             }
             Err(e) => return Step::Exit(Err(format!("KVM_RUN failed on vCPU {cpu}: {e}."))),
         };
@@ -297,6 +425,8 @@ impl Vcpu {
 
 enum Step {
     Continue,
+    /// A kick (or a signal) made KVM_RUN return: look for events.
+    Interrupted,
     Exit(Result<VmExit, String>),
 }
 

@@ -2,6 +2,7 @@
 //! block the guest driver programs, the status state machine, feature negotiation
 //! and queue set-up with validation of every guest-given value.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -432,6 +433,9 @@ impl BusDevice for MmioTransport {
 /// input.
 pub struct QueueEvents {
     transport: Arc<Mutex<MmioTransport>>,
+    /// Set while the VM is paused: notifications are consumed but not served
+    /// (the VMM signals every queue again on resume), the backend is not watched.
+    paused: Arc<AtomicBool>,
     evts: Vec<EventFd>,
     backend: Option<std::os::fd::RawFd>,
     backend_watched: bool,
@@ -439,7 +443,10 @@ pub struct QueueEvents {
 
 impl QueueEvents {
     /// Watches the queue eventfds and the backend of `transport`.
-    pub fn new(transport: Arc<Mutex<MmioTransport>>) -> std::io::Result<Self> {
+    pub fn new(
+        transport: Arc<Mutex<MmioTransport>>,
+        paused: Arc<AtomicBool>,
+    ) -> std::io::Result<Self> {
         let t = transport.lock().unwrap_or_else(|e| e.into_inner());
         let evts = t
             .queue_evts()
@@ -450,6 +457,7 @@ impl QueueEvents {
         drop(t);
         Ok(QueueEvents {
             transport,
+            paused,
             evts,
             backend,
             backend_watched: false,
@@ -473,6 +481,13 @@ impl QueueEvents {
 impl MutEventSubscriber for QueueEvents {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let index = events.data() as usize;
+        if self.paused.load(Ordering::SeqCst) {
+            if let Some(evt) = self.evts.get(index) {
+                let _ = evt.read();
+            }
+            self.update_backend_interest(false, ops);
+            return;
+        }
         let wants = {
             let mut t = self.transport.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(evt) = self.evts.get(index) {

@@ -1,0 +1,376 @@
+//! The `Vmm`: one VM's lifecycle as a state machine (Not started → Running ⇄
+//! Paused → Exited), owning its configuration, and once started its KVM VM,
+//! memory, devices and vCPU handles. The event loop thread drives it; nothing
+//! else touches it (the API thread sends requests through a channel).
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vm_memory::GuestMemoryMmap;
+
+use crate::builder::{self, MicroVm};
+use crate::config::VmConfig;
+use crate::device_manager::DeviceManager;
+use crate::exit::{ExitSignal, VmExit};
+use crate::runtime::{self, EventLoop};
+use crate::vstate::vcpu::{self, VcpuContext, VcpuEvent, VcpuHandle, VcpuResponse};
+use crate::vstate::vm;
+
+/// How long a vCPU gets to answer a pause or resume.
+const VCPU_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a VM is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmState {
+    /// Configured (or being configured), not booted.
+    NotStarted,
+    /// vCPUs run guest code; devices process their queues.
+    Running,
+    /// No vCPU runs guest code; devices leave their queues alone.
+    Paused,
+    /// The guest ended or the VMM stopped it; nothing runs.
+    Exited,
+}
+
+impl VmState {
+    /// The name Firecracker's `GET /` uses ("Not started", "Running", "Paused").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::NotStarted => "Not started",
+            VmState::Running => "Running",
+            VmState::Paused => "Paused",
+            VmState::Exited => "Exited",
+        }
+    }
+}
+
+/// What a caller asked the VM to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Boot it.
+    Start,
+    /// Stop its vCPUs and devices.
+    Pause,
+    /// Let them run again.
+    Resume,
+    /// Act on the running guest (e.g. Ctrl-Alt-Del, drive update).
+    RuntimeCall,
+    /// Change the configuration that boot uses.
+    Configure,
+}
+
+/// The state a VM goes to on `action` from `from`, or why it cannot.
+/// Pause while paused and resume while running are accepted and change
+/// nothing, as Firecracker does.
+pub fn transition(from: VmState, action: Action) -> Result<VmState, &'static str> {
+    use Action::*;
+    use VmState::*;
+    match (from, action) {
+        (NotStarted, Start) => Ok(Running),
+        (NotStarted, Configure) => Ok(NotStarted),
+        (Running | Paused, Pause) => Ok(Paused),
+        (Running | Paused, Resume) => Ok(Running),
+        (Running | Paused, RuntimeCall) => Ok(from),
+        (NotStarted, Pause | Resume | RuntimeCall) => {
+            Err("the microVM is not started yet; boot it with InstanceStart first")
+        }
+        (Running | Paused, Start) => Err("the microVM is already started"),
+        (Running | Paused, Configure) => {
+            Err("this configuration can only change before the microVM starts")
+        }
+        (Exited, _) => Err("the microVM has exited"),
+    }
+}
+
+/// Errors driving a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A transition the state machine refuses.
+    #[error("Cannot {action:?} while the microVM is {state}: {reason}.", state = .from.as_str())]
+    Transition {
+        from: VmState,
+        action: Action,
+        reason: &'static str,
+    },
+    /// Building the VM failed.
+    #[error(transparent)]
+    Build(#[from] builder::Error),
+    /// A vCPU thread could not start.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::Error),
+    /// A vCPU did not answer a pause or resume.
+    #[error("vCPU {0} did not answer within 5 s.")]
+    VcpuTimeout(u32),
+    /// The event loop could not watch a device.
+    #[error(transparent)]
+    Runtime(#[from] runtime::Error),
+}
+
+/// A started VM's parts.
+struct Started {
+    // Dropped last: the VM fd outlives the vCPU threads and devices.
+    devices: DeviceManager,
+    vcpus: Vec<VcpuHandle>,
+    _mem: GuestMemoryMmap,
+    _vm: vm::Vm,
+}
+
+/// One VM and its lifecycle.
+pub struct Vmm {
+    state: VmState,
+    config: VmConfig,
+    exit: Arc<ExitSignal>,
+    started_at: Instant,
+    serial_out: Option<Box<dyn Write + Send>>,
+    devices_paused: Arc<AtomicBool>,
+    started: Option<Started>,
+}
+
+impl Vmm {
+    /// A VM not started yet, whose console output will go to `serial_out`.
+    /// `started_at` is when the process started (for timing traces).
+    pub fn new(
+        config: VmConfig,
+        exit: Arc<ExitSignal>,
+        serial_out: Box<dyn Write + Send>,
+        started_at: Instant,
+    ) -> Self {
+        Vmm {
+            state: VmState::NotStarted,
+            config,
+            exit,
+            started_at,
+            serial_out: Some(serial_out),
+            devices_paused: Arc::new(AtomicBool::new(false)),
+            started: None,
+        }
+    }
+
+    /// Where the VM is in its life.
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    /// The configuration (what GET /vm/config returns).
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The configuration, to change before boot.
+    pub fn config_mut(&mut self) -> Result<&mut VmConfig, Error> {
+        self.check(Action::Configure)?;
+        Ok(&mut self.config)
+    }
+
+    /// The signal through which the VM's end is reported.
+    pub fn exit_signal(&self) -> &Arc<ExitSignal> {
+        &self.exit
+    }
+
+    /// The devices of a started VM.
+    pub fn devices(&self) -> Option<&DeviceManager> {
+        self.started.as_ref().map(|s| &s.devices)
+    }
+
+    fn check(&self, action: Action) -> Result<VmState, Error> {
+        transition(self.state, action).map_err(|reason| Error::Transition {
+            from: self.state,
+            action,
+            reason,
+        })
+    }
+
+    /// Builds the VM from its configuration and starts it.
+    pub fn start(&mut self, el: &mut EventLoop) -> Result<(), Error> {
+        self.check(Action::Start)?;
+        let out = self
+            .serial_out
+            .take()
+            .unwrap_or_else(|| Box::new(std::io::sink()));
+        let built = builder::build(&self.config, out, self.exit.clone(), self.started_at)?;
+        self.start_built(built, el)
+    }
+
+    /// Starts a VM that is already built: its devices join the event loop,
+    /// then its vCPU threads start.
+    pub fn start_built(&mut self, built: MicroVm, el: &mut EventLoop) -> Result<(), Error> {
+        self.check(Action::Start)?;
+        let MicroVm {
+            vm,
+            mem,
+            vcpus,
+            devices,
+            started,
+            ..
+        } = built;
+        el.watch_devices(&devices, self.devices_paused.clone())?;
+        let ctx = VcpuContext {
+            pio: devices.pio.clone(),
+            mmio: devices.mmio.clone(),
+            mem: mem.clone(),
+            exit: self.exit.clone(),
+            started,
+        };
+        let mut handles = Vec::with_capacity(vcpus.len());
+        let mut result = Ok(());
+        for vcpu in vcpus {
+            match vcpu.start(ctx.clone()) {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        self.started = Some(Started {
+            devices,
+            vcpus: handles,
+            _mem: mem,
+            _vm: vm,
+        });
+        self.state = VmState::Running;
+        if let Err(e) = result {
+            self.shutdown();
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Pauses every vCPU (acknowledged once each is out of KVM_RUN) and stops
+    /// device queue processing.
+    pub fn pause(&mut self) -> Result<(), Error> {
+        let to = self.check(Action::Pause)?;
+        self.devices_paused.store(true, Ordering::SeqCst);
+        self.signal_vcpus(VcpuEvent::Pause, VcpuResponse::Paused)?;
+        self.state = to;
+        Ok(())
+    }
+
+    /// Resumes every vCPU where it stopped, and the devices' queues.
+    pub fn resume(&mut self) -> Result<(), Error> {
+        let to = self.check(Action::Resume)?;
+        self.signal_vcpus(VcpuEvent::Resume, VcpuResponse::Resumed)?;
+        self.devices_paused.store(false, Ordering::SeqCst);
+        if let Some(s) = &self.started {
+            // Notifications that arrived while paused were only noted: look at
+            // every queue once.
+            for entry in &s.devices.virtio {
+                let t = entry.transport.lock().unwrap_or_else(|e| e.into_inner());
+                for evt in t.queue_evts() {
+                    let _ = evt.write(1);
+                }
+            }
+        }
+        self.state = to;
+        Ok(())
+    }
+
+    fn signal_vcpus(&mut self, event: VcpuEvent, want: VcpuResponse) -> Result<(), Error> {
+        let Some(s) = &self.started else {
+            return Ok(());
+        };
+        for v in &s.vcpus {
+            v.send(event);
+        }
+        for v in &s.vcpus {
+            match v.response(VCPU_RESPONSE_TIMEOUT) {
+                Some(r) if r == want => {}
+                _ => return Err(Error::VcpuTimeout(v.index())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Presses Ctrl-Alt-Del on the guest's keyboard.
+    pub fn send_ctrl_alt_del(&mut self) -> Result<(), Error> {
+        self.check(Action::RuntimeCall)?;
+        if let Some(s) = &self.started {
+            s.devices
+                .i8042
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send_ctrl_alt_del();
+        }
+        Ok(())
+    }
+
+    /// Checks that a runtime call (one that acts on the booted guest) is allowed now.
+    pub fn check_runtime_call(&self) -> Result<(), Error> {
+        self.check(Action::RuntimeCall).map(|_| ())
+    }
+
+    /// Asks the VM to stop (as a signal or the console escape would).
+    pub fn request_stop(&self, exit: VmExit) {
+        self.exit.raise(Ok(exit));
+    }
+
+    /// Stops every vCPU thread and joins it, logs the devices' counters, and
+    /// releases the VM. Idempotent.
+    pub fn shutdown(&mut self) {
+        if let Some(s) = self.started.take() {
+            for v in s.vcpus {
+                v.finish();
+            }
+            for entry in &s.devices.virtio {
+                let t = entry.transport.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(report) = t.report() {
+                    log::info!("{}: {report}", entry.label);
+                }
+            }
+        }
+        self.state = VmState::Exited;
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_transitions() {
+        use Action::*;
+        use VmState::*;
+        assert_eq!(transition(NotStarted, Start), Ok(Running));
+        assert_eq!(transition(NotStarted, Configure), Ok(NotStarted));
+        assert_eq!(transition(Running, Pause), Ok(Paused));
+        assert_eq!(transition(Paused, Resume), Ok(Running));
+        assert_eq!(transition(Paused, Pause), Ok(Paused));
+        assert_eq!(transition(Running, Resume), Ok(Running));
+        assert_eq!(transition(Paused, RuntimeCall), Ok(Paused));
+    }
+
+    #[test]
+    fn refused_transitions_say_why() {
+        use Action::*;
+        use VmState::*;
+        for (from, action, why) in [
+            (NotStarted, Pause, "not started"),
+            (NotStarted, Resume, "not started"),
+            (NotStarted, RuntimeCall, "not started"),
+            (Running, Start, "already started"),
+            (Paused, Start, "already started"),
+            (Running, Configure, "before the microVM starts"),
+            (Exited, Start, "exited"),
+            (Exited, Resume, "exited"),
+            (Exited, Configure, "exited"),
+        ] {
+            let e = transition(from, action).unwrap_err();
+            assert!(e.contains(why), "{from:?} {action:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn state_names_are_firecracker_s() {
+        assert_eq!(VmState::NotStarted.as_str(), "Not started");
+        assert_eq!(VmState::Running.as_str(), "Running");
+        assert_eq!(VmState::Paused.as_str(), "Paused");
+    }
+}
