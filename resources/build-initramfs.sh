@@ -6,7 +6,8 @@
 #   - mounts /proc,
 #   - prints exactly the line "VMM-TEST: userspace up" on the console,
 #   - with vmm.test=poweroff on the kernel command line powers off (`poweroff -f`),
-#     with vmm.test=reboot reboots (`reboot -f`); with neither it runs an
+#     with vmm.test=reboot reboots (`reboot -f`), with vmm.test=wait prints
+#     "VMM-TEST: waiting" and sleeps until the VMM stops it; with none it runs an
 #     interactive shell on the console and powers off when the shell exits.
 #
 # Usage: resources/build-initramfs.sh [OUT.cpio]
@@ -93,6 +94,7 @@ for arg in $cmdline; do
     case "$arg" in
     vmm.test=poweroff) action=poweroff ;;
     vmm.test=reboot) action=reboot ;;
+    vmm.test=wait) action=wait ;;
     esac
 done
 if [ "$action" = shell ]; then
@@ -101,6 +103,12 @@ if [ "$action" = shell ]; then
     echo "VMM-TEST: shell (exit to power off)"
     setsid cttyhack sh -l
     action=poweroff
+fi
+if [ "$action" = wait ]; then
+    # Stays up until the VMM stops it (e.g. Ctrl-Alt-Del from the API, which
+    # the kernel turns into a reboot).
+    echo "VMM-TEST: waiting"
+    while :; do sleep 3600; done
 fi
 echo "VMM-TEST: $action"
 "$action" -f

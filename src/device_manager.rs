@@ -7,6 +7,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use devices::acpi_pm::AcpiSleep;
+use devices::boot_timer::BootTimer;
 use devices::bus::Bus;
 use devices::legacy::i8042::I8042;
 use devices::legacy::serial::SerialDevice;
@@ -166,6 +167,18 @@ impl DeviceManager {
             },
         });
         Ok(())
+    }
+
+    /// Places the boot timer at the start of the MMIO hole, where Firecracker's
+    /// guests write 123 when they have booted.
+    pub fn add_boot_timer(&mut self, started: std::time::Instant) -> Result<(), Error> {
+        self.mmio
+            .insert(
+                Arc::new(Mutex::new(BootTimer::new(started))),
+                BOOT_TIMER_START,
+                BOOT_TIMER_SIZE,
+            )
+            .map_err(|e| Error::Bus("boot timer", e))
     }
 
     /// Where the guest finds each virtio device, in attachment order.

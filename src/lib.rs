@@ -16,6 +16,9 @@
 //! Data flows one way: [`config::VmConfig`] → [`builder::build`] → [`builder::MicroVm::run`]
 //! → [`exit::VmExit`].
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod cli;
@@ -24,6 +27,7 @@ pub mod device_manager;
 pub mod exit;
 pub mod loader;
 pub mod logger;
+pub mod metrics;
 pub mod runtime;
 pub mod terminal;
 pub mod vmm;

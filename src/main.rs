@@ -1,12 +1,19 @@
 //! The `vmm` command: parse the command line, run the VM, map the outcome to an
 //! exit status. See the README for the exit statuses.
 
-use std::sync::Arc;
-use std::time::Instant;
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use clap::Parser;
+use vmm::api;
+use vmm::api::controller::Controller;
+use vmm::api::http::ServerOptions;
 use vmm::cli::Cli;
+use vmm::config::LoggerConfig;
 use vmm::exit::{ExitSignal, VmExit};
+use vmm::metrics::MetricsSink;
 use vmm::runtime::{self, EventLoop, RunOptions};
 use vmm::vmm::Vmm;
 use vmm::{exit_status, logger, terminal, EXIT_USAGE, EXIT_VMM_ERROR};
@@ -38,17 +45,27 @@ fn main() {
             usage_exit(format_args!("{first}; run 'vmm --help' for usage."));
         }
     };
-    let level = cli.log_level.as_deref().unwrap_or("warn");
-    logger::init(level.parse().unwrap_or(log::LevelFilter::Warn));
     let plan = cli.plan().unwrap_or_else(|e| usage_exit(e));
-    let Some(vm_config) = plan.boot else {
-        usage_exit("--api-sock is not implemented yet; give --kernel.")
+    setup_logger(&cli, plan.boot.as_ref());
+    let mut controller = Controller {
+        instance_id: cli.id.clone(),
+        metrics: None,
     };
+    let metrics_path = cli.metrics_path.clone().or_else(|| {
+        plan.boot
+            .as_ref()
+            .and_then(|c| c.metrics.as_ref())
+            .map(|m| m.metrics_path.clone())
+    });
+    if let Some(path) = metrics_path {
+        controller.metrics = Some(MetricsSink::open(&path).unwrap_or_else(|e| usage_exit(e)));
+    }
 
     let exit = match ExitSignal::new() {
         Ok(e) => Arc::new(e),
         Err(e) => fail(format_args!("Cannot create an eventfd: {e}.")),
     };
+
     // Raw mode only while the guest runs; the guard restores the terminal on
     // every return path below.
     let raw = match terminal::RawMode::enable(libc::STDIN_FILENO) {
@@ -64,15 +81,59 @@ fn main() {
         handle_signals: true,
     };
     let mut el = EventLoop::new(exit.clone(), opts).unwrap_or_else(|e| fail(e));
-    let mut vmm = Vmm::new(vm_config, exit, Box::new(std::io::stdout()), started);
-    if let Err(e) = vmm.start(&mut el) {
-        drop(raw);
-        match e {
-            vmm::vmm::Error::Build(e) if e.is_usage_error() => usage_exit(e),
-            e => fail(e),
+    // After the loop blocked the stop signals: the API thread inherits the mask.
+    let api = plan.api_sock.as_ref().map(|path| {
+        let opts = ServerOptions {
+            max_payload: cli.http_api_max_payload_size,
+            ..ServerOptions::default()
+        };
+        api::start(path, opts).unwrap_or_else(|e| usage_exit(e))
+    });
+    record_startup_time(&cli, started);
+    if let Some((_, endpoint)) = &api {
+        el.add(Arc::new(Mutex::new(endpoint.waker())));
+    }
+    if controller.metrics.is_some() || api.is_some() {
+        el.add_periodic_wakeup(METRICS_PERIOD)
+            .unwrap_or_else(|e| fail(e));
+    }
+    let boot = plan.boot;
+    let mut vmm = Vmm::new(
+        boot.clone().unwrap_or_default(),
+        exit,
+        Box::new(std::io::stdout()),
+        started,
+    );
+    vmm.set_boot_timer(cli.boot_timer);
+    if boot.is_some() {
+        if let Err(e) = vmm.start(&mut el) {
+            drop(raw);
+            match e {
+                vmm::vmm::Error::Build(e) if e.is_usage_error() => usage_exit(e),
+                e => fail(e),
+            }
         }
     }
-    let result = runtime::run(&mut vmm, &mut el, |_, _| {});
+    let mut next_metrics = Instant::now() + METRICS_PERIOD;
+    let result = runtime::run(&mut vmm, &mut el, |vmm, el| {
+        if let Some((_, endpoint)) = &api {
+            endpoint.serve(|req| controller.handle(vmm, el, req));
+        }
+        if Instant::now() >= next_metrics {
+            next_metrics = Instant::now() + METRICS_PERIOD;
+            if let Some(sink) = &mut controller.metrics {
+                if let Err(e) = sink.flush(vmm.devices()) {
+                    log::warn!("{e}");
+                }
+            }
+        }
+    });
+    if let Some(sink) = &mut controller.metrics {
+        let _ = sink.flush(None);
+    }
+    if let Some((thread, _)) = api {
+        thread.stop();
+    }
     drop(raw);
     match result {
         Ok(exit) => {
@@ -84,6 +145,51 @@ fn main() {
             std::process::exit(exit_status(&exit));
         }
         Err(e) => fail(e),
+    }
+}
+
+/// How often metrics are written.
+const METRICS_PERIOD: Duration = Duration::from_secs(60);
+
+/// The logger as the flags and the configuration file say: `--level` (or
+/// `--log-level`/VMM_LOG), `--log-path`, `--show-level`, `--show-log-origin`.
+fn setup_logger(cli: &Cli, boot: Option<&vmm::config::VmConfig>) {
+    let level = cli
+        .level
+        .as_deref()
+        .or(cli.log_level.as_deref())
+        .unwrap_or("warn");
+    let level = logger::parse_level(level).unwrap_or_else(|e| usage_exit(e));
+    logger::init(level);
+    logger::set_instance_id(&cli.id);
+    let from_file = boot.and_then(|c| c.logger.clone()).unwrap_or_default();
+    let config = LoggerConfig {
+        log_path: cli.log_path.clone().or(from_file.log_path),
+        level: cli.level.clone().or(from_file.level),
+        show_level: Some(cli.show_level).filter(|b| *b).or(from_file.show_level),
+        show_log_origin: Some(cli.show_log_origin)
+            .filter(|b| *b)
+            .or(from_file.show_log_origin),
+        module: from_file.module,
+    };
+    logger::configure(&config).unwrap_or_else(|e| usage_exit(e));
+}
+
+/// Process start to API-ready time, as Firecracker's `api_server` metrics
+/// report it (from the jailer's start time when it passes one).
+fn record_startup_time(cli: &Cli, started: Instant) {
+    let m = &vmm::metrics::METRICS.api_server;
+    m.process_startup_time_us
+        .set(started.elapsed().as_micros() as u64);
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } == 0 {
+        let cpu_us = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000;
+        let parent = cli.parent_cpu_time_us.unwrap_or(0);
+        m.process_startup_time_cpu_us.set(cpu_us + parent);
     }
 }
 

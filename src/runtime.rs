@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use devices::legacy::serial::SerialDevice;
 use devices::virtio::mmio::QueueEvents;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::builder::MicroVm;
 use crate::device_manager::DeviceManager;
@@ -128,6 +129,17 @@ impl EventLoop {
         Ok(())
     }
 
+    /// Wakes the loop every `period` (for periodic work done between rounds).
+    pub fn add_periodic_wakeup(&mut self, period: std::time::Duration) -> Result<(), Error> {
+        let mut timer = TimerFd::new().map_err(|e| Error::Signals(e.into()))?;
+        timer
+            .reset(period, Some(period))
+            .map_err(|e| Error::Signals(e.into()))?;
+        self.em
+            .add_subscriber(Arc::new(Mutex::new(TimerWake(timer))));
+        Ok(())
+    }
+
     /// Waits for events and dispatches them once.
     pub fn run_once(&mut self) -> Result<(), Error> {
         self.em.run().map(|_| ()).map_err(Error::EventLoop)
@@ -179,6 +191,21 @@ impl MicroVm {
         vmm.start_built(self, &mut el)
             .map_err(|e| Error::Start(Box::new(e)))?;
         run(&mut vmm, &mut el, |_, _| {})
+    }
+}
+
+/// Wakes the loop on a timer.
+struct TimerWake(TimerFd);
+
+impl MutEventSubscriber for TimerWake {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // Readable, so the read does not block.
+        let _ = self.0.wait();
+    }
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            log::error!("cannot watch a timer: {e:?}");
+        }
     }
 }
 

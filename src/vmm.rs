@@ -106,6 +106,9 @@ pub enum Error {
     /// The event loop could not watch a device.
     #[error(transparent)]
     Runtime(#[from] runtime::Error),
+    /// A device could not be placed.
+    #[error(transparent)]
+    Devices(#[from] crate::device_manager::Error),
 }
 
 /// A started VM's parts.
@@ -125,6 +128,7 @@ pub struct Vmm {
     started_at: Instant,
     serial_out: Option<Box<dyn Write + Send>>,
     devices_paused: Arc<AtomicBool>,
+    boot_timer: bool,
     started: Option<Started>,
 }
 
@@ -144,6 +148,7 @@ impl Vmm {
             started_at,
             serial_out: Some(serial_out),
             devices_paused: Arc::new(AtomicBool::new(false)),
+            boot_timer: false,
             started: None,
         }
     }
@@ -162,6 +167,18 @@ impl Vmm {
     pub fn config_mut(&mut self) -> Result<&mut VmConfig, Error> {
         self.check(Action::Configure)?;
         Ok(&mut self.config)
+    }
+
+    /// Records a change a runtime call made (e.g. a drive's new image), so that
+    /// GET /vm/config shows it.
+    pub fn config_runtime_update(&mut self, change: impl FnOnce(&mut VmConfig)) {
+        change(&mut self.config);
+    }
+
+    /// Adds the boot timer device when the VM starts: the guest's write of
+    /// 123 at its address logs the boot time.
+    pub fn set_boot_timer(&mut self, on: bool) {
+        self.boot_timer = on;
     }
 
     /// The signal through which the VM's end is reported.
@@ -201,10 +218,13 @@ impl Vmm {
             vm,
             mem,
             vcpus,
-            devices,
+            mut devices,
             started,
             ..
         } = built;
+        if self.boot_timer {
+            devices.add_boot_timer(started)?;
+        }
         el.watch_devices(&devices, self.devices_paused.clone())?;
         let ctx = VcpuContext {
             pio: devices.pio.clone(),

@@ -4,6 +4,8 @@
 //! builds and unit-tests without KVM. The VMM places the devices on a [`bus::Bus`]
 //! (port I/O or MMIO) and routes vCPU exits to them.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 /// Logs a warning the guest caused. Each call site logs its first 10
 /// occurrences and then every 10 000th, so a hostile guest cannot flood the
 /// host's log by repeating a bad access.
@@ -19,6 +21,7 @@ macro_rules! guest_warn {
 }
 
 pub mod acpi_pm;
+pub mod boot_timer;
 pub mod bus;
 pub mod legacy;
 pub mod virtio;

@@ -61,6 +61,28 @@ pub struct Block {
     active: Option<Active>,
     /// The last pass stopped at its budget with requests left.
     more: bool,
+    counters: BlockCounters,
+}
+
+/// Request counters, reported under Firecracker's metric names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockCounters {
+    /// Read requests completed.
+    pub read_count: u64,
+    /// Bytes read into guest memory.
+    pub read_bytes: u64,
+    /// Write requests completed.
+    pub write_count: u64,
+    /// Bytes written to the image.
+    pub write_bytes: u64,
+    /// Flush requests completed.
+    pub flush_count: u64,
+    /// Requests answered with an error status.
+    pub invalid_reqs_count: u64,
+    /// Queue notifications served.
+    pub queue_event_count: u64,
+    /// Image replacements (a new `path_on_host` on a running VM).
+    pub update_count: u64,
 }
 
 struct Active {
@@ -134,7 +156,37 @@ impl Block {
             acked_features: 0,
             active: None,
             more: false,
+            counters: BlockCounters::default(),
         })
+    }
+
+    /// Serves the image at `path` from now on (opened and locked as the first
+    /// one was; the old one is closed and unlocked). The same file again only
+    /// rereads its size. The caller tells the driver that the capacity changed.
+    pub fn replace_image(&mut self, path: &Path) -> Result<(), Error> {
+        use std::os::unix::fs::MetadataExt;
+        let same =
+            |a: &std::fs::Metadata, b: &std::fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
+        let current = self.file.metadata().map_err(|err| Error::Open {
+            path: path.to_path_buf(),
+            err,
+        })?;
+        match std::fs::metadata(path) {
+            Ok(m) if same(&m, &current) => {
+                let capacity = m.len() / SECTOR_SIZE;
+                if capacity == 0 {
+                    return Err(Error::TooSmall(path.to_path_buf()));
+                }
+                self.capacity = capacity;
+            }
+            _ => {
+                let new = Block::open(path, self.read_only, None)?;
+                self.file = new.file;
+                self.capacity = new.capacity;
+            }
+        }
+        self.counters.update_count += 1;
+        Ok(())
     }
 
     /// Capacity in 512-byte sectors.
@@ -205,6 +257,13 @@ impl Block {
                         .map_err(|_| RequestError::Status(VIRTIO_BLK_S_IOERR as u8))?;
                     offset += u64::from(d.len());
                 }
+                if write {
+                    self.counters.write_count += 1;
+                    self.counters.write_bytes += total;
+                } else {
+                    self.counters.read_count += 1;
+                    self.counters.read_bytes += total;
+                }
                 Ok(if write { 0 } else { total as u32 })
             }
             VIRTIO_BLK_T_FLUSH => {
@@ -214,6 +273,7 @@ impl Block {
                         RequestError::Status(VIRTIO_BLK_S_IOERR as u8)
                     })?;
                 }
+                self.counters.flush_count += 1;
                 Ok(0)
             }
             VIRTIO_BLK_T_GET_ID => {
@@ -430,7 +490,26 @@ impl VirtioDevice for Block {
     }
 
     fn process_queue(&mut self, index: usize) -> bool {
+        self.counters.queue_event_count += 1;
         index != 0 || self.drain_queue()
+    }
+
+    fn metrics(&self) -> Vec<(&'static str, u64)> {
+        let c = self.counters;
+        vec![
+            ("read_count", c.read_count),
+            ("read_bytes", c.read_bytes),
+            ("write_count", c.write_count),
+            ("write_bytes", c.write_bytes),
+            ("flush_count", c.flush_count),
+            ("invalid_reqs_count", c.invalid_reqs_count),
+            ("queue_event_count", c.queue_event_count),
+            ("update_count", c.update_count),
+        ]
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 
     fn queue_pending(&self, index: usize) -> bool {

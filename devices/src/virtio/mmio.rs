@@ -124,6 +124,21 @@ impl MmioTransport {
         self.device.as_ref()
     }
 
+    /// The device behind the transport, to change (see [`Self::config_changed`]).
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
+    /// Tells the driver that the device configuration changed (e.g. a disk's
+    /// capacity): a new configuration generation and, once the driver runs the
+    /// device, a configuration-change interrupt.
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.status & status::DRIVER_OK != 0 {
+            self.interrupt.raise(INTERRUPT_CONFIG_CHANGE);
+        }
+    }
+
     /// Whether the device runs: activated and not broken. A device that needs
     /// a reset is not called again until the driver resets it.
     fn running(&self) -> bool {
@@ -733,6 +748,9 @@ mod tests {
         backend: std::fs::File,
     }
     impl VirtioDevice for Failing {
+        fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+            self
+        }
         fn device_type(&self) -> u32 {
             1
         }

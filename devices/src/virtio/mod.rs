@@ -149,4 +149,11 @@ pub trait VirtioDevice: Send {
     fn report(&self) -> Option<String> {
         None
     }
+    /// Cumulative counters under Firecracker's metric names (e.g. `read_count`).
+    fn metrics(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+    /// The device as `Any`, for the VMM's device-specific calls (e.g. a new
+    /// disk image).
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }

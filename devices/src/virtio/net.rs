@@ -443,7 +443,7 @@ impl RxBuffers {
     }
 }
 
-impl<B: NetBackend> VirtioDevice for Net<B> {
+impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
     }
@@ -547,6 +547,24 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
 
     fn wants_backend_events(&self) -> bool {
         self.active.is_some() && !self.rx_waiting_for_buffers && !self.backend_failed
+    }
+
+    fn metrics(&self) -> Vec<(&'static str, u64)> {
+        let c = self.counters;
+        vec![
+            ("rx_bytes_count", c.rx_bytes),
+            ("rx_packets_count", c.rx_packets),
+            ("rx_count", c.rx_packets),
+            ("rx_fails", c.rx_dropped),
+            ("tx_bytes_count", c.tx_bytes),
+            ("tx_packets_count", c.tx_packets),
+            ("tx_count", c.tx_packets),
+            ("tx_malformed_frames", c.tx_dropped),
+        ]
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 
     fn report(&self) -> Option<String> {

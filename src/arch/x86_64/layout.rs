@@ -55,6 +55,10 @@ pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 /// First address of the window where virtio-mmio devices are placed (one page each).
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// The boot timer (`--boot-timer`): where Firecracker's guests signal boot completion.
+pub const BOOT_TIMER_START: u64 = MMIO_HOLE_START;
+/// Size of the boot timer's window.
+pub const BOOT_TIMER_SIZE: u64 = 0x1000;
 /// Size of one virtio-mmio device window.
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// First interrupt line handed to virtio-mmio devices (IRQs 0..4 are legacy ISA devices).

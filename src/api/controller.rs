@@ -1,0 +1,322 @@
+//! The VMM thread's side of the API: applies each [`ApiRequest`] to the
+//! [`Vmm`] with Firecracker's rules (which calls are pre-boot only, which
+//! runtime only), its answers (204, 200 + JSON, 400 + `fault_message`) and its
+//! metrics.
+
+use std::time::Instant;
+
+use devices::virtio::block::Block;
+use serde_json::json;
+
+use super::http::Response;
+use super::request::{ActionType, ApiRequest, PartialDrive, VmStateChange};
+use crate::config::VmConfig;
+use crate::device_manager::VirtioKind;
+use crate::metrics::{MetricsSink, METRICS};
+use crate::runtime::EventLoop;
+use crate::vmm::Vmm;
+
+/// The API level this VMM implements, reported as Firecracker's version.
+pub const FIRECRACKER_API_VERSION: &str = "1.16.0";
+
+/// What the VMM thread keeps for the API between requests.
+pub struct Controller {
+    /// The instance ID (`--id`).
+    pub instance_id: String,
+    /// Where metrics go, once configured.
+    pub metrics: Option<MetricsSink>,
+}
+
+fn ok_json(value: &impl serde::Serialize) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => Response::json(200, body),
+        Err(e) => Response::fault(500, &format!("Cannot encode the answer: {e}.")),
+    }
+}
+
+fn bad(message: impl std::fmt::Display) -> Response {
+    Response::fault(400, &message.to_string())
+}
+
+/// Counts a request (before it is served, so that a FlushMetrics line counts
+/// itself), and later whether it failed, under Firecracker's metric names.
+fn count(req: &ApiRequest, failed: bool) {
+    let m = &METRICS;
+    let get = matches!(
+        req,
+        ApiRequest::GetInstanceInfo
+            | ApiRequest::GetVersion
+            | ApiRequest::GetMachineConfig
+            | ApiRequest::GetVmConfig
+    );
+    if get && failed {
+        return;
+    }
+    let (count, fails) = match req {
+        ApiRequest::GetInstanceInfo => return m.get_api_requests.instance_info_count.inc(),
+        ApiRequest::GetVersion => return m.get_api_requests.vmm_version_count.inc(),
+        ApiRequest::GetMachineConfig => return m.get_api_requests.machine_cfg_count.inc(),
+        ApiRequest::GetVmConfig => return,
+        ApiRequest::PutMachineConfig(_) => (
+            &m.put_api_requests.machine_cfg_count,
+            &m.put_api_requests.machine_cfg_fails,
+        ),
+        ApiRequest::PatchMachineConfig(_) => (
+            &m.patch_api_requests.machine_cfg_count,
+            &m.patch_api_requests.machine_cfg_fails,
+        ),
+        ApiRequest::PutBootSource(_) => (
+            &m.put_api_requests.boot_source_count,
+            &m.put_api_requests.boot_source_fails,
+        ),
+        ApiRequest::PutDrive(_) => (
+            &m.put_api_requests.drive_count,
+            &m.put_api_requests.drive_fails,
+        ),
+        ApiRequest::PatchDrive(_) => (
+            &m.patch_api_requests.drive_count,
+            &m.patch_api_requests.drive_fails,
+        ),
+        ApiRequest::PutNetworkInterface(_) => (
+            &m.put_api_requests.network_count,
+            &m.put_api_requests.network_fails,
+        ),
+        ApiRequest::PatchNetworkInterface(_) => (
+            &m.patch_api_requests.network_count,
+            &m.patch_api_requests.network_fails,
+        ),
+        ApiRequest::PutLogger(_) => (
+            &m.put_api_requests.logger_count,
+            &m.put_api_requests.logger_fails,
+        ),
+        ApiRequest::PutMetrics(_) => (
+            &m.put_api_requests.metrics_count,
+            &m.put_api_requests.metrics_fails,
+        ),
+        ApiRequest::Action(_) | ApiRequest::PatchVm(_) => (
+            &m.put_api_requests.actions_count,
+            &m.put_api_requests.actions_fails,
+        ),
+    };
+    if failed {
+        fails.inc();
+    } else {
+        count.inc();
+    }
+}
+
+impl Controller {
+    /// Serves one request.
+    pub fn handle(&mut self, vmm: &mut Vmm, el: &mut EventLoop, req: ApiRequest) -> Response {
+        count(&req, false);
+        let resp = self.dispatch(vmm, el, &req);
+        if resp.status >= 400 {
+            count(&req, true);
+        }
+        resp
+    }
+
+    fn dispatch(&mut self, vmm: &mut Vmm, el: &mut EventLoop, req: &ApiRequest) -> Response {
+        let started = vmm.state() != crate::vmm::VmState::NotStarted;
+        if started && req.is_pre_boot_only() {
+            return bad("The requested operation is not supported after starting the microVM.");
+        }
+        if !started && req.is_runtime_only() {
+            return bad("The requested operation is not supported before starting the microVM.");
+        }
+        match req {
+            ApiRequest::GetInstanceInfo => ok_json(&json!({
+                "id": self.instance_id,
+                "state": vmm.state().as_str(),
+                "vmm_version": env!("CARGO_PKG_VERSION"),
+                "app_name": "vmm",
+            })),
+            ApiRequest::GetVersion => ok_json(&json!({
+                "firecracker_version": FIRECRACKER_API_VERSION,
+                "vmm_version": env!("CARGO_PKG_VERSION"),
+            })),
+            ApiRequest::GetVmConfig => ok_json(vmm.config()),
+            ApiRequest::GetMachineConfig => ok_json(&vmm.config().machine_config),
+            ApiRequest::PutMachineConfig(m) => configure(vmm, |c| c.machine_config = m.clone()),
+            ApiRequest::PatchMachineConfig(u) => configure(vmm, |c| {
+                c.machine_config = c.machine_config.updated(u.clone());
+            }),
+            ApiRequest::PutBootSource(b) => {
+                if let Err(e) = std::fs::metadata(&b.kernel_image_path) {
+                    return bad(format!(
+                        "Cannot open the kernel image '{}': {e}; give an existing file.",
+                        b.kernel_image_path.display()
+                    ));
+                }
+                configure(vmm, |c| c.boot_source = Some(b.clone()))
+            }
+            ApiRequest::PutDrive(d) => {
+                if let Err(e) = std::fs::metadata(&d.path_on_host) {
+                    return bad(format!(
+                        "Cannot open the drive image '{}': {e}; give an existing file.",
+                        d.path_on_host.display()
+                    ));
+                }
+                configure(vmm, |c| c.upsert_drive(d.clone()))
+            }
+            ApiRequest::PutNetworkInterface(n) => {
+                let sys = std::path::Path::new("/sys/class/net").join(&n.host_dev_name);
+                if n.host_dev_name.contains('/') || !sys.exists() {
+                    return bad(format!(
+                        "There is no network interface '{}' on the host; create the TAP first (ip tuntap add dev NAME mode tap).",
+                        n.host_dev_name
+                    ));
+                }
+                configure(vmm, |c| c.upsert_interface(n.clone()))
+            }
+            ApiRequest::PutLogger(l) => match crate::logger::configure(l) {
+                Ok(()) => configure(vmm, |c| c.logger = Some(l.clone())),
+                Err(e) => bad(e),
+            },
+            ApiRequest::PutMetrics(m) => {
+                if let Some(sink) = &self.metrics {
+                    return bad(crate::metrics::Error::AlreadyConfigured(
+                        sink.path().to_string(),
+                    ));
+                }
+                match MetricsSink::open(&m.metrics_path) {
+                    Ok(sink) => {
+                        self.metrics = Some(sink);
+                        configure(vmm, |c| c.metrics = Some(m.clone()))
+                    }
+                    Err(e) => bad(e),
+                }
+            }
+            ApiRequest::Action(ActionType::InstanceStart) => {
+                if vmm.config().boot_source.is_none() {
+                    return bad("Cannot start microvm without kernel configuration.");
+                }
+                match vmm.start(el) {
+                    Ok(()) => Response::no_content(),
+                    Err(e) => bad(e),
+                }
+            }
+            ApiRequest::Action(ActionType::FlushMetrics) => self.flush_metrics(vmm),
+            ApiRequest::Action(ActionType::SendCtrlAltDel) => match vmm.send_ctrl_alt_del() {
+                Ok(()) => Response::no_content(),
+                Err(e) => bad(e),
+            },
+            ApiRequest::PatchVm(change) => {
+                let t = Instant::now();
+                let (result, latency) = match change {
+                    VmStateChange::Paused => (vmm.pause(), &METRICS.latencies_us.pause_vm),
+                    VmStateChange::Resumed => (vmm.resume(), &METRICS.latencies_us.resume_vm),
+                };
+                latency.set(t.elapsed().as_micros() as u64);
+                match result {
+                    Ok(()) => Response::no_content(),
+                    Err(e) => bad(e),
+                }
+            }
+            ApiRequest::PatchDrive(p) => patch_drive(vmm, p),
+            ApiRequest::PatchNetworkInterface(p) => {
+                let Some(iface) = vmm
+                    .config()
+                    .network_interfaces
+                    .iter()
+                    .find(|n| n.iface_id == p.iface_id)
+                    .cloned()
+                else {
+                    return bad(format!(
+                        "There is no network interface '{}'; give the iface_id of a configured one.",
+                        p.iface_id
+                    ));
+                };
+                let mut iface = iface;
+                if p.rx_rate_limiter.is_some() {
+                    iface.rx_rate_limiter = p.rx_rate_limiter.clone();
+                }
+                if p.tx_rate_limiter.is_some() {
+                    iface.tx_rate_limiter = p.tx_rate_limiter.clone();
+                }
+                log::warn!(
+                    "network interface '{}': rate limiters are stored but not enforced yet",
+                    p.iface_id
+                );
+                vmm.config_runtime_update(|c| c.upsert_interface(iface));
+                Response::no_content()
+            }
+        }
+    }
+
+    /// Writes a metrics line now.
+    pub fn flush_metrics(&mut self, vmm: &Vmm) -> Response {
+        match &mut self.metrics {
+            Some(sink) => match sink.flush(vmm.devices()) {
+                Ok(()) => Response::no_content(),
+                Err(e) => bad(e),
+            },
+            None => bad(crate::metrics::Error::NotConfigured),
+        }
+    }
+}
+
+/// Applies a pre-boot change to the configuration; the whole configuration
+/// must still be valid, or nothing changes.
+fn configure(vmm: &mut Vmm, change: impl FnOnce(&mut VmConfig)) -> Response {
+    let config = match vmm.config_mut() {
+        Ok(c) => c,
+        Err(e) => return bad(e),
+    };
+    let mut next = config.clone();
+    change(&mut next);
+    match next.validate() {
+        Ok(()) => {
+            *config = next;
+            Response::no_content()
+        }
+        Err(e) => bad(e),
+    }
+}
+
+/// A new image (or rate limiter) for a drive of a running VM: the device
+/// serves the new file and the guest is told its capacity changed.
+fn patch_drive(vmm: &mut Vmm, p: &PartialDrive) -> Response {
+    let Some(drive) = vmm
+        .config()
+        .drives
+        .iter()
+        .find(|d| d.drive_id == p.drive_id)
+        .cloned()
+    else {
+        return bad(format!(
+            "There is no drive '{}'; give the drive_id of a configured drive.",
+            p.drive_id
+        ));
+    };
+    let mut drive = drive;
+    if let Some(path) = &p.path_on_host {
+        let Some(entry) = vmm
+            .devices()
+            .and_then(|d| d.find(VirtioKind::Block, &p.drive_id))
+        else {
+            return bad(format!("Drive '{}' has no device.", p.drive_id));
+        };
+        let mut t = entry.transport.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(block) = t.device_mut().as_any_mut().downcast_mut::<Block>() else {
+            return bad(format!(
+                "Drive '{}' is not a virtio-blk device.",
+                p.drive_id
+            ));
+        };
+        if let Err(e) = block.replace_image(path) {
+            return bad(e);
+        }
+        t.config_changed();
+        drive.path_on_host = path.clone();
+    }
+    if p.rate_limiter.is_some() {
+        log::warn!(
+            "drive '{}': rate_limiter is stored but not enforced yet",
+            p.drive_id
+        );
+        drive.rate_limiter = p.rate_limiter.clone();
+    }
+    vmm.config_runtime_update(|c| c.upsert_drive(drive));
+    Response::no_content()
+}

@@ -1,0 +1,501 @@
+//! Firecracker's API requests: method and path routed, JSON bodies parsed
+//! (unknown fields refused) and checked, on the API thread. What comes out is
+//! a typed [`ApiRequest`] for the VMM thread, or the 400 to answer at once.
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use super::http::{Method, Request, Response};
+use crate::config::{
+    self, BootSource, Drive, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
+    NetworkInterface, RateLimiter,
+};
+
+/// `PATCH /drives/{id}`: a new image for a running VM.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialDrive {
+    /// The drive.
+    pub drive_id: String,
+    /// Its new image.
+    #[serde(default)]
+    pub path_on_host: Option<std::path::PathBuf>,
+    /// A new rate limiter (stored; not enforced yet).
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+/// `PATCH /network-interfaces/{id}`: new rate limiters for a running VM.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialNetworkInterface {
+    /// The interface.
+    pub iface_id: String,
+    /// New receive rate limiter.
+    #[serde(default)]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    /// New transmit rate limiter.
+    #[serde(default)]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+/// `PUT /actions`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum ActionType {
+    /// Writes a metrics line now.
+    FlushMetrics,
+    /// Boots the configured VM.
+    InstanceStart,
+    /// Presses Ctrl-Alt-Del on the guest's keyboard.
+    SendCtrlAltDel,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionInfo {
+    action_type: ActionType,
+}
+
+/// `PATCH /vm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum VmStateChange {
+    /// Pause the VM.
+    Paused,
+    /// Resume it.
+    Resumed,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmInfo {
+    state: VmStateChange,
+}
+
+/// A well-formed request for the VMM thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiRequest {
+    /// `GET /`.
+    GetInstanceInfo,
+    /// `GET /version`.
+    GetVersion,
+    /// `GET /vm/config`.
+    GetVmConfig,
+    /// `GET /machine-config`.
+    GetMachineConfig,
+    /// `PUT /machine-config`.
+    PutMachineConfig(MachineConfig),
+    /// `PATCH /machine-config`.
+    PatchMachineConfig(MachineConfigUpdate),
+    /// `PUT /boot-source`.
+    PutBootSource(BootSource),
+    /// `PUT /drives/{id}`.
+    PutDrive(Drive),
+    /// `PATCH /drives/{id}`.
+    PatchDrive(PartialDrive),
+    /// `PUT /network-interfaces/{id}`.
+    PutNetworkInterface(NetworkInterface),
+    /// `PATCH /network-interfaces/{id}`.
+    PatchNetworkInterface(PartialNetworkInterface),
+    /// `PUT /logger`.
+    PutLogger(LoggerConfig),
+    /// `PUT /metrics`.
+    PutMetrics(MetricsConfig),
+    /// `PUT /actions`.
+    Action(ActionType),
+    /// `PATCH /vm`.
+    PatchVm(VmStateChange),
+}
+
+impl ApiRequest {
+    /// Whether this request may only be made before the VM starts.
+    pub fn is_pre_boot_only(&self) -> bool {
+        matches!(
+            self,
+            ApiRequest::PutMachineConfig(_)
+                | ApiRequest::PatchMachineConfig(_)
+                | ApiRequest::PutBootSource(_)
+                | ApiRequest::PutDrive(_)
+                | ApiRequest::PutNetworkInterface(_)
+                | ApiRequest::PutLogger(_)
+                | ApiRequest::PutMetrics(_)
+                | ApiRequest::Action(ActionType::InstanceStart)
+        )
+    }
+
+    /// Whether this request may only be made once the VM runs.
+    pub fn is_runtime_only(&self) -> bool {
+        matches!(
+            self,
+            ApiRequest::PatchDrive(_)
+                | ApiRequest::PatchNetworkInterface(_)
+                | ApiRequest::PatchVm(_)
+                | ApiRequest::Action(ActionType::SendCtrlAltDel)
+        )
+    }
+}
+
+fn bad(message: impl AsRef<str>) -> Response {
+    Response::fault(400, message.as_ref())
+}
+
+/// Parses a JSON body into `T`, refusing unknown fields, wrong types and
+/// anything that is not JSON; the fault names what was wrong.
+fn body<T: DeserializeOwned>(req: &Request) -> Result<T, Response> {
+    if req.body.is_empty() {
+        return Err(bad("The request needs a JSON body; none was sent."));
+    }
+    serde_json::from_slice(&req.body)
+        .map_err(|e| bad(format!("The request body is not valid: {e}.")))
+}
+
+fn invalid_path(req: &Request) -> Response {
+    let method = match &req.method {
+        Method::Get => "GET",
+        Method::Put => "PUT",
+        Method::Patch => "PATCH",
+        Method::Other(m) => m.as_str(),
+    };
+    let path: String = req.path.chars().take(100).collect();
+    let more = if req.path.chars().count() > 100 {
+        "..."
+    } else {
+        ""
+    };
+    bad(format!(
+        "Invalid request method and/or path: {method} {path}{more}."
+    ))
+}
+
+/// The ID in the path must be valid and match the body's.
+fn check_ids(field: &'static str, path_id: &str, body_id: &str) -> Result<(), Response> {
+    config::check_id(field, path_id).map_err(|e| bad(e.to_string()))?;
+    if path_id != body_id {
+        return Err(bad(format!(
+            "The {field} from the path [{path_id}] does not match the {field} from the body [{body_id}]."
+        )));
+    }
+    Ok(())
+}
+
+/// Features of Firecracker's API this VMM does not have yet.
+const UNSUPPORTED: &[(&str, &str)] = &[
+    ("mmds", "MMDS (/mmds)"),
+    ("balloon", "The balloon device (/balloon)"),
+    ("entropy", "The entropy device (/entropy)"),
+    ("vsock", "vsock (/vsock)"),
+    ("snapshot", "Snapshots (/snapshot)"),
+    ("cpu-config", "CPU configuration (/cpu-config)"),
+    ("pmem", "virtio-pmem (/pmem)"),
+    ("serial", "Serial configuration (/serial)"),
+    ("hotplug", "Memory hotplug (/hotplug)"),
+];
+
+/// Routes and parses one request.
+pub fn parse(req: &Request) -> Result<ApiRequest, Response> {
+    // A query string is not part of Firecracker's API: ignored.
+    let path = req.path.split('?').next().unwrap_or("");
+    let path = if path.len() > 1 {
+        path.trim_end_matches('/')
+    } else {
+        path
+    };
+    let parts: Vec<&str> = path.split('/').skip(1).collect();
+    if let Some((_, name)) = UNSUPPORTED.iter().find(|(p, _)| parts.first() == Some(p)) {
+        return Err(bad(format!("{name} is not supported by this VMM yet.")));
+    }
+    use ApiRequest::*;
+    let r = match (&req.method, parts.as_slice()) {
+        (Method::Get, [""]) => GetInstanceInfo,
+        (Method::Get, ["version"]) => GetVersion,
+        (Method::Get, ["vm", "config"]) => GetVmConfig,
+        (Method::Get, ["machine-config"]) => GetMachineConfig,
+        (Method::Put, ["machine-config"]) => {
+            let m: MachineConfig = body(req)?;
+            m.validate().map_err(|e| bad(e.to_string()))?;
+            PutMachineConfig(m)
+        }
+        (Method::Patch, ["machine-config"]) => PatchMachineConfig(body(req)?),
+        (Method::Put, ["boot-source"]) => {
+            let b: BootSource = body(req)?;
+            if b.kernel_image_path.as_os_str().is_empty() {
+                return Err(bad("kernel_image_path is empty; give the kernel's path."));
+            }
+            PutBootSource(b)
+        }
+        (Method::Put, ["drives", id]) => {
+            let d: Drive = body(req)?;
+            check_ids("drive_id", id, &d.drive_id)?;
+            d.validate().map_err(|e| bad(e.to_string()))?;
+            PutDrive(d)
+        }
+        (Method::Patch, ["drives", id]) => {
+            let d: PartialDrive = body(req)?;
+            check_ids("drive_id", id, &d.drive_id)?;
+            PatchDrive(d)
+        }
+        (Method::Put, ["network-interfaces", id]) => {
+            let n: NetworkInterface = body(req)?;
+            check_ids("iface_id", id, &n.iface_id)?;
+            n.validate().map_err(|e| bad(e.to_string()))?;
+            PutNetworkInterface(n)
+        }
+        (Method::Patch, ["network-interfaces", id]) => {
+            let n: PartialNetworkInterface = body(req)?;
+            check_ids("iface_id", id, &n.iface_id)?;
+            PatchNetworkInterface(n)
+        }
+        (Method::Put, ["logger"]) => {
+            let l: LoggerConfig = body(req)?;
+            if let Some(level) = &l.level {
+                crate::logger::parse_level(level).map_err(|e| bad(e.to_string()))?;
+            }
+            PutLogger(l)
+        }
+        (Method::Put, ["metrics"]) => PutMetrics(body(req)?),
+        (Method::Put, ["actions"]) => Action(body::<ActionInfo>(req)?.action_type),
+        (Method::Patch, ["vm"]) => PatchVm(body::<VmInfo>(req)?.state),
+        _ => return Err(invalid_path(req)),
+    };
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: Method, path: &str, body: &str) -> Request {
+        Request {
+            method,
+            path: path.into(),
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    fn fault(r: Result<ApiRequest, Response>) -> String {
+        let resp = r.expect_err("a 400");
+        assert_eq!(resp.status, 400);
+        let v: serde_json::Value = serde_json::from_slice(&resp.body.unwrap()).unwrap();
+        v["fault_message"].as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn every_endpoint_parses() {
+        use Method::*;
+        for (m, p, b, want) in [
+            (Get, "/", "", ApiRequest::GetInstanceInfo),
+            (Get, "/version", "", ApiRequest::GetVersion),
+            (Get, "/vm/config", "", ApiRequest::GetVmConfig),
+            (Get, "/machine-config", "", ApiRequest::GetMachineConfig),
+            (
+                Put,
+                "/actions",
+                r#"{"action_type": "InstanceStart"}"#,
+                ApiRequest::Action(ActionType::InstanceStart),
+            ),
+            (
+                Put,
+                "/actions",
+                r#"{"action_type": "SendCtrlAltDel"}"#,
+                ApiRequest::Action(ActionType::SendCtrlAltDel),
+            ),
+            (
+                Put,
+                "/actions",
+                r#"{"action_type": "FlushMetrics"}"#,
+                ApiRequest::Action(ActionType::FlushMetrics),
+            ),
+            (
+                Patch,
+                "/vm",
+                r#"{"state": "Paused"}"#,
+                ApiRequest::PatchVm(VmStateChange::Paused),
+            ),
+            (
+                Patch,
+                "/vm/",
+                r#"{"state": "Resumed"}"#,
+                ApiRequest::PatchVm(VmStateChange::Resumed),
+            ),
+        ] {
+            assert_eq!(parse(&req(m, p, b)).unwrap(), want, "{p} {b}");
+        }
+        let r = parse(&req(
+            Put,
+            "/machine-config",
+            r#"{"vcpu_count": 2, "mem_size_mib": 256}"#,
+        ))
+        .unwrap();
+        assert!(
+            matches!(r, ApiRequest::PutMachineConfig(m) if m.vcpu_count == 2 && m.mem_size_mib == 256)
+        );
+        let r = parse(&req(Patch, "/machine-config", r#"{"mem_size_mib": 64}"#)).unwrap();
+        assert!(matches!(r, ApiRequest::PatchMachineConfig(m) if m.mem_size_mib == Some(64)));
+        let r = parse(&req(
+            Put,
+            "/boot-source",
+            r#"{"kernel_image_path": "k", "boot_args": "console=ttyS0"}"#,
+        ))
+        .unwrap();
+        assert!(
+            matches!(r, ApiRequest::PutBootSource(b) if b.boot_args.as_deref() == Some("console=ttyS0"))
+        );
+        let r = parse(&req(Put, "/drives/rootfs", r#"{"drive_id": "rootfs", "path_on_host": "r.img", "is_root_device": true, "is_read_only": false}"#)).unwrap();
+        assert!(matches!(r, ApiRequest::PutDrive(d) if d.is_root_device));
+        let r = parse(&req(
+            Patch,
+            "/drives/rootfs",
+            r#"{"drive_id": "rootfs", "path_on_host": "r2.img"}"#,
+        ))
+        .unwrap();
+        assert!(matches!(r, ApiRequest::PatchDrive(d) if d.path_on_host.is_some()));
+        let r = parse(&req(
+            Put,
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:AC:10:00:02"}"#,
+        ))
+        .unwrap();
+        assert!(matches!(r, ApiRequest::PutNetworkInterface(n) if n.host_dev_name == "tap0"));
+        let r = parse(&req(
+            Patch,
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "rx_rate_limiter": {"ops": {"size": 10, "refill_time": 100}}}"#,
+        ))
+        .unwrap();
+        assert!(matches!(r, ApiRequest::PatchNetworkInterface(_)));
+        let r = parse(&req(Put, "/logger", r#"{"log_path": "l.log", "level": "Warning", "show_level": true, "show_log_origin": false}"#)).unwrap();
+        assert!(matches!(r, ApiRequest::PutLogger(_)));
+        let r = parse(&req(Put, "/metrics", r#"{"metrics_path": "m.json"}"#)).unwrap();
+        assert!(matches!(r, ApiRequest::PutMetrics(_)));
+    }
+
+    #[test]
+    fn bad_requests_get_a_fault_message_naming_the_problem() {
+        use Method::*;
+        for (m, p, b, want) in [
+            (Put, "/machine-config", "{", "not valid"),
+            (Put, "/machine-config", "", "needs a JSON body"),
+            (
+                Put,
+                "/machine-config",
+                r#"{"vcpu_count": "2", "mem_size_mib": 256}"#,
+                "invalid type",
+            ),
+            (
+                Put,
+                "/machine-config",
+                r#"{"vcpu_count": 2}"#,
+                "missing field `mem_size_mib`",
+            ),
+            (
+                Put,
+                "/machine-config",
+                r#"{"vcpu_count": 2, "mem_size_mib": 256, "gpu": 1}"#,
+                "unknown field `gpu`",
+            ),
+            (
+                Put,
+                "/machine-config",
+                r#"{"vcpu_count": 0, "mem_size_mib": 256}"#,
+                "vcpu_count 0",
+            ),
+            (
+                Put,
+                "/machine-config",
+                r#"{"vcpu_count": 1, "mem_size_mib": 256, "cpu_template": "T2"}"#,
+                "cpu_template 'T2'",
+            ),
+            (
+                Put,
+                "/drives/a",
+                r#"{"drive_id": "b", "path_on_host": "x", "is_root_device": false}"#,
+                "does not match",
+            ),
+            (
+                Put,
+                "/drives/a-b",
+                r#"{"drive_id": "a-b", "path_on_host": "x", "is_root_device": false}"#,
+                "drive_id 'a-b' is invalid",
+            ),
+            (
+                Put,
+                "/drives/a",
+                r#"{"drive_id": "a", "path_on_host": "x"}"#,
+                "missing field `is_root_device`",
+            ),
+            (
+                Put,
+                "/drives/a",
+                r#"{"drive_id": "a", "path_on_host": "x", "is_root_device": false, "cache_type": "Fast"}"#,
+                "unknown variant `Fast`",
+            ),
+            (
+                Put,
+                "/network-interfaces/e",
+                r#"{"iface_id": "f", "host_dev_name": "t"}"#,
+                "does not match",
+            ),
+            (
+                Put,
+                "/network-interfaces/e",
+                r#"{"iface_id": "e", "host_dev_name": "t", "guest_mac": "nope"}"#,
+                "guest_mac 'nope'",
+            ),
+            (
+                Put,
+                "/actions",
+                r#"{"action_type": "Reboot"}"#,
+                "unknown variant `Reboot`",
+            ),
+            (Put, "/actions", r#"{"action_type": 7}"#, "not valid"),
+            (
+                Patch,
+                "/vm",
+                r#"{"state": "Running"}"#,
+                "unknown variant `Running`",
+            ),
+            (
+                Put,
+                "/boot-source",
+                r#"{"kernel_image_path": ""}"#,
+                "kernel_image_path is empty",
+            ),
+            (Put, "/logger", r#"{"level": "Loud"}"#, "'Loud'"),
+            (Put, "/boot-source", "\u{0}\u{1}garbage", "not valid"),
+            (
+                Get,
+                "/nope",
+                "",
+                "Invalid request method and/or path: GET /nope.",
+            ),
+            (Put, "/", "{}", "Invalid request method and/or path: PUT /."),
+            (Other("POST".into()), "/actions", "{}", "POST /actions"),
+            (Put, "/mmds", "{}", "MMDS (/mmds) is not supported"),
+            (Get, "/mmds", "", "MMDS (/mmds) is not supported"),
+            (Put, "/balloon", "{}", "balloon device"),
+            (Put, "/snapshot/create", "{}", "Snapshots"),
+            (Put, "/vsock", "{}", "vsock"),
+            (Put, "/entropy", "{}", "entropy"),
+        ] {
+            let f = fault(parse(&req(m.clone(), p, b)));
+            assert!(f.contains(want), "{m:?} {p} {b}: {f}");
+        }
+        let f = fault(parse(&req(Get, &format!("/{}", "x".repeat(5000)), "")));
+        assert!(f.len() < 200 && f.contains("..."), "{f}");
+        let f = fault(parse(&Request {
+            method: Method::Put,
+            path: "/actions".into(),
+            body: vec![0xff, 0xfe, b'{'],
+        }));
+        assert!(f.contains("not valid"), "{f}");
+    }
+
+    #[test]
+    fn pre_boot_and_runtime_only_requests_are_classified() {
+        assert!(ApiRequest::Action(ActionType::InstanceStart).is_pre_boot_only());
+        assert!(ApiRequest::PutBootSource(BootSource::default()).is_pre_boot_only());
+        assert!(ApiRequest::PatchVm(VmStateChange::Paused).is_runtime_only());
+        assert!(ApiRequest::Action(ActionType::SendCtrlAltDel).is_runtime_only());
+        assert!(!ApiRequest::Action(ActionType::FlushMetrics).is_runtime_only());
+        assert!(!ApiRequest::GetVmConfig.is_pre_boot_only());
+    }
+}
