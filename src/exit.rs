@@ -135,7 +135,10 @@ impl ExitRequester for ExitSignal {
     fn request_exit(&self, reason: GuestExitRequest) {
         self.raise(Ok(match reason {
             GuestExitRequest::PowerOff => VmExit::PowerOff,
-            GuestExitRequest::Reset => VmExit::Reset,
+            GuestExitRequest::Reset => {
+                crate::metrics::METRICS.i8042.reset_count.inc();
+                VmExit::Reset
+            }
         }));
     }
 }

@@ -383,8 +383,7 @@ impl MetricsSink {
                     .transport
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .device()
-                    .metrics();
+                    .with_device(|d| d.metrics());
                 let name = format!("{group}_{}", entry.id);
                 let mut obj = Map::new();
                 for (i, key) in keys.iter().enumerate() {

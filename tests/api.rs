@@ -120,6 +120,25 @@ fn count_entries(dir: String) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
 
+/// The number of entries in `dir` once it has not changed for 200 ms (the
+/// server closes a connection only after it sees the client's end).
+fn settled_count(dir: String) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = count_entries(dir.clone());
+    let mut stable_since = Instant::now();
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = count_entries(dir.clone());
+        if now != last {
+            last = now;
+            stable_since = Instant::now();
+        } else if stable_since.elapsed() >= Duration::from_millis(200) {
+            break;
+        }
+    }
+    last
+}
+
 #[test]
 fn getting_started_sequence_then_pause_and_resume_exactly() {
     let (mut vm, sock) = api_vmm("api-lifecycle", &[]);
@@ -612,8 +631,8 @@ fn hostile_clients_neither_stop_the_vmm_nor_the_guest_nor_leak() {
     let pid = vm.child.id();
     // Settle the baseline: one request served.
     assert_eq!(state(&sock), "Running");
-    let fds = count_entries(format!("/proc/{pid}/fd"));
-    let threads = count_entries(format!("/proc/{pid}/task"));
+    let fds = settled_count(format!("/proc/{pid}/fd"));
+    let threads = settled_count(format!("/proc/{pid}/task"));
 
     // 500 malformed requests: each well-formed HTTP one gets a 400 with a
     // fault_message; junk gets a 400 or a closed connection.

@@ -298,16 +298,21 @@ fn patch_drive(vmm: &mut Vmm, p: &PartialDrive) -> Response {
             return bad(format!("Drive '{}' has no device.", p.drive_id));
         };
         let mut t = entry.transport.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(block) = t.device_mut().as_any_mut().downcast_mut::<Block>() else {
-            return bad(format!(
-                "Drive '{}' is not a virtio-blk device.",
-                p.drive_id
-            ));
-        };
-        if let Err(e) = block.replace_image(path) {
-            return bad(e);
+        let replaced = t.with_device(|d| {
+            d.as_any_mut()
+                .downcast_mut::<Block>()
+                .map(|b| b.replace_image(path))
+        });
+        match replaced {
+            None => {
+                return bad(format!(
+                    "Drive '{}' is not a virtio-blk device.",
+                    p.drive_id
+                ))
+            }
+            Some(Err(e)) => return bad(e),
+            Some(Ok(())) => t.config_changed(),
         }
-        t.config_changed();
         drive.path_on_host = path.clone();
     }
     if p.rate_limiter.is_some() {

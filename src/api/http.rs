@@ -161,13 +161,24 @@ impl Server {
             path: path.to_path_buf(),
             source,
         };
-        let listener = match UnixListener::bind(path) {
-            Ok(l) => l,
-            Err(e) if e.kind() == ErrorKind::AddrInUse => {
+        // Bound and listening under a temporary name first, then linked into
+        // place: the path appears only once connections are accepted (clients
+        // poll for it and connect at once), and linking never replaces a path
+        // that appeared meanwhile.
+        let mut tmp_name = path.as_os_str().to_os_string();
+        tmp_name.push(format!(".{}.tmp", std::process::id()));
+        let tmp = PathBuf::from(tmp_name);
+        let _ = std::fs::remove_file(&tmp);
+        let listener = UnixListener::bind(&tmp).map_err(bind_error)?;
+        let linked = std::fs::hard_link(&tmp, path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                 return Err(Error::PathExists(path.to_path_buf()))
             }
             Err(e) => return Err(bind_error(e)),
-        };
+        }
         let meta = path.symlink_metadata().map_err(bind_error)?;
         let server = Server {
             listener,

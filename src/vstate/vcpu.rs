@@ -19,8 +19,10 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use crate::arch::x86_64::layout::{I8042_PORT, SERIAL_PORT};
 use crate::arch::x86_64::{cpuid, regs};
 use crate::exit::{CrashKind, CrashReport, ExitSignal, VmExit};
+use crate::metrics::METRICS;
 
 /// Errors configuring or starting a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -313,24 +315,28 @@ impl Vcpu {
         let crash = match self.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
+                    count_pio(port, false);
                     if !ctx.pio.read(u64::from(port), data) {
                         data.fill(0xff);
                     }
                     return Step::Continue;
                 }
                 VcpuExit::IoOut(port, data) => {
+                    count_pio(port, true);
                     if !ctx.pio.write(u64::from(port), data) {
                         log::trace!("vCPU {cpu}: write to unhandled port {port:#x}");
                     }
                     return Step::Continue;
                 }
                 VcpuExit::MmioRead(addr, data) => {
+                    METRICS.vcpu.exit_mmio_read.inc();
                     if !ctx.mmio.read(addr, data) {
                         data.fill(0xff);
                     }
                     return Step::Continue;
                 }
                 VcpuExit::MmioWrite(addr, data) => {
+                    METRICS.vcpu.exit_mmio_write.inc();
                     if !ctx.mmio.write(addr, data) {
                         log::trace!("vCPU {cpu}: write to unhandled MMIO {addr:#x}");
                     }
@@ -364,6 +370,7 @@ impl Vcpu {
             }
             Err(e) => return Step::Exit(Err(format!("KVM_RUN failed on vCPU {cpu}: {e}."))),
         };
+        METRICS.vcpu.failures.inc();
         Step::Exit(Ok(VmExit::Crash(self.crash_report(crash, &ctx.mem))))
     }
 
@@ -420,6 +427,25 @@ impl Vcpu {
             Ok(()) => bytes,
             Err(_) => Vec::new(),
         }
+    }
+}
+
+/// Counts a port-I/O exit, and the serial or i8042 access it is.
+fn count_pio(port: u16, write: bool) {
+    let m = &METRICS;
+    let serial = (SERIAL_PORT..SERIAL_PORT + 8).contains(&port);
+    let i8042 = port == I8042_PORT || port == I8042_PORT + 4;
+    match (write, serial, i8042) {
+        (true, true, _) => m.uart.write_count.inc(),
+        (false, true, _) => m.uart.read_count.inc(),
+        (true, _, true) => m.i8042.write_count.inc(),
+        (false, _, true) => m.i8042.read_count.inc(),
+        _ => {}
+    }
+    if write {
+        m.vcpu.exit_io_out.inc();
+    } else {
+        m.vcpu.exit_io_in.inc();
     }
 }
 

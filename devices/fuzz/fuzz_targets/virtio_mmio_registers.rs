@@ -41,6 +41,9 @@ fuzz_target!(|data: &[u8]| {
                 t.read(offset, &mut buf[..width]);
             }
             2 => {
+                // What the event loop does: activate a device DRIVER_OK left
+                // waiting, then serve the notified queue.
+                t.complete_activation();
                 let _ = t.notify_queue(usize::from(op[1]));
             }
             _ => t.write(0x070, &u32::from(op[3]).to_le_bytes()),

@@ -49,9 +49,25 @@ const CONFIG_SPACE: u64 = 0x100;
 /// Size of the register window of one device.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
 
+/// The device behind a transport, under a lock of its own: the event loop
+/// holds it for a queue pass, a vCPU never needs it for a register access
+/// (except device-specific configuration space).
+pub type SharedDevice = Arc<Mutex<Box<dyn VirtioDevice>>>;
+
 /// The register block of one virtio device.
+///
+/// Lock order: the transport before its device, never the other way round.
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
+    device: SharedDevice,
+    device_type: u32,
+    device_features: u64,
+    /// Set while the device is activated and not broken; read by the event
+    /// loop without the transport lock.
+    running: Arc<AtomicBool>,
+    /// Queues checked at DRIVER_OK, waiting for the event loop to activate the
+    /// device with them (`activate_evt` tells it).
+    pending: Option<Vec<Queue>>,
+    activate_evt: EventFd,
     mem: GuestMemoryMmap,
     interrupt: Interrupt,
     /// Signalled when the guest writes a queue's index to QueueNotify without an
@@ -88,7 +104,12 @@ impl MmioTransport {
             .map(|_| EventFd::new(libc::EFD_NONBLOCK))
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(MmioTransport {
-            device,
+            device_type: device.device_type(),
+            device_features: device.features(),
+            device: Arc::new(Mutex::new(device)),
+            running: Arc::new(AtomicBool::new(false)),
+            pending: None,
+            activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             mem,
             interrupt,
             queue_evts,
@@ -116,17 +137,42 @@ impl MmioTransport {
 
     /// One line of device statistics for the log at exit.
     pub fn report(&self) -> Option<String> {
-        self.device.report()
+        self.with_device(|d| d.report())
     }
 
-    /// The device behind the transport.
-    pub fn device(&self) -> &dyn VirtioDevice {
-        self.device.as_ref()
+    /// Runs `f` on the device, under its lock (see [`Self::config_changed`]
+    /// after a change the driver must learn of).
+    pub fn with_device<R>(&self, f: impl FnOnce(&mut dyn VirtioDevice) -> R) -> R {
+        let mut d = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        f(d.as_mut())
     }
 
-    /// The device behind the transport, to change (see [`Self::config_changed`]).
-    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
-        self.device.as_mut()
+    /// Signalled when a device is ready for the event loop to activate it.
+    pub fn activate_evt(&self) -> &EventFd {
+        &self.activate_evt
+    }
+
+    /// Activates the device with the queues the driver set up, if DRIVER_OK
+    /// left any waiting (called on the event loop). Returns whether the device
+    /// was activated now.
+    pub fn complete_activation(&mut self) -> bool {
+        let Some(queues) = self.pending.take() else {
+            return false;
+        };
+        let result =
+            self.with_device(|d| d.activate(self.mem.clone(), queues, self.interrupt.clone()));
+        match result {
+            Ok(()) => {
+                self.activated = true;
+                self.running.store(true, Ordering::SeqCst);
+                true
+            }
+            Err(e) => {
+                crate::guest_warn!("virtio: device activation failed: {e}");
+                self.mark_needs_reset();
+                false
+            }
+        }
     }
 
     /// Tells the driver that the device configuration changed (e.g. a disk's
@@ -142,31 +188,33 @@ impl MmioTransport {
     /// Whether the device runs: activated and not broken. A device that needs
     /// a reset is not called again until the driver resets it.
     fn running(&self) -> bool {
-        self.activated && self.status & status::DEVICE_NEEDS_RESET == 0
+        self.running.load(Ordering::SeqCst)
     }
 
-    /// Processes queue `index` after a notification (from the event loop).
-    /// Returns true if the queue has work left after a pass that stopped at
-    /// its budget: the caller signals the queue again.
+    /// Processes queue `index` after a notification. Returns true if the
+    /// queue has work left after a pass that stopped at its budget. (The event
+    /// loop does the same through [`QueueEvents`] without the transport lock.)
     pub fn notify_queue(&mut self, index: usize) -> bool {
-        if !self.running() || index >= self.queues.len() {
+        if index >= self.queues.len() {
             return false;
         }
-        if !self.device.process_queue(index) {
-            self.mark_needs_reset();
-            return false;
+        match serve_queue(&self.device, &self.running, index) {
+            Served::Broken => {
+                self.mark_needs_reset();
+                false
+            }
+            Served::Done { pending } => pending,
         }
-        self.device.queue_pending(index)
     }
 
     /// The device's backend descriptor, if it has one.
     pub fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
-        self.device.backend_fd()
+        self.with_device(|d| d.backend_fd())
     }
 
-    /// Handles backend readiness (from the event loop).
+    /// Handles backend readiness.
     pub fn process_backend(&mut self) {
-        if self.running() && !self.device.process_backend() {
+        if let Served::Broken = serve_backend(&self.device, &self.running) {
             self.mark_needs_reset();
         }
     }
@@ -174,10 +222,13 @@ impl MmioTransport {
     /// Whether the backend descriptor should be watched now (never while the
     /// device is broken: a readable backend would wake the loop for nothing).
     pub fn wants_backend_events(&self) -> bool {
-        self.running() && self.device.wants_backend_events()
+        self.running() && self.with_device(|d| d.wants_backend_events())
     }
 
-    fn mark_needs_reset(&mut self) {
+    /// Marks the device broken: it is not called again until the driver
+    /// resets it, and the driver learns of it through a configuration interrupt.
+    pub fn mark_needs_reset(&mut self) {
+        self.running.store(false, Ordering::SeqCst);
         if self.status & status::DEVICE_NEEDS_RESET == 0 {
             self.status |= status::DEVICE_NEEDS_RESET;
             if self.status & status::DRIVER_OK != 0 {
@@ -188,15 +239,17 @@ impl MmioTransport {
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
         // Queue set-up is only allowed before DRIVER_OK (§4.2.3.2).
-        if self.activated {
+        if self.activated || self.pending.is_some() {
             return None;
         }
         self.queues.get_mut(self.queue_sel as usize)
     }
 
     fn reset(&mut self) {
+        self.running.store(false, Ordering::SeqCst);
+        self.pending = None;
         if self.activated {
-            self.device.reset();
+            self.with_device(|d| d.reset());
         }
         self.activated = false;
         for q in &mut self.queues {
@@ -228,7 +281,7 @@ impl MmioTransport {
         }
         let new = value & !self.status;
         if new & FEATURES_OK != 0 {
-            let offered = self.device.features();
+            let offered = self.device_features;
             let ok = self.driver_features & !offered == 0
                 && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0
                 && self.status & DRIVER != 0;
@@ -241,7 +294,8 @@ impl MmioTransport {
                 self.status |= value & !FEATURES_OK;
                 return;
             }
-            self.device.ack_features(self.driver_features);
+            let acked = self.driver_features;
+            self.with_device(|d| d.ack_features(acked));
         }
         if new & DRIVER_OK != 0 {
             if self.status & FEATURES_OK == 0 && value & FEATURES_OK == 0 {
@@ -288,15 +342,12 @@ impl MmioTransport {
             live.set_event_idx(event_idx);
             ready.push(live);
         }
-        match self
-            .device
-            .activate(self.mem.clone(), ready, self.interrupt.clone())
-        {
-            Ok(()) => self.activated = true,
-            Err(e) => {
-                crate::guest_warn!("virtio: device activation failed: {e}");
-                self.mark_needs_reset();
-            }
+        // Activation itself runs on the event loop, not on this vCPU thread.
+        self.pending = Some(ready);
+        if let Err(e) = self.activate_evt.write(1) {
+            log::error!("virtio: cannot ask for device activation: {e}");
+            self.pending = None;
+            self.mark_needs_reset();
         }
     }
 
@@ -304,11 +355,11 @@ impl MmioTransport {
         match offset {
             REG_MAGIC => MAGIC_VALUE,
             REG_VERSION => VERSION,
-            REG_DEVICE_ID => self.device.device_type(),
+            REG_DEVICE_ID => self.device_type,
             REG_VENDOR_ID => VENDOR_ID,
             REG_DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device.features() as u32,
-                1 => (self.device.features() >> 32) as u32,
+                0 => self.device_features as u32,
+                1 => (self.device_features >> 32) as u32,
                 _ => 0,
             },
             REG_QUEUE_NUM_MAX => self
@@ -316,7 +367,7 @@ impl MmioTransport {
                 .get(self.queue_sel as usize)
                 .map_or(0, |q| u32::from(q.max_size())),
             REG_QUEUE_READY => match self.queues.get(self.queue_sel as usize) {
-                Some(_) if self.activated => 1,
+                Some(_) if self.activated || self.pending.is_some() => 1,
                 Some(q) => u32::from(q.ready()),
                 None => 0,
             },
@@ -412,7 +463,7 @@ impl MmioTransport {
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE {
-            self.device.read_config(offset - CONFIG_SPACE, data);
+            self.with_device(|d| d.read_config(offset - CONFIG_SPACE, data));
             return;
         }
         // Registers are 32 bits wide and aligned; anything else reads as zero.
@@ -428,7 +479,7 @@ impl BusDevice for MmioTransport {
         if offset >= CONFIG_SPACE {
             // Config writes only while the driver is setting the device up or running it.
             if self.status & status::DRIVER != 0 {
-                self.device.write_config(offset - CONFIG_SPACE, data);
+                self.with_device(|d| d.write_config(offset - CONFIG_SPACE, data));
             }
             return;
         }
@@ -442,22 +493,62 @@ impl BusDevice for MmioTransport {
     }
 }
 
-/// Runs a transport's queue processing in the VMM's event loop: one eventfd per
-/// queue, signalled by a KVM ioeventfd (or by the transport itself), plus the
-/// device's backend descriptor (a TAP), watched only while the device can take
-/// input.
+/// What a pass over a queue or the backend found.
+enum Served {
+    /// The device did its work; `pending` if the pass stopped at its budget.
+    Done { pending: bool },
+    /// The device found its queue unusable: it needs a reset.
+    Broken,
+}
+
+/// One pass over queue `index` under the device lock only (skipped while the
+/// device is not running).
+fn serve_queue(device: &SharedDevice, running: &AtomicBool, index: usize) -> Served {
+    if !running.load(Ordering::SeqCst) {
+        return Served::Done { pending: false };
+    }
+    let mut d = device.lock().unwrap_or_else(|e| e.into_inner());
+    if !d.process_queue(index) {
+        return Served::Broken;
+    }
+    Served::Done {
+        pending: d.queue_pending(index),
+    }
+}
+
+/// Backend readiness, under the device lock only.
+fn serve_backend(device: &SharedDevice, running: &AtomicBool) -> Served {
+    if !running.load(Ordering::SeqCst) {
+        return Served::Done { pending: false };
+    }
+    let mut d = device.lock().unwrap_or_else(|e| e.into_inner());
+    if d.process_backend() {
+        Served::Done { pending: false }
+    } else {
+        Served::Broken
+    }
+}
+
+/// Runs a transport's device in the VMM's event loop: its activation (asked
+/// for at DRIVER_OK by a vCPU), one eventfd per queue (signalled by a KVM
+/// ioeventfd or by the transport itself), and the device's backend descriptor
+/// (a TAP), watched only while the device can take input. Queue passes take
+/// the device lock only, so vCPU register accesses never wait behind them.
 pub struct QueueEvents {
     transport: Arc<Mutex<MmioTransport>>,
+    device: SharedDevice,
+    running: Arc<AtomicBool>,
     /// Set while the VM is paused: notifications are consumed but not served
     /// (the VMM signals every queue again on resume), the backend is not watched.
     paused: Arc<AtomicBool>,
     evts: Vec<EventFd>,
+    activate_evt: EventFd,
     backend: Option<std::os::fd::RawFd>,
     backend_watched: bool,
 }
 
 impl QueueEvents {
-    /// Watches the queue eventfds and the backend of `transport`.
+    /// Watches the activation, the queue eventfds and the backend of `transport`.
     pub fn new(
         transport: Arc<Mutex<MmioTransport>>,
         paused: Arc<AtomicBool>,
@@ -468,22 +559,42 @@ impl QueueEvents {
             .iter()
             .map(EventFd::try_clone)
             .collect::<std::io::Result<Vec<_>>>()?;
+        let activate_evt = t.activate_evt.try_clone()?;
         let backend = t.backend_fd();
+        let (device, running) = (t.device.clone(), t.running.clone());
         drop(t);
         Ok(QueueEvents {
             transport,
+            device,
+            running,
             paused,
             evts,
+            activate_evt,
             backend,
             backend_watched: false,
         })
     }
 
+    fn backend_token(&self) -> u32 {
+        self.evts.len() as u32
+    }
+
+    fn activate_token(&self) -> u32 {
+        self.evts.len() as u32 + 1
+    }
+
     /// Adds or removes the backend from the watch list as the device wants.
-    fn update_backend_interest(&mut self, wants: bool, ops: &mut EventOps) {
+    fn update_backend_interest(&mut self, ops: &mut EventOps) {
         let Some(fd) = self.backend else { return };
+        let wants = !self.paused.load(Ordering::SeqCst)
+            && self.running.load(Ordering::SeqCst)
+            && self
+                .device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .wants_backend_events();
         if wants != self.backend_watched {
-            let ev = Events::with_data_raw(fd, self.evts.len() as u32, EventSet::IN);
+            let ev = Events::with_data_raw(fd, self.backend_token(), EventSet::IN);
             let r = if wants { ops.add(ev) } else { ops.remove(ev) };
             match r {
                 Ok(()) => self.backend_watched = wants,
@@ -491,35 +602,57 @@ impl QueueEvents {
             }
         }
     }
+
+    fn broken(&self) {
+        self.transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .mark_needs_reset();
+    }
+
+    fn serve(&self, index: usize) {
+        match serve_queue(&self.device, &self.running, index) {
+            Served::Broken => self.broken(),
+            Served::Done { pending: true } => {
+                // Work left after a bounded pass: come back after the others.
+                if let Err(e) = self.evts[index].write(1) {
+                    log::error!("virtio: cannot signal queue {index} again: {e}");
+                }
+            }
+            Served::Done { pending: false } => {}
+        }
+    }
 }
 
 impl MutEventSubscriber for QueueEvents {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let index = events.data() as usize;
-        if self.paused.load(Ordering::SeqCst) {
-            if let Some(evt) = self.evts.get(index) {
-                let _ = evt.read();
+        let token = events.data();
+        let index = token as usize;
+        if let Some(evt) = self.evts.get(index) {
+            // Coalesced notifications: one pass over the queue serves them all.
+            let _ = evt.read();
+            if !self.paused.load(Ordering::SeqCst) {
+                self.serve(index);
             }
-            self.update_backend_interest(false, ops);
-            return;
-        }
-        let wants = {
-            let mut t = self.transport.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(evt) = self.evts.get(index) {
-                // Coalesced notifications: one pass over the queue serves them all.
-                let _ = evt.read();
-                if t.notify_queue(index) {
-                    // Work left after a bounded pass: come back after the others.
-                    if let Err(e) = evt.write(1) {
-                        log::error!("virtio: cannot signal queue {index} again: {e}");
-                    }
+        } else if token == self.activate_token() {
+            let _ = self.activate_evt.read();
+            let activated = self
+                .transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .complete_activation();
+            // Notifications that came before the activation were dropped.
+            if activated && !self.paused.load(Ordering::SeqCst) {
+                for i in 0..self.evts.len() {
+                    self.serve(i);
                 }
-            } else if index == self.evts.len() {
-                t.process_backend();
             }
-            t.wants_backend_events()
-        };
-        self.update_backend_interest(wants, ops);
+        } else if token == self.backend_token() && !self.paused.load(Ordering::SeqCst) {
+            if let Served::Broken = serve_backend(&self.device, &self.running) {
+                self.broken();
+            }
+        }
+        self.update_backend_interest(ops);
     }
 
     fn init(&mut self, ops: &mut EventOps) {
@@ -528,12 +661,11 @@ impl MutEventSubscriber for QueueEvents {
                 log::error!("virtio: cannot watch queue {i}: {e:?}");
             }
         }
-        let wants = self
-            .transport
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .wants_backend_events();
-        self.update_backend_interest(wants, ops);
+        let token = self.activate_token();
+        if let Err(e) = ops.add(Events::with_data(&self.activate_evt, token, EventSet::IN)) {
+            log::error!("virtio: cannot watch device activation: {e:?}");
+        }
+        self.update_backend_interest(ops);
     }
 }
 
@@ -617,7 +749,14 @@ mod tests {
         setup_queue(&mut t, 16);
         w(&mut t, REG_STATUS, RUNNING);
         assert_eq!(r(&mut t, REG_STATUS), RUNNING);
+        // Activation waits for the event loop; the driver already sees the
+        // queue as ready and cannot change it.
+        assert!(!t.activated);
+        assert_eq!(t.activate_evt().read().unwrap(), 1);
+        assert_eq!(r(&mut t, REG_QUEUE_READY), 1);
+        assert!(t.complete_activation());
         assert!(t.activated);
+        assert!(!t.complete_activation(), "only once");
         // Queue registers are frozen once the device runs.
         w(&mut t, REG_QUEUE_NUM, 8);
         assert_eq!(r(&mut t, REG_QUEUE_READY), 1);
@@ -807,7 +946,7 @@ mod tests {
         negotiate(&mut t);
         setup_queue(&mut t, 16);
         w(&mut t, REG_STATUS, RUNNING);
-        assert!(t.activated);
+        assert!(t.complete_activation());
         assert!(t.wants_backend_events());
         assert!(!t.notify_queue(0));
         assert_ne!(r(&mut t, REG_STATUS) & status::DEVICE_NEEDS_RESET, 0);
@@ -823,6 +962,38 @@ mod tests {
         negotiate(&mut t);
         setup_queue(&mut t, 16);
         w(&mut t, REG_STATUS, RUNNING);
+        assert!(
+            !t.wants_backend_events(),
+            "not before the event loop activates it"
+        );
+        assert!(t.complete_activation());
         assert!(t.wants_backend_events());
+    }
+
+    #[test]
+    fn a_reset_before_the_event_loop_activates_drops_the_activation() {
+        let (mut t, p) = transport("reset-pending");
+        negotiate(&mut t);
+        setup_queue(&mut t, 16);
+        w(&mut t, REG_STATUS, RUNNING);
+        w(&mut t, REG_STATUS, 0);
+        assert!(!t.complete_activation());
+        assert!(!t.activated);
+        let _ = std::fs::remove_file(p);
+    }
+
+    #[test]
+    fn a_config_change_bumps_the_generation_and_interrupts_a_running_driver() {
+        let (mut t, p) = transport("config-change");
+        t.config_changed();
+        assert_eq!(r(&mut t, REG_CONFIG_GENERATION), 1);
+        assert_eq!(r(&mut t, REG_INTERRUPT_STATUS), 0, "no driver yet");
+        negotiate(&mut t);
+        setup_queue(&mut t, 16);
+        w(&mut t, REG_STATUS, RUNNING);
+        t.config_changed();
+        assert_eq!(r(&mut t, REG_CONFIG_GENERATION), 2);
+        assert_eq!(r(&mut t, REG_INTERRUPT_STATUS), INTERRUPT_CONFIG_CHANGE);
+        let _ = std::fs::remove_file(p);
     }
 }
