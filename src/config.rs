@@ -503,29 +503,29 @@ pub struct VmConfig {
     /// Metrics set-up.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
-    /// Firecracker sections not implemented here: refused by `validate`.
+    /// Firecracker's `balloon` section: not implemented, refused by `validate`.
     #[serde(default, skip_serializing)]
     pub balloon: Option<serde_json::Value>,
+    /// Firecracker's `vsock` section: refused (not implemented yet).
     #[serde(default, skip_serializing)]
-    #[allow(missing_docs)]
     pub vsock: Option<serde_json::Value>,
+    /// Firecracker's `mmds-config` section: refused (not implemented yet).
     #[serde(rename = "mmds-config", default, skip_serializing)]
-    #[allow(missing_docs)]
     pub mmds_config: Option<serde_json::Value>,
+    /// Firecracker's `entropy` section: refused (not implemented yet).
     #[serde(default, skip_serializing)]
-    #[allow(missing_docs)]
     pub entropy: Option<serde_json::Value>,
+    /// Firecracker's `cpu-config` section: refused (not implemented yet).
     #[serde(rename = "cpu-config", default, skip_serializing)]
-    #[allow(missing_docs)]
     pub cpu_config: Option<serde_json::Value>,
+    /// Firecracker's `pmem` section: refused (not implemented yet).
     #[serde(default, skip_serializing)]
-    #[allow(missing_docs)]
     pub pmem: Option<serde_json::Value>,
+    /// Firecracker's `serial` section: refused (not implemented yet).
     #[serde(default, skip_serializing)]
-    #[allow(missing_docs)]
     pub serial: Option<serde_json::Value>,
+    /// Firecracker's `memory-hotplug` section: refused (not implemented yet).
     #[serde(rename = "memory-hotplug", default, skip_serializing)]
-    #[allow(missing_docs)]
     pub memory_hotplug: Option<serde_json::Value>,
 }
 

@@ -146,9 +146,11 @@ pub fn configure(config: &LoggerConfig) -> Result<(), Error> {
     Ok(())
 }
 
-/// Opens a log file (created if missing) or named pipe for appending, without
-/// blocking on a pipe nobody reads yet.
-fn open_log(path: &Path) -> Result<File, Error> {
+/// Opens a log or metrics destination for appending: a file (created if
+/// missing) or a named pipe, opened read-write and non-blocking so that opening
+/// a pipe nobody reads yet does not block, and a full pipe drops lines instead
+/// of stopping the VMM.
+pub fn open_sink(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
@@ -156,10 +158,13 @@ fn open_log(path: &Path) -> Result<File, Error> {
         .create(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
-        .map_err(|e| Error::Open {
-            path: path.display().to_string(),
-            err: e.to_string(),
-        })
+}
+
+fn open_log(path: &Path) -> Result<File, Error> {
+    open_sink(path).map_err(|e| Error::Open {
+        path: path.display().to_string(),
+        err: e.to_string(),
+    })
 }
 
 /// Now in UTC as `YYYY-MM-DDTHH:MM:SS.nnnnnnnnn`.

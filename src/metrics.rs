@@ -311,17 +311,10 @@ pub struct MetricsSink {
 impl MetricsSink {
     /// Opens `path` (a file, created if missing, or a named pipe) for appending.
     pub fn open(path: &Path) -> Result<Self, Error> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|err| Error::Open {
-                path: path.display().to_string(),
-                err,
-            })?;
+        let file = crate::logger::open_sink(path).map_err(|err| Error::Open {
+            path: path.display().to_string(),
+            err,
+        })?;
         Ok(MetricsSink {
             path: path.display().to_string(),
             file,

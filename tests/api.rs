@@ -15,42 +15,6 @@ use common::*;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-fn tmp(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_file(&p);
-    p
-}
-
-/// One HTTP exchange with curl over the socket: (status, body).
-fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut c = Command::new("curl");
-    c.args(["-s", "-S", "--max-time", "20", "-X", method])
-        .arg("--unix-socket")
-        .arg(sock)
-        .args([
-            "-w",
-            "\n%{http_code}",
-            "-H",
-            "Content-Type: application/json",
-        ]);
-    if let Some(b) = body {
-        c.args(["-d", b]);
-    }
-    c.arg(format!("http://localhost{path}"));
-    let out = c.output().expect("curl runs");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (
-        code.trim().parse().unwrap_or_else(|_| {
-            panic!(
-                "curl {method} {path}: no status: {text} {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        }),
-        body.to_string(),
-    )
-}
-
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"))
 }
@@ -67,19 +31,11 @@ fn assert_fault((code, body): (u16, String), want: &str) {
 
 /// A VMM serving its API on a fresh socket, with `args` added.
 fn api_vmm(name: &str, args: &[&str]) -> (Running, PathBuf) {
-    let sock = tmp(&format!("{name}.sock"));
+    let sock = tmp_path(&format!("{name}.sock"));
     let mut cmd = vmm();
     cmd.arg("--api-sock").arg(&sock).args(args);
     let vm = Running::start(cmd);
-    let deadline = Instant::now() + TIMEOUT;
-    while !sock.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no API socket: {}",
-            vm.stdout_now()
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_for_socket(&sock, &vm);
     (vm, sock)
 }
 
@@ -294,7 +250,7 @@ fn calls_out_of_order_are_refused_with_firecracker_s_rules() {
         ),
         "'/nonexistent/k'",
     );
-    let img = tmp("api-rules-disk.img");
+    let img = tmp_path("api-rules-disk.img");
     std::fs::write(&img, vec![0u8; 4096]).unwrap();
     let d = |id: &str, root: bool| {
         format!(
@@ -390,7 +346,7 @@ print("python client: ok")
 
 #[test]
 fn config_file_boots_with_and_without_the_api() {
-    let cfg = tmp("api-config.json");
+    let cfg = tmp_path("api-config.json");
     std::fs::write(
         &cfg,
         format!(
@@ -453,7 +409,7 @@ fn bad_process_flags_and_files_are_one_line_errors() {
         &["--no-api", "--config-file", "/nonexistent/vm.json"],
         "'/nonexistent/vm.json' cannot be read",
     );
-    let bad = tmp("api-bad-config.json");
+    let bad = tmp_path("api-bad-config.json");
     std::fs::write(
         &bad,
         r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "vsock": {}}"#,
@@ -484,7 +440,7 @@ fn bad_process_flags_and_files_are_one_line_errors() {
         &["--api-sock", "/tmp/x.sock", "--id", "bad id"],
         "--id 'bad id'",
     );
-    let taken = tmp("api-taken.sock");
+    let taken = tmp_path("api-taken.sock");
     std::fs::write(&taken, b"not a socket").unwrap();
     assert_refused(&["--api-sock", taken.to_str().unwrap()], "already exists");
     assert_eq!(
@@ -496,11 +452,11 @@ fn bad_process_flags_and_files_are_one_line_errors() {
 
 #[test]
 fn flush_metrics_counts_block_io_and_the_log_has_the_boot_time() {
-    let img = tmp("api-metrics-disk.img");
+    let img = tmp_path("api-metrics-disk.img");
     let bytes: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(&img, &bytes).unwrap();
-    let metrics = tmp("api-metrics.json");
-    let log = tmp("api-metrics.log");
+    let metrics = tmp_path("api-metrics.json");
+    let log = tmp_path("api-metrics.log");
     let (mut vm, sock) = api_vmm(
         "api-metrics",
         &[
@@ -780,7 +736,7 @@ fn hostile_clients_neither_stop_the_vmm_nor_the_guest_nor_leak() {
 #[test]
 fn the_socket_answers_within_milliseconds_of_appearing() {
     // firecracker-go-sdk polls GET /machine-config every 10 ms; Kata polls GET /.
-    let sock = tmp("api-ready.sock");
+    let sock = tmp_path("api-ready.sock");
     let mut cmd = vmm();
     cmd.arg("--api-sock").arg(&sock).stdout(Stdio::null());
     let started = Instant::now();

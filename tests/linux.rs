@@ -12,25 +12,14 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
 
-use common::{host, kernel, linux_cmdline, resource, run_linux, vmm, Host, Outcome};
+use common::{
+    host, initramfs, kernel, linux_cmdline, linux_timeout, resource, run_linux, vmm, Host, Outcome,
+};
 
 const MARKER: &str = "VMM-TEST: userspace up";
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn initramfs() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| resource("build-initramfs.sh")).clone()
-}
-
-fn timeout(host: Host) -> Duration {
-    match host {
-        Host::Pvm => Duration::from_secs(900),
-        Host::Hardware => Duration::from_secs(120),
-    }
-}
 
 /// Boots `args`; on PVM, retries once when the emulator fails, saying so.
 fn boot(host: Host, args: &[&str]) -> Outcome {
@@ -40,7 +29,7 @@ fn boot(host: Host, args: &[&str]) -> Outcome {
         cmd.args(args).args(["--log-level", "info"]);
         cmd
     };
-    run_linux(host, make, timeout(host))
+    run_linux(host, make, linux_timeout(host))
 }
 
 /// Sum of the e820 ranges the kernel printed ("BIOS-e820: [mem 0xA-0xB] kind").

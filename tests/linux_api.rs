@@ -7,84 +7,25 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::time::Duration;
 
-use common::{host, kernel, linux_cmdline, resource, vmm, Host, Running};
+use common::{
+    curl, host, initramfs, kernel, linux_cmdline, linux_timeout, tmp_path, vmm, wait_for_socket,
+    Host, Running,
+};
 
 const MARKER: &str = "VMM-TEST: userspace up";
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn initramfs() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| resource("build-initramfs.sh")).clone()
-}
-
-fn timeout(host: Host) -> Duration {
-    match host {
-        Host::Pvm => Duration::from_secs(900),
-        Host::Hardware => Duration::from_secs(120),
-    }
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let _ = std::fs::remove_file(&p);
-    p
-}
-
-fn curl(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "-S",
-            "--max-time",
-            "30",
-            "-X",
-            method,
-            "--unix-socket",
-        ])
-        .arg(sock)
-        .args([
-            "-w",
-            "\n%{http_code}",
-            "-H",
-            "Content-Type: application/json",
-        ])
-        .args(if body.is_empty() {
-            vec![]
-        } else {
-            vec!["-d", body]
-        })
-        .arg(format!("http://localhost{path}"))
-        .output()
-        .expect("curl runs");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
-fn wait_for_socket(sock: &Path, vm: &Running) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !sock.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no API socket: {}",
-            vm.stdout_now()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 /// Configures and starts a guest over the API with Firecracker's getting-started
 /// sequence, and waits for `milestone`; on PVM starts once more if the first
 /// boot died of an emulation failure before it.
 fn api_boot(host: Host, name: &str, milestone: &str, disk: &Path) -> (Running, PathBuf, PathBuf) {
     for attempt in 0..2 {
-        let sock = tmp(&format!("{name}.sock"));
-        let metrics = tmp(&format!("{name}.metrics"));
+        let sock = tmp_path(&format!("{name}.sock"));
+        let metrics = tmp_path(&format!("{name}.metrics"));
         let mut cmd = vmm();
         cmd.arg("--api-sock").arg(&sock).args(["--level", "Info"]);
         let mut vm = Running::start(cmd);
@@ -126,12 +67,12 @@ fn api_boot(host: Host, name: &str, milestone: &str, disk: &Path) -> (Running, P
         ];
         for (method, path, body) in &calls {
             assert_eq!(
-                curl(&sock, method, path, body),
+                curl(&sock, method, path, Some(body)),
                 (204, String::new()),
                 "{method} {path}"
             );
         }
-        if vm.wait_for(milestone, timeout(host)) {
+        if vm.wait_for(milestone, linux_timeout(host)) {
             return (vm, sock, metrics);
         }
         let out = vm.finish(Duration::from_secs(10));
@@ -149,25 +90,25 @@ fn api_boot(host: Host, name: &str, milestone: &str, disk: &Path) -> (Running, P
 fn api_boots_linux_to_user_space_then_a_bigger_drive_metrics_and_ctrl_alt_del() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let host = host();
-    let small = tmp("linux-api-small.img");
+    let small = tmp_path("linux-api-small.img");
     std::fs::write(&small, vec![0u8; 1 << 20]).unwrap();
     let (mut vm, sock, metrics) = api_boot(host, "linux-api", "VMM-TEST: waiting", &small);
     assert!(vm
         .stdout_now()
         .contains("[vda] 2048 512-byte logical blocks"));
-    let (code, body) = curl(&sock, "GET", "/", "");
+    let (code, body) = curl(&sock, "GET", "/", None);
     assert_eq!(code, 200);
     assert!(body.contains(r#""state":"Running""#), "{body}");
 
     // A bigger image on the running guest: the kernel sees the new capacity.
-    let big = tmp("linux-api-big.img");
+    let big = tmp_path("linux-api-big.img");
     std::fs::write(&big, vec![0u8; 4 << 20]).unwrap();
     let patch = format!(
         r#"{{"drive_id": "data", "path_on_host": "{}"}}"#,
         big.display()
     );
     assert_eq!(
-        curl(&sock, "PATCH", "/drives/data", &patch),
+        curl(&sock, "PATCH", "/drives/data", Some(&patch)),
         (204, String::new())
     );
     assert!(
@@ -177,12 +118,15 @@ fn api_boots_linux_to_user_space_then_a_bigger_drive_metrics_and_ctrl_alt_del() 
         ),
         "the guest did not see the new capacity"
     );
-    let (_, cfg) = curl(&sock, "GET", "/vm/config", "");
+    let (_, cfg) = curl(&sock, "GET", "/vm/config", None);
     assert!(cfg.contains("linux-api-big.img"), "{cfg}");
 
     // Metrics: the kernel read the disk (partition scan), the drive was updated.
     let flush = r#"{"action_type": "FlushMetrics"}"#;
-    assert_eq!(curl(&sock, "PUT", "/actions", flush), (204, String::new()));
+    assert_eq!(
+        curl(&sock, "PUT", "/actions", Some(flush)),
+        (204, String::new())
+    );
     let text = std::fs::read_to_string(&metrics).unwrap();
     let sum = |group: &str, key: &str| -> u64 {
         text.lines()
@@ -202,8 +146,11 @@ fn api_boots_linux_to_user_space_then_a_bigger_drive_metrics_and_ctrl_alt_del() 
 
     // Ctrl-Alt-Del: the kernel restarts (reboot=k), the VMM exits 0.
     let cad = r#"{"action_type": "SendCtrlAltDel"}"#;
-    assert_eq!(curl(&sock, "PUT", "/actions", cad), (204, String::new()));
-    let out = vm.finish(timeout(host));
+    assert_eq!(
+        curl(&sock, "PUT", "/actions", Some(cad)),
+        (204, String::new())
+    );
+    let out = vm.finish(linux_timeout(host));
     out.assert_console(&[MARKER, "reboot: Restarting system"]);
     assert_eq!(out.code, Some(0), "stderr: {}", out.stderr);
     assert!(out.stderr.contains("guest ended: Reset"), "{}", out.stderr);
@@ -214,7 +161,7 @@ fn api_boots_linux_to_user_space_then_a_bigger_drive_metrics_and_ctrl_alt_del() 
 fn config_file_boots_linux_to_user_space_with_and_without_the_api() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let host = host();
-    let cfg = tmp("linux-config.json");
+    let cfg = tmp_path("linux-config.json");
     std::fs::write(
         &cfg,
         format!(
@@ -236,7 +183,7 @@ fn config_file_boots_linux_to_user_space_with_and_without_the_api() {
     for with_api in [false, true] {
         let mut out = None;
         for attempt in 0..2 {
-            let sock = tmp("linux-config.sock");
+            let sock = tmp_path("linux-config.sock");
             let mut cmd = vmm();
             cmd.arg("--config-file").arg(&cfg);
             if with_api {
@@ -247,11 +194,11 @@ fn config_file_boots_linux_to_user_space_with_and_without_the_api() {
             let vm = Running::start(cmd);
             if with_api {
                 wait_for_socket(&sock, &vm);
-                let (code, body) = curl(&sock, "GET", "/", "");
+                let (code, body) = curl(&sock, "GET", "/", None);
                 assert_eq!(code, 200);
                 assert!(body.contains(r#""state":"Running""#), "{body}");
             }
-            let o = vm.finish(timeout(host));
+            let o = vm.finish(linux_timeout(host));
             if attempt == 0 && o.pvm_emulation_failure(host) {
                 eprintln!("PVM emulation failure, retrying once: {}", o.stderr.trim());
                 continue;

@@ -49,7 +49,8 @@ def guest_kernel():
 
 
 def is_vcpu_thread(comm):
-    return comm.startswith("vcpu") or comm.startswith("CPU ")  # vmm: vcpuN, QEMU: "CPU 0/KVM"
+    # vmm and Firecracker: "fc_vcpu N" (vmm before the API: vcpuN), QEMU: "CPU 0/KVM"
+    return comm.startswith(("fc_vcpu", "vcpu", "CPU "))
 
 
 def cpu_ns(pid, vcpu=False):

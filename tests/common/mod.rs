@@ -66,6 +66,68 @@ pub fn resource(script: &str) -> PathBuf {
     )
 }
 
+/// The project's busybox initramfs, built once.
+pub fn initramfs() -> PathBuf {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| resource("build-initramfs.sh")).clone()
+}
+
+/// How long a Linux boot may take on `host`.
+pub fn linux_timeout(host: Host) -> Duration {
+    match host {
+        Host::Pvm => Duration::from_secs(900),
+        Host::Hardware => Duration::from_secs(120),
+    }
+}
+
+/// A path in the test's scratch directory, removed if it exists.
+pub fn tmp_path(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// One HTTP exchange with curl over the API socket: (status, body).
+pub fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut c = Command::new("curl");
+    c.args(["-s", "-S", "--max-time", "30", "-X", method])
+        .arg("--unix-socket")
+        .arg(sock)
+        .args([
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "Content-Type: application/json",
+        ]);
+    if let Some(b) = body {
+        c.args(["-d", b]);
+    }
+    c.arg(format!("http://localhost{path}"));
+    let out = c.output().expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let code = code.trim().parse().unwrap_or_else(|_| {
+        panic!(
+            "curl {method} {path}: no status: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (code, body.to_string())
+}
+
+/// Waits until the VMM's API socket exists.
+pub fn wait_for_socket(sock: &Path, vm: &Running) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no API socket: {}",
+            vm.stdout_now()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// The project's guest kernel image `name` (vmlinux or bzImage), built once.
 pub fn kernel(name: &str) -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
