@@ -128,9 +128,14 @@ fn main() {
             }
         }
     });
+    // A last metrics line, with the devices' counters, then every vCPU thread
+    // is stopped and joined.
     if let Some(sink) = &mut controller.metrics {
-        let _ = sink.flush(None);
+        if let Err(e) = sink.flush(vmm.devices()) {
+            log::warn!("{e}");
+        }
     }
+    vmm.shutdown();
     if let Some((thread, _)) = api {
         thread.stop();
     }

@@ -147,8 +147,10 @@ impl EventLoop {
 }
 
 /// Runs the event loop until the VM must end, calling `between` after each
-/// round of events (where the embedder serves its requests), then shuts the VM
-/// down (every vCPU thread joined) and returns how it ended.
+/// round of events (where the embedder serves its requests), and returns how
+/// it ended. The VM still exists (its devices can be read, e.g. for a last
+/// metrics line): the caller shuts it down with [`Vmm::shutdown`] (dropping
+/// the Vmm does too).
 pub fn run(
     vmm: &mut Vmm,
     el: &mut EventLoop,
@@ -162,7 +164,6 @@ pub fn run(
         }
         between(vmm, el);
     }
-    vmm.shutdown();
     result?;
     match vmm.exit_signal().outcome() {
         Some(Ok(exit)) => Ok(exit),
@@ -190,7 +191,9 @@ impl MicroVm {
         );
         vmm.start_built(self, &mut el)
             .map_err(|e| Error::Start(Box::new(e)))?;
-        run(&mut vmm, &mut el, |_, _| {})
+        let result = run(&mut vmm, &mut el, |_, _| {});
+        vmm.shutdown();
+        result
     }
 }
 
