@@ -109,6 +109,16 @@ pub fn build(
         .as_ref()
         .ok_or(crate::config::Error::NoBootSource)?;
     let machine = &config.machine_config;
+    if machine.smt {
+        log::warn!(
+            "machine-config smt is stored but not enforced: the guest sees one thread per core"
+        );
+    }
+    if machine.track_dirty_pages {
+        log::warn!(
+            "machine-config track_dirty_pages is stored but not enforced yet (no diff snapshots)"
+        );
+    }
     // Validated: 1..=MAX_CPUS.
     let cpus = machine.vcpu_count as u32;
     let vm = vm::Vm::new()?;

@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::bootparam::setup_header;
@@ -38,6 +39,9 @@ pub enum Error {
     /// The path is a directory.
     #[error("The {what} '{path}' is a directory; give the path of a file.")]
     Directory { what: &'static str, path: PathBuf },
+    /// Not a regular file (a FIFO, a device, a socket).
+    #[error("The {what} '{path}' is not a regular file; give the path of a file.")]
+    NotAFile { what: &'static str, path: PathBuf },
     /// The file is empty.
     #[error("The {what} '{path}' is empty; give a non-empty file.")]
     Empty { what: &'static str, path: PathBuf },
@@ -98,10 +102,22 @@ fn open_file(what: &'static str, path: &Path) -> Result<(File, u64), Error> {
         path: path.to_path_buf(),
         err,
     };
-    let file = File::open(path).map_err(open_err)?;
+    // Non-blocking open: a FIFO given as a kernel must not stall the VMM
+    // thread waiting for a writer.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(open_err)?;
     let meta = file.metadata().map_err(open_err)?;
     if meta.is_dir() {
         return Err(Error::Directory {
+            what,
+            path: path.to_path_buf(),
+        });
+    }
+    if !meta.is_file() {
+        return Err(Error::NotAFile {
             what,
             path: path.to_path_buf(),
         });

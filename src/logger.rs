@@ -95,7 +95,7 @@ impl Log for VmmLogger {
             record.args()
         );
         if let Some(f) = state.file.as_mut() {
-            if f.write_all(line.as_bytes()).is_err() {
+            if write_line(f, line.as_bytes()).is_err() {
                 METRICS.logger.missed_log_count.inc();
             }
         }
@@ -158,6 +158,37 @@ pub fn open_sink(path: &Path) -> std::io::Result<File> {
         .create(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
+}
+
+/// Writes one whole line to a log or metrics sink opened by [`open_sink`]. A
+/// line nothing of which fits now (a full pipe) is dropped whole; once part
+/// of it is written, the rest is waited for (at most 200 ms), so a reader
+/// never sees half a line followed by the next one.
+pub fn write_line(file: &mut File, line: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
+    let mut done = 0;
+    while done < line.len() {
+        match file.write(&line[done..]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if done == 0 || std::time::Instant::now() >= deadline {
+                    return Err(e);
+                }
+                let mut pfd = libc::pollfd {
+                    fd: file.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: poll reads and writes one pollfd, which `pfd` is.
+                unsafe { libc::poll(&mut pfd, 1, 10) };
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn open_log(path: &Path) -> Result<File, Error> {

@@ -107,6 +107,11 @@ fn main() {
     vmm.set_boot_timer(cli.boot_timer);
     if boot.is_some() {
         if let Err(e) = vmm.start(&mut el) {
+            // The API socket goes away with the process.
+            if let Some((thread, endpoint)) = api {
+                drop(endpoint);
+                thread.stop();
+            }
             drop(raw);
             match e {
                 vmm::vmm::Error::Build(e) if e.is_usage_error() => usage_exit(e),
@@ -128,6 +133,12 @@ fn main() {
             }
         }
     });
+    // No request is served any more: one waiting (or arriving) now is answered
+    // "shutting down" as its channel closes, and the API thread can stop.
+    if let Some((thread, endpoint)) = api {
+        drop(endpoint);
+        thread.stop();
+    }
     // A last metrics line, with the devices' counters, then every vCPU thread
     // is stopped and joined.
     if let Some(sink) = &mut controller.metrics {
@@ -136,9 +147,6 @@ fn main() {
         }
     }
     vmm.shutdown();
-    if let Some((thread, _)) = api {
-        thread.stop();
-    }
     drop(raw);
     match result {
         Ok(exit) => {

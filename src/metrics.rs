@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -332,7 +331,7 @@ impl MetricsSink {
         let line = self.line(devices);
         let mut text = line.to_string();
         text.push('\n');
-        self.file.write_all(text.as_bytes()).map_err(|e| {
+        crate::logger::write_line(&mut self.file, text.as_bytes()).map_err(|e| {
             METRICS.logger.missed_metrics_count.inc();
             METRICS.logger.metrics_fails.inc();
             Error::Write(e)

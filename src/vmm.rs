@@ -5,7 +5,7 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_memory::GuestMemoryMmap;
@@ -111,6 +111,19 @@ pub enum Error {
     Devices(#[from] crate::device_manager::Error),
 }
 
+/// The console output, shared so that a failed start does not lose it.
+#[derive(Clone)]
+struct SharedWriter(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
+}
+
 /// A started VM's parts.
 struct Started {
     // Dropped last: the VM fd outlives the vCPU threads and devices.
@@ -126,7 +139,7 @@ pub struct Vmm {
     config: VmConfig,
     exit: Arc<ExitSignal>,
     started_at: Instant,
-    serial_out: Option<Box<dyn Write + Send>>,
+    serial_out: SharedWriter,
     devices_paused: Arc<AtomicBool>,
     boot_timer: bool,
     started: Option<Started>,
@@ -146,7 +159,7 @@ impl Vmm {
             config,
             exit,
             started_at,
-            serial_out: Some(serial_out),
+            serial_out: SharedWriter(Arc::new(Mutex::new(serial_out))),
             devices_paused: Arc::new(AtomicBool::new(false)),
             boot_timer: false,
             started: None,
@@ -202,10 +215,8 @@ impl Vmm {
     /// Builds the VM from its configuration and starts it.
     pub fn start(&mut self, el: &mut EventLoop) -> Result<(), Error> {
         self.check(Action::Start)?;
-        let out = self
-            .serial_out
-            .take()
-            .unwrap_or_else(|| Box::new(std::io::sink()));
+        // A clone: a start that fails keeps the console for the next one.
+        let out = Box::new(self.serial_out.clone());
         let built = builder::build(&self.config, out, self.exit.clone(), self.started_at)?;
         self.start_built(built, el)
     }
@@ -259,11 +270,16 @@ impl Vmm {
     }
 
     /// Pauses every vCPU (acknowledged once each is out of KVM_RUN) and stops
-    /// device queue processing.
+    /// device queue processing. If a vCPU does not answer, the VM is resumed
+    /// and stays Running, and the error says which vCPU.
     pub fn pause(&mut self) -> Result<(), Error> {
         let to = self.check(Action::Pause)?;
         self.devices_paused.store(true, Ordering::SeqCst);
-        self.signal_vcpus(VcpuEvent::Pause, VcpuResponse::Paused)?;
+        if let Err(e) = self.signal_vcpus(VcpuEvent::Pause, VcpuResponse::Paused) {
+            let _ = self.signal_vcpus(VcpuEvent::Resume, VcpuResponse::Resumed);
+            self.resume_devices();
+            return Err(e);
+        }
         self.state = to;
         Ok(())
     }
@@ -272,10 +288,16 @@ impl Vmm {
     pub fn resume(&mut self) -> Result<(), Error> {
         let to = self.check(Action::Resume)?;
         self.signal_vcpus(VcpuEvent::Resume, VcpuResponse::Resumed)?;
+        self.resume_devices();
+        self.state = to;
+        Ok(())
+    }
+
+    /// Lets devices serve their queues again, and looks at every queue once:
+    /// notifications that arrived while paused were only noted.
+    fn resume_devices(&self) {
         self.devices_paused.store(false, Ordering::SeqCst);
         if let Some(s) = &self.started {
-            // Notifications that arrived while paused were only noted: look at
-            // every queue once.
             for entry in &s.devices.virtio {
                 let t = entry.transport.lock().unwrap_or_else(|e| e.into_inner());
                 for evt in t.queue_evts() {
@@ -283,24 +305,27 @@ impl Vmm {
                 }
             }
         }
-        self.state = to;
-        Ok(())
     }
 
+    /// Sends `event` to every vCPU and collects every answer (a late answer
+    /// to an earlier event is discarded first); the first vCPU that did not
+    /// answer `want` is the error.
     fn signal_vcpus(&mut self, event: VcpuEvent, want: VcpuResponse) -> Result<(), Error> {
         let Some(s) = &self.started else {
             return Ok(());
         };
         for v in &s.vcpus {
+            v.discard_stale_responses();
             v.send(event);
         }
+        let mut result = Ok(());
         for v in &s.vcpus {
-            match v.response(VCPU_RESPONSE_TIMEOUT) {
-                Some(r) if r == want => {}
-                _ => return Err(Error::VcpuTimeout(v.index())),
+            let ok = v.response(VCPU_RESPONSE_TIMEOUT) == Some(want);
+            if !ok && result.is_ok() {
+                result = Err(Error::VcpuTimeout(v.index()));
             }
         }
-        Ok(())
+        result
     }
 
     /// Presses Ctrl-Alt-Del on the guest's keyboard.

@@ -758,3 +758,213 @@ fn the_socket_answers_within_milliseconds_of_appearing() {
     assert!(answered < Duration::from_millis(500), "{answered:?}");
     drop(vm);
 }
+
+#[test]
+fn the_vmm_exits_while_clients_keep_calling_and_removes_its_socket() {
+    let (mut vm, sock) = api_vmm(
+        "api-busy-exit",
+        &["--kernel", guest("counter").to_str().unwrap()],
+    );
+    assert!(vm.wait_for("VMM-GUEST: count 0000000000000001", TIMEOUT));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let (sock, stop) = (sock.clone(), stop.clone());
+            std::thread::spawn(move || {
+                // Keep-alive connections, reopened whenever the VMM drops one;
+                // once the socket is gone there is nothing to call.
+                let mut calls = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let Ok(mut s) = UnixStream::connect(&sock) else {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    };
+                    s.set_read_timeout(Some(Duration::from_millis(500)))
+                        .unwrap();
+                    let mut buf = [0u8; 4096];
+                    while s.write_all(b"GET / HTTP/1.1\r\n\r\n").is_ok()
+                        && matches!(s.read(&mut buf), Ok(n) if n > 0)
+                    {
+                        calls += 1;
+                    }
+                }
+                calls
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    vm.signal(libc::SIGTERM);
+    let out = vm.finish(TIMEOUT);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let calls: u32 = callers.into_iter().map(|c| c.join().unwrap()).sum();
+    assert!(
+        calls > 10,
+        "the clients were served before the stop ({calls} calls)"
+    );
+    eprintln!("asserting: exit 143 within {TIMEOUT:?} under a stream of API calls, socket removed");
+    assert_eq!(out.code, Some(128 + libc::SIGTERM), "{}", out.stderr);
+    assert!(!sock.exists(), "the API socket is removed at exit");
+}
+
+#[test]
+fn a_failed_instance_start_can_be_retried_and_keeps_the_console() {
+    let (mut vm, sock) = api_vmm("api-retry", &[]);
+    let junk = tmp_path("api-retry-not-a-kernel");
+    std::fs::write(&junk, vec![0x5a; 4096]).unwrap();
+    let boot = |k: &Path| format!(r#"{{"kernel_image_path": "{}"}}"#, k.display());
+    assert_eq!(
+        curl(&sock, "PUT", "/boot-source", Some(&boot(&junk))).0,
+        204
+    );
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_fault(
+        curl(&sock, "PUT", "/actions", Some(start)),
+        "neither an ELF vmlinux nor a bzImage",
+    );
+    assert_eq!(state(&sock), "Not started");
+    assert_eq!(
+        curl(&sock, "PUT", "/boot-source", Some(&boot(&guest("counter")))).0,
+        204
+    );
+    assert_eq!(curl(&sock, "PUT", "/actions", Some(start)).0, 204);
+    assert!(
+        vm.wait_for("VMM-GUEST: count 0000000000000001", TIMEOUT),
+        "no console after a retried start"
+    );
+    vm.signal(libc::SIGTERM);
+    vm.finish(TIMEOUT);
+}
+
+#[test]
+fn a_config_file_that_fails_to_boot_leaves_no_socket_behind() {
+    let cfg = tmp_path("api-fail-config.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}"}},
+                "drives": [{{"drive_id": "d", "path_on_host": "/nonexistent/disk.img", "is_root_device": false}}]}}"#,
+            guest("counter").display()
+        ),
+    )
+    .unwrap();
+    let sock = tmp_path("api-fail-config.sock");
+    let mut cmd = vmm();
+    cmd.arg("--api-sock")
+        .arg(&sock)
+        .arg("--config-file")
+        .arg(&cfg);
+    let out = run(cmd, TIMEOUT);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("/nonexistent/disk.img"),
+        "{}",
+        out.stderr
+    );
+    assert!(!sock.exists(), "the socket is removed on a failed boot");
+}
+
+#[test]
+fn socket_paths_up_to_107_bytes_work_and_longer_ones_are_refused() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("long-socket-dir");
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = dir.to_str().unwrap().len() + 1;
+    assert!(base < 100, "scratch directory path too long for this test");
+    let name = "s".repeat(107 - base);
+    let sock = dir.join(&name);
+    let _ = std::fs::remove_file(&sock);
+    assert_eq!(sock.to_str().unwrap().len(), 107);
+    let mut cmd = vmm();
+    cmd.arg("--api-sock").arg(&sock);
+    let vm = Running::start(cmd);
+    wait_for_socket(&sock, &vm);
+    assert_eq!(state(&sock), "Not started");
+    drop(vm);
+    let too_long = dir.join("s".repeat(108 - base));
+    assert_refused(
+        &["--api-sock", too_long.to_str().unwrap()],
+        "at most 107 bytes",
+    );
+}
+
+#[test]
+fn patch_drive_refuses_a_fifo_without_blocking_and_swaps_a_bigger_image() {
+    let small = tmp_path("api-patch-small.img");
+    std::fs::write(&small, vec![0u8; 4096]).unwrap();
+    let (mut vm, sock) = api_vmm(
+        "api-patch",
+        &[
+            "--kernel",
+            guest("counter").to_str().unwrap(),
+            "--disk",
+            &format!("path={},id=data", small.display()),
+        ],
+    );
+    assert!(vm.wait_for("VMM-GUEST: count 0000000000000001", TIMEOUT));
+    let fifo = tmp_path("api-patch.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let patch = |p: &Path| {
+        format!(
+            r#"{{"drive_id": "data", "path_on_host": "{}"}}"#,
+            p.display()
+        )
+    };
+    assert_fault(
+        curl(&sock, "PATCH", "/drives/data", Some(&patch(&fifo))),
+        "not a regular file or block device",
+    );
+    assert_fault(
+        curl(
+            &sock,
+            "PATCH",
+            "/drives/nope",
+            Some(r#"{"drive_id": "nope", "path_on_host": "/x"}"#),
+        ),
+        "no drive 'nope'",
+    );
+    let big = tmp_path("api-patch-big.img");
+    std::fs::write(&big, vec![0u8; 8192]).unwrap();
+    assert_eq!(
+        curl(&sock, "PATCH", "/drives/data", Some(&patch(&big))),
+        (204, String::new())
+    );
+    // The same image again only rereads its size (it is locked by this VMM).
+    assert_eq!(
+        curl(&sock, "PATCH", "/drives/data", Some(&patch(&big))),
+        (204, String::new())
+    );
+    let (_, cfg) = curl(&sock, "GET", "/vm/config", None);
+    assert_eq!(
+        json(&cfg)["drives"][0]["path_on_host"],
+        big.to_str().unwrap()
+    );
+    assert_eq!(state(&sock), "Running");
+    vm.signal(libc::SIGTERM);
+    assert_eq!(vm.finish(TIMEOUT).code, Some(128 + libc::SIGTERM));
+}
+
+#[test]
+fn a_stop_right_after_start_never_hangs_on_vcpus_waiting_for_sipi() {
+    // The application processors of the counter guest are never started: they
+    // sit in KVM_RUN waiting for SIPI, and only a kick gets them out.
+    for i in 0..10 {
+        let mut cmd = vmm();
+        cmd.args([
+            "--kernel",
+            guest("counter").to_str().unwrap(),
+            "--cpus",
+            "4",
+        ]);
+        let vm = Running::start(cmd);
+        std::thread::sleep(Duration::from_millis(i * 3));
+        vm.signal(libc::SIGTERM);
+        // Exits in time (finish() fails the test otherwise): in an orderly way
+        // (143), or killed by the signal if it came before main() blocked it.
+        let out = vm.finish(TIMEOUT);
+        assert!(
+            out.code == Some(128 + libc::SIGTERM) || out.signal == Some(libc::SIGTERM),
+            "run {i}: {out:?}"
+        );
+    }
+}

@@ -11,7 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::{guest, host, kernel, linux_cmdline, resource, run_linux, start_linux, Host, Running};
+use common::{
+    curl, guest, host, kernel, linux_cmdline, resource, run_linux, start_linux, tmp_path,
+    wait_for_socket, Host, Running,
+};
 
 const HOST_ADDR: &str = "192.168.77.1";
 const GUEST_ADDR: &str = "192.168.77.15";
@@ -385,6 +388,54 @@ fn test_guest_frame_is_captured_byte_exact_and_an_injected_frame_reaches_it() {
             "{group}: {text}"
         );
     }
+}
+
+#[test]
+fn a_vmm_that_joined_the_namespace_without_its_sysfs_attaches_the_tap_over_the_api() {
+    // nsenter joins only the network namespace: /sys is still the host's, as
+    // for a process that called setns(2) (CNI plugins, Kata). The TAP must be
+    // found in the namespace all the same.
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let ns = NetNs::new("setns");
+    let sock = tmp_path("net-setns.sock");
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/var/run/netns/{}", ns.name))
+        .arg(env!("CARGO_BIN_EXE_vmm"))
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::null());
+    let mut vm = Running::start(cmd);
+    wait_for_socket(&sock, &vm);
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}"}}"#,
+        guest("virtio_net").display()
+    );
+    assert_eq!(curl(&sock, "PUT", "/boot-source", Some(&boot)).0, 204);
+    let iface = format!(
+        r#"{{"iface_id": "eth0", "host_dev_name": "{TAP}", "guest_mac": "02:00:00:00:00:42"}}"#
+    );
+    eprintln!("asserting: PUT /network-interfaces finds {TAP} in the namespace, InstanceStart attaches it, the guest sends a frame");
+    assert_eq!(
+        curl(&sock, "PUT", "/network-interfaces/eth0", Some(&iface)),
+        (204, String::new())
+    );
+    let missing = r#"{"iface_id": "eth1", "host_dev_name": "vmmnosuch1"}"#;
+    let (code, body) = curl(&sock, "PUT", "/network-interfaces/eth1", Some(missing));
+    assert_eq!(code, 400);
+    assert!(body.contains("no network interface 'vmmnosuch1'"), "{body}");
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(
+        curl(&sock, "PUT", "/actions", Some(start)),
+        (204, String::new())
+    );
+    assert!(
+        vm.wait_for("VMM-GUEST: frame sent", Duration::from_secs(30)),
+        "{}",
+        vm.stdout_now()
+    );
+    vm.signal(libc::SIGTERM);
+    let out = vm.finish(Duration::from_secs(30));
+    assert_eq!(out.code, Some(128 + libc::SIGTERM), "{}", out.stderr);
 }
 
 impl Drop for NetNs {

@@ -3,9 +3,10 @@
 //! runtime only), its answers (204, 200 + JSON, 400 + `fault_message`) and its
 //! metrics.
 
+use std::os::unix::fs::FileTypeExt;
 use std::time::Instant;
 
-use devices::virtio::block::Block;
+use devices::virtio::block::{open_image, Block, Error as BlockError};
 use serde_json::json;
 
 use super::http::Response;
@@ -142,30 +143,47 @@ impl Controller {
                 c.machine_config = c.machine_config.updated(u.clone());
             }),
             ApiRequest::PutBootSource(b) => {
-                if let Err(e) = std::fs::metadata(&b.kernel_image_path) {
-                    return bad(format!(
-                        "Cannot open the kernel image '{}': {e}; give an existing file.",
-                        b.kernel_image_path.display()
-                    ));
+                for (what, path) in std::iter::once(("kernel image", &b.kernel_image_path))
+                    .chain(b.initrd_path.iter().map(|p| ("initrd", p)))
+                {
+                    match std::fs::metadata(path) {
+                        Err(e) => {
+                            return bad(format!(
+                                "Cannot open the {what} '{}': {e}; give an existing file.",
+                                path.display()
+                            ))
+                        }
+                        Ok(m) if !m.is_file() => {
+                            return bad(format!(
+                                "The {what} '{}' is not a regular file; give the path of a file.",
+                                path.display()
+                            ))
+                        }
+                        Ok(_) => {}
+                    }
                 }
                 configure(vmm, |c| c.boot_source = Some(b.clone()))
             }
             ApiRequest::PutDrive(d) => {
-                if let Err(e) = std::fs::metadata(&d.path_on_host) {
-                    return bad(format!(
-                        "Cannot open the drive image '{}': {e}; give an existing file.",
-                        d.path_on_host.display()
-                    ));
+                match std::fs::metadata(&d.path_on_host) {
+                    Err(e) => {
+                        return bad(format!(
+                            "Cannot open the drive image '{}': {e}; give an existing file.",
+                            d.path_on_host.display()
+                        ))
+                    }
+                    Ok(m) if !m.is_file() && !m.file_type().is_block_device() => {
+                        return bad(BlockError::NotAFile(d.path_on_host.clone()))
+                    }
+                    Ok(_) => {}
                 }
                 configure(vmm, |c| c.upsert_drive(d.clone()))
             }
             ApiRequest::PutNetworkInterface(n) => {
-                let sys = std::path::Path::new("/sys/class/net").join(&n.host_dev_name);
-                if n.host_dev_name.contains('/') || !sys.exists() {
-                    return bad(format!(
-                        "There is no network interface '{}' on the host; create the TAP first (ip tuntap add dev NAME mode tap).",
-                        n.host_dev_name
-                    ));
+                // Attached once to check it (as Firecracker does at this call);
+                // the device attaches it again at InstanceStart.
+                if let Err(e) = devices::virtio::tap::Tap::open(&n.host_dev_name) {
+                    return bad(e);
                 }
                 configure(vmm, |c| c.upsert_interface(n.clone()))
             }
@@ -297,11 +315,25 @@ fn patch_drive(vmm: &mut Vmm, p: &PartialDrive) -> Response {
         else {
             return bad(format!("Drive '{}' has no device.", p.drive_id));
         };
+        // The new image is opened (never blocking) before any lock is taken;
+        // only the swap happens under the device lock.
+        let opened = open_image(path, drive.is_read_only);
         let mut t = entry.transport.lock().unwrap_or_else(|e| e.into_inner());
         let replaced = t.with_device(|d| {
-            d.as_any_mut()
-                .downcast_mut::<Block>()
-                .map(|b| b.replace_image(path))
+            let block = d.as_any_mut().downcast_mut::<Block>()?;
+            Some(match opened {
+                Ok((file, capacity)) => {
+                    block.swap_image(file, capacity);
+                    Ok(())
+                }
+                // The image already served: its (new) size is read again.
+                Err(BlockError::InUse(_)) => match block.refresh_if_same(path) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(BlockError::InUse(path.clone())),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            })
         });
         match replaced {
             None => {

@@ -165,20 +165,39 @@ impl Server {
         // place: the path appears only once connections are accepted (clients
         // poll for it and connect at once), and linking never replaces a path
         // that appeared meanwhile.
-        let mut tmp_name = path.as_os_str().to_os_string();
-        tmp_name.push(format!(".{}.tmp", std::process::id()));
-        let tmp = PathBuf::from(tmp_name);
-        let _ = std::fs::remove_file(&tmp);
-        let listener = UnixListener::bind(&tmp).map_err(bind_error)?;
-        let linked = std::fs::hard_link(&tmp, path);
-        let _ = std::fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                return Err(Error::PathExists(path.to_path_buf()))
-            }
-            Err(e) => return Err(bind_error(e)),
+        if path.as_os_str().len() >= 108 {
+            return Err(bind_error(io::Error::other(
+                "a Unix socket path holds at most 107 bytes; give a shorter path",
+            )));
         }
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let tmp = dir.join(format!(".vmm-{}.sock", std::process::id()));
+        // sun_path holds 107 bytes: a temporary name that does not fit (the
+        // path itself may) falls back to binding in place.
+        let listener = if tmp.as_os_str().len() < 108 {
+            let _ = std::fs::remove_file(&tmp);
+            let listener = UnixListener::bind(&tmp).map_err(bind_error)?;
+            let linked = std::fs::hard_link(&tmp, path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => listener,
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                    return Err(Error::PathExists(path.to_path_buf()))
+                }
+                Err(e) => return Err(bind_error(e)),
+            }
+        } else {
+            match UnixListener::bind(path) {
+                Ok(l) => l,
+                Err(e) if e.kind() == ErrorKind::AddrInUse => {
+                    return Err(Error::PathExists(path.to_path_buf()))
+                }
+                Err(e) => return Err(bind_error(e)),
+            }
+        };
         let meta = path.symlink_metadata().map_err(bind_error)?;
         let server = Server {
             listener,

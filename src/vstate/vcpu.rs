@@ -151,10 +151,23 @@ impl VcpuHandle {
         }
     }
 
-    /// Asks the thread to finish and joins it.
+    /// Drops answers to earlier events that came after their wait ended.
+    pub fn discard_stale_responses(&self) {
+        while self.responses.try_recv().is_ok() {}
+    }
+
+    /// Asks the thread to finish and joins it, kicking it until it has ended
+    /// (a kick that lands before the thread enters KVM_RUN is lost, and a
+    /// vCPU waiting for SIPI would never leave KVM_RUN by itself).
     pub fn finish(mut self) {
         self.send(VcpuEvent::Finish);
         if let Some(t) = self.thread.take() {
+            while !t.is_finished() {
+                // SAFETY: the pthread_t belongs to a thread this handle spawned
+                // and has not joined yet.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+                std::thread::sleep(Duration::from_millis(1));
+            }
             if t.join().is_err() {
                 log::error!("the thread of vCPU {} panicked", self.index);
             }
@@ -268,7 +281,20 @@ impl Vcpu {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|p| p.set(run_ptr));
         let mut first = true;
-        let mut state = VcpuState::Running;
+        // An event sent (and its kick lost) before the pointer was published
+        // is seen here, before the first KVM_RUN.
+        let mut state = match events.try_recv() {
+            Ok(VcpuEvent::Pause) => {
+                let _ = responses.send(VcpuResponse::Paused);
+                VcpuState::Paused
+            }
+            Ok(VcpuEvent::Resume) => {
+                let _ = responses.send(VcpuResponse::Resumed);
+                VcpuState::Running
+            }
+            Ok(VcpuEvent::Finish) | Err(TryRecvError::Disconnected) => VcpuState::Exited,
+            Err(TryRecvError::Empty) => VcpuState::Running,
+        };
         while state != VcpuState::Exited {
             let event = match state {
                 VcpuState::Running => {

@@ -40,6 +40,9 @@ pub enum Error {
     /// The image is a directory.
     #[error("Disk image '{0}' is a directory; give an image file.")]
     Directory(PathBuf),
+    /// The image is neither a regular file nor a block device.
+    #[error("Disk image '{0}' is not a regular file or block device; give an image file.")]
+    NotAFile(PathBuf),
     /// Another process holds the image.
     #[error("Disk image '{0}' is in use by another process (it holds a lock on it); stop that VM or give another image.")]
     InUse(PathBuf),
@@ -100,14 +103,71 @@ enum RequestError {
     Unanswerable,
 }
 
+/// Opens and locks a disk image (see [`Block::open`]); returns it with its
+/// capacity in sectors. Opening never blocks (a FIFO is refused, not waited
+/// on), so a bad path cannot stall the thread that opens it.
+pub fn open_image(path: &Path, read_only: bool) -> Result<(File, u64), Error> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let open_err = |err| Error::Open {
+        path: path.to_path_buf(),
+        err,
+    };
+    if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+        return Err(Error::Directory(path.to_path_buf()));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(open_err)?;
+    let meta = file.metadata().map_err(open_err)?;
+    let kind = meta.file_type();
+    if !kind.is_file() && !kind.is_block_device() {
+        return Err(Error::NotAFile(path.to_path_buf()));
+    }
+    // Back to blocking I/O for the data path.
+    // SAFETY: F_SETFL on a descriptor this function owns; no memory is involved.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, 0) } != 0 {
+        return Err(open_err(std::io::Error::last_os_error()));
+    }
+    let op = if read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    // SAFETY: flock on a descriptor this function owns; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(Error::InUse(path.to_path_buf()));
+        }
+        return Err(open_err(err));
+    }
+    let len = if kind.is_block_device() {
+        let mut f = &file;
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).map_err(open_err)?
+    } else {
+        meta.len()
+    };
+    let capacity = len / SECTOR_SIZE;
+    if capacity == 0 {
+        return Err(Error::TooSmall(path.to_path_buf()));
+    }
+    if !len.is_multiple_of(SECTOR_SIZE) {
+        log::warn!(
+            "disk image '{}' is not a whole number of sectors; its last {} bytes are not visible",
+            path.display(),
+            len % SECTOR_SIZE
+        );
+    }
+    Ok((file, capacity))
+}
+
 impl Block {
     /// Opens `path` (read-only if asked) and locks it against other VMMs: an
     /// exclusive lock for read-write, a shared one for read-only use.
     pub fn open(path: &Path, read_only: bool, id: Option<&str>) -> Result<Self, Error> {
-        let open_err = |err| Error::Open {
-            path: path.to_path_buf(),
-            err,
-        };
         let mut id_bytes = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         if let Some(id) = id {
             if id.len() > id_bytes.len() {
@@ -115,39 +175,7 @@ impl Block {
             }
             id_bytes[..id.len()].copy_from_slice(id.as_bytes());
         }
-        if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
-            return Err(Error::Directory(path.to_path_buf()));
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(open_err)?;
-        let meta = file.metadata().map_err(open_err)?;
-        let op = if read_only {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        };
-        // SAFETY: flock on a descriptor this function owns; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(Error::InUse(path.to_path_buf()));
-            }
-            return Err(open_err(err));
-        }
-        let capacity = meta.len() / SECTOR_SIZE;
-        if capacity == 0 {
-            return Err(Error::TooSmall(path.to_path_buf()));
-        }
-        if !meta.len().is_multiple_of(SECTOR_SIZE) {
-            log::warn!(
-                "disk image '{}' is not a whole number of sectors; its last {} bytes are not visible",
-                path.display(),
-                meta.len() % SECTOR_SIZE
-            );
-        }
+        let (file, capacity) = open_image(path, read_only)?;
         Ok(Block {
             file,
             read_only,
@@ -160,33 +188,40 @@ impl Block {
         })
     }
 
-    /// Serves the image at `path` from now on (opened and locked as the first
-    /// one was; the old one is closed and unlocked). The same file again only
-    /// rereads its size. The caller tells the driver that the capacity changed.
-    pub fn replace_image(&mut self, path: &Path) -> Result<(), Error> {
+    /// Whether the device is read-only (a replacement image is opened the same way).
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Serves `file` (opened and locked with [`open_image`], outside any lock)
+    /// from now on; the old image is closed and unlocked. The caller tells the
+    /// driver that the capacity changed.
+    pub fn swap_image(&mut self, file: File, capacity: u64) {
+        self.file = file;
+        self.capacity = capacity;
+        self.counters.update_count += 1;
+    }
+
+    /// When `path` is the image already served (which [`open_image`] refuses
+    /// as in use), rereads its size and returns true.
+    pub fn refresh_if_same(&mut self, path: &Path) -> Result<bool, Error> {
         use std::os::unix::fs::MetadataExt;
-        let same =
-            |a: &std::fs::Metadata, b: &std::fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
-        let current = self.file.metadata().map_err(|err| Error::Open {
+        let open_err = |err| Error::Open {
             path: path.to_path_buf(),
             err,
-        })?;
-        match std::fs::metadata(path) {
-            Ok(m) if same(&m, &current) => {
-                let capacity = m.len() / SECTOR_SIZE;
-                if capacity == 0 {
-                    return Err(Error::TooSmall(path.to_path_buf()));
-                }
-                self.capacity = capacity;
-            }
-            _ => {
-                let new = Block::open(path, self.read_only, None)?;
-                self.file = new.file;
-                self.capacity = new.capacity;
-            }
+        };
+        let current = self.file.metadata().map_err(open_err)?;
+        let given = std::fs::metadata(path).map_err(open_err)?;
+        if (given.dev(), given.ino()) != (current.dev(), current.ino()) {
+            return Ok(false);
         }
+        let capacity = current.len() / SECTOR_SIZE;
+        if capacity == 0 {
+            return Err(Error::TooSmall(path.to_path_buf()));
+        }
+        self.capacity = capacity;
         self.counters.update_count += 1;
-        Ok(())
+        Ok(true)
     }
 
     /// Capacity in 512-byte sectors.

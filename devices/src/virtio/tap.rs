@@ -5,7 +5,6 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
 
 use virtio_bindings::virtio_net::*;
 
@@ -61,17 +60,15 @@ impl Tap {
         {
             return Err(Error::BadName(name.to_string()));
         }
-        let sys = Path::new("/sys/class/net").join(name);
-        if !sys.exists() {
+        // Looked up through a socket of this process's network namespace, not
+        // sysfs: a jailer's chroot has no /sys, and a process that joined a
+        // namespace with setns(2) still sees the host's sysfs. An interface
+        // that does not exist must not be created by TUNSETIFF below.
+        let cname = std::ffi::CString::new(name).map_err(|_| Error::BadName(name.to_string()))?;
+        // SAFETY: if_nametoindex reads the NUL-terminated string, which lives
+        // until the call returns.
+        if unsafe { libc::if_nametoindex(cname.as_ptr()) } == 0 {
             return Err(Error::Missing(name.to_string()));
-        }
-        // tun_flags exists only for TUN/TAP devices; IFF_TAP tells TAP from TUN.
-        let flags = std::fs::read_to_string(sys.join("tun_flags"))
-            .ok()
-            .and_then(|s| i64::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok());
-        match flags {
-            Some(f) if f & i64::from(IFF_TAP) != 0 => {}
-            _ => return Err(Error::NotTap(name.to_string())),
         }
         let attach = |err| Error::Attach {
             name: name.to_string(),
@@ -92,7 +89,13 @@ impl Tap {
         // SAFETY: TUNSETIFF reads and writes a struct ifreq, which IfReq matches in
         // layout and size (16-byte name, flags, padding to 40 bytes).
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-            return Err(attach(std::io::Error::last_os_error()));
+            let err = std::io::Error::last_os_error();
+            // An existing interface that is not a TAP (a TUN, or not a tun/tap
+            // device at all) is refused with EINVAL.
+            if err.raw_os_error() == Some(libc::EINVAL) {
+                return Err(Error::NotTap(name.to_string()));
+            }
+            return Err(attach(err));
         }
         let hdr_size = NET_HDR_SIZE as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer.
