@@ -21,4 +21,4 @@ if [[ -d /sys/module/kvm_pvm ]]; then
     cmdline+=" noxsave nofsgsbase clearcpuid=cx16,popcnt,xsave,smap,bmi1,bmi2,abm,movbe,fsgsbase,rdrand,rdseed,rdpid,invpcid,aes,pclmulqdq,sha_ni,sse4_2,adx,clflushopt,clwb"
     echo "run-guest: PVM host: the guest kernel runs partly emulated; expect ~2 minutes to a shell." >&2
 fi
-exec ./target/release/vmm --kernel "$kdir/vmlinux" --rootfs "$disk" --memory 256M --cmdline "$cmdline vmm.test=shell" "$@"
+exec ./target/x86_64-unknown-linux-gnu/release/vmm --kernel "$kdir/vmlinux" --rootfs "$disk" --memory 256M --cmdline "$cmdline vmm.test=shell" "$@"

@@ -78,11 +78,17 @@ def time_to_api(binary, tmp):
 
 
 def wait_socket(sock, timeout=10):
+    """Until the API answers (Firecracker's socket file appears before it
+    listens: a connect right then is refused)."""
     deadline = time.monotonic() + timeout
-    while not os.path.exists(sock):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no socket {sock}")
-        time.sleep(0.0005)
+    while True:
+        try:
+            call(sock, "GET", "/machine-config")
+            return
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no API on {sock}")
+            time.sleep(0.0005)
 
 
 def first_byte(p, t0, timeout=10):

@@ -4,7 +4,7 @@ the PVM host needs, QEMU's base command line, test-guest assembly, and the
 import os, re, select, signal, subprocess, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VMM = os.path.join(ROOT, "target/release/vmm")
+VMM = os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/vmm")
 PVM_PARAMS = ("noxsave nofsgsbase clearcpuid=cx16,popcnt,xsave,smap,bmi1,bmi2,abm,movbe,"
               "fsgsbase,rdrand,rdseed,rdpid,invpcid,aes,pclmulqdq,sha_ni,sse4_2,adx,clflushopt,clwb")
 
