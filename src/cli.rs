@@ -57,7 +57,7 @@ pub enum Error {
 
 /// Boots a Linux kernel in a KVM microVM. Speaks Firecracker's API and configuration file.
 #[derive(Parser, Debug, Default)]
-#[command(name = "vmm", version)]
+#[command(name = "vmm", disable_version_flag = true)]
 pub struct Cli {
     // --- Firecracker's process flags -------------------------------------
     /// Path of the Unix socket for the control API (Firecracker's REST API).
@@ -102,6 +102,9 @@ pub struct Cli {
     /// CPU time the parent (jailer) spent, in microseconds.
     #[arg(long, value_name = "US")]
     pub parent_cpu_time_us: Option<u64>,
+    /// Prints the version (first line as Firecracker's, which tools parse) and exits.
+    #[arg(long)]
+    pub version: bool,
     /// Installs no seccomp filters (this VMM installs none yet).
     #[arg(long)]
     pub no_seccomp: bool,
@@ -147,6 +150,17 @@ pub struct Cli {
     #[arg(long, value_name = "LEVEL", env = "VMM_LOG",
           value_parser = clap::builder::PossibleValuesParser::new(["off", "error", "warn", "info", "debug", "trace"]))]
     pub log_level: Option<String>,
+}
+
+/// What `--version` prints. Tools that drive Firecracker (Kata Containers)
+/// read the second word of the first line as the Firecracker version they
+/// talk to: here the API level this VMM implements.
+pub fn version_text() -> String {
+    format!(
+        "Firecracker v{} compatible: vmm {}\n",
+        crate::api::controller::FIRECRACKER_API_VERSION,
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
 /// What the process should do.
@@ -534,6 +548,18 @@ mod tests {
         ] {
             assert_eq!(cli(args).unwrap().plan().unwrap_err(), want, "{args:?}");
         }
+    }
+
+    #[test]
+    fn version_first_line_parses_as_firecracker_s() {
+        let text = version_text();
+        let first = text.lines().next().unwrap();
+        let word = first.split(' ').nth(1).unwrap();
+        assert_eq!(
+            word.trim_start_matches('v'),
+            crate::api::controller::FIRECRACKER_API_VERSION
+        );
+        assert!(first.contains(env!("CARGO_PKG_VERSION")));
     }
 
     #[test]

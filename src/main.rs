@@ -45,6 +45,10 @@ fn main() {
             usage_exit(format_args!("{first}; run 'vmm --help' for usage."));
         }
     };
+    if cli.version {
+        print!("{}", vmm::cli::version_text());
+        std::process::exit(0);
+    }
     let plan = cli.plan().unwrap_or_else(|e| usage_exit(e));
     setup_logger(&cli, plan.boot.as_ref());
     let mut controller = Controller {

@@ -176,3 +176,22 @@ fn bad_network_interfaces_are_refused() {
     );
     assert_usage_error(&["--kernel", k, "--net", "tap=t,mac=zz"], &["mac 'zz'"]);
 }
+
+#[test]
+fn version_prints_a_firecracker_shaped_first_line() {
+    // Kata Containers runs `firecracker --version` and parses the second word.
+    let out = vmm().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let first = text.lines().next().unwrap();
+    let words: Vec<&str> = first.split(' ').collect();
+    assert_eq!(words[0], "Firecracker", "{text}");
+    let v: Vec<u32> = words[1]
+        .trim_start_matches('v')
+        .split('.')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(v.len(), 3, "{text}");
+    assert!(v[0] >= 1, "{text}");
+    assert!(first.contains("vmm"), "{text}");
+}
