@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what building and testing vmm needs on a Debian 12 machine: the
-# packages the guest kernel and initramfs are built from, and binutils for the
-# test guests. Idempotent: installs only what is missing. Needs root (or sudo).
+# packages the guest kernel and initramfs are built from, binutils for the
+# test guests, and the API tests' clients (curl, python3) and nsenter
+# (util-linux). Idempotent: installs only what is missing. Needs root (or sudo).
 set -euo pipefail
 
 PKGS=(linux-source-6.1 busybox-static build-essential bc flex bison libelf-dev libssl-dev
-      cpio xz-utils lz4 e2fsprogs iproute2 dnsmasq-base iputils-ping)
+      cpio xz-utils lz4 e2fsprogs iproute2 dnsmasq-base iputils-ping curl python3 util-linux)
 
 missing=()
 for p in "${PKGS[@]}"; do
