@@ -29,6 +29,7 @@ pub mod loader;
 pub mod logger;
 pub mod metrics;
 pub mod runtime;
+pub mod snapshot;
 pub mod terminal;
 pub mod vmm;
 pub mod vstate;
