@@ -24,6 +24,7 @@ pub mod acpi_pm;
 pub mod boot_timer;
 pub mod bus;
 pub mod legacy;
+pub mod persist;
 pub mod virtio;
 
 /// What a device may ask of the VM as a whole.

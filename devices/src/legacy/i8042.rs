@@ -159,6 +159,43 @@ impl I8042 {
     }
 }
 
+/// The i8042's saved state: its registers and the bytes waiting to be read.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    /// Status register (without the output-full bit, which `output` implies).
+    pub status: u8,
+    /// Controller configuration byte.
+    pub config: u8,
+    /// Bytes in the output buffer, oldest first.
+    pub output: Vec<u8>,
+    /// The command whose parameter byte is expected next.
+    pub awaiting_data_for: Option<u8>,
+}
+
+impl crate::persist::Persist for I8042 {
+    type State = I8042State;
+    type Resources = (Arc<dyn ExitRequester>, Arc<dyn InterruptLine>);
+
+    fn save(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            config: self.config,
+            output: self.output.iter().copied().collect(),
+            awaiting_data_for: self.awaiting_data_for,
+        }
+    }
+
+    fn restore((exit, kbd_irq): Self::Resources, state: &I8042State) -> Self {
+        let mut dev = I8042::new(exit, kbd_irq);
+        dev.status = state.status & !STATUS_OUTPUT_FULL;
+        dev.config = state.config;
+        // A hostile snapshot cannot make the buffer larger than the device's.
+        dev.output = state.output.iter().copied().take(MAX_OUTPUT).collect();
+        dev.awaiting_data_for = state.awaiting_data_for;
+        dev
+    }
+}
+
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
@@ -273,5 +310,23 @@ mod tests {
             .map(|_| read(&mut dev, DATA))
             .collect();
         assert_eq!(got, CTRL_ALT_DEL_SET2);
+    }
+
+    #[test]
+    fn state_round_trips_with_pending_keys_and_a_half_sent_command() {
+        use crate::persist::Persist;
+        let (mut dev, exit) = device();
+        dev.send_ctrl_alt_del();
+        let _ = read(&mut dev, DATA);
+        dev.write(COMMAND, &[CMD_WRITE_CONFIG]);
+        let saved = dev.save();
+        let mut restored = I8042::restore((exit, Arc::new(CountingIrq::default())), &saved);
+        assert_eq!(restored.save(), saved);
+        // The restored controller continues where the saved one was.
+        restored.write(DATA, &[0x41]);
+        assert_eq!(restored.config, 0x41);
+        let rest: Vec<u8> = (0..7).map(|_| read(&mut restored, DATA)).collect();
+        assert_eq!(rest, CTRL_ALT_DEL_SET1[1..]);
+        assert_eq!(read(&mut restored, COMMAND) & STATUS_OUTPUT_FULL, 0);
     }
 }
