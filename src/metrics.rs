@@ -57,9 +57,12 @@ impl Counter {
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
     }
-    fn delta(&self) -> u64 {
+    /// The increase since the last written line; `seen` records the total it
+    /// was computed from, to be marked as written once the line is out.
+    fn delta<'a>(&'a self, seen: &mut Vec<(&'a Counter, u64)>) -> u64 {
         let now = self.total();
-        now.wrapping_sub(self.flushed.swap(now, Ordering::Relaxed))
+        seen.push((self, now));
+        now.wrapping_sub(self.flushed.load(Ordering::Relaxed))
     }
 }
 
@@ -92,15 +95,15 @@ macro_rules! group {
         pub struct $name { $(pub $key: $kind,)* }
         impl $name {
             const fn new() -> Self { $name { $($key: $kind::new(),)* } }
-            fn json(&self) -> Value {
+            fn json<'a>(&'a self, seen: &mut Vec<(&'a Counter, u64)>) -> Value {
                 let mut m = Map::new();
-                $(m.insert(stringify!($key).into(), Value::from(group!(@read self.$key, $kind)));)*
+                $(m.insert(stringify!($key).into(), Value::from(group!(@read self.$key, $kind, seen)));)*
                 Value::Object(m)
             }
         }
     };
-    (@read $e:expr, Counter) => { $e.delta() };
-    (@read $e:expr, Store) => { $e.get() };
+    (@read $e:expr, Counter, $seen:ident) => { $e.delta($seen) };
+    (@read $e:expr, Store, $seen:ident) => {{ let _ = &$seen; $e.get() }};
 }
 
 group!(ApiServerMetrics {
@@ -326,39 +329,53 @@ impl MetricsSink {
         &self.path
     }
 
-    /// Writes one line: every group, counters since the previous line.
+    /// Writes one line: every group, counters since the previous line. A
+    /// line that cannot be written is dropped whole, and its increases are
+    /// reported in the next line instead.
     pub fn flush(&mut self, devices: Option<&DeviceManager>) -> Result<(), Error> {
-        let line = self.line(devices);
+        let mut seen = Vec::new();
+        let mut device_totals = Vec::new();
+        let line = self.line(devices, &mut seen, &mut device_totals);
         let mut text = line.to_string();
         text.push('\n');
         crate::logger::write_line(&mut self.file, text.as_bytes()).map_err(|e| {
             METRICS.logger.missed_metrics_count.inc();
             METRICS.logger.metrics_fails.inc();
             Error::Write(e)
-        })
+        })?;
+        for (counter, total) in seen {
+            counter.flushed.store(total, Ordering::Relaxed);
+        }
+        self.flushed.extend(device_totals);
+        Ok(())
     }
 
-    fn line(&mut self, devices: Option<&DeviceManager>) -> Value {
-        let m = &METRICS;
+    fn line(
+        &self,
+        devices: Option<&DeviceManager>,
+        seen: &mut Vec<(&'static Counter, u64)>,
+        device_totals: &mut Vec<((String, &'static str), u64)>,
+    ) -> Value {
+        let m: &'static Metrics = &METRICS;
         let mut o = Map::new();
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         o.insert("utc_timestamp_ms".into(), now_ms.into());
-        o.insert("api_server".into(), m.api_server.json());
-        o.insert("get_api_requests".into(), m.get_api_requests.json());
-        o.insert("put_api_requests".into(), m.put_api_requests.json());
-        o.insert("patch_api_requests".into(), m.patch_api_requests.json());
-        o.insert("deprecated_api".into(), m.deprecated_api.json());
-        o.insert("logger".into(), m.logger.json());
-        o.insert("latencies_us".into(), m.latencies_us.json());
-        o.insert("mmds".into(), m.mmds.json());
-        o.insert("seccomp".into(), m.seccomp.json());
-        o.insert("signals".into(), m.signals.json());
-        o.insert("vcpu".into(), m.vcpu.json());
-        o.insert("vmm".into(), m.vmm.json());
-        o.insert("uart".into(), m.uart.json());
-        o.insert("i8042".into(), m.i8042.json());
+        o.insert("api_server".into(), m.api_server.json(seen));
+        o.insert("get_api_requests".into(), m.get_api_requests.json(seen));
+        o.insert("put_api_requests".into(), m.put_api_requests.json(seen));
+        o.insert("patch_api_requests".into(), m.patch_api_requests.json(seen));
+        o.insert("deprecated_api".into(), m.deprecated_api.json(seen));
+        o.insert("logger".into(), m.logger.json(seen));
+        o.insert("latencies_us".into(), m.latencies_us.json(seen));
+        o.insert("mmds".into(), m.mmds.json(seen));
+        o.insert("seccomp".into(), m.seccomp.json(seen));
+        o.insert("signals".into(), m.signals.json(seen));
+        o.insert("vcpu".into(), m.vcpu.json(seen));
+        o.insert("vmm".into(), m.vmm.json(seen));
+        o.insert("uart".into(), m.uart.json(seen));
+        o.insert("i8042".into(), m.i8042.json(seen));
         for g in ABSENT_DEVICE_GROUPS {
             o.insert((*g).into(), Value::Object(Map::new()));
         }
@@ -380,7 +397,12 @@ impl MetricsSink {
                 let mut obj = Map::new();
                 for (i, key) in keys.iter().enumerate() {
                     let total = totals.iter().find(|(k, _)| k == key).map_or(0, |(_, v)| *v);
-                    let last = self.flushed.insert((name.clone(), key), total).unwrap_or(0);
+                    let last = self
+                        .flushed
+                        .get(&(name.clone(), *key))
+                        .copied()
+                        .unwrap_or(0);
+                    device_totals.push(((name.clone(), *key), total));
                     let delta = total.wrapping_sub(last);
                     sum[i] += delta;
                     obj.insert((*key).into(), delta.into());
@@ -403,17 +425,54 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counters_report_the_increase_since_the_last_flush() {
+    fn counters_report_the_increase_since_the_last_written_line() {
         let c = Counter::new();
         c.add(5);
-        assert_eq!(c.delta(), 5);
-        assert_eq!(c.delta(), 0);
+        let mut seen = Vec::new();
+        assert_eq!(c.delta(&mut seen), 5);
+        // Not written yet: still 5.
+        assert_eq!(c.delta(&mut seen), 5);
+        for (counter, total) in seen.drain(..) {
+            counter.flushed.store(total, Ordering::Relaxed);
+        }
+        assert_eq!(c.delta(&mut seen), 0);
         c.inc();
-        assert_eq!((c.delta(), c.total()), (1, 6));
+        assert_eq!((c.delta(&mut seen), c.total()), (1, 6));
+    }
+
+    /// Flushing consumes the global counters' increases: one test at a time.
+    static FLUSHES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn a_line_that_cannot_be_written_loses_no_count() {
+        let _one = FLUSHES.lock().unwrap_or_else(|e| e.into_inner());
+        let c = &METRICS.deprecated_api.deprecated_cmd_line_api_calls;
+        c.add(3);
+        let mut full = MetricsSink::open(Path::new("/dev/full")).unwrap();
+        assert!(full.flush(None).is_err());
+        let path = std::env::temp_dir().join(format!("vmm-metrics-lost-{}", std::process::id()));
+        let mut sink = MetricsSink::open(&path).unwrap();
+        sink.flush(None).unwrap();
+        sink.flush(None).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            lines[0]["deprecated_api"]["deprecated_cmd_line_api_calls"],
+            3
+        );
+        assert_eq!(
+            lines[1]["deprecated_api"]["deprecated_cmd_line_api_calls"],
+            0
+        );
     }
 
     #[test]
     fn a_line_has_every_group_even_without_devices() {
+        let _one = FLUSHES.lock().unwrap_or_else(|e| e.into_inner());
         let dir = std::env::temp_dir().join(format!("vmm-metrics-{}", std::process::id()));
         let mut sink = MetricsSink::open(&dir).unwrap();
         METRICS.put_api_requests.drive_count.inc();
