@@ -16,7 +16,9 @@ use crate::device_manager::DeviceManager;
 use crate::exit::{ExitSignal, VmExit};
 use crate::runtime::{self, EventLoop};
 use crate::vstate::vcpu::{self, VcpuContext, VcpuEvent, VcpuHandle, VcpuResponse};
+use crate::vstate::vcpu_state::VcpuState as VcpuStateData;
 use crate::vstate::vm;
+use crate::vstate::vm::VmKvmState;
 
 /// How long a vCPU gets to answer a pause or resume.
 const VCPU_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -130,7 +132,7 @@ struct Started {
     devices: DeviceManager,
     vcpus: Vec<VcpuHandle>,
     _mem: GuestMemoryMmap,
-    _vm: vm::Vm,
+    vm: vm::Vm,
 }
 
 /// One VM and its lifecycle.
@@ -259,7 +261,7 @@ impl Vmm {
             devices,
             vcpus: handles,
             _mem: mem,
-            _vm: vm,
+            vm,
         });
         self.state = VmState::Running;
         if let Err(e) = result {
@@ -316,16 +318,39 @@ impl Vmm {
         };
         for v in &s.vcpus {
             v.discard_stale_responses();
-            v.send(event);
+            v.send(event.clone());
         }
         let mut result = Ok(());
         for v in &s.vcpus {
-            let ok = v.response(VCPU_RESPONSE_TIMEOUT) == Some(want);
+            let ok = matches!(
+                (v.response(VCPU_RESPONSE_TIMEOUT), &want),
+                (Some(VcpuResponse::Paused), VcpuResponse::Paused)
+                    | (Some(VcpuResponse::Resumed), VcpuResponse::Resumed)
+            );
             if !ok && result.is_ok() {
                 result = Err(Error::VcpuTimeout(v.index()));
             }
         }
         result
+    }
+
+    /// Saves every vCPU's KVM state, each on its own thread (the VM must be
+    /// paused), and the VM's (irqchip, PIT, clock). Groundwork for snapshots.
+    pub fn save_kvm_state(&self) -> Result<(VmKvmState, Vec<VcpuStateData>), String> {
+        if self.state != VmState::Paused {
+            return Err("the microVM is not paused; pause it first".into());
+        }
+        let Some(s) = &self.started else {
+            return Err("the microVM is not started".into());
+        };
+        let msrs = Arc::new(s.vm.saveable_msrs().map_err(|e| e.to_string())?);
+        let vcpus = s
+            .vcpus
+            .iter()
+            .map(|v| v.save_state(msrs.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let vm = s.vm.save_state().map_err(|e| e.to_string())?;
+        Ok((vm, vcpus))
     }
 
     /// Presses Ctrl-Alt-Del on the guest's keyboard.

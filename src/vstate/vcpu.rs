@@ -19,6 +19,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use super::vcpu_state::{self, VcpuState as VcpuStateData};
 use crate::arch::x86_64::layout::{I8042_PORT, SERIAL_PORT};
 use crate::arch::x86_64::{cpuid, regs};
 use crate::exit::{CrashKind, CrashReport, ExitSignal, VmExit};
@@ -75,23 +76,28 @@ pub struct VcpuContext {
 }
 
 /// What the VMM thread asks of a vCPU thread.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VcpuEvent {
     /// Leave KVM_RUN and wait.
     Pause,
     /// Run again.
     Resume,
+    /// Save the vCPU's KVM state (answered only while paused), reading the
+    /// MSRs KVM lists as saveable.
+    SaveState(Arc<Vec<u32>>),
     /// Leave the loop for good.
     Finish,
 }
 
 /// A vCPU thread's answer, sent once it is out of KVM_RUN (or back in it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuResponse {
     /// The vCPU is paused: it runs no guest code until resumed.
     Paused,
     /// The vCPU runs again.
     Resumed,
+    /// The saved state, or why it could not be saved.
+    Saved(Box<Result<VcpuStateData, String>>),
 }
 
 /// A vCPU thread's state.
@@ -126,6 +132,16 @@ impl VcpuHandle {
             // SAFETY: the pthread_t belongs to a thread this handle spawned and
             // has not joined (join takes the JoinHandle out first).
             unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        }
+    }
+
+    /// Saves the state of this (paused) vCPU on its own thread.
+    pub fn save_state(&self, msr_indices: Arc<Vec<u32>>) -> Result<VcpuStateData, String> {
+        self.discard_stale_responses();
+        self.send(VcpuEvent::SaveState(msr_indices));
+        match self.response(Duration::from_secs(5)) {
+            Some(VcpuResponse::Saved(r)) => *r,
+            _ => Err(format!("vCPU {} did not answer within 5 s", self.index)),
         }
     }
 
@@ -284,15 +300,8 @@ impl Vcpu {
         // An event sent (and its kick lost) before the pointer was published
         // is seen here, before the first KVM_RUN.
         let mut state = match events.try_recv() {
-            Ok(VcpuEvent::Pause) => {
-                let _ = responses.send(VcpuResponse::Paused);
-                VcpuState::Paused
-            }
-            Ok(VcpuEvent::Resume) => {
-                let _ = responses.send(VcpuResponse::Resumed);
-                VcpuState::Running
-            }
-            Ok(VcpuEvent::Finish) | Err(TryRecvError::Disconnected) => VcpuState::Exited,
+            Ok(e) => self.handle_event(e, VcpuState::Running, responses),
+            Err(TryRecvError::Disconnected) => VcpuState::Exited,
             Err(TryRecvError::Empty) => VcpuState::Running,
         };
         while state != VcpuState::Exited {
@@ -321,19 +330,52 @@ impl Vcpu {
                 VcpuState::Paused => events.recv().unwrap_or(VcpuEvent::Finish),
                 VcpuState::Exited => VcpuEvent::Finish,
             };
-            state = match event {
-                VcpuEvent::Pause => {
-                    let _ = responses.send(VcpuResponse::Paused);
-                    VcpuState::Paused
-                }
-                VcpuEvent::Resume => {
-                    let _ = responses.send(VcpuResponse::Resumed);
-                    VcpuState::Running
-                }
-                VcpuEvent::Finish => VcpuState::Exited,
-            };
+            state = self.handle_event(event, state, responses);
         }
         KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+    }
+
+    /// Applies one event in `state`; returns the next state.
+    fn handle_event(
+        &self,
+        event: VcpuEvent,
+        state: VcpuState,
+        responses: &Sender<VcpuResponse>,
+    ) -> VcpuState {
+        match event {
+            VcpuEvent::Pause => {
+                let _ = responses.send(VcpuResponse::Paused);
+                VcpuState::Paused
+            }
+            VcpuEvent::Resume => {
+                let _ = responses.send(VcpuResponse::Resumed);
+                VcpuState::Running
+            }
+            VcpuEvent::SaveState(msrs) => {
+                let saved = if state == VcpuState::Paused {
+                    vcpu_state::save(&self.fd, self.index, &msrs).map_err(|e| e.to_string())
+                } else {
+                    Err(format!(
+                        "vCPU {} is not paused; pause the VM first",
+                        self.index
+                    ))
+                };
+                let _ = responses.send(VcpuResponse::Saved(Box::new(saved)));
+                state
+            }
+            VcpuEvent::Finish => VcpuState::Exited,
+        }
+    }
+
+    /// Saves the state of this vCPU, which is not running (not started yet):
+    /// on the calling thread.
+    pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuStateData, vcpu_state::Error> {
+        vcpu_state::save(&self.fd, self.index, msr_indices)
+    }
+
+    /// Restores a saved state into this (fresh, not yet started) vCPU.
+    pub fn restore_state(&self, state: &VcpuStateData) -> Result<(), vcpu_state::Error> {
+        vcpu_state::restore(&self.fd, state)
     }
 
     fn run_once(&mut self, ctx: &VcpuContext) -> Step {

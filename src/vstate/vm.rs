@@ -1,8 +1,9 @@
 //! The KVM VM: its file descriptor, memory slots, in-kernel interrupt controllers.
 
 use kvm_bindings::{
-    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, CpuId,
-    KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_enable_cap, kvm_irqchip, kvm_pit_config, kvm_pit_state2,
+    kvm_userspace_memory_region, CpuId, KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -34,6 +35,21 @@ pub enum Error {
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |err| Error::Kvm { what, err }
+}
+
+/// The VM-wide KVM state of a snapshot.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct VmKvmState {
+    /// The master 8259 PIC.
+    pub pic_master: kvm_irqchip,
+    /// The slave 8259 PIC.
+    pub pic_slave: kvm_irqchip,
+    /// The IOAPIC.
+    pub ioapic: kvm_irqchip,
+    /// The PIT's channels.
+    pub pit: kvm_pit_state2,
+    /// The kvmclock.
+    pub clock: kvm_clock_data,
 }
 
 /// A VM with its in-kernel irqchip (PIC, IOAPIC, local APICs) and PIT.
@@ -150,6 +166,59 @@ impl Vm {
         self.fd
             .create_vcpu(index as u64)
             .map_err(kvm_err("create a vCPU"))
+    }
+
+    /// The MSRs KVM lists as saveable for this VM's vCPUs.
+    pub fn saveable_msrs(&self) -> Result<Vec<u32>, Error> {
+        let list = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("list its saveable MSRs"))?;
+        Ok(list.as_slice().to_vec())
+    }
+
+    /// Saves the in-kernel irqchip (both PICs, the IOAPIC), the PIT and the
+    /// kvmclock.
+    pub fn save_state(&self) -> Result<VmKvmState, Error> {
+        let chip = |id| {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(kvm_err("read the interrupt controllers"))?;
+            Ok::<_, Error>(c)
+        };
+        Ok(VmKvmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(kvm_err("read the PIT"))?,
+            clock: self.fd.get_clock().map_err(kvm_err("read the kvmclock"))?,
+        })
+    }
+
+    /// Restores a saved irqchip, PIT and kvmclock (after `setup_irqchip`).
+    pub fn restore_state(&self, state: &VmKvmState) -> Result<(), Error> {
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(kvm_err("set the interrupt controllers"))?;
+        }
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(kvm_err("set the PIT"))?;
+        // The clock continues from the saved value; KVM ignores flags it
+        // does not know.
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            flags: 0,
+            ..Default::default()
+        };
+        self.fd
+            .set_clock(&clock)
+            .map_err(kvm_err("set the kvmclock"))
     }
 
     /// The VM file descriptor (for device set-up such as ioeventfds).

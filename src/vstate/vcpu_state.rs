@@ -1,0 +1,201 @@
+//! A vCPU's complete KVM state, saved and restored for snapshots (groundwork
+//! for issue 9): registers, special registers, XSAVE area and XCRs, debug
+//! registers, LAPIC, every MSR KVM lists as saveable, MP state, pending
+//! events, CPUID and TSC frequency. Where this host's KVM cannot read a piece,
+//! the state says so by name (`unavailable`) instead of carrying a made-up
+//! value.
+
+use kvm_bindings::{
+    kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
+};
+use kvm_ioctls::VcpuFd;
+use serde::{Deserialize, Serialize};
+
+/// Errors saving or restoring vCPU state.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A KVM ioctl the state cannot do without failed.
+    #[error("KVM could not {what} of vCPU {cpu}: {err}.")]
+    Kvm {
+        what: &'static str,
+        cpu: u32,
+        #[source]
+        err: kvm_ioctls::Error,
+    },
+    /// KVM set fewer MSRs than the state holds.
+    #[error(
+        "KVM restored only {set} of {want} MSRs of vCPU {cpu}; the first refused is {first:#x}."
+    )]
+    Msrs {
+        cpu: u32,
+        set: usize,
+        want: usize,
+        first: u32,
+    },
+    /// The MSR list is too long for one KVM call.
+    #[error("KVM lists {0} saveable MSRs, more than the {KVM_MAX_MSR_ENTRIES} one call can hold.")]
+    TooManyMsrs(usize),
+}
+
+/// Everything KVM holds about one vCPU.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// The vCPU's index.
+    pub index: u32,
+    /// CPUID as the guest sees it.
+    pub cpuid: CpuId,
+    /// Every saveable MSR KVM could read, with its value.
+    pub msrs: Msrs,
+    /// General-purpose registers.
+    pub regs: kvm_regs,
+    /// Segment, control and descriptor-table registers.
+    pub sregs: kvm_sregs,
+    /// FPU, SSE and AVX state (the legacy 4 KiB XSAVE area).
+    pub xsave: Option<kvm_xsave>,
+    /// Extended control registers (XCR0).
+    pub xcrs: Option<kvm_xcrs>,
+    /// Debug registers.
+    pub debug_regs: kvm_debugregs,
+    /// The local APIC's registers.
+    pub lapic: kvm_lapic_state,
+    /// Runnable, halted, waiting for SIPI...
+    pub mp_state: kvm_mp_state,
+    /// Pending exceptions, interrupts, NMIs and SMIs.
+    pub vcpu_events: kvm_vcpu_events,
+    /// The TSC frequency the guest was running with, in kHz.
+    pub tsc_khz: Option<u32>,
+    /// Pieces this host's KVM could not read, by name.
+    pub unavailable: Vec<String>,
+}
+
+fn kvm_err(what: &'static str, cpu: u32) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |err| Error::Kvm { what, cpu, err }
+}
+
+/// Reads the MSRs of `indices` that this vCPU can read; KVM stops a batch at
+/// the first one it refuses, which is then left out.
+fn read_msrs(fd: &VcpuFd, cpu: u32, indices: &[u32]) -> Result<Msrs, Error> {
+    if indices.len() > KVM_MAX_MSR_ENTRIES {
+        return Err(Error::TooManyMsrs(indices.len()));
+    }
+    let mut readable = Vec::with_capacity(indices.len());
+    let mut rest = indices;
+    while !rest.is_empty() {
+        let entries: Vec<kvm_bindings::kvm_msr_entry> = rest
+            .iter()
+            .map(|&index| kvm_bindings::kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| Error::TooManyMsrs(rest.len()))?;
+        let n = fd
+            .get_msrs(&mut msrs)
+            .map_err(kvm_err("read the MSRs", cpu))?;
+        readable.extend_from_slice(&msrs.as_slice()[..n]);
+        // Entry n (if any) was refused: skip it.
+        rest = rest.get(n + 1..).unwrap_or(&[]);
+    }
+    Msrs::from_entries(&readable).map_err(|_| Error::TooManyMsrs(readable.len()))
+}
+
+/// Saves vCPU `cpu`'s state; `msr_indices` are the MSRs KVM lists as saveable.
+/// Must run while the vCPU is out of KVM_RUN (paused, on its own thread).
+pub fn save(fd: &VcpuFd, cpu: u32, msr_indices: &[u32]) -> Result<VcpuState, Error> {
+    let mut unavailable = Vec::new();
+    // MP state first: reading it makes KVM settle pending APIC events.
+    let mp_state = fd
+        .get_mp_state()
+        .map_err(kvm_err("read the MP state", cpu))?;
+    let regs = fd.get_regs().map_err(kvm_err("read the registers", cpu))?;
+    let sregs = fd
+        .get_sregs()
+        .map_err(kvm_err("read the special registers", cpu))?;
+    let xsave = fd.get_xsave().ok();
+    if xsave.is_none() {
+        unavailable.push("xsave".to_string());
+    }
+    let xcrs = fd.get_xcrs().ok();
+    if xcrs.is_none() {
+        unavailable.push("xcrs".to_string());
+    }
+    let debug_regs = fd
+        .get_debug_regs()
+        .map_err(kvm_err("read the debug registers", cpu))?;
+    let lapic = fd.get_lapic().map_err(kvm_err("read the LAPIC", cpu))?;
+    let msrs = read_msrs(fd, cpu, msr_indices)?;
+    let vcpu_events = fd
+        .get_vcpu_events()
+        .map_err(kvm_err("read the pending events", cpu))?;
+    let cpuid = fd
+        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("read the CPUID", cpu))?;
+    let tsc_khz = fd.get_tsc_khz().ok();
+    if tsc_khz.is_none() {
+        unavailable.push("tsc_khz".to_string());
+    }
+    Ok(VcpuState {
+        index: cpu,
+        cpuid,
+        msrs,
+        regs,
+        sregs,
+        xsave,
+        xcrs,
+        debug_regs,
+        lapic,
+        mp_state,
+        vcpu_events,
+        tsc_khz,
+        unavailable,
+    })
+}
+
+/// Restores `state` into a fresh vCPU, in the order KVM needs: CPUID before
+/// anything that depends on it, the MP state before the registers, the LAPIC
+/// before the MSRs (the TSC deadline timer), the events last.
+pub fn restore(fd: &VcpuFd, state: &VcpuState) -> Result<(), Error> {
+    let cpu = state.index;
+    fd.set_cpuid2(&state.cpuid)
+        .map_err(kvm_err("set the CPUID", cpu))?;
+    if let Some(khz) = state.tsc_khz {
+        // Best effort: a host whose TSC cannot be scaled keeps its own rate.
+        if let Err(e) = fd.set_tsc_khz(khz) {
+            log::warn!("vCPU {cpu}: cannot set the TSC frequency to {khz} kHz: {e}");
+        }
+    }
+    fd.set_mp_state(state.mp_state)
+        .map_err(kvm_err("set the MP state", cpu))?;
+    fd.set_regs(&state.regs)
+        .map_err(kvm_err("set the registers", cpu))?;
+    fd.set_sregs(&state.sregs)
+        .map_err(kvm_err("set the special registers", cpu))?;
+    if let Some(xsave) = &state.xsave {
+        // SAFETY: the VMM never enables KVM_CAP_XSAVE2, so KVM reads exactly
+        // the 4 KiB legacy area that `kvm_xsave` is.
+        unsafe { fd.set_xsave(xsave) }.map_err(kvm_err("set the XSAVE area", cpu))?;
+    }
+    if let Some(xcrs) = &state.xcrs {
+        fd.set_xcrs(xcrs).map_err(kvm_err("set the XCRs", cpu))?;
+    }
+    fd.set_debug_regs(&state.debug_regs)
+        .map_err(kvm_err("set the debug registers", cpu))?;
+    fd.set_lapic(&state.lapic)
+        .map_err(kvm_err("set the LAPIC", cpu))?;
+    let want = state.msrs.as_slice().len();
+    let set = fd
+        .set_msrs(&state.msrs)
+        .map_err(kvm_err("set the MSRs", cpu))?;
+    if set != want {
+        return Err(Error::Msrs {
+            cpu,
+            set,
+            want,
+            first: state.msrs.as_slice()[set].index,
+        });
+    }
+    fd.set_vcpu_events(&state.vcpu_events)
+        .map_err(kvm_err("set the pending events", cpu))?;
+    Ok(())
+}
