@@ -42,6 +42,19 @@ pub enum Error {
     /// The vCPU thread could not be started.
     #[error("Cannot start the thread of vCPU {cpu}: {err}.")]
     Spawn { cpu: u32, err: std::io::Error },
+    /// KVM restored fewer MSRs than a saved state holds.
+    #[error(
+        "KVM restored only {set} of {want} MSRs of vCPU {cpu}; the first refused is {first:#x}."
+    )]
+    MsrsRestored {
+        cpu: u32,
+        set: usize,
+        want: usize,
+        first: u32,
+    },
+    /// The MSR list is too long for one KVM call.
+    #[error("KVM lists {0} saveable MSRs, more than one call can hold.")]
+    TooManyMsrs(usize),
     /// The kick signal handler could not be installed.
     #[error("Cannot install the vCPU kick signal handler: {0}.")]
     Signal(vmm_sys_util::errno::Error),
@@ -197,7 +210,7 @@ pub struct Vcpu {
     index: u32,
 }
 
-fn kvm_err(what: &'static str, cpu: u32) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+pub(crate) fn kvm_err(what: &'static str, cpu: u32) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |err| Error::Kvm { what, cpu, err }
 }
 
@@ -369,12 +382,12 @@ impl Vcpu {
 
     /// Saves the state of this vCPU, which is not running (not started yet):
     /// on the calling thread.
-    pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuStateData, vcpu_state::Error> {
+    pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuStateData, Error> {
         vcpu_state::save(&self.fd, self.index, msr_indices)
     }
 
     /// Restores a saved state into this (fresh, not yet started) vCPU.
-    pub fn restore_state(&self, state: &VcpuStateData) -> Result<(), vcpu_state::Error> {
+    pub fn restore_state(&self, state: &VcpuStateData) -> Result<(), Error> {
         vcpu_state::restore(&self.fd, state)
     }
 

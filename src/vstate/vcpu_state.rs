@@ -12,31 +12,7 @@ use kvm_bindings::{
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
-/// Errors saving or restoring vCPU state.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A KVM ioctl the state cannot do without failed.
-    #[error("KVM could not {what} of vCPU {cpu}: {err}.")]
-    Kvm {
-        what: &'static str,
-        cpu: u32,
-        #[source]
-        err: kvm_ioctls::Error,
-    },
-    /// KVM set fewer MSRs than the state holds.
-    #[error(
-        "KVM restored only {set} of {want} MSRs of vCPU {cpu}; the first refused is {first:#x}."
-    )]
-    Msrs {
-        cpu: u32,
-        set: usize,
-        want: usize,
-        first: u32,
-    },
-    /// The MSR list is too long for one KVM call.
-    #[error("KVM lists {0} saveable MSRs, more than the {KVM_MAX_MSR_ENTRIES} one call can hold.")]
-    TooManyMsrs(usize),
-}
+use super::vcpu::{kvm_err, Error};
 
 /// Everything KVM holds about one vCPU.
 #[derive(Debug, Serialize, Deserialize)]
@@ -67,10 +43,6 @@ pub struct VcpuState {
     pub tsc_khz: Option<u32>,
     /// Pieces this host's KVM could not read, by name.
     pub unavailable: Vec<String>,
-}
-
-fn kvm_err(what: &'static str, cpu: u32) -> impl FnOnce(kvm_ioctls::Error) -> Error {
-    move |err| Error::Kvm { what, cpu, err }
 }
 
 /// Reads the MSRs of `indices` that this vCPU can read; KVM stops a batch at
@@ -188,11 +160,11 @@ pub fn restore(fd: &VcpuFd, state: &VcpuState) -> Result<(), Error> {
         .set_msrs(&state.msrs)
         .map_err(kvm_err("set the MSRs", cpu))?;
     if set != want {
-        return Err(Error::Msrs {
+        return Err(Error::MsrsRestored {
             cpu,
             set,
             want,
-            first: state.msrs.as_slice()[set].index,
+            first: state.msrs.as_slice().get(set).map_or(0, |m| m.index),
         });
     }
     fd.set_vcpu_events(&state.vcpu_events)
