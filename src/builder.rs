@@ -3,6 +3,7 @@
 //! tables → vCPUs.
 
 use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,6 +20,7 @@ use crate::config::{BootSource, VmConfig};
 use crate::device_manager::{self, DeviceManager, VirtioKind};
 use crate::exit::ExitSignal;
 use crate::loader::{self, LoadedKernel};
+use crate::snapshot::{self, MicrovmState};
 use crate::vstate::vcpu::{self, BootEntry, Vcpu};
 use crate::vstate::{memory, vm};
 
@@ -64,6 +66,9 @@ pub enum Error {
     /// A disk image cannot be used.
     #[error(transparent)]
     Disk(#[from] devices::virtio::block::Error),
+    /// A snapshot cannot be restored.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Error),
     /// A TAP device cannot be used.
     #[error(transparent)]
     Tap(#[from] devices::virtio::tap::Error),
@@ -137,6 +142,55 @@ pub fn build(
     let vcpus = create_vcpus(&vm, cpus, &entry)?;
     Ok(MicroVm {
         config: config.clone(),
+        vm,
+        mem,
+        vcpus,
+        devices,
+        exit,
+        started,
+    })
+}
+
+/// Builds a VM from a snapshot's state and memory file: the guest memory is
+/// the file mapped privately, and the irqchip, PIT, clock, COM1, i8042 and
+/// every vCPU are in their saved state. Boot set-up (kernel, tables, entry
+/// registers) is not done: the guest is already past it.
+pub fn build_from_snapshot(
+    state: &MicrovmState,
+    mem_file: &Path,
+    serial_out: Box<dyn Write + Send>,
+    exit: Arc<ExitSignal>,
+    started: Instant,
+) -> Result<MicroVm, Error> {
+    if !state.config.drives.is_empty() || !state.config.network_interfaces.is_empty() {
+        return Err(Error::Snapshot(snapshot::Error::Unsupported(
+            "A VM with drives or network interfaces",
+        )));
+    }
+    let cpus = state.vcpus.len() as u32;
+    let vm = vm::Vm::new()?;
+    vm.check_vcpu_count(cpus)?;
+    let mem = snapshot::map_memory(mem_file, &state.memory)?;
+    vm.register_memory(&mem)?;
+    vm.setup_irqchip()?;
+    vm.restore_state(&state.vm)?;
+    let devices = DeviceManager::with_legacy_state(
+        &vm,
+        exit.clone(),
+        serial_out,
+        Some((&state.serial, &state.i8042)),
+    )?;
+    let vcpus = state
+        .vcpus
+        .iter()
+        .map(|saved| {
+            let vcpu = Vcpu::new(vm.create_vcpu(saved.index)?, saved.index);
+            vcpu.restore_state(saved)?;
+            Ok(vcpu)
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    Ok(MicroVm {
+        config: state.config.clone(),
         vm,
         mem,
         vcpus,

@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex};
 use devices::acpi_pm::AcpiSleep;
 use devices::boot_timer::BootTimer;
 use devices::bus::Bus;
-use devices::legacy::i8042::I8042;
-use devices::legacy::serial::SerialDevice;
+use devices::legacy::i8042::{I8042State, I8042};
+use devices::legacy::serial::{SerialDevice, SerialDeviceState};
+use devices::persist::Persist;
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, REG_QUEUE_NOTIFY};
 use devices::virtio::{Interrupt, VirtioDevice};
 use kvm_ioctls::IoEventAddress;
@@ -91,13 +92,33 @@ impl DeviceManager {
         exit: Arc<ExitSignal>,
         serial_out: Box<dyn Write + Send>,
     ) -> Result<Self, Error> {
+        Self::with_legacy_state(vm, exit, serial_out, None)
+    }
+
+    /// As [`DeviceManager::new`], with COM1 and the i8042 in a saved state.
+    pub fn with_legacy_state(
+        vm: &vm::Vm,
+        exit: Arc<ExitSignal>,
+        serial_out: Box<dyn Write + Send>,
+        saved: Option<(&SerialDeviceState, &I8042State)>,
+    ) -> Result<Self, Error> {
         let mut pio = Bus::new();
         let serial_irq = irq_line(vm, SERIAL_IRQ)?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
+        let kbd_irq = irq_line(vm, I8042_KBD_IRQ)?;
+        let (serial, i8042) = match saved {
+            Some((s, k)) => (
+                SerialDevice::restore((serial_irq, serial_out), s),
+                I8042::restore((exit.clone(), kbd_irq), k),
+            ),
+            None => (
+                SerialDevice::new(serial_irq, serial_out),
+                I8042::new(exit.clone(), kbd_irq),
+            ),
+        };
+        let serial = Arc::new(Mutex::new(serial));
         pio.insert(serial.clone(), u64::from(SERIAL_PORT), 8)
             .map_err(|e| Error::Bus("serial port", e))?;
-        let kbd_irq = irq_line(vm, I8042_KBD_IRQ)?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone(), kbd_irq)));
+        let i8042 = Arc::new(Mutex::new(i8042));
         pio.insert(i8042.clone(), u64::from(I8042_PORT), 5)
             .map_err(|e| Error::Bus("i8042", e))?;
         pio.insert(

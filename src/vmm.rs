@@ -10,11 +10,16 @@ use std::time::{Duration, Instant};
 
 use vm_memory::GuestMemoryMmap;
 
+use std::path::Path;
+
+use devices::persist::Persist;
+
 use crate::builder::{self, MicroVm};
 use crate::config::VmConfig;
 use crate::device_manager::DeviceManager;
 use crate::exit::{ExitSignal, VmExit};
 use crate::runtime::{self, EventLoop};
+use crate::snapshot::{self, MicrovmState};
 use crate::vstate::vcpu::{self, VcpuContext, VcpuEvent, VcpuHandle, VcpuResponse};
 use crate::vstate::vcpu_state::VcpuState as VcpuStateData;
 use crate::vstate::vm;
@@ -111,6 +116,9 @@ pub enum Error {
     /// A device could not be placed.
     #[error(transparent)]
     Devices(#[from] crate::device_manager::Error),
+    /// A snapshot cannot be taken or loaded.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Error),
 }
 
 /// The console output, shared so that a failed start does not lose it.
@@ -131,7 +139,7 @@ struct Started {
     // Dropped last: the VM fd outlives the vCPU threads and devices.
     devices: DeviceManager,
     vcpus: Vec<VcpuHandle>,
-    _mem: GuestMemoryMmap,
+    mem: GuestMemoryMmap,
     vm: vm::Vm,
 }
 
@@ -144,6 +152,8 @@ pub struct Vmm {
     serial_out: SharedWriter,
     devices_paused: Arc<AtomicBool>,
     boot_timer: bool,
+    /// Something was configured (a snapshot can then no longer be loaded).
+    configured: bool,
     started: Option<Started>,
 }
 
@@ -164,6 +174,7 @@ impl Vmm {
             serial_out: SharedWriter(Arc::new(Mutex::new(serial_out))),
             devices_paused: Arc::new(AtomicBool::new(false)),
             boot_timer: false,
+            configured: false,
             started: None,
         }
     }
@@ -181,6 +192,7 @@ impl Vmm {
     /// The configuration, to change before boot.
     pub fn config_mut(&mut self) -> Result<&mut VmConfig, Error> {
         self.check(Action::Configure)?;
+        self.configured = true;
         Ok(&mut self.config)
     }
 
@@ -227,6 +239,106 @@ impl Vmm {
     /// then its vCPU threads start.
     pub fn start_built(&mut self, built: MicroVm, el: &mut EventLoop) -> Result<(), Error> {
         self.check(Action::Start)?;
+        self.launch(built, el, false)
+    }
+
+    /// Restores a VM from a snapshot's state file and memory file (only
+    /// before anything was configured, as in Firecracker), Running if
+    /// `resume`, else Paused.
+    pub fn load_snapshot(
+        &mut self,
+        snapshot: &Path,
+        mem_file: &Path,
+        resume: bool,
+        network_overrides: &[(String, String)],
+        el: &mut EventLoop,
+    ) -> Result<(), Error> {
+        self.check(Action::Start)?;
+        if self.configured {
+            return Err(Error::Snapshot(snapshot::Error::State(
+                "A snapshot can only be loaded before anything is configured; start a fresh vmm to load it.".into(),
+            )));
+        }
+        let (_, mut state): (_, MicrovmState) =
+            snapshot::format::read(snapshot).map_err(snapshot::Error::from)?;
+        for (iface, tap) in network_overrides {
+            let Some(n) = state
+                .config
+                .network_interfaces
+                .iter_mut()
+                .find(|n| &n.iface_id == iface)
+            else {
+                return Err(Error::Snapshot(snapshot::Error::State(format!(
+                    "The snapshot has no network interface '{iface}'; network_overrides can only name its interfaces."
+                ))));
+            };
+            n.host_dev_name = tap.clone();
+        }
+        let out = Box::new(self.serial_out.clone());
+        let built = builder::build_from_snapshot(
+            &state,
+            mem_file,
+            out,
+            self.exit.clone(),
+            self.started_at,
+        )?;
+        self.config = state.config;
+        self.launch(built, el, !resume)?;
+        if !resume {
+            self.devices_paused.store(true, Ordering::SeqCst);
+            self.state = VmState::Paused;
+        }
+        Ok(())
+    }
+
+    /// Saves the paused VM: devices first, then the KVM state (vCPUs on
+    /// their own threads), then guest memory to `mem_file`, then the state
+    /// file.
+    pub fn create_snapshot(&self, snapshot_path: &Path, mem_file: &Path) -> Result<(), Error> {
+        if self.state != VmState::Paused {
+            return Err(Error::Snapshot(snapshot::Error::State(
+                "The microVM must be paused to take a snapshot; PATCH /vm {\"state\": \"Paused\"} first.".into(),
+            )));
+        }
+        let Some(s) = &self.started else {
+            return Err(Error::Snapshot(snapshot::Error::State(
+                "The microVM is not started.".into(),
+            )));
+        };
+        if !s.devices.virtio.is_empty() {
+            return Err(Error::Snapshot(snapshot::Error::Unsupported(
+                "A VM with drives or network interfaces",
+            )));
+        }
+        let serial = s
+            .devices
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .save();
+        let i8042 = s
+            .devices
+            .i8042
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .save();
+        let (vm, vcpus) = self
+            .save_kvm_state()
+            .map_err(|e| Error::Snapshot(snapshot::Error::State(e)))?;
+        let memory = snapshot::save_memory(&s.mem, mem_file)?;
+        let state = MicrovmState {
+            config: self.config.clone(),
+            memory,
+            vm,
+            vcpus,
+            serial,
+            i8042,
+        };
+        snapshot::format::write(snapshot_path, &state).map_err(snapshot::Error::from)?;
+        Ok(())
+    }
+
+    fn launch(&mut self, built: MicroVm, el: &mut EventLoop, paused: bool) -> Result<(), Error> {
         let MicroVm {
             vm,
             mem,
@@ -245,6 +357,7 @@ impl Vmm {
             mem: mem.clone(),
             exit: self.exit.clone(),
             started,
+            start_paused: paused,
         };
         let mut handles = Vec::with_capacity(vcpus.len());
         let mut result = Ok(());
@@ -260,7 +373,7 @@ impl Vmm {
         self.started = Some(Started {
             devices,
             vcpus: handles,
-            _mem: mem,
+            mem,
             vm,
         });
         self.state = VmState::Running;

@@ -284,8 +284,13 @@ fn calls_out_of_order_are_refused_with_firecracker_s_rules() {
     assert_fault(curl(&sock, "PUT", "/mmds", Some("{}")), "MMDS");
     assert_fault(curl(&sock, "GET", "/balloon", None), "balloon");
     assert_fault(
-        curl(&sock, "PUT", "/snapshot/create", Some("{}")),
-        "Snapshots",
+        curl(
+            &sock,
+            "PUT",
+            "/snapshot/create",
+            Some(r#"{"snapshot_path": "s", "mem_file_path": "m"}"#),
+        ),
+        "not supported before starting",
     );
     assert_fault(
         curl(&sock, "GET", "/no/such/path", None),

@@ -53,6 +53,13 @@ fn count(req: &ApiRequest, failed: bool) {
     if get && failed {
         return;
     }
+    if matches!(
+        req,
+        ApiRequest::CreateSnapshot(_) | ApiRequest::LoadSnapshot(_)
+    ) {
+        // Firecracker reports snapshots through latencies_us only.
+        return;
+    }
     let (count, fails) = match req {
         ApiRequest::GetInstanceInfo => return m.get_api_requests.instance_info_count.inc(),
         ApiRequest::GetVersion => return m.get_api_requests.vmm_version_count.inc(),
@@ -94,6 +101,7 @@ fn count(req: &ApiRequest, failed: bool) {
             &m.put_api_requests.metrics_count,
             &m.put_api_requests.metrics_fails,
         ),
+        ApiRequest::CreateSnapshot(_) | ApiRequest::LoadSnapshot(_) => return,
         ApiRequest::Action(_) | ApiRequest::PatchVm(_) => (
             &m.put_api_requests.actions_count,
             &m.put_api_requests.actions_fails,
@@ -226,6 +234,34 @@ impl Controller {
                     VmStateChange::Resumed => (vmm.resume(), &METRICS.latencies_us.resume_vm),
                 };
                 latency.set(t.elapsed().as_micros() as u64);
+                match result {
+                    Ok(()) => Response::no_content(),
+                    Err(e) => bad(e),
+                }
+            }
+            ApiRequest::CreateSnapshot(p) => {
+                let t = Instant::now();
+                let result = vmm.create_snapshot(&p.snapshot_path, &p.mem_file_path);
+                let us = t.elapsed().as_micros() as u64;
+                METRICS.latencies_us.full_create_snapshot.set(us);
+                METRICS.latencies_us.vmm_full_create_snapshot.set(us);
+                match result {
+                    Ok(()) => Response::no_content(),
+                    Err(e) => bad(e),
+                }
+            }
+            ApiRequest::LoadSnapshot(l) => {
+                let t = Instant::now();
+                let overrides: Vec<(String, String)> = l
+                    .network_overrides
+                    .iter()
+                    .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
+                    .collect();
+                let result =
+                    vmm.load_snapshot(&l.snapshot_path, &l.mem_file, l.resume, &overrides, el);
+                let us = t.elapsed().as_micros() as u64;
+                METRICS.latencies_us.load_snapshot.set(us);
+                METRICS.latencies_us.vmm_load_snapshot.set(us);
                 match result {
                     Ok(()) => Response::no_content(),
                     Err(e) => bad(e),

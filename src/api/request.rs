@@ -2,6 +2,8 @@
 //! (unknown fields refused) and checked, on the API thread. What comes out is
 //! a typed [`ApiRequest`] for the VMM thread, or the 400 to answer at once.
 
+use std::path::PathBuf;
+
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
@@ -71,6 +73,96 @@ struct VmInfo {
     state: VmStateChange,
 }
 
+/// `snapshot_type` of `PUT /snapshot/create`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum SnapshotType {
+    /// All of guest memory.
+    Full,
+    /// Only pages dirtied since the last snapshot (refused: not yet).
+    Diff,
+}
+
+/// `PUT /snapshot/create`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    /// Where the state goes.
+    pub snapshot_path: PathBuf,
+    /// Where guest memory goes.
+    pub mem_file_path: PathBuf,
+    /// Full (the default) or Diff.
+    #[serde(default)]
+    pub snapshot_type: Option<SnapshotType>,
+}
+
+/// `backend_type` of a snapshot load's memory backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum MemoryBackendType {
+    /// A memory file, mapped privately.
+    File,
+    /// A userfaultfd handler process (refused: not yet).
+    Uffd,
+}
+
+/// `mem_backend` of `PUT /snapshot/load`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryBackend {
+    /// File or Uffd.
+    pub backend_type: MemoryBackendType,
+    /// The memory file (or the handler's socket).
+    pub backend_path: PathBuf,
+}
+
+/// One entry of `network_overrides`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The interface.
+    pub iface_id: String,
+    /// Its TAP on this host.
+    pub host_dev_name: String,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    /// The state file.
+    pub snapshot_path: PathBuf,
+    /// The memory file (Firecracker's deprecated form of `mem_backend`).
+    #[serde(default)]
+    pub mem_file_path: Option<PathBuf>,
+    /// The memory backend.
+    #[serde(default)]
+    pub mem_backend: Option<MemoryBackend>,
+    /// Resume the VM once loaded (default: stay paused).
+    #[serde(default)]
+    pub resume_vm: Option<bool>,
+    /// Dirty-page tracking (refused when true: no diff snapshots yet).
+    #[serde(default)]
+    pub track_dirty_pages: Option<bool>,
+    /// Deprecated name of `track_dirty_pages`.
+    #[serde(default)]
+    pub enable_diff_snapshots: Option<bool>,
+    /// TAPs of this host for the snapshot's interfaces.
+    #[serde(default)]
+    pub network_overrides: Option<Vec<NetworkOverride>>,
+}
+
+/// A snapshot load, checked: the memory file and whether to resume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotLoad {
+    /// The state file.
+    pub snapshot_path: PathBuf,
+    /// The memory file.
+    pub mem_file: PathBuf,
+    /// Resume once loaded.
+    pub resume: bool,
+    /// TAP overrides.
+    pub network_overrides: Vec<NetworkOverride>,
+}
+
 /// A well-formed request for the VMM thread.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ApiRequest {
@@ -104,6 +196,10 @@ pub enum ApiRequest {
     Action(ActionType),
     /// `PATCH /vm`.
     PatchVm(VmStateChange),
+    /// `PUT /snapshot/create`.
+    CreateSnapshot(SnapshotCreateParams),
+    /// `PUT /snapshot/load`.
+    LoadSnapshot(SnapshotLoad),
 }
 
 impl ApiRequest {
@@ -119,6 +215,7 @@ impl ApiRequest {
                 | ApiRequest::PutLogger(_)
                 | ApiRequest::PutMetrics(_)
                 | ApiRequest::Action(ActionType::InstanceStart)
+                | ApiRequest::LoadSnapshot(_)
         )
     }
 
@@ -130,6 +227,7 @@ impl ApiRequest {
                 | ApiRequest::PatchNetworkInterface(_)
                 | ApiRequest::PatchVm(_)
                 | ApiRequest::Action(ActionType::SendCtrlAltDel)
+                | ApiRequest::CreateSnapshot(_)
         )
     }
 }
@@ -183,12 +281,41 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("balloon", "The balloon device (/balloon)"),
     ("entropy", "The entropy device (/entropy)"),
     ("vsock", "vsock (/vsock)"),
-    ("snapshot", "Snapshots (/snapshot)"),
     ("cpu-config", "CPU configuration (/cpu-config)"),
     ("pmem", "virtio-pmem (/pmem)"),
     ("serial", "Serial configuration (/serial)"),
     ("hotplug", "Memory hotplug (/hotplug)"),
 ];
+
+/// Checks a snapshot load: exactly one memory source, a File backend.
+fn parse_load(p: SnapshotLoadParams) -> Result<SnapshotLoad, Response> {
+    let mem_file = match (p.mem_file_path, p.mem_backend) {
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "Give either mem_backend or mem_file_path (deprecated), not both.",
+            ))
+        }
+        (None, None) => return Err(bad("Give mem_backend with the memory file.")),
+        (Some(path), None) => path,
+        (None, Some(b)) if b.backend_type == MemoryBackendType::Uffd => {
+            return Err(bad(
+                "The Uffd memory backend is not supported yet; give backend_type File.",
+            ))
+        }
+        (None, Some(b)) => b.backend_path,
+    };
+    if p.track_dirty_pages == Some(true) || p.enable_diff_snapshots == Some(true) {
+        return Err(bad(
+            "Dirty-page tracking is not supported yet (no diff snapshots); leave it off.",
+        ));
+    }
+    Ok(SnapshotLoad {
+        snapshot_path: p.snapshot_path,
+        mem_file,
+        resume: p.resume_vm.unwrap_or(false),
+        network_overrides: p.network_overrides.unwrap_or_default(),
+    })
+}
 
 /// Routes and parses one request.
 pub fn parse(req: &Request) -> Result<ApiRequest, Response> {
@@ -254,6 +381,16 @@ pub fn parse(req: &Request) -> Result<ApiRequest, Response> {
         (Method::Put, ["metrics"]) => PutMetrics(body(req)?),
         (Method::Put, ["actions"]) => Action(body::<ActionInfo>(req)?.action_type),
         (Method::Patch, ["vm"]) => PatchVm(body::<VmInfo>(req)?.state),
+        (Method::Put, ["snapshot", "create"]) => {
+            let p: SnapshotCreateParams = body(req)?;
+            if p.snapshot_type == Some(SnapshotType::Diff) {
+                return Err(bad(
+                    "Diff snapshots are not supported yet; take a Full snapshot.",
+                ));
+            }
+            CreateSnapshot(p)
+        }
+        (Method::Put, ["snapshot", "load"]) => LoadSnapshot(parse_load(body(req)?)?),
         _ => return Err(invalid_path(req)),
     };
     Ok(r)
@@ -472,7 +609,42 @@ mod tests {
             (Put, "/mmds", "{}", "MMDS (/mmds) is not supported"),
             (Get, "/mmds", "", "MMDS (/mmds) is not supported"),
             (Put, "/balloon", "{}", "balloon device"),
-            (Put, "/snapshot/create", "{}", "Snapshots"),
+            (
+                Put,
+                "/snapshot/create",
+                r#"{"snapshot_path": "s", "mem_file_path": "m", "snapshot_type": "Diff"}"#,
+                "Diff snapshots are not supported",
+            ),
+            (
+                Put,
+                "/snapshot/create",
+                r#"{"snapshot_path": "s"}"#,
+                "missing field `mem_file_path`",
+            ),
+            (
+                Put,
+                "/snapshot/load",
+                r#"{"snapshot_path": "s"}"#,
+                "Give mem_backend",
+            ),
+            (
+                Put,
+                "/snapshot/load",
+                r#"{"snapshot_path": "s", "mem_file_path": "m", "mem_backend": {"backend_type": "File", "backend_path": "m"}}"#,
+                "not both",
+            ),
+            (
+                Put,
+                "/snapshot/load",
+                r#"{"snapshot_path": "s", "mem_backend": {"backend_type": "Uffd", "backend_path": "u"}}"#,
+                "Uffd memory backend is not supported",
+            ),
+            (
+                Put,
+                "/snapshot/load",
+                r#"{"snapshot_path": "s", "mem_file_path": "m", "track_dirty_pages": true}"#,
+                "Dirty-page tracking",
+            ),
             (Put, "/vsock", "{}", "vsock"),
             (Put, "/entropy", "{}", "entropy"),
         ] {

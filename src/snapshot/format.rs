@@ -191,22 +191,27 @@ pub fn decode<T: DeserializeOwned>(path: &str, bytes: &[u8]) -> Result<(Header, 
     Ok((header, state))
 }
 
+/// Creates (or replaces) a snapshot file readable by its owner only: a
+/// snapshot holds the guest's memory and secrets.
+pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// Writes `state` to `path` (created with mode 0600, replaced if it exists).
 pub fn write<T: Serialize>(path: &Path, state: &T) -> Result<(), Error> {
-    use std::os::unix::fs::OpenOptionsExt;
     let io = |err| Error::Io {
         what: "write",
         path: path.display().to_string(),
         err,
     };
     let image = encode(state)?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io)?;
+    let mut f = create_private(path).map_err(io)?;
     f.write_all(&image).map_err(io)?;
     f.sync_data().map_err(io)
 }

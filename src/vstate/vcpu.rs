@@ -86,6 +86,8 @@ pub struct VcpuContext {
     pub exit: Arc<ExitSignal>,
     /// When the VMM process started (for the first-KVM_RUN trace).
     pub started: Instant,
+    /// Start in the Paused state (a restored VM that is not resumed yet).
+    pub start_paused: bool,
 }
 
 /// What the VMM thread asks of a vCPU thread.
@@ -312,10 +314,15 @@ impl Vcpu {
         let mut first = true;
         // An event sent (and its kick lost) before the pointer was published
         // is seen here, before the first KVM_RUN.
+        let initial = if ctx.start_paused {
+            VcpuState::Paused
+        } else {
+            VcpuState::Running
+        };
         let mut state = match events.try_recv() {
-            Ok(e) => self.handle_event(e, VcpuState::Running, responses),
+            Ok(e) => self.handle_event(e, initial, responses),
             Err(TryRecvError::Disconnected) => VcpuState::Exited,
-            Err(TryRecvError::Empty) => VcpuState::Running,
+            Err(TryRecvError::Empty) => initial,
         };
         while state != VcpuState::Exited {
             let event = match state {

@@ -1,0 +1,171 @@
+//! Snapshots through the API with real clients: a counting test guest is
+//! paused, saved to a state file and a memory file, its VMM killed, and the
+//! guest restored in fresh VMMs, which continue counting exactly where it
+//! stopped — several times from the same snapshot.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn api_vmm(name: &str) -> (Running, std::path::PathBuf) {
+    let sock = tmp_path(&format!("{name}.sock"));
+    let mut cmd = vmm();
+    cmd.arg("--api-sock").arg(&sock);
+    let vm = Running::start(cmd);
+    wait_for_socket(&sock, &vm);
+    (vm, sock)
+}
+
+fn fault(resp: (u16, String)) -> String {
+    assert_eq!(resp.0, 400, "{}", resp.1);
+    let v: serde_json::Value = serde_json::from_str(&resp.1).unwrap();
+    v["fault_message"].as_str().unwrap().to_string()
+}
+
+/// The counts the counter guest printed.
+fn counts(out: &str) -> Vec<u64> {
+    out.lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("VMM-GUEST: count "))
+        .filter_map(|n| u64::from_str_radix(n.trim(), 16).ok())
+        .collect()
+}
+
+fn load_body(snap: &Path, mem: &Path, resume: bool) -> String {
+    format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": {resume}}}"#,
+        snap.display(),
+        mem.display()
+    )
+}
+
+#[test]
+fn a_counting_guest_continues_where_it_stopped_three_times_from_one_snapshot() {
+    let (mut vm, sock) = api_vmm("snap-origin");
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}"}}"#,
+        guest("counter").display()
+    );
+    assert_eq!(curl(&sock, "PUT", "/boot-source", Some(&boot)).0, 204);
+    assert_eq!(
+        curl(
+            &sock,
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 2, "mem_size_mib": 64}"#)
+        )
+        .0,
+        204
+    );
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(curl(&sock, "PUT", "/actions", Some(start)).0, 204);
+    assert!(vm.wait_for("VMM-GUEST: count 0000000000000003", TIMEOUT));
+    let (snap, mem) = (tmp_path("counter.snap"), tmp_path("counter.mem"));
+    let create = format!(
+        r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        snap.display(),
+        mem.display()
+    );
+    // Firecracker's rule: only a paused VM.
+    assert!(fault(curl(&sock, "PUT", "/snapshot/create", Some(&create))).contains("must be paused"));
+    assert_eq!(
+        curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0,
+        204
+    );
+    let t = Instant::now();
+    assert_eq!(
+        curl(&sock, "PUT", "/snapshot/create", Some(&create)),
+        (204, String::new())
+    );
+    eprintln!("snapshot created in {:?}", t.elapsed());
+    assert_eq!(std::fs::metadata(&mem).unwrap().len(), 64 << 20);
+    // Once the VMM has written everything, the last count is the guest's last.
+    std::thread::sleep(Duration::from_millis(200));
+    let last = *counts(&vm.stdout_now()).last().unwrap();
+    vm.signal(libc::SIGKILL);
+    drop(vm);
+
+    for round in 0..3 {
+        let (mut clone, sock) = api_vmm(&format!("snap-clone{round}"));
+        let t = Instant::now();
+        assert_eq!(
+            curl(
+                &sock,
+                "PUT",
+                "/snapshot/load",
+                Some(&load_body(&snap, &mem, true))
+            ),
+            (204, String::new()),
+            "round {round}"
+        );
+        eprintln!("round {round}: loaded and resumed in {:?}", t.elapsed());
+        let (_, info) = curl(&sock, "GET", "/", None);
+        assert!(info.contains(r#""state":"Running""#), "{info}");
+        let want = format!("VMM-GUEST: count {:016x}", last + 2);
+        assert!(
+            clone.wait_for(&want, TIMEOUT),
+            "round {round}: {}",
+            clone.stdout_now()
+        );
+        let seen = counts(&clone.stdout_now());
+        eprintln!("asserting (round {round}): the first count after restore is {} (the last before was {last}), then one by one", last + 1);
+        assert_eq!(seen[0], last + 1, "round {round}: {seen:?}");
+        assert!(seen.windows(2).all(|w| w[1] == w[0] + 1), "{seen:?}");
+        // The restored VM has the configuration it was booted with.
+        let (_, cfg) = curl(&sock, "GET", "/vm/config", None);
+        assert!(cfg.contains(r#""vcpu_count":2"#), "{cfg}");
+        clone.signal(libc::SIGTERM);
+        assert_eq!(clone.finish(TIMEOUT).code, Some(128 + libc::SIGTERM));
+    }
+}
+
+#[test]
+fn bad_snapshots_and_late_loads_are_refused_and_nothing_starts() {
+    let (vm, sock) = api_vmm("snap-bad");
+    let junk = tmp_path("junk.snap");
+    std::fs::write(&junk, b"VMMSNAP\0\x01\x00\x00\x00").unwrap();
+    let mem = tmp_path("junk.mem");
+    std::fs::write(&mem, vec![0u8; 4096]).unwrap();
+    let msg = fault(curl(
+        &sock,
+        "PUT",
+        "/snapshot/load",
+        Some(&load_body(&junk, &mem, true)),
+    ));
+    assert!(
+        msg.contains("truncated") || msg.contains("corrupt"),
+        "{msg}"
+    );
+    let msg = fault(curl(
+        &sock,
+        "PUT",
+        "/snapshot/load",
+        Some(&load_body(&tmp_path("none.snap"), &mem, true)),
+    ));
+    assert!(msg.contains("none.snap"), "{msg}");
+    let (_, info) = curl(&sock, "GET", "/", None);
+    assert!(info.contains("Not started"), "{info}");
+    // Firecracker's rule: no load once something was configured.
+    assert_eq!(
+        curl(
+            &sock,
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 1, "mem_size_mib": 32}"#)
+        )
+        .0,
+        204
+    );
+    let msg = fault(curl(
+        &sock,
+        "PUT",
+        "/snapshot/load",
+        Some(&load_body(&junk, &mem, true)),
+    ));
+    assert!(msg.contains("before anything is configured"), "{msg}");
+    drop(vm);
+}
