@@ -84,6 +84,7 @@ impl Error {
                 | Error::Memory(_)
                 | Error::Disk(_)
                 | Error::Tap(_)
+                | Error::Snapshot(_)
                 | Error::Vm(vm::Error::TooManyCpus { .. })
         )
     }

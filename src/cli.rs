@@ -44,6 +44,18 @@ pub enum Error {
     /// A configuration file whose contents are wrong.
     #[error("--config-file '{path}': {err}")]
     ConfigFile { path: String, err: config::Error },
+    /// VM flags together with --restore.
+    #[error("{0} cannot be combined with --restore; the snapshot holds the VM's configuration.")]
+    MixedWithRestore(&'static str),
+    /// --restore without its memory file.
+    #[error("--restore needs --restore-mem; give the memory file taken with the snapshot.")]
+    RestoreWithoutMem,
+    /// A restore option without --restore.
+    #[error("--restore-mem and --net-override only go with --restore; give the snapshot with --restore.")]
+    RestoreOptionAlone,
+    /// A bad --net-override.
+    #[error("--net-override '{0}' is not IFACE_ID=TAP; give e.g. eth0=tap7.")]
+    NetOverride(String),
     /// An instance ID Firecracker would refuse.
     #[error("--id '{0}' is invalid; use 1 to 64 ASCII letters, digits or '-'.")]
     InstanceId(String),
@@ -105,6 +117,20 @@ pub struct Cli {
     /// Prints the version (first line as Firecracker's, which tools parse) and exits.
     #[arg(long)]
     pub version: bool,
+    /// Prints what the snapshot state file PATH holds (format version,
+    /// vCPUs, memory, devices) and exits.
+    #[arg(long, value_name = "PATH")]
+    pub describe_snapshot: Option<PathBuf>,
+    /// Restores the snapshot state file PATH (with --restore-mem) and resumes it.
+    #[arg(long, value_name = "PATH")]
+    pub restore: Option<PathBuf>,
+    /// The memory file of the snapshot given with --restore.
+    #[arg(long, value_name = "PATH")]
+    pub restore_mem: Option<PathBuf>,
+    /// With --restore: the TAP of this host for an interface of the
+    /// snapshot, IFACE_ID=TAP. Repeatable.
+    #[arg(long, value_name = "IFACE=TAP")]
+    pub net_override: Vec<String>,
     /// Installs no seccomp filters (this VMM installs none yet).
     #[arg(long)]
     pub no_seccomp: bool,
@@ -163,11 +189,24 @@ pub fn version_text() -> String {
     )
 }
 
+/// A snapshot to restore at once (`--restore`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct RestorePlan {
+    /// The state file.
+    pub snapshot: PathBuf,
+    /// The memory file.
+    pub mem: PathBuf,
+    /// (interface ID, TAP) overrides.
+    pub network_overrides: Vec<(String, String)>,
+}
+
 /// What the process should do.
 #[derive(Debug)]
 pub struct Plan {
     /// The VM to boot at once, if any (from the flags or the file).
     pub boot: Option<VmConfig>,
+    /// A snapshot to restore and resume at once, if any.
+    pub restore: Option<RestorePlan>,
     /// The API socket to serve, if any.
     pub api_sock: Option<PathBuf>,
 }
@@ -206,6 +245,37 @@ impl Cli {
         } else {
             self.api_sock.clone()
         };
+        if let Some(snapshot) = &self.restore {
+            if let Some(flag) = self.vm_flag() {
+                return Err(Error::MixedWithRestore(flag));
+            }
+            if self.config_file.is_some() {
+                return Err(Error::MixedWithRestore("--config-file"));
+            }
+            let mem = self.restore_mem.clone().ok_or(Error::RestoreWithoutMem)?;
+            let network_overrides = self
+                .net_override
+                .iter()
+                .map(|o| match o.split_once('=') {
+                    Some((iface, tap)) if !iface.is_empty() && !tap.is_empty() => {
+                        Ok((iface.to_string(), tap.to_string()))
+                    }
+                    _ => Err(Error::NetOverride(o.clone())),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            return Ok(Plan {
+                boot: None,
+                restore: Some(RestorePlan {
+                    snapshot: snapshot.clone(),
+                    mem,
+                    network_overrides,
+                }),
+                api_sock,
+            });
+        }
+        if self.restore_mem.is_some() || !self.net_override.is_empty() {
+            return Err(Error::RestoreOptionAlone);
+        }
         let boot = match &self.config_file {
             Some(path) => {
                 if let Some(flag) = self.vm_flag() {
@@ -219,7 +289,11 @@ impl Cli {
             }
             None => None,
         };
-        Ok(Plan { boot, api_sock })
+        Ok(Plan {
+            boot,
+            restore: None,
+            api_sock,
+        })
     }
 
     /// The VM described by the VM flags.
@@ -519,7 +593,46 @@ mod tests {
             .unwrap();
         let m = &p.boot.unwrap().machine_config;
         assert_eq!((m.vcpu_count, m.mem_size_mib), (2, 256));
+        let p = cli(&[
+            "--restore",
+            "s",
+            "--restore-mem",
+            "m",
+            "--net-override",
+            "eth0=tap7",
+        ])
+        .unwrap()
+        .plan()
+        .unwrap();
+        assert_eq!(
+            p.restore,
+            Some(RestorePlan {
+                snapshot: "s".into(),
+                mem: "m".into(),
+                network_overrides: vec![("eth0".into(), "tap7".into())],
+            })
+        );
         for (args, want) in [
+            (&["--restore", "s"][..], Error::RestoreWithoutMem),
+            (
+                &["--restore", "s", "--restore-mem", "m", "--kernel", "k"][..],
+                Error::MixedWithRestore("--kernel"),
+            ),
+            (
+                &[
+                    "--restore",
+                    "s",
+                    "--restore-mem",
+                    "m",
+                    "--net-override",
+                    "eth0",
+                ][..],
+                Error::NetOverride("eth0".into()),
+            ),
+            (
+                &["--restore-mem", "m", "--api-sock", "s"][..],
+                Error::RestoreOptionAlone,
+            ),
             (&[][..], Error::NothingToRun),
             (&["--no-api"][..], Error::NoApiWithoutConfig),
             (

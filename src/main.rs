@@ -49,6 +49,15 @@ fn main() {
         print!("{}", vmm::cli::version_text());
         std::process::exit(0);
     }
+    if let Some(path) = &cli.describe_snapshot {
+        match vmm::snapshot::describe(path) {
+            Ok(text) => {
+                print!("{text}");
+                std::process::exit(0);
+            }
+            Err(e) => usage_exit(e),
+        }
+    }
     let plan = cli.plan().unwrap_or_else(|e| usage_exit(e));
     setup_logger(&cli, plan.boot.as_ref());
     let mut controller = Controller {
@@ -109,8 +118,13 @@ fn main() {
         started,
     );
     vmm.set_boot_timer(cli.boot_timer);
-    if boot.is_some() {
-        if let Err(e) = vmm.start(&mut el) {
+    let started_vm = match &plan.restore {
+        Some(r) => vmm.load_snapshot(&r.snapshot, &r.mem, true, &r.network_overrides, &mut el),
+        None if boot.is_some() => vmm.start(&mut el),
+        None => Ok(()),
+    };
+    {
+        if let Err(e) = started_vm {
             // The API socket goes away with the process.
             if let Some((thread, endpoint)) = api {
                 drop(endpoint);
@@ -119,6 +133,7 @@ fn main() {
             drop(raw);
             match e {
                 vmm::vmm::Error::Build(e) if e.is_usage_error() => usage_exit(e),
+                e @ vmm::vmm::Error::Snapshot(_) => usage_exit(e),
                 e => fail(e),
             }
         }

@@ -43,9 +43,11 @@ fn load_body(snap: &Path, mem: &Path, resume: bool) -> String {
     )
 }
 
-#[test]
-fn a_counting_guest_continues_where_it_stopped_three_times_from_one_snapshot() {
-    let (mut vm, sock) = api_vmm("snap-origin");
+/// Boots the counter guest over the API, pauses it and snapshots it; returns
+/// the state file, the memory file and what the guest printed (the pause may
+/// fall in the middle of a line, which the restored guest then completes).
+fn counter_snapshot(name: &str) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let (mut vm, sock) = api_vmm(&format!("{name}-origin"));
     let boot = format!(
         r#"{{"kernel_image_path": "{}"}}"#,
         guest("counter").display()
@@ -64,7 +66,10 @@ fn a_counting_guest_continues_where_it_stopped_three_times_from_one_snapshot() {
     let start = r#"{"action_type": "InstanceStart"}"#;
     assert_eq!(curl(&sock, "PUT", "/actions", Some(start)).0, 204);
     assert!(vm.wait_for("VMM-GUEST: count 0000000000000003", TIMEOUT));
-    let (snap, mem) = (tmp_path("counter.snap"), tmp_path("counter.mem"));
+    let (snap, mem) = (
+        tmp_path(&format!("{name}.snap")),
+        tmp_path(&format!("{name}.mem")),
+    );
     let create = format!(
         r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
         snap.display(),
@@ -83,12 +88,33 @@ fn a_counting_guest_continues_where_it_stopped_three_times_from_one_snapshot() {
     );
     eprintln!("snapshot created in {:?}", t.elapsed());
     assert_eq!(std::fs::metadata(&mem).unwrap().len(), 64 << 20);
-    // Once the VMM has written everything, the last count is the guest's last.
+    // Everything the paused guest wrote has reached the pipe.
     std::thread::sleep(Duration::from_millis(200));
-    let last = *counts(&vm.stdout_now()).last().unwrap();
+    let printed = vm.stdout_now();
     vm.signal(libc::SIGKILL);
     drop(vm);
+    (snap, mem, printed)
+}
 
+/// Asserts that the original's output followed by a clone's counts 1, 2, 3,
+/// ... with nothing skipped or repeated, at least two past the original's
+/// last full line.
+fn assert_continues(original: &str, clone: &str, what: &str) {
+    let before = counts(original).len() as u64;
+    let seen = counts(&format!("{original}{clone}"));
+    let want: Vec<u64> = (1..=seen.len() as u64).collect();
+    eprintln!(
+        "asserting ({what}): counts 1..={} with nothing skipped or repeated across the restore (the original stopped after {before})",
+        seen.len()
+    );
+    assert_eq!(seen, want, "{what}");
+    assert!(seen.len() as u64 >= before + 2, "{what}: {seen:?}");
+}
+
+#[test]
+fn a_counting_guest_continues_where_it_stopped_three_times_from_one_snapshot() {
+    let (snap, mem, original) = counter_snapshot("counter");
+    let last = counts(&original).len() as u64;
     for round in 0..3 {
         let (mut clone, sock) = api_vmm(&format!("snap-clone{round}"));
         let t = Instant::now();
@@ -168,4 +194,63 @@ fn bad_snapshots_and_late_loads_are_refused_and_nothing_starts() {
     ));
     assert!(msg.contains("before anything is configured"), "{msg}");
     drop(vm);
+}
+
+#[test]
+fn the_command_line_describes_and_restores_a_snapshot() {
+    let (snap, mem, original) = counter_snapshot("counter-cli");
+    let last = counts(&original).len() as u64;
+    let out = vmm()
+        .arg("--describe-snapshot")
+        .arg(&snap)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert!(out.status.success());
+    assert!(
+        text.contains("format 1.0") && text.contains("checksum ok"),
+        "{text}"
+    );
+    assert!(
+        text.contains("vCPU 0: RIP 0x2") && text.contains("vCPU 1:"),
+        "{text}"
+    );
+    assert!(
+        text.contains("the memory file must be 67108864 bytes"),
+        "{text}"
+    );
+
+    let mut cmd = vmm();
+    cmd.arg("--restore")
+        .arg(&snap)
+        .arg("--restore-mem")
+        .arg(&mem);
+    let mut vm = Running::start(cmd);
+    let want = format!("VMM-GUEST: count {:016x}", last + 3);
+    assert!(vm.wait_for(&want, TIMEOUT), "{}", vm.stdout_now());
+    assert_continues(&original, &vm.stdout_now(), "--restore");
+    vm.signal(libc::SIGTERM);
+    assert_eq!(vm.finish(TIMEOUT).code, Some(128 + libc::SIGTERM));
+
+    // A memory file of the wrong size: one line, exit 2, nothing runs.
+    let short = tmp_path("counter-cli-short.mem");
+    std::fs::write(&short, vec![0u8; 4096]).unwrap();
+    let mut cmd = vmm();
+    cmd.arg("--restore")
+        .arg(&snap)
+        .arg("--restore-mem")
+        .arg(&short);
+    let out = run(cmd, TIMEOUT);
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains("has 4096 bytes"), "{}", out.stderr);
+    assert!(out.stdout.is_empty());
+    let out = vmm()
+        .arg("--describe-snapshot")
+        .arg(&short)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad magic"));
 }

@@ -81,6 +81,55 @@ pub struct MicrovmState {
     pub i8042: I8042State,
 }
 
+/// What `vmm --describe-snapshot` prints: the container's version and what
+/// the state holds.
+pub fn describe(path: &Path) -> Result<String, Error> {
+    let (header, state): (_, MicrovmState) = format::read(path)?;
+    let mem: u64 = state.memory.iter().map(|r| r.size).sum();
+    let mut out = format!(
+        "vmm snapshot '{}': format {}.{}, {} bytes of state, checksum ok\n",
+        path.display(),
+        header.major,
+        header.minor,
+        header.payload_len
+    );
+    out += &format!(
+        "guest memory: {} MiB in {} region(s); the memory file must be {mem} bytes\n",
+        mem >> 20,
+        state.memory.len()
+    );
+    for v in &state.vcpus {
+        let unavailable = if v.unavailable.is_empty() {
+            "none".to_string()
+        } else {
+            v.unavailable.join(", ")
+        };
+        out += &format!(
+            "vCPU {}: RIP {:#x}, MP state {}, {} MSRs, {} CPUID leaves, TSC {} kHz, not saved on this host: {unavailable}\n",
+            v.index,
+            v.regs.rip,
+            v.mp_state.mp_state,
+            v.msrs.as_slice().len(),
+            v.cpuid.as_slice().len(),
+            v.tsc_khz.map_or("unknown".to_string(), |k| k.to_string()),
+        );
+    }
+    out += "VM: PIC master and slave, IOAPIC, PIT, kvmclock\n";
+    out += &format!(
+        "devices: COM1 ({} bytes of input pending), i8042 ({} bytes pending)\n",
+        state.serial.in_buffer.len() + state.serial.pending.len(),
+        state.i8042.output.len()
+    );
+    if let Some(b) = &state.config.boot_source {
+        out += &format!(
+            "booted from: {} ({})\n",
+            b.kernel_image_path.display(),
+            state.config.boot_args()
+        );
+    }
+    Ok(out)
+}
+
 /// Writes every guest RAM region to `path`, in guest-address order.
 pub fn save_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<MemoryRegionState>, Error> {
     let io = |err| Error::MemoryFile {
