@@ -217,6 +217,82 @@ mod tests {
     use super::*;
     use vm_memory::Bytes;
 
+    /// A state with every part present (default KVM structures).
+    fn sample_state() -> MicrovmState {
+        use kvm_bindings::{CpuId, Msrs};
+        let vcpu = VcpuState {
+            index: 0,
+            cpuid: CpuId::new(2).unwrap(),
+            msrs: Msrs::new(3).unwrap(),
+            regs: Default::default(),
+            sregs: Default::default(),
+            xsave: Some(Default::default()),
+            xcrs: Some(Default::default()),
+            debug_regs: Default::default(),
+            lapic: Default::default(),
+            mp_state: Default::default(),
+            vcpu_events: Default::default(),
+            tsc_khz: Some(1_000_000),
+            unavailable: vec![],
+        };
+        MicrovmState {
+            config: VmConfig::new("vmlinux"),
+            memory: vec![MemoryRegionState {
+                gpa: 0,
+                size: 1 << 20,
+                offset: 0,
+            }],
+            vm: VmKvmState {
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+                pit: Default::default(),
+                clock: Default::default(),
+            },
+            vcpus: vec![vcpu],
+            serial: devices::persist::Persist::save(&devices::legacy::serial::SerialDevice::new(
+                std::sync::Arc::new(vmm_sys_util::eventfd::EventFd::new(0).unwrap()),
+                Box::new(std::io::sink()),
+            )),
+            i8042: I8042State {
+                status: 0,
+                config: 0x45,
+                output: vec![],
+                awaiting_data_for: None,
+            },
+        }
+    }
+
+    #[test]
+    fn a_state_round_trips_and_mangled_states_are_refused_without_panicking() {
+        let image = format::encode(&sample_state()).unwrap();
+        let (_, back): (_, MicrovmState) = format::decode("s", &image).unwrap();
+        assert_eq!(
+            format::encode(&back).unwrap(),
+            image,
+            "save -> restore -> save"
+        );
+        // Hostile payloads in a valid container: mutated JSON, checksummed anew.
+        let (_, payload) = format::check("s", &image).unwrap();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..300 {
+            let mut p = payload.to_vec();
+            for _ in 0..1 + (x % 4) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let i = (x % p.len() as u64) as usize;
+                p[i] = (x >> 32) as u8;
+            }
+            let text = String::from_utf8_lossy(&p).into_owned();
+            let value: Result<serde_json::Value, _> = serde_json::from_str(&text);
+            let Ok(value) = value else { continue };
+            let reencoded = format::encode(&value).unwrap();
+            // Either a state or an error; never a panic.
+            let _ = format::decode::<MicrovmState>("s", &reencoded);
+        }
+    }
+
     #[test]
     fn memory_round_trips_through_a_private_mapping() {
         let mem = crate::vstate::memory::create_guest_memory(32 << 20).unwrap();
