@@ -166,6 +166,7 @@ pub fn build_from_snapshot(
     // The state file is checksummed, not trusted: its configuration passes
     // the same checks as one given over the API.
     state.config.validate()?;
+    state.check()?;
     if !state.config.drives.is_empty() || !state.config.network_interfaces.is_empty() {
         return Err(Error::Snapshot(snapshot::Error::Unsupported(
             "A VM with drives or network interfaces",

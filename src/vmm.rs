@@ -192,8 +192,14 @@ impl Vmm {
     /// The configuration, to change before boot.
     pub fn config_mut(&mut self) -> Result<&mut VmConfig, Error> {
         self.check(Action::Configure)?;
-        self.configured = true;
         Ok(&mut self.config)
+    }
+
+    /// Records that a boot resource (boot source, machine, drive, network
+    /// interface) was configured: a snapshot can no longer be loaded, as in
+    /// Firecracker. Logger and metrics do not count.
+    pub fn mark_boot_configured(&mut self) {
+        self.configured = true;
     }
 
     /// Records a change a runtime call made (e.g. a drive's new image), so that
@@ -305,6 +311,11 @@ impl Vmm {
                 "The microVM is not started.".into(),
             )));
         };
+        if snapshot_path == mem_file {
+            return Err(Error::Snapshot(snapshot::Error::State(
+                "snapshot_path and mem_file_path are the same file; give two paths.".into(),
+            )));
+        }
         if !s.devices.virtio.is_empty() {
             return Err(Error::Snapshot(snapshot::Error::Unsupported(
                 "A VM with drives or network interfaces",

@@ -254,3 +254,88 @@ fn the_command_line_describes_and_restores_a_snapshot() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad magic"));
 }
+
+#[test]
+fn a_clone_snapshots_itself_over_the_files_it_was_restored_from() {
+    // The clone's memory is mapped from counter-self.mem; writing the new
+    // snapshot there must neither crash it nor corrupt the files.
+    let (snap, mem, original) = counter_snapshot("counter-self");
+    let (mut clone, sock) = api_vmm("snap-self");
+    // Logger and metrics may come first (firecracker-go-sdk configures them).
+    let log = tmp_path("snap-self.log");
+    let logger = format!(r#"{{"log_path": "{}", "level": "Info"}}"#, log.display());
+    assert_eq!(curl(&sock, "PUT", "/logger", Some(&logger)).0, 204);
+    let metrics = format!(
+        r#"{{"metrics_path": "{}"}}"#,
+        tmp_path("snap-self.metrics").display()
+    );
+    assert_eq!(curl(&sock, "PUT", "/metrics", Some(&metrics)).0, 204);
+    assert_eq!(
+        curl(
+            &sock,
+            "PUT",
+            "/snapshot/load",
+            Some(&load_body(&snap, &mem, true))
+        ),
+        (204, String::new())
+    );
+    let last = counts(&original).len() as u64;
+    assert!(clone.wait_for(&format!("VMM-GUEST: count {:016x}", last + 3), TIMEOUT));
+    assert_eq!(
+        curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0,
+        204
+    );
+    let same = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        snap.display(),
+        snap.display()
+    );
+    assert!(fault(curl(&sock, "PUT", "/snapshot/create", Some(&same))).contains("same file"));
+    let create = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        snap.display(),
+        mem.display()
+    );
+    assert_eq!(
+        curl(&sock, "PUT", "/snapshot/create", Some(&create)),
+        (204, String::new())
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let second = format!("{original}{}", clone.stdout_now());
+    assert_eq!(
+        curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0,
+        204
+    );
+    let n = counts(&second).len() as u64;
+    assert!(clone.wait_for(&format!("VMM-GUEST: count {:016x}", n + 2), TIMEOUT));
+    clone.signal(libc::SIGTERM);
+    assert_eq!(clone.finish(TIMEOUT).code, Some(128 + libc::SIGTERM));
+    // The new snapshot restores where the clone was paused.
+    let (mut again, sock) = api_vmm("snap-self-again");
+    assert_eq!(
+        curl(
+            &sock,
+            "PUT",
+            "/snapshot/load",
+            Some(&load_body(&snap, &mem, true))
+        ),
+        (204, String::new())
+    );
+    assert!(again.wait_for(&format!("VMM-GUEST: count {:016x}", n + 2), TIMEOUT));
+    assert_continues(&second, &again.stdout_now(), "snapshot of a clone");
+    // A FIFO is not a snapshot: refused at once, the VMM still answers.
+    let fifo = tmp_path("snap.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    drop(again);
+    let (vm, sock) = api_vmm("snap-fifo");
+    let msg = fault(curl(
+        &sock,
+        "PUT",
+        "/snapshot/load",
+        Some(&load_body(&fifo, &mem, true)),
+    ));
+    assert!(msg.contains("not a regular file"), "{msg}");
+    drop(vm);
+}

@@ -196,7 +196,7 @@ impl Controller {
                 configure(vmm, |c| c.upsert_interface(n.clone()))
             }
             ApiRequest::PutLogger(l) => match crate::logger::configure(l) {
-                Ok(()) => configure(vmm, |c| c.logger = Some(l.clone())),
+                Ok(()) => configure_as(vmm, false, |c| c.logger = Some(l.clone())),
                 Err(e) => bad(e),
             },
             ApiRequest::PutMetrics(m) => {
@@ -208,7 +208,7 @@ impl Controller {
                 match MetricsSink::open(&m.metrics_path) {
                     Ok(sink) => {
                         self.metrics = Some(sink);
-                        configure(vmm, |c| c.metrics = Some(m.clone()))
+                        configure_as(vmm, false, |c| c.metrics = Some(m.clone()))
                     }
                     Err(e) => bad(e),
                 }
@@ -311,8 +311,19 @@ impl Controller {
 }
 
 /// Applies a pre-boot change to the configuration; the whole configuration
-/// must still be valid, or nothing changes.
+/// must still be valid, or nothing changes. A successful change of a boot
+/// resource rules out loading a snapshot afterwards.
 fn configure(vmm: &mut Vmm, change: impl FnOnce(&mut VmConfig)) -> Response {
+    configure_as(vmm, true, change)
+}
+
+/// As [`configure`] for the logger and metrics, which do not count as boot
+/// resources.
+fn configure_as(
+    vmm: &mut Vmm,
+    boot_resource: bool,
+    change: impl FnOnce(&mut VmConfig),
+) -> Response {
     let config = match vmm.config_mut() {
         Ok(c) => c,
         Err(e) => return bad(e),
@@ -322,6 +333,9 @@ fn configure(vmm: &mut Vmm, change: impl FnOnce(&mut VmConfig)) -> Response {
     match next.validate() {
         Ok(()) => {
             *config = next;
+            if boot_resource {
+                vmm.mark_boot_configured();
+            }
             Response::no_content()
         }
         Err(e) => bad(e),

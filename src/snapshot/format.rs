@@ -191,19 +191,60 @@ pub fn decode<T: DeserializeOwned>(path: &str, bytes: &[u8]) -> Result<(Header, 
     Ok((header, state))
 }
 
-/// Creates (or replaces) a snapshot file readable by its owner only: a
-/// snapshot holds the guest's memory and secrets.
-pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
+/// A snapshot file being written: a temporary file (owner-only: a snapshot
+/// holds the guest's memory and secrets) in the target's directory, renamed
+/// over the target only once complete. A VM whose memory is mapped from the
+/// old file keeps the old file (a rename never truncates it), and a failed
+/// write leaves the old file as it was.
+pub struct PendingFile {
+    tmp: std::path::PathBuf,
+    target: std::path::PathBuf,
+    file: std::fs::File,
 }
 
-/// Writes `state` to `path` (created with mode 0600, replaced if it exists).
+impl PendingFile {
+    /// Creates the temporary file next to `target`.
+    pub fn create(target: &Path) -> std::io::Result<PendingFile> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut name = target
+            .file_name()
+            .ok_or_else(|| std::io::Error::other("the path names no file"))?
+            .to_os_string();
+        name.push(format!(".vmm-{}.tmp", std::process::id()));
+        let tmp = target.with_file_name(name);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        Ok(PendingFile {
+            tmp,
+            target: target.to_path_buf(),
+            file,
+        })
+    }
+
+    /// The file to write.
+    pub fn file(&mut self) -> &mut std::fs::File {
+        &mut self.file
+    }
+
+    /// Flushes the data to disk and renames the file over its target.
+    pub fn commit(self) -> std::io::Result<()> {
+        self.file.sync_data()?;
+        std::fs::rename(&self.tmp, &self.target)
+    }
+}
+
+impl Drop for PendingFile {
+    fn drop(&mut self) {
+        // Not committed (or committed: then the temporary name is gone).
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// Writes `state` to `path` (owner-only, replacing it whole, see [`PendingFile`]).
 pub fn write<T: Serialize>(path: &Path, state: &T) -> Result<(), Error> {
     let io = |err| Error::Io {
         what: "write",
@@ -211,31 +252,45 @@ pub fn write<T: Serialize>(path: &Path, state: &T) -> Result<(), Error> {
         err,
     };
     let image = encode(state)?;
-    let mut f = create_private(path).map_err(io)?;
-    f.write_all(&image).map_err(io)?;
-    f.sync_data().map_err(io)
+    let mut f = PendingFile::create(path).map_err(io)?;
+    f.file().write_all(&image).map_err(io)?;
+    f.commit().map_err(io)
+}
+
+/// Opens an existing regular file for reading without blocking (a FIFO or a
+/// device given as a snapshot must not stall the VMM thread).
+pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("it is not a regular file"));
+    }
+    Ok(file)
 }
 
 /// Reads and decodes the snapshot file at `path`.
 pub fn read<T: DeserializeOwned>(path: &Path) -> Result<(Header, T), Error> {
+    use std::io::Read;
     let shown = path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|err| Error::Io {
+    let io = |err| Error::Io {
         what: "read",
         path: shown.clone(),
         err,
-    })?;
-    // A file larger than any snapshot is not read into memory at all.
-    if meta.len() > MAX_PAYLOAD + HEADER_SIZE as u64 + 4 {
+    };
+    let file = open_regular(path).map_err(io)?;
+    // Never more than the largest snapshot: a longer file is refused, not read.
+    let limit = MAX_PAYLOAD + HEADER_SIZE as u64 + 4;
+    let mut bytes = Vec::new();
+    file.take(limit + 1).read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() as u64 > limit {
         return Err(Error::TooLarge {
             path: shown,
-            len: meta.len(),
+            len: bytes.len() as u64,
         });
     }
-    let bytes = std::fs::read(path).map_err(|err| Error::Io {
-        what: "read",
-        path: shown.clone(),
-        err,
-    })?;
     decode(&shown, &bytes)
 }
 

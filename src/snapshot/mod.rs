@@ -9,7 +9,6 @@
 
 pub mod format;
 
-use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 
@@ -81,10 +80,49 @@ pub struct MicrovmState {
     pub i8042: I8042State,
 }
 
+impl MicrovmState {
+    /// Checks that the parts agree: the state file is checksummed, not
+    /// trusted. vCPUs 0..N for N = the configured count, memory regions back
+    /// to back adding up to the configured size.
+    pub fn check(&self) -> Result<(), Error> {
+        let bad = |why: String| {
+            Err(Error::State(format!(
+                "The snapshot is inconsistent: {why}."
+            )))
+        };
+        let count = self.config.machine_config.vcpu_count;
+        if self.vcpus.is_empty() || self.vcpus.len() as u64 != count {
+            return bad(format!(
+                "{} vCPU states for vcpu_count {count}",
+                self.vcpus.len()
+            ));
+        }
+        if let Some((i, v)) = self
+            .vcpus
+            .iter()
+            .enumerate()
+            .find(|(i, v)| v.index as usize != *i)
+        {
+            return bad(format!("vCPU state {i} is for vCPU {}", v.index));
+        }
+        let total = self.memory.iter().try_fold(0u64, |off, r| {
+            (r.offset == off).then(|| off.checked_add(r.size)).flatten()
+        });
+        let want = self.config.machine_config.mem_bytes();
+        if self.memory.is_empty() || total != Some(want) {
+            return bad(format!(
+                "the memory regions do not lay out {want} bytes of guest memory"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What `vmm --describe-snapshot` prints: the container's version and what
 /// the state holds.
 pub fn describe(path: &Path) -> Result<String, Error> {
     let (header, state): (_, MicrovmState) = format::read(path)?;
+    state.check()?;
     let mem: u64 = state.memory.iter().map(|r| r.size).sum();
     let mut out = format!(
         "vmm snapshot '{}': format {}.{}, {} bytes of state, checksum ok\n",
@@ -137,7 +175,10 @@ pub fn save_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<MemoryRegio
         path: path.display().to_string(),
         err,
     };
-    let mut file = format::create_private(path).map_err(io)?;
+    // Written under a temporary name and renamed into place: a VM restored
+    // from the old file keeps its mapping of the old file.
+    let mut pending = format::PendingFile::create(path).map_err(io)?;
+    let file = pending.file();
     let mut regions = Vec::new();
     let mut offset = 0u64;
     for region in mem.iter() {
@@ -157,14 +198,14 @@ pub fn save_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<MemoryRegio
         });
         offset += size;
     }
-    file.sync_data().map_err(io)?;
+    pending.commit().map_err(io)?;
     Ok(regions)
 }
 
 /// Maps the memory file privately and lazily as the guest RAM `regions`.
 pub fn map_memory(path: &Path, regions: &[MemoryRegionState]) -> Result<GuestMemoryMmap, Error> {
     let shown = path.display().to_string();
-    let file = File::open(path).map_err(|err| Error::MemoryFile {
+    let file = format::open_regular(path).map_err(|err| Error::MemoryFile {
         what: "read",
         path: shown.clone(),
         err,
@@ -177,11 +218,12 @@ pub fn map_memory(path: &Path, regions: &[MemoryRegionState]) -> Result<GuestMem
             err,
         })?
         .len();
-    let want: u64 = regions.iter().map(|r| r.size).sum();
-    let laid_out = regions
-        .iter()
-        .try_fold(0u64, |off, r| (r.offset == off).then(|| off + r.size));
-    if found != want || laid_out != Some(want) {
+    // Regions back to back from offset 0; the file holds exactly them.
+    let laid_out = regions.iter().try_fold(0u64, |off, r| {
+        (r.offset == off).then(|| off.checked_add(r.size)).flatten()
+    });
+    let want = laid_out.unwrap_or(u64::MAX);
+    if found != want {
         return Err(Error::MemorySize {
             path: shown,
             found,
@@ -291,6 +333,40 @@ mod tests {
             // Either a state or an error; never a panic.
             let _ = format::decode::<MicrovmState>("s", &reencoded);
         }
+    }
+
+    #[test]
+    fn inconsistent_states_are_refused() {
+        // 1 MiB of regions for the configured 128 MiB.
+        let st = sample_state();
+        assert!(st
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("memory regions"));
+        let mut st = sample_state();
+        st.config.machine_config.mem_size_mib = 1;
+        st.memory[0].size = u64::MAX;
+        assert!(st.check().is_err(), "an overflowing layout");
+        let mut st = sample_state();
+        st.config.machine_config.mem_size_mib = 1;
+        st.vcpus.clear();
+        assert!(st
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("0 vCPU states"));
+        let mut st = sample_state();
+        st.config.machine_config.mem_size_mib = 1;
+        st.vcpus[0].index = 3;
+        assert!(st
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("is for vCPU 3"));
+        let mut st = sample_state();
+        st.config.machine_config.mem_size_mib = 1;
+        assert!(st.check().is_ok());
     }
 
     #[test]

@@ -8,8 +8,12 @@
 use kvm_bindings::{
     kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
     kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
+    KVM_VCPUEVENT_VALID_NMI_PENDING, KVM_VCPUEVENT_VALID_SIPI_VECTOR,
 };
 use kvm_ioctls::VcpuFd;
+
+/// IA32_TSC_DEADLINE: the LAPIC timer's deadline in TSC-deadline mode.
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 use serde::{Deserialize, Serialize};
 
 use super::vcpu::{kvm_err, Error};
@@ -132,9 +136,14 @@ pub fn restore(fd: &VcpuFd, state: &VcpuState) -> Result<(), Error> {
     fd.set_cpuid2(&state.cpuid)
         .map_err(kvm_err("set the CPUID", cpu))?;
     if let Some(khz) = state.tsc_khz {
-        // Best effort: a host whose TSC cannot be scaled keeps its own rate.
-        if let Err(e) = fd.set_tsc_khz(khz) {
-            log::warn!("vCPU {cpu}: cannot set the TSC frequency to {khz} kHz: {e}");
+        // The guest calibrated its timers against this rate: within 250 ppm
+        // nothing is needed, beyond it the host must scale the TSC or the
+        // restore fails (a guest whose clock runs at the wrong rate is worse).
+        let host = fd.get_tsc_khz().ok();
+        let close = host.is_some_and(|h| u64::from(h.abs_diff(khz)) * 4000 <= u64::from(khz));
+        if !close {
+            fd.set_tsc_khz(khz)
+                .map_err(kvm_err("scale the TSC to the snapshot's frequency", cpu))?;
         }
     }
     fd.set_mp_state(state.mp_state)
@@ -144,8 +153,10 @@ pub fn restore(fd: &VcpuFd, state: &VcpuState) -> Result<(), Error> {
     fd.set_sregs(&state.sregs)
         .map_err(kvm_err("set the special registers", cpu))?;
     if let Some(xsave) = &state.xsave {
-        // SAFETY: the VMM never enables KVM_CAP_XSAVE2, so KVM reads exactly
-        // the 4 KiB legacy area that `kvm_xsave` is.
+        // SAFETY: KVM_SET_XSAVE reads more than the 4 KiB legacy area only
+        // for XSTATE features a process enabled with
+        // arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM); the VMM never does, so KVM
+        // reads exactly the `kvm_xsave` given.
         unsafe { fd.set_xsave(xsave) }.map_err(kvm_err("set the XSAVE area", cpu))?;
     }
     if let Some(xcrs) = &state.xcrs {
@@ -155,19 +166,34 @@ pub fn restore(fd: &VcpuFd, state: &VcpuState) -> Result<(), Error> {
         .map_err(kvm_err("set the debug registers", cpu))?;
     fd.set_lapic(&state.lapic)
         .map_err(kvm_err("set the LAPIC", cpu))?;
-    let want = state.msrs.as_slice().len();
-    let set = fd
-        .set_msrs(&state.msrs)
-        .map_err(kvm_err("set the MSRs", cpu))?;
-    if set != want {
-        return Err(Error::MsrsRestored {
-            cpu,
-            set,
-            want,
-            first: state.msrs.as_slice().get(set).map_or(0, |m| m.index),
-        });
+    // The TSC deadline is written after every other MSR (the TSC itself
+    // first), whatever order the state lists them in: a deadline set against
+    // the old TSC value would fire at the wrong time or never.
+    let (deadline, others): (Vec<_>, Vec<_>) = state
+        .msrs
+        .as_slice()
+        .iter()
+        .partition(|m| m.index == MSR_IA32_TSC_DEADLINE);
+    for batch in [others, deadline] {
+        if batch.is_empty() {
+            continue;
+        }
+        let msrs = Msrs::from_entries(&batch).map_err(|_| Error::TooManyMsrs(batch.len()))?;
+        let set = fd.set_msrs(&msrs).map_err(kvm_err("set the MSRs", cpu))?;
+        if set != batch.len() {
+            return Err(Error::MsrsRestored {
+                cpu,
+                set,
+                want: batch.len(),
+                first: batch.get(set).map_or(0, |m| m.index),
+            });
+        }
     }
-    fd.set_vcpu_events(&state.vcpu_events)
+    // KVM reports pending NMIs and the SIPI vector without their "valid"
+    // flags; without them KVM_SET_VCPU_EVENTS would leave them out.
+    let mut events = state.vcpu_events;
+    events.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SIPI_VECTOR;
+    fd.set_vcpu_events(&events)
         .map_err(kvm_err("set the pending events", cpu))?;
     Ok(())
 }

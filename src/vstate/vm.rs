@@ -209,8 +209,8 @@ impl Vm {
         self.fd
             .set_pit2(&state.pit)
             .map_err(kvm_err("set the PIT"))?;
-        // The clock continues from the saved value; KVM ignores flags it
-        // does not know.
+        // The clock continues from the saved value (flags 0: KVM refuses
+        // flags it does not accept on set).
         let clock = kvm_clock_data {
             clock: state.clock.clock,
             flags: 0,
