@@ -123,19 +123,17 @@ fn main() {
         None if boot.is_some() => vmm.start(&mut el),
         None => Ok(()),
     };
-    {
-        if let Err(e) = started_vm {
-            // The API socket goes away with the process.
-            if let Some((thread, endpoint)) = api {
-                drop(endpoint);
-                thread.stop();
-            }
-            drop(raw);
-            match e {
-                vmm::vmm::Error::Build(e) if e.is_usage_error() => usage_exit(e),
-                e @ vmm::vmm::Error::Snapshot(_) => usage_exit(e),
-                e => fail(e),
-            }
+    if let Err(e) = started_vm {
+        // The API socket goes away with the process.
+        if let Some((thread, endpoint)) = api {
+            drop(endpoint);
+            thread.stop();
+        }
+        drop(raw);
+        match e {
+            vmm::vmm::Error::Build(e) if e.is_usage_error() => usage_exit(e),
+            e @ vmm::vmm::Error::Snapshot(_) => usage_exit(e),
+            e => fail(e),
         }
     }
     let mut next_metrics = Instant::now() + METRICS_PERIOD;

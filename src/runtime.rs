@@ -30,6 +30,12 @@ pub enum Error {
     /// Host signals cannot be routed to the event loop.
     #[error("Cannot set up host signal handling: {0}.")]
     Signals(std::io::Error),
+    /// A device or timer cannot be watched by the event loop.
+    #[error("Cannot watch the {what} in the event loop: {err}.")]
+    Watch {
+        what: &'static str,
+        err: std::io::Error,
+    },
     /// The VM failed to start.
     #[error(transparent)]
     Start(Box<crate::vmm::Error>),
@@ -122,8 +128,13 @@ impl EventLoop {
             })));
         }
         for entry in &devices.virtio {
-            let events = QueueEvents::new(entry.transport.clone(), paused.clone())
-                .map_err(Error::Signals)?;
+            let events =
+                QueueEvents::new(entry.transport.clone(), paused.clone()).map_err(|err| {
+                    Error::Watch {
+                        what: "virtio device queues",
+                        err,
+                    }
+                })?;
             self.em.add_subscriber(Arc::new(Mutex::new(events)));
         }
         Ok(())
@@ -131,10 +142,12 @@ impl EventLoop {
 
     /// Wakes the loop every `period` (for periodic work done between rounds).
     pub fn add_periodic_wakeup(&mut self, period: std::time::Duration) -> Result<(), Error> {
-        let mut timer = TimerFd::new().map_err(|e| Error::Signals(e.into()))?;
-        timer
-            .reset(period, Some(period))
-            .map_err(|e| Error::Signals(e.into()))?;
+        let watch = |e: vmm_sys_util::errno::Error| Error::Watch {
+            what: "periodic timer",
+            err: e.into(),
+        };
+        let mut timer = TimerFd::new().map_err(watch)?;
+        timer.reset(period, Some(period)).map_err(watch)?;
         self.em
             .add_subscriber(Arc::new(Mutex::new(TimerWake(timer))));
         Ok(())

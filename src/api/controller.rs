@@ -43,28 +43,19 @@ fn bad(message: impl std::fmt::Display) -> Response {
 /// itself), and later whether it failed, under Firecracker's metric names.
 fn count(req: &ApiRequest, failed: bool) {
     let m = &METRICS;
-    let get = matches!(
-        req,
-        ApiRequest::GetInstanceInfo
-            | ApiRequest::GetVersion
-            | ApiRequest::GetMachineConfig
-            | ApiRequest::GetVmConfig
-    );
-    if get && failed {
-        return;
-    }
-    if matches!(
-        req,
-        ApiRequest::CreateSnapshot(_) | ApiRequest::LoadSnapshot(_)
-    ) {
-        // Firecracker reports snapshots through latencies_us only.
-        return;
-    }
+    // GET requests have a count and no failure counter.
+    let get = |c: &crate::metrics::Counter| {
+        if !failed {
+            c.inc()
+        }
+    };
     let (count, fails) = match req {
-        ApiRequest::GetInstanceInfo => return m.get_api_requests.instance_info_count.inc(),
-        ApiRequest::GetVersion => return m.get_api_requests.vmm_version_count.inc(),
-        ApiRequest::GetMachineConfig => return m.get_api_requests.machine_cfg_count.inc(),
+        ApiRequest::GetInstanceInfo => return get(&m.get_api_requests.instance_info_count),
+        ApiRequest::GetVersion => return get(&m.get_api_requests.vmm_version_count),
+        ApiRequest::GetMachineConfig => return get(&m.get_api_requests.machine_cfg_count),
         ApiRequest::GetVmConfig => return,
+        // Firecracker reports snapshots through latencies_us only.
+        ApiRequest::CreateSnapshot(_) | ApiRequest::LoadSnapshot(_) => return,
         ApiRequest::PutMachineConfig(_) => (
             &m.put_api_requests.machine_cfg_count,
             &m.put_api_requests.machine_cfg_fails,
@@ -101,7 +92,6 @@ fn count(req: &ApiRequest, failed: bool) {
             &m.put_api_requests.metrics_count,
             &m.put_api_requests.metrics_fails,
         ),
-        ApiRequest::CreateSnapshot(_) | ApiRequest::LoadSnapshot(_) => return,
         ApiRequest::Action(_) | ApiRequest::PatchVm(_) => (
             &m.put_api_requests.actions_count,
             &m.put_api_requests.actions_fails,

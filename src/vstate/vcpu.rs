@@ -192,13 +192,11 @@ impl VcpuHandle {
     /// vCPU waiting for SIPI would never leave KVM_RUN by itself).
     pub fn finish(mut self) {
         self.send(VcpuEvent::Finish);
+        while self.thread.as_ref().is_some_and(|t| !t.is_finished()) {
+            self.kick();
+            std::thread::sleep(Duration::from_millis(1));
+        }
         if let Some(t) = self.thread.take() {
-            while !t.is_finished() {
-                // SAFETY: the pthread_t belongs to a thread this handle spawned
-                // and has not joined yet.
-                unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
-                std::thread::sleep(Duration::from_millis(1));
-            }
             if t.join().is_err() {
                 log::error!("the thread of vCPU {} panicked", self.index);
             }
