@@ -47,11 +47,7 @@ fn state(sock: &Path) -> String {
 
 /// The counts the counter guest has printed so far.
 fn counts(vm: &Running) -> Vec<u64> {
-    vm.stdout_now()
-        .lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("VMM-GUEST: count "))
-        .filter_map(|n| u64::from_str_radix(n.trim(), 16).ok())
-        .collect()
+    guest_counts(&vm.stdout_now())
 }
 
 /// CPU time of the VMM's thread named `name`.

@@ -115,6 +115,17 @@ pub fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, 
     (code, body.to_string())
 }
 
+/// The numbers the counter test guest printed ("VMM-GUEST: count N", N in
+/// hex), from complete lines only: output read while the guest runs may end
+/// in the middle of a line.
+pub fn guest_counts(out: &str) -> Vec<u64> {
+    out.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.trim_end().strip_prefix("VMM-GUEST: count "))
+        .filter_map(|n| u64::from_str_radix(n.trim(), 16).ok())
+        .collect()
+}
+
 /// Waits until the VMM's API socket exists.
 pub fn wait_for_socket(sock: &Path, vm: &Running) {
     let deadline = Instant::now() + Duration::from_secs(30);
