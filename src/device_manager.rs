@@ -106,10 +106,11 @@ impl DeviceManager {
         let serial_irq = irq_line(vm, SERIAL_IRQ)?;
         let kbd_irq = irq_line(vm, I8042_KBD_IRQ)?;
         let (serial, i8042) = match saved {
-            Some((s, k)) => (
-                SerialDevice::restore((serial_irq, serial_out), s),
-                I8042::restore((exit.clone(), kbd_irq), k),
-            ),
+            Some((s, k)) => {
+                let Ok(serial) = SerialDevice::restore((serial_irq, serial_out), s);
+                let Ok(i8042) = I8042::restore((exit.clone(), kbd_irq), k);
+                (serial, i8042)
+            }
             None => (
                 SerialDevice::new(serial_irq, serial_out),
                 I8042::new(exit.clone(), kbd_irq),

@@ -363,7 +363,7 @@ fn patch_drive(vmm: &mut Vmm, p: &PartialDrive) -> Response {
             let block = d.as_any_mut().downcast_mut::<Block>()?;
             Some(match opened {
                 Ok((file, capacity)) => {
-                    block.swap_image(file, capacity);
+                    block.swap_image(path, file, capacity);
                     Ok(())
                 }
                 // The image already served: its (new) size is read again.

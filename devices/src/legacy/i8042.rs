@@ -174,6 +174,7 @@ pub struct I8042State {
 
 impl crate::persist::Persist for I8042 {
     type State = I8042State;
+    type Error = std::convert::Infallible;
     type Resources = (Arc<dyn ExitRequester>, Arc<dyn InterruptLine>);
 
     fn save(&self) -> I8042State {
@@ -185,14 +186,14 @@ impl crate::persist::Persist for I8042 {
         }
     }
 
-    fn restore((exit, kbd_irq): Self::Resources, state: &I8042State) -> Self {
+    fn restore((exit, kbd_irq): Self::Resources, state: &I8042State) -> Result<Self, Self::Error> {
         let mut dev = I8042::new(exit, kbd_irq);
         dev.status = state.status & !STATUS_OUTPUT_FULL;
         dev.config = state.config;
         // A hostile snapshot cannot make the buffer larger than the device's.
         dev.output = state.output.iter().copied().take(MAX_OUTPUT).collect();
         dev.awaiting_data_for = state.awaiting_data_for;
-        dev
+        Ok(dev)
     }
 }
 
@@ -320,7 +321,7 @@ mod tests {
         let _ = read(&mut dev, DATA);
         dev.write(COMMAND, &[CMD_WRITE_CONFIG]);
         let saved = dev.save();
-        let mut restored = I8042::restore((exit, Arc::new(CountingIrq::default())), &saved);
+        let Ok(mut restored) = I8042::restore((exit, Arc::new(CountingIrq::default())), &saved);
         assert_eq!(restored.save(), saved);
         // The restored controller continues where the saved one was.
         restored.write(DATA, &[0x41]);

@@ -112,6 +112,7 @@ pub struct SerialDeviceState {
 
 impl crate::persist::Persist for SerialDevice {
     type State = SerialDeviceState;
+    type Error = std::convert::Infallible;
     type Resources = (Arc<dyn InterruptLine>, Box<dyn Write + Send>);
 
     fn save(&self) -> SerialDeviceState {
@@ -130,7 +131,10 @@ impl crate::persist::Persist for SerialDevice {
         }
     }
 
-    fn restore((irq, out): Self::Resources, state: &SerialDeviceState) -> Self {
+    fn restore(
+        (irq, out): Self::Resources,
+        state: &SerialDeviceState,
+    ) -> Result<Self, Self::Error> {
         let uart_state = vm_superio::serial::SerialState {
             baud_divisor_low: state.baud_divisor[0],
             baud_divisor_high: state.baud_divisor[1],
@@ -154,12 +158,12 @@ impl crate::persist::Persist for SerialDevice {
         });
         let mut pending: VecDeque<u8> = state.pending.iter().copied().collect();
         pending.truncate(MAX_PENDING_INPUT);
-        SerialDevice {
+        Ok(SerialDevice {
             uart,
             pending,
             dropped_input: 0,
             output_failed: false,
-        }
+        })
     }
 }
 
@@ -301,7 +305,7 @@ mod tests {
         let saved = dev.save();
         assert_eq!(saved.pending.len() + saved.in_buffer.len(), 100);
         let out = SharedBuf::default();
-        let mut restored = SerialDevice::restore(
+        let Ok(mut restored) = SerialDevice::restore(
             (Arc::new(CountingIrq::default()), Box::new(out.clone())),
             &saved,
         );

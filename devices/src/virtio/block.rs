@@ -56,6 +56,7 @@ pub enum Error {
 
 /// A virtio block device.
 pub struct Block {
+    path: PathBuf,
     file: File,
     read_only: bool,
     capacity: u64,
@@ -177,6 +178,7 @@ impl Block {
         }
         let (file, capacity) = open_image(path, read_only)?;
         Ok(Block {
+            path: path.to_path_buf(),
             file,
             read_only,
             capacity,
@@ -196,7 +198,8 @@ impl Block {
     /// Serves `file` (opened and locked with [`open_image`], outside any lock)
     /// from now on; the old image is closed and unlocked. The caller tells the
     /// driver that the capacity changed.
-    pub fn swap_image(&mut self, file: File, capacity: u64) {
+    pub fn swap_image(&mut self, path: &Path, file: File, capacity: u64) {
+        self.path = path.to_path_buf();
         self.file = file;
         self.capacity = capacity;
         self.counters.update_count += 1;
@@ -555,6 +558,59 @@ impl VirtioDevice for Block {
         self.active = None;
         self.acked_features = 0;
         self.more = false;
+    }
+
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        // Requests are served whole within a pass: nothing is held between passes.
+        self.active.as_ref().map(|a| vec![a.queue.state()])
+    }
+}
+
+/// What a snapshot keeps of a block device: the image is reopened by path
+/// (and locked again) on restore; the rest is what the driver negotiated.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockState {
+    /// The image file.
+    pub path: PathBuf,
+    /// Whether it is served read-only.
+    pub read_only: bool,
+    /// The serial the driver reads (GET_ID), up to 20 bytes.
+    pub serial: Vec<u8>,
+    /// The capacity the driver last saw, in sectors.
+    pub capacity: u64,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+}
+
+impl crate::persist::Persist for Block {
+    type State = BlockState;
+    type Resources = ();
+    type Error = Error;
+
+    fn save(&self) -> BlockState {
+        let len = self
+            .id
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.id.len());
+        BlockState {
+            path: self.path.clone(),
+            read_only: self.read_only,
+            serial: self.id[..len].to_vec(),
+            capacity: self.capacity,
+            acked_features: self.acked_features,
+        }
+    }
+
+    /// Reopens and locks the image (a clone restored while another VM holds
+    /// a writable image fails here, before anything runs). The capacity is
+    /// the image's now; the VMM tells the driver if it changed.
+    fn restore((): (), state: &BlockState) -> Result<Self, Error> {
+        let serial = std::str::from_utf8(&state.serial)
+            .map_err(|_| Error::IdTooLong(String::from_utf8_lossy(&state.serial).into()))?;
+        let mut dev = Block::open(&state.path, state.read_only, Some(serial))?;
+        dev.acked_features = state.acked_features & dev.features();
+        Ok(dev)
     }
 }
 

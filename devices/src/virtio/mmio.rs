@@ -10,8 +10,12 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{status, Interrupt, VirtioDevice, INTERRUPT_CONFIG_CHANGE, VIRTIO_F_VERSION_1};
+use super::{
+    status, ActivateError, Interrupt, QueueSnapshot, VirtioDevice, INTERRUPT_CONFIG_CHANGE,
+    VIRTIO_F_VERSION_1,
+};
 use crate::bus::BusDevice;
+use crate::persist::Persist;
 
 const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -493,6 +497,177 @@ impl BusDevice for MmioTransport {
     }
 }
 
+/// What a snapshot keeps of a transport: every register the driver
+/// programmed, the interrupt status, and each queue (the device's live queues
+/// once it is started).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MmioTransportState {
+    /// Virtio device ID of the device behind it.
+    pub device_type: u32,
+    /// Device status register.
+    pub status: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// Features the driver wrote.
+    pub driver_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// InterruptStatus: bits raised and not yet acknowledged.
+    pub interrupt_status: u32,
+    /// The device was started (DRIVER_OK accepted).
+    pub activated: bool,
+    /// Every queue.
+    pub queues: Vec<QueueSnapshot>,
+    /// Queues the driver misconfigured during set-up.
+    pub bad_config: Vec<bool>,
+}
+
+/// Why a saved transport cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The transport's descriptors cannot be created.
+    #[error("Cannot set up the device's transport: {0}.")]
+    Io(#[from] std::io::Error),
+    /// The state is for another kind of device.
+    #[error("The saved transport is for a virtio device of type {saved}, not {device}.")]
+    DeviceType { saved: u32, device: u32 },
+    /// The state does not have the device's queues.
+    #[error("The saved transport has {saved} queues, the device {device}.")]
+    QueueCount { saved: usize, device: usize },
+    /// A saved queue is not one a driver could have set up.
+    #[error("Saved queue {index} is not one a driver can set up ({why}).")]
+    Queue { index: usize, why: String },
+    /// The saved driver features are more than the device offers.
+    #[error("The saved driver features {0:#x} include features the device does not offer.")]
+    Features(u64),
+    /// The device refused its saved queues.
+    #[error("The device cannot start with its saved queues: {0}")]
+    Activate(#[from] ActivateError),
+}
+
+impl MmioTransport {
+    /// After a restore, once the vCPUs can take it: raises the interrupt
+    /// again if the driver had not acknowledged it, and looks at every queue
+    /// once (requests made available before the snapshot are served).
+    pub fn kick_after_restore(&self) {
+        self.interrupt.retrigger();
+        for evt in &self.queue_evts {
+            if let Err(e) = evt.write(1) {
+                log::warn!("virtio: cannot signal a restored queue: {e}");
+            }
+        }
+    }
+}
+
+impl Persist for MmioTransport {
+    type State = MmioTransportState;
+    type Resources = (Box<dyn VirtioDevice>, GuestMemoryMmap, Interrupt);
+    type Error = RestoreError;
+
+    fn save(&self) -> MmioTransportState {
+        let activated = self.activated || self.pending.is_some();
+        let live = match &self.pending {
+            Some(queues) => Some(queues.iter().map(|q| q.state()).collect()),
+            None if self.activated => self.with_device(|d| d.queue_states()),
+            None => None,
+        };
+        let queues = live
+            .unwrap_or_else(|| self.queues.iter().map(|q| q.state()).collect())
+            .into_iter()
+            .map(QueueSnapshot::from)
+            .collect();
+        MmioTransportState {
+            device_type: self.device_type,
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            activated,
+            queues,
+            bad_config: self.bad_config.clone(),
+        }
+    }
+
+    /// A transport in `state` for `device` (itself restored): a started
+    /// device is started again with its saved queues, here, before any vCPU
+    /// runs; a device that needed a reset still needs one.
+    fn restore(
+        (device, mem, interrupt): Self::Resources,
+        state: &MmioTransportState,
+    ) -> Result<Self, RestoreError> {
+        let mut t = MmioTransport::new(device, mem, interrupt)?;
+        if state.device_type != t.device_type {
+            return Err(RestoreError::DeviceType {
+                saved: state.device_type,
+                device: t.device_type,
+            });
+        }
+        let count = t.queues.len();
+        if state.queues.len() != count || state.bad_config.len() != count {
+            return Err(RestoreError::QueueCount {
+                saved: state.queues.len(),
+                device: count,
+            });
+        }
+        if state.driver_features & !t.device_features != 0 {
+            return Err(RestoreError::Features(state.driver_features));
+        }
+        let mut queues = Vec::with_capacity(count);
+        for (index, (saved, fresh)) in state.queues.iter().zip(&t.queues).enumerate() {
+            let queue_err = |why: String| RestoreError::Queue { index, why };
+            if saved.max_size != fresh.max_size() {
+                return Err(queue_err(format!(
+                    "maximum size {} where the device has {}",
+                    saved.max_size,
+                    fresh.max_size()
+                )));
+            }
+            queues.push(saved.to_queue().map_err(|e| queue_err(format!("{e:?}")))?);
+        }
+        t.status = state.status;
+        t.device_features_sel = state.device_features_sel;
+        t.driver_features_sel = state.driver_features_sel;
+        t.driver_features = state.driver_features;
+        t.queue_sel = state.queue_sel;
+        t.config_generation = state.config_generation;
+        t.bad_config.clone_from(&state.bad_config);
+        t.interrupt.restore_status(state.interrupt_status);
+        if state.status & status::FEATURES_OK != 0 {
+            let acked = state.driver_features;
+            t.with_device(|d| d.ack_features(acked));
+        }
+        if !state.activated {
+            t.queues = queues;
+            return Ok(t);
+        }
+        t.activated = true;
+        if state.status & status::DEVICE_NEEDS_RESET != 0 {
+            // Broken when saved: the driver must reset it, as before.
+            return Ok(t);
+        }
+        if let Some(index) = queues
+            .iter()
+            .position(|q| !q.ready() || !q.is_valid(&t.mem) || q.avail_ring() == 0)
+        {
+            return Err(RestoreError::Queue {
+                index,
+                why: "not ready, or outside guest memory".into(),
+            });
+        }
+        let (mem, interrupt) = (t.mem.clone(), t.interrupt.clone());
+        t.with_device(|d| d.activate(mem, queues, interrupt))?;
+        t.running.store(true, Ordering::SeqCst);
+        Ok(t)
+    }
+}
+
 /// What a pass over a queue or the backend found.
 enum Served {
     /// The device did its work; `pending` if the pass stopped at its budget.
@@ -925,6 +1100,9 @@ mod tests {
             true
         }
         fn reset(&mut self) {}
+        fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+            None
+        }
     }
 
     #[test]
@@ -994,6 +1172,126 @@ mod tests {
         t.config_changed();
         assert_eq!(r(&mut t, REG_CONFIG_GENERATION), 2);
         assert_eq!(r(&mut t, REG_INTERRUPT_STATUS), INTERRUPT_CONFIG_CHANGE);
+        let _ = std::fs::remove_file(p);
+    }
+
+    fn restored(
+        saved: &MmioTransportState,
+        path: &std::path::Path,
+    ) -> Result<MmioTransport, RestoreError> {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+        let dev = Block::open(path, false, None).unwrap();
+        MmioTransport::restore(
+            (
+                Box::new(dev),
+                mem,
+                Interrupt::new(Arc::new(CountingIrq::default())),
+            ),
+            saved,
+        )
+    }
+
+    #[test]
+    fn a_transport_in_set_up_round_trips() {
+        let (mut t, p) = transport("persist-setup");
+        negotiate(&mut t);
+        w(&mut t, REG_QUEUE_SEL, 0);
+        w(&mut t, REG_QUEUE_NUM, 32);
+        w(&mut t, REG_QUEUE_DESC_LOW, 0x2000);
+        w(&mut t, REG_QUEUE_DRIVER_LOW, 0x3001); // misaligned: remembered as bad
+        let saved = t.save();
+        assert!(!saved.activated);
+        assert_eq!(
+            (saved.queues[0].size, saved.queues[0].desc_table),
+            (32, 0x2000)
+        );
+        assert_eq!(saved.bad_config, [true]);
+        drop(t); // releases the image lock
+        let mut back = restored(&saved, &p).unwrap();
+        assert_eq!(back.save(), saved);
+        // The driver goes on where it was: the bad ring address still keeps
+        // the device from starting.
+        w(&mut back, REG_QUEUE_DRIVER_LOW, 0x3000);
+        w(&mut back, REG_QUEUE_DEVICE_LOW, 0x4000);
+        w(&mut back, REG_QUEUE_READY, 1);
+        w(&mut back, REG_STATUS, RUNNING);
+        assert_ne!(r(&mut back, REG_STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        let _ = std::fs::remove_file(p);
+    }
+
+    #[test]
+    fn a_started_transport_round_trips_and_runs_again() {
+        let (mut t, p) = transport("persist-run");
+        negotiate(&mut t);
+        setup_queue(&mut t, 16);
+        w(&mut t, REG_STATUS, RUNNING);
+        // Saved between DRIVER_OK and the event loop's activation: started.
+        let pending = t.save();
+        assert!(t.complete_activation());
+        t.config_changed();
+        let saved = t.save();
+        assert_eq!(pending.queues, saved.queues);
+        assert!(saved.activated);
+        assert_eq!(saved.interrupt_status, INTERRUPT_CONFIG_CHANGE);
+        assert_eq!(
+            (
+                saved.queues[0].size,
+                saved.queues[0].avail_ring,
+                saved.queues[0].ready
+            ),
+            (16, 0x3000, true)
+        );
+        drop(t);
+        let mut back = restored(&saved, &p).unwrap();
+        assert!(
+            back.activated && back.running(),
+            "started before any vCPU runs"
+        );
+        assert_eq!(back.save(), saved);
+        assert_eq!(r(&mut back, REG_STATUS), RUNNING);
+        assert_eq!(r(&mut back, REG_INTERRUPT_STATUS), INTERRUPT_CONFIG_CHANGE);
+        assert_eq!(r(&mut back, REG_CONFIG_GENERATION), 1);
+        // A reset after the restore works as before it.
+        w(&mut back, REG_STATUS, 0);
+        assert!(!back.activated);
+        let _ = std::fs::remove_file(p);
+    }
+
+    #[test]
+    fn saved_transports_a_driver_could_not_have_made_are_refused() {
+        let (mut t, p) = transport("persist-bad");
+        negotiate(&mut t);
+        setup_queue(&mut t, 16);
+        w(&mut t, REG_STATUS, RUNNING);
+        assert!(t.complete_activation());
+        let good = t.save();
+        drop(t);
+        let mut cases: Vec<(&str, MmioTransportState)> = Vec::new();
+        let mut s = good.clone();
+        s.device_type = 1;
+        cases.push(("device type", s));
+        let mut s = good.clone();
+        s.queues.push(s.queues[0]);
+        cases.push(("queue count", s));
+        let mut s = good.clone();
+        s.queues[0].size = 12;
+        cases.push(("queue size", s));
+        let mut s = good.clone();
+        s.queues[0].max_size = 1024;
+        cases.push(("maximum size", s));
+        let mut s = good.clone();
+        s.queues[0].used_ring = 0x4002;
+        cases.push(("misaligned ring", s));
+        let mut s = good.clone();
+        s.queues[0].desc_table = 0xfff0_0000;
+        cases.push(("ring outside memory", s));
+        let mut s = good.clone();
+        s.driver_features |= 1 << 50;
+        cases.push(("features", s));
+        for (what, state) in cases {
+            assert!(restored(&state, &p).is_err(), "{what}");
+        }
+        assert!(restored(&good, &p).is_ok());
         let _ = std::fs::remove_file(p);
     }
 }

@@ -9,7 +9,8 @@ pub mod tap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 
 use crate::InterruptLine;
@@ -72,9 +73,85 @@ impl Interrupt {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Sets `bits` in the interrupt status without raising the line (a
+    /// restored device's status; the VMM raises the line once its vCPUs can
+    /// take it).
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
+    /// Raises the line again if the status has bits the driver has not
+    /// acknowledged.
+    pub fn retrigger(&self) {
+        if self.status() != 0 {
+            if let Err(e) = self.line.trigger() {
+                log::warn!("virtio: cannot raise the device interrupt: {e}");
+            }
+        }
+    }
+
     /// Clears the acknowledged `bits`.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// A queue's saved state: what the driver programmed (size, ring addresses,
+/// ready) and where the device is in the rings (next available and used
+/// index). Restoring checks it as the transport checks a driver's writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// Largest size the device offers.
+    pub max_size: u16,
+    /// Size the driver chose.
+    pub size: u16,
+    /// The driver marked the queue ready.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available (driver) ring address.
+    pub avail_ring: u64,
+    /// Used (device) ring address.
+    pub used_ring: u64,
+    /// Next available-ring entry the device will take.
+    pub next_avail: u16,
+    /// Next used-ring entry the device will fill.
+    pub next_used: u16,
+    /// VIRTIO_F_EVENT_IDX is in use.
+    pub event_idx: bool,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        QueueSnapshot {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx: q.event_idx_enabled,
+        }
+    }
+}
+
+impl QueueSnapshot {
+    /// The queue, if the state is one a queue can be in (size a power of two
+    /// within the maximum, rings aligned).
+    pub fn to_queue(self) -> Result<Queue, virtio_queue::Error> {
+        Queue::try_from(QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })
     }
 }
 
@@ -130,6 +207,11 @@ pub trait VirtioDevice: Send {
     }
     /// Stops the device and drops its queues.
     fn reset(&mut self);
+    /// The state of the queues of a started device, for a snapshot: as the
+    /// driver sees them, so buffers the device took but has not used yet are
+    /// given back (taken again after a restore, neither lost nor used twice).
+    /// None while the device is not started.
+    fn queue_states(&self) -> Option<Vec<QueueState>>;
     /// A descriptor the event loop watches for the device (e.g. a TAP), if any.
     fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
         None

@@ -313,6 +313,47 @@ impl<B: NetBackend> Net<B> {
     }
 }
 
+/// What a snapshot keeps of a network device besides its queues; the TAP is
+/// reopened by name (the VMM's part of the state, which `network_overrides`
+/// may change).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetState {
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+    /// The MTU announced, if any.
+    pub mtu: Option<u16>,
+    /// Whether MRG_RXBUF is offered.
+    pub mrg_rxbuf: bool,
+    /// Features the driver accepted (its offloads are set on the new TAP).
+    pub acked_features: u64,
+}
+
+impl<B: NetBackend + 'static> crate::persist::Persist for Net<B> {
+    type State = NetState;
+    type Resources = B;
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> NetState {
+        NetState {
+            mac: self.mac,
+            mtu: self.mtu,
+            mrg_rxbuf: self.mrg_rxbuf,
+            acked_features: self.acked_features,
+        }
+    }
+
+    /// A device on `backend` (the TAP opened anew) in `state`; the offloads
+    /// the driver accepted are configured on the backend.
+    fn restore(backend: B, state: &NetState) -> Result<Self, Self::Error> {
+        let mut dev = Net::new(backend, state.mac).with_mrg_rxbuf(state.mrg_rxbuf);
+        dev.mtu = state.mtu;
+        if state.acked_features != 0 {
+            dev.ack_features(state.acked_features);
+        }
+        Ok(dev)
+    }
+}
+
 /// Receive buffers taken from the ring and not yet filled. The device keeps
 /// them between frames, so that with MRG_RXBUF it can read a frame into as many
 /// buffers as the largest frame needs and give back only those it filled.
@@ -531,6 +572,18 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
         self.rx_waiting_for_buffers = false;
         self.tx_more = false;
         self.rx.clear();
+    }
+
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        let (_, queues, _) = self.active.as_ref()?;
+        let mut states: Vec<_> = queues.iter().map(|q| q.state()).collect();
+        // Receive chains taken from the ring but not filled were the last ones
+        // taken (they are used oldest first): a restored device takes them
+        // again from the available ring.
+        if let Some(rx) = states.get_mut(RX) {
+            rx.next_avail = rx.next_avail.wrapping_sub(self.rx.chains.len() as u16);
+        }
+        Some(states)
     }
 
     fn backend_fd(&self) -> Option<RawFd> {

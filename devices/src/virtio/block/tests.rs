@@ -529,3 +529,27 @@ fn a_chain_longer_than_the_queue_marks_the_device_broken() {
     assert_eq!(h.used(0), (0, 0));
     assert_eq!(h.status(STATUS), 0x5a, "nothing was written");
 }
+
+#[test]
+fn block_state_round_trips_and_reopens_the_image() {
+    use crate::persist::Persist;
+    let (p, _) = image(16);
+    let mut h = Harness::new(&p.0, false);
+    h.dev.ack_features(1 << VIRTIO_F_VERSION_1);
+    let saved = h.dev.save();
+    assert_eq!(saved.serial, b"serial-0123");
+    assert_eq!((saved.capacity, saved.read_only), (16, false));
+    // The image is locked by the running device: a second restore fails
+    // cleanly, as a second VM on the same writable disk would.
+    assert!(matches!(Block::restore((), &saved), Err(Error::InUse(_))));
+    simple(&mut h, VIRTIO_BLK_T_IN, 0, 512, true);
+    assert!(h.process());
+    let queues = h.dev.queue_states().unwrap();
+    assert_eq!(
+        (queues.len(), queues[0].next_avail, queues[0].next_used),
+        (1, 1, 1)
+    );
+    drop(h);
+    let back = Block::restore((), &saved).unwrap();
+    assert_eq!(back.save(), saved);
+}
