@@ -135,7 +135,7 @@ pub fn build(
 
     let mut devices = DeviceManager::new(&vm, exit.clone(), serial_out)?;
     for (names, device) in open_devices(config)? {
-        devices.attach_virtio(&vm, &mem, names, device)?;
+        devices.attach_virtio(&vm, &mem, names, device, None)?;
     }
     let virtio_info = devices.virtio_info();
     let kernel = load_boot_images(config, boot, &mem, &virtio_info)?;
@@ -154,7 +154,10 @@ pub fn build(
 
 /// Builds a VM from a snapshot's state and memory file: the guest memory is
 /// the file mapped privately, and the irqchip, PIT, clock, COM1, i8042 and
-/// every vCPU are in their saved state. Boot set-up (kernel, tables, entry
+/// every vCPU are in their saved state. Disk images are reopened (and
+/// locked) by path and TAP devices by name first, so a clone that cannot have
+/// its devices fails before anything else is set up; started virtio devices
+/// start again with their saved queues. Boot set-up (kernel, tables, entry
 /// registers) is not done: the guest is already past it.
 pub fn build_from_snapshot(
     state: &MicrovmState,
@@ -167,11 +170,7 @@ pub fn build_from_snapshot(
     // the same checks as one given over the API.
     state.config.validate()?;
     state.check()?;
-    if !state.config.drives.is_empty() || !state.config.network_interfaces.is_empty() {
-        return Err(Error::Snapshot(snapshot::Error::Unsupported(
-            "A VM with drives or network interfaces",
-        )));
-    }
+    let reopened = reopen_devices(state)?;
     let cpus = state.vcpus.len() as u32;
     let vm = vm::Vm::new()?;
     vm.check_vcpu_count(cpus)?;
@@ -179,12 +178,23 @@ pub fn build_from_snapshot(
     vm.register_memory(&mem)?;
     vm.setup_irqchip()?;
     vm.restore_state(&state.vm)?;
-    let devices = DeviceManager::with_legacy_state(
+    let mut devices = DeviceManager::with_legacy_state(
         &vm,
         exit.clone(),
         serial_out,
         Some((&state.serial, &state.i8042)),
     )?;
+    for (saved, ((names, device), resized)) in state.virtio.iter().zip(reopened) {
+        let at = Some((&saved.transport, saved.mmio_base, saved.irq));
+        devices.attach_virtio(&vm, &mem, names, device, at)?;
+        if resized {
+            if let Some(entry) = devices.virtio.last() {
+                // The image changed size since the snapshot: the driver rereads it.
+                let mut t = entry.transport.lock().unwrap_or_else(|e| e.into_inner());
+                t.config_changed();
+            }
+        }
+    }
     let vcpus = state
         .vcpus
         .iter()
@@ -207,6 +217,50 @@ pub fn build_from_snapshot(
 
 /// A virtio device with its ID, kind and log label.
 type NamedDevice = ((String, VirtioKind, String), Box<dyn VirtioDevice>);
+
+/// Reopens the host side of every saved virtio device: its disk image (by
+/// path, locked as at boot: a writable image another VM holds is refused) or
+/// its TAP (by the configured name, after `network_overrides`). Each comes
+/// with whether a disk's size changed since the snapshot.
+fn reopen_devices(state: &MicrovmState) -> Result<Vec<(NamedDevice, bool)>, Error> {
+    use devices::persist::Persist;
+    use snapshot::VirtioDeviceState;
+    let mut out: Vec<(NamedDevice, bool)> = Vec::new();
+    for v in &state.virtio {
+        match &v.device {
+            VirtioDeviceState::Block(b) => {
+                let block = Block::restore((), b)?;
+                let resized = block.capacity() != b.capacity;
+                let label = format!("disk {} ({})", v.id, b.path.display());
+                out.push((
+                    ((v.id.clone(), VirtioKind::Block, label), Box::new(block)),
+                    resized,
+                ));
+            }
+            VirtioDeviceState::Net(n) => {
+                // check() matched every saved device with a configured one.
+                let Some(iface) = state
+                    .config
+                    .network_interfaces
+                    .iter()
+                    .find(|i| i.iface_id == v.id)
+                else {
+                    return Err(Error::Snapshot(snapshot::Error::State(format!(
+                        "The snapshot has no configuration for network interface '{}'.",
+                        v.id
+                    ))));
+                };
+                let Ok(net) = Net::restore(Tap::open(&iface.host_dev_name)?, n);
+                let label = format!("net {} ({})", v.id, iface.host_dev_name);
+                out.push((
+                    ((v.id.clone(), VirtioKind::Net, label), Box::new(net)),
+                    false,
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
 
 /// Opens (and locks) every disk image and attaches every TAP device before
 /// anything is placed, so bad input fails the start without side effects. Disks

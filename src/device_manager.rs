@@ -12,7 +12,12 @@ use devices::bus::Bus;
 use devices::legacy::i8042::{I8042State, I8042};
 use devices::legacy::serial::{SerialDevice, SerialDeviceState};
 use devices::persist::Persist;
-use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, REG_QUEUE_NOTIFY};
+use devices::virtio::block::Block;
+use devices::virtio::mmio::{
+    MmioTransport, MmioTransportState, RestoreError, MMIO_WINDOW_SIZE, REG_QUEUE_NOTIFY,
+};
+use devices::virtio::net::Net;
+use devices::virtio::tap::Tap;
 use devices::virtio::{Interrupt, VirtioDevice};
 use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
@@ -22,6 +27,7 @@ use crate::arch::x86_64::acpi::VirtioMmioDeviceInfo;
 use crate::arch::x86_64::layout::*;
 use crate::config::MAX_VIRTIO_DEVICES;
 use crate::exit::ExitSignal;
+use crate::snapshot::{VirtioDeviceState, VirtioEntryState};
 use crate::vstate::vm;
 
 /// Errors placing devices.
@@ -42,6 +48,18 @@ pub enum Error {
     /// A virtio device cannot be set up.
     #[error("Cannot set up virtio device '{id}': {err}.")]
     Virtio { id: String, err: std::io::Error },
+    /// A saved transport cannot be restored.
+    #[error("Cannot restore virtio device '{id}': {err}")]
+    Restore { id: String, err: RestoreError },
+    /// A saved device is not where the snapshot says it was.
+    #[error("Virtio device '{id}' was saved at {saved:#x} IRQ {saved_irq}, and would be placed at {base:#x} IRQ {irq}; the snapshot does not match this VMM's device layout.")]
+    Layout {
+        id: String,
+        saved: u64,
+        saved_irq: u32,
+        base: u64,
+        irq: u32,
+    },
     /// A queue notification cannot be connected to KVM.
     #[error("KVM could not connect a queue notification of virtio device '{id}': {err}.")]
     IoEvent { id: String, err: kvm_ioctls::Error },
@@ -139,13 +157,16 @@ impl DeviceManager {
 
     /// Attaches `device` in the next virtio-mmio window with the next interrupt
     /// line: an irqfd for its interrupt and an ioeventfd per queue, so neither
-    /// interrupts nor notifications wait on a vCPU exit handler.
+    /// interrupts nor notifications wait on a vCPU exit handler. With `saved`,
+    /// the transport is restored in that state (the device started again if
+    /// it was), and must have been saved in this same window.
     pub fn attach_virtio(
         &mut self,
         vm: &vm::Vm,
         mem: &GuestMemoryMmap,
         (id, kind, label): (String, VirtioKind, String),
         device: Box<dyn VirtioDevice>,
+        saved: Option<(&MmioTransportState, u64, u32)>,
     ) -> Result<(), Error> {
         let index = self.virtio.len();
         if index >= MAX_VIRTIO_DEVICES {
@@ -153,6 +174,17 @@ impl DeviceManager {
         }
         let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
         let irq = VIRTIO_IRQ_START + index as u32;
+        if let Some((_, saved_base, saved_irq)) = saved {
+            if (saved_base, saved_irq) != (base, irq) {
+                return Err(Error::Layout {
+                    id,
+                    saved: saved_base,
+                    saved_irq,
+                    base,
+                    irq,
+                });
+            }
+        }
         let virtio_err = |err| Error::Virtio {
             id: id.clone(),
             err,
@@ -160,7 +192,14 @@ impl DeviceManager {
         let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(virtio_err)?;
         vm.register_irqfd(&irq_evt, irq)?;
         let interrupt = Interrupt::new(Arc::new(irq_evt));
-        let transport = MmioTransport::new(device, mem.clone(), interrupt).map_err(virtio_err)?;
+        let transport = match saved {
+            Some((state, _, _)) => MmioTransport::restore((device, mem.clone(), interrupt), state)
+                .map_err(|err| Error::Restore {
+                    id: id.clone(),
+                    err,
+                })?,
+            None => MmioTransport::new(device, mem.clone(), interrupt).map_err(virtio_err)?,
+        };
         for (queue, evt) in transport.queue_evts().iter().enumerate() {
             vm.fd()
                 .register_ioevent(
@@ -206,6 +245,51 @@ impl DeviceManager {
     /// Where the guest finds each virtio device, in attachment order.
     pub fn virtio_info(&self) -> Vec<VirtioMmioDeviceInfo> {
         self.virtio.iter().map(|e| e.info).collect()
+    }
+
+    /// The state of every virtio device and its transport, in attachment
+    /// order (the VM is paused: no queue pass runs meanwhile).
+    pub fn save_virtio(&self) -> Result<Vec<VirtioEntryState>, crate::snapshot::Error> {
+        self.virtio
+            .iter()
+            .map(|e| {
+                let t = e.transport.lock().unwrap_or_else(|e| e.into_inner());
+                let device = t.with_device(|d| match e.kind {
+                    VirtioKind::Block => d
+                        .as_any_mut()
+                        .downcast_mut::<Block>()
+                        .map(|b| VirtioDeviceState::Block(b.save())),
+                    VirtioKind::Net => d
+                        .as_any_mut()
+                        .downcast_mut::<Net<Tap>>()
+                        .map(|n| VirtioDeviceState::Net(n.save())),
+                });
+                let device = device.ok_or_else(|| {
+                    crate::snapshot::Error::State(format!(
+                        "Virtio device '{}' is not the kind it was attached as.",
+                        e.id
+                    ))
+                })?;
+                Ok(VirtioEntryState {
+                    id: e.id.clone(),
+                    mmio_base: e.info.addr,
+                    irq: e.info.irq,
+                    transport: t.save(),
+                    device,
+                })
+            })
+            .collect()
+    }
+
+    /// After a restore: raises interrupts the driver had not acknowledged and
+    /// looks at every queue once.
+    pub fn kick_restored(&self) {
+        for e in &self.virtio {
+            e.transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .kick_after_restore();
+        }
     }
 
     /// The virtio device of `kind` with `id`.

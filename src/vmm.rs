@@ -290,6 +290,9 @@ impl Vmm {
         )?;
         self.config = state.config;
         self.launch(built, el, !resume)?;
+        if let Some(s) = &self.started {
+            s.devices.kick_restored();
+        }
         if !resume {
             self.devices_paused.store(true, Ordering::SeqCst);
             self.state = VmState::Paused;
@@ -316,11 +319,7 @@ impl Vmm {
                 "snapshot_path and mem_file_path are the same file; give two paths.".into(),
             )));
         }
-        if !s.devices.virtio.is_empty() {
-            return Err(Error::Snapshot(snapshot::Error::Unsupported(
-                "A VM with drives or network interfaces",
-            )));
-        }
+        let virtio = s.devices.save_virtio()?;
         let serial = s
             .devices
             .serial
@@ -344,6 +343,7 @@ impl Vmm {
             vcpus,
             serial,
             i8042,
+            virtio,
         };
         snapshot::format::write(snapshot_path, &state).map_err(snapshot::Error::from)?;
         Ok(())

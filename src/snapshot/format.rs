@@ -30,7 +30,7 @@ pub const MAGIC: [u8; 8] = *b"VMMSNAP\0";
 /// The format major version this VMM writes and reads.
 pub const VERSION_MAJOR: u16 = 1;
 /// The format minor version this VMM writes (and the newest it reads).
-pub const VERSION_MINOR: u16 = 0;
+pub const VERSION_MINOR: u16 = 1;
 /// Size of the fixed header.
 pub const HEADER_SIZE: usize = 24;
 /// Largest payload accepted (the VM state, not guest memory: that is a
@@ -359,6 +359,7 @@ mod tests {
         let image = encode(&state()).unwrap();
         let mut v = image.clone();
         v[8] = 2;
+        v[10] = 0;
         let e = decode::<State>("vm.snap", &v).unwrap_err().to_string();
         assert!(
             e.contains("format version 2.0") && e.contains("vm.snap"),

@@ -126,6 +126,52 @@ pub fn guest_counts(out: &str) -> Vec<u64> {
         .collect()
 }
 
+/// The body of PUT /snapshot/create for a full snapshot to `snap` and `mem`.
+#[allow(dead_code)]
+pub fn create_body(snap: &Path, mem: &Path) -> String {
+    format!(
+        r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        snap.display(),
+        mem.display()
+    )
+}
+
+/// The body of PUT /snapshot/load from `snap` and `mem` (File backend).
+#[allow(dead_code)]
+pub fn load_body(snap: &Path, mem: &Path, resume: bool) -> String {
+    format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": {resume}}}"#,
+        snap.display(),
+        mem.display()
+    )
+}
+
+/// PUT /snapshot/load from `snap` and `mem` on the VMM behind `sock`.
+#[allow(dead_code)]
+pub fn load_snapshot(sock: &Path, snap: &Path, mem: &Path, resume: bool) -> (u16, String) {
+    curl(
+        sock,
+        "PUT",
+        "/snapshot/load",
+        Some(&load_body(snap, mem, resume)),
+    )
+}
+
+/// Pauses the VM behind `sock` and snapshots it to `snap` and `mem`,
+/// asserting both answers are 204.
+#[allow(dead_code)]
+pub fn pause_and_snapshot(sock: &Path, snap: &Path, mem: &Path) {
+    let paused = curl(sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(paused.0, 204, "{}", paused.1);
+    let created = curl(
+        sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&create_body(snap, mem)),
+    );
+    assert_eq!(created, (204, String::new()));
+}
+
 /// Waits until the VMM's API socket exists.
 pub fn wait_for_socket(sock: &Path, vm: &Running) {
     let deadline = Instant::now() + Duration::from_secs(30);
