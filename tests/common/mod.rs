@@ -2,6 +2,8 @@
 //! assembled from tests/guests, and host detection.
 #![allow(dead_code)]
 
+pub mod golden;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -340,6 +342,17 @@ impl Running {
             readers,
             started,
         }
+    }
+
+    /// Types `text` on the guest console (the VMM's stdin, which the command
+    /// must have had piped).
+    pub fn type_on_console(&mut self, text: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("stdin is piped");
+        stdin
+            .write_all(text.as_bytes())
+            .expect("the console takes input");
+        stdin.flush().expect("the console takes input");
     }
 
     /// Console output so far.
