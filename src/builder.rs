@@ -86,6 +86,7 @@ impl Error {
                 | Error::Tap(_)
                 | Error::Snapshot(_)
                 | Error::Vm(vm::Error::TooManyCpus { .. })
+                | Error::Vm(vm::Error::NoRealtimeClock)
         )
     }
 }
@@ -161,6 +162,7 @@ pub fn build(
 /// registers) is not done: the guest is already past it.
 pub fn build_from_snapshot(
     state: &MicrovmState,
+    clock_realtime: bool,
     mem_file: &Path,
     serial_out: Box<dyn Write + Send>,
     exit: Arc<ExitSignal>,
@@ -177,7 +179,7 @@ pub fn build_from_snapshot(
     let mem = snapshot::map_memory(mem_file, &state.memory)?;
     vm.register_memory(&mem)?;
     vm.setup_irqchip()?;
-    vm.restore_state(&state.vm)?;
+    vm.restore_state(&state.vm, clock_realtime)?;
     let mut devices = DeviceManager::with_legacy_state(
         &vm,
         exit.clone(),

@@ -15,7 +15,7 @@ use vmm::config::LoggerConfig;
 use vmm::exit::{ExitSignal, VmExit};
 use vmm::metrics::MetricsSink;
 use vmm::runtime::{self, EventLoop, RunOptions};
-use vmm::vmm::Vmm;
+use vmm::vmm::{RestoreOptions, Vmm};
 use vmm::{exit_status, logger, terminal, EXIT_USAGE, EXIT_VMM_ERROR};
 
 fn usage_exit(msg: impl std::fmt::Display) -> ! {
@@ -119,7 +119,14 @@ fn main() {
     );
     vmm.set_boot_timer(cli.boot_timer);
     let started_vm = match &plan.restore {
-        Some(r) => vmm.load_snapshot(&r.snapshot, &r.mem, true, &r.network_overrides, &mut el),
+        Some(r) => {
+            let options = RestoreOptions {
+                resume: true,
+                network_overrides: r.network_overrides.clone(),
+                ..Default::default()
+            };
+            vmm.load_snapshot(&r.snapshot, &r.mem, &options, &mut el)
+        }
         None if boot.is_some() => vmm.start(&mut el),
         None => Ok(()),
     };

@@ -121,6 +121,19 @@ pub enum Error {
     Snapshot(#[from] snapshot::Error),
 }
 
+/// How a snapshot is loaded (Firecracker's `PUT /snapshot/load` options).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestoreOptions {
+    /// Resume the VM once loaded (else it stays Paused).
+    pub resume: bool,
+    /// (iface_id, TAP) pairs: the TAP of this host for an interface.
+    pub network_overrides: Vec<(String, String)>,
+    /// A new socket path for the vsock device.
+    pub vsock_override: Option<std::path::PathBuf>,
+    /// Advance the kvmclock by the wall-clock time since the snapshot.
+    pub clock_realtime: bool,
+}
+
 /// The console output, shared so that a failed start does not lose it.
 #[derive(Clone)]
 struct SharedWriter(Arc<Mutex<Box<dyn Write + Send>>>);
@@ -250,50 +263,55 @@ impl Vmm {
 
     /// Restores a VM from a snapshot's state file and memory file (only
     /// before anything was configured, as in Firecracker), Running if
-    /// `resume`, else Paused.
+    /// `options.resume`, else Paused.
     pub fn load_snapshot(
         &mut self,
         snapshot: &Path,
         mem_file: &Path,
-        resume: bool,
-        network_overrides: &[(String, String)],
+        options: &RestoreOptions,
         el: &mut EventLoop,
     ) -> Result<(), Error> {
         self.check(Action::Start)?;
+        let refuse = |why: String| Err(Error::Snapshot(snapshot::Error::State(why)));
         if self.configured {
-            return Err(Error::Snapshot(snapshot::Error::State(
-                "A snapshot can only be loaded before anything is configured; start a fresh vmm to load it.".into(),
-            )));
+            return refuse("A snapshot can only be loaded before anything is configured; start a fresh vmm to load it.".into());
         }
         let (_, mut state): (_, MicrovmState) =
             snapshot::format::read(snapshot).map_err(snapshot::Error::from)?;
-        for (iface, tap) in network_overrides {
+        for (iface, tap) in &options.network_overrides {
             let Some(n) = state
                 .config
                 .network_interfaces
                 .iter_mut()
                 .find(|n| &n.iface_id == iface)
             else {
-                return Err(Error::Snapshot(snapshot::Error::State(format!(
+                return refuse(format!(
                     "The snapshot has no network interface '{iface}'; network_overrides can only name its interfaces."
-                ))));
+                ));
             };
             n.host_dev_name = tap.clone();
+        }
+        if options.vsock_override.is_some() {
+            return refuse(
+                "The snapshot has no vsock device; vsock_override only renames the socket of one."
+                    .into(),
+            );
         }
         let out = Box::new(self.serial_out.clone());
         let built = builder::build_from_snapshot(
             &state,
+            options.clock_realtime,
             mem_file,
             out,
             self.exit.clone(),
             self.started_at,
         )?;
         self.config = state.config;
-        self.launch(built, el, !resume)?;
+        self.launch(built, el, !options.resume)?;
         if let Some(s) = &self.started {
             s.devices.kick_restored();
         }
-        if !resume {
+        if !options.resume {
             self.devices_paused.store(true, Ordering::SeqCst);
             self.state = VmState::Paused;
         }

@@ -56,7 +56,7 @@ fn a_paused_guest_s_kvm_state_restores_into_a_fresh_vm() {
     // A fresh VM takes the state, and gives back the same.
     let fresh = Vm::new().unwrap();
     fresh.setup_irqchip().unwrap();
-    fresh.restore_state(&vm_state).unwrap();
+    fresh.restore_state(&vm_state, false).unwrap();
     let msr_list = fresh.saveable_msrs().unwrap();
     for saved in &vcpus {
         let vcpu = Vcpu::new(fresh.create_vcpu(saved.index).unwrap(), saved.index);

@@ -167,6 +167,52 @@ fn bad_snapshots_and_late_loads_are_refused_and_nothing_starts() {
     drop(vm);
 }
 
+/// Firecracker 1.16's other load options: `vsock_override` names a device the
+/// snapshot must have; `clock_realtime` needs a clock saved with its
+/// wall-clock reference, which --describe-snapshot tells.
+#[test]
+fn vsock_override_and_clock_realtime_are_checked_against_the_snapshot() {
+    let (snap, mem, original) = counter_snapshot("counter-opts");
+    let (vm, sock) = api_vmm("opts-vsock");
+    let body = load_body(&snap, &mem, true).replace(
+        r#""resume_vm""#,
+        r#""vsock_override": {"uds_path": "/tmp/v.sock"}, "resume_vm""#,
+    );
+    let msg = fault(curl(&sock, "PUT", "/snapshot/load", Some(&body)));
+    assert!(msg.contains("no vsock device"), "{msg}");
+    let (_, info) = curl(&sock, "GET", "/", None);
+    assert!(info.contains("Not started"), "{info}");
+    drop(vm);
+
+    let described = vmm()
+        .arg("--describe-snapshot")
+        .arg(&snap)
+        .output()
+        .unwrap();
+    let described = String::from_utf8_lossy(&described.stdout).into_owned();
+    let allowed = described.contains("clock_realtime allowed");
+    assert!(
+        allowed || described.contains("clock_realtime refused"),
+        "{described}"
+    );
+    let (mut clone, sock) = api_vmm("opts-clock");
+    let body = load_body(&snap, &mem, true)
+        .replace(r#""resume_vm""#, r#""clock_realtime": true, "resume_vm""#);
+    let answer = curl(&sock, "PUT", "/snapshot/load", Some(&body));
+    eprintln!(
+        "asserting: clock_realtime {} as --describe-snapshot said",
+        if allowed { "loads" } else { "is refused" }
+    );
+    if allowed {
+        assert_eq!(answer, (204, String::new()));
+        let last = guest_counts(&original).len() as u64;
+        let want = format!("VMM-GUEST: count {:016x}", last + 2);
+        assert!(clone.wait_for(&want, TIMEOUT), "{}", clone.stdout_now());
+    } else {
+        assert!(fault(answer).contains("wall-clock reference"));
+    }
+}
+
 #[test]
 fn the_command_line_describes_and_restores_a_snapshot() {
     let (snap, mem, original) = counter_snapshot("counter-cli");

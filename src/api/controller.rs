@@ -15,7 +15,7 @@ use crate::config::VmConfig;
 use crate::device_manager::VirtioKind;
 use crate::metrics::{MetricsSink, METRICS};
 use crate::runtime::EventLoop;
-use crate::vmm::Vmm;
+use crate::vmm::{RestoreOptions, Vmm};
 
 /// The API level this VMM implements, reported as Firecracker's version.
 pub const FIRECRACKER_API_VERSION: &str = "1.16.0";
@@ -242,13 +242,17 @@ impl Controller {
             }
             ApiRequest::LoadSnapshot(l) => {
                 let t = Instant::now();
-                let overrides: Vec<(String, String)> = l
-                    .network_overrides
-                    .iter()
-                    .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
-                    .collect();
-                let result =
-                    vmm.load_snapshot(&l.snapshot_path, &l.mem_file, l.resume, &overrides, el);
+                let options = RestoreOptions {
+                    resume: l.resume,
+                    network_overrides: l
+                        .network_overrides
+                        .iter()
+                        .map(|o| (o.iface_id.clone(), o.host_dev_name.clone()))
+                        .collect(),
+                    vsock_override: l.vsock_override.clone(),
+                    clock_realtime: l.clock_realtime,
+                };
+                let result = vmm.load_snapshot(&l.snapshot_path, &l.mem_file, &options, el);
                 let us = t.elapsed().as_micros() as u64;
                 METRICS.latencies_us.load_snapshot.set(us);
                 METRICS.latencies_us.vmm_load_snapshot.set(us);

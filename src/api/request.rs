@@ -148,6 +148,20 @@ pub struct SnapshotLoadParams {
     /// TAPs of this host for the snapshot's interfaces.
     #[serde(default)]
     pub network_overrides: Option<Vec<NetworkOverride>>,
+    /// A new socket path for the snapshot's vsock device.
+    #[serde(default)]
+    pub vsock_override: Option<VsockOverride>,
+    /// Advance the kvmclock by the wall-clock time since the snapshot.
+    #[serde(default)]
+    pub clock_realtime: Option<bool>,
+}
+
+/// `vsock_override` of a snapshot load.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    /// The new Unix socket path of the vsock device.
+    pub uds_path: PathBuf,
 }
 
 /// A snapshot load, checked: the memory file and whether to resume.
@@ -161,6 +175,10 @@ pub struct SnapshotLoad {
     pub resume: bool,
     /// TAP overrides.
     pub network_overrides: Vec<NetworkOverride>,
+    /// The vsock socket's new path.
+    pub vsock_override: Option<PathBuf>,
+    /// Advance the kvmclock by the wall-clock time since the snapshot.
+    pub clock_realtime: bool,
 }
 
 /// A well-formed request for the VMM thread.
@@ -314,6 +332,8 @@ fn parse_load(p: SnapshotLoadParams) -> Result<SnapshotLoad, Response> {
         mem_file,
         resume: p.resume_vm.unwrap_or(false),
         network_overrides: p.network_overrides.unwrap_or_default(),
+        vsock_override: p.vsock_override.map(|v| v.uds_path),
+        clock_realtime: p.clock_realtime.unwrap_or(false),
     })
 }
 
@@ -659,6 +679,33 @@ mod tests {
             body: vec![0xff, 0xfe, b'{'],
         }));
         assert!(f.contains("not valid"), "{f}");
+    }
+
+    #[test]
+    fn a_firecracker_1_16_snapshot_load_is_understood_whole() {
+        let body = r#"{"snapshot_path": "vm.snap",
+            "mem_backend": {"backend_type": "File", "backend_path": "vm.mem"},
+            "resume_vm": true, "track_dirty_pages": false,
+            "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap7"}],
+            "vsock_override": {"uds_path": "/run/v.sock"}, "clock_realtime": true}"#;
+        let Ok(ApiRequest::LoadSnapshot(l)) = parse(&req(Method::Put, "/snapshot/load", body))
+        else {
+            panic!("not a load");
+        };
+        assert_eq!(
+            l,
+            SnapshotLoad {
+                snapshot_path: "vm.snap".into(),
+                mem_file: "vm.mem".into(),
+                resume: true,
+                network_overrides: vec![NetworkOverride {
+                    iface_id: "eth0".into(),
+                    host_dev_name: "tap7".into()
+                }],
+                vsock_override: Some("/run/v.sock".into()),
+                clock_realtime: true,
+            }
+        );
     }
 
     #[test]

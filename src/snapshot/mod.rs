@@ -215,7 +215,13 @@ pub fn describe(path: &Path) -> Result<String, Error> {
             v.tsc_khz.map_or("unknown".to_string(), |k| k.to_string()),
         );
     }
-    out += "VM: PIC master and slave, IOAPIC, PIT, kvmclock\n";
+    let realtime = state.vm.clock.flags & kvm_bindings::KVM_CLOCK_REALTIME != 0;
+    out += &format!(
+        "VM: PIC master and slave, IOAPIC, PIT, kvmclock at {} ns ({} wall-clock reference: clock_realtime {})\n",
+        state.vm.clock.clock,
+        if realtime { "with a" } else { "without a" },
+        if realtime { "allowed" } else { "refused" }
+    );
     out += &format!(
         "devices: COM1 ({} bytes of input pending), i8042 ({} bytes pending)\n",
         state.serial.in_buffer.len() + state.serial.pending.len(),

@@ -31,6 +31,9 @@ pub enum Error {
     /// More vCPUs than KVM allows.
     #[error("vcpu_count {given} (--cpus) is more than this host's KVM allows ({max}); give at most {max}.")]
     TooManyCpus { given: u32, max: usize },
+    /// clock_realtime asked of a snapshot without a wall-clock reference.
+    #[error("The snapshot's kvmclock was saved without a wall-clock reference (the host that took it gave none), so clock_realtime cannot advance it; load it without clock_realtime.")]
+    NoRealtimeClock,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -200,7 +203,11 @@ impl Vm {
     }
 
     /// Restores a saved irqchip, PIT and kvmclock (after `setup_irqchip`).
-    pub fn restore_state(&self, state: &VmKvmState) -> Result<(), Error> {
+    /// The clock continues from its saved value, or with `clock_realtime`
+    /// (Firecracker's option of that name) advances by the wall-clock time
+    /// since the snapshot, which needs a clock saved with its wall-clock
+    /// reference.
+    pub fn restore_state(&self, state: &VmKvmState, clock_realtime: bool) -> Result<(), Error> {
         for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
             self.fd
                 .set_irqchip(chip)
@@ -209,13 +216,19 @@ impl Vm {
         self.fd
             .set_pit2(&state.pit)
             .map_err(kvm_err("set the PIT"))?;
-        // The clock continues from the saved value (flags 0: KVM refuses
-        // flags it does not accept on set).
-        let clock = kvm_clock_data {
+        let mut clock = kvm_clock_data {
             clock: state.clock.clock,
+            // KVM refuses the other flags it reports on a read.
             flags: 0,
             ..Default::default()
         };
+        if clock_realtime {
+            if state.clock.flags & kvm_bindings::KVM_CLOCK_REALTIME == 0 {
+                return Err(Error::NoRealtimeClock);
+            }
+            clock.flags = kvm_bindings::KVM_CLOCK_REALTIME;
+            clock.realtime = state.clock.realtime;
+        }
         self.fd
             .set_clock(&clock)
             .map_err(kvm_err("set the kvmclock"))
