@@ -200,12 +200,12 @@ pub fn build_from_snapshot(
     let vcpus = state
         .vcpus
         .iter()
-        .map(|saved| {
-            let vcpu = Vcpu::new(vm.create_vcpu(saved.index)?, saved.index);
-            vcpu.restore_state(saved)?;
-            Ok(vcpu)
-        })
+        .map(|saved| Ok(Vcpu::new(vm.create_vcpu(saved.index)?, saved.index)))
         .collect::<Result<Vec<_>, Error>>()?;
+    check_host_supports(&vm, state, &vcpus[0])?;
+    for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
+        vcpu.restore_state(saved)?;
+    }
     Ok(MicroVm {
         config: state.config.clone(),
         vm,
@@ -215,6 +215,47 @@ pub fn build_from_snapshot(
         exit,
         started,
     })
+}
+
+/// Refuses a snapshot whose vCPUs need what this host's KVM lacks: CPU
+/// features the guest was given, or MSRs KVM cannot restore. The
+/// differences are named. The features are compared with what this host
+/// gives a guest booted here, as `probe` (a fresh vCPU) reads it back: on
+/// most hosts KVM's supported CPUID, but some (PVM) pass the host CPU's
+/// own features through.
+fn check_host_supports(vm: &vm::Vm, state: &MicrovmState, probe: &Vcpu) -> Result<(), Error> {
+    let host_cpuid = probe.offered_cpuid(&vm.supported_cpuid()?, state.vcpus.len() as u32)?;
+    let host_msrs = vm.saveable_msrs()?;
+    let mut lacking = Vec::new();
+    for v in &state.vcpus {
+        let features =
+            crate::arch::x86_64::cpuid::missing_features(host_cpuid.as_slice(), v.cpuid.as_slice());
+        if !features.is_empty() {
+            lacking.push(format!(
+                "CPU features of vCPU {}: {}",
+                v.index,
+                features.join(", ")
+            ));
+        }
+        let msrs: Vec<String> = v
+            .msrs
+            .as_slice()
+            .iter()
+            .filter(|m| !host_msrs.contains(&m.index))
+            .map(|m| format!("{:#x}", m.index))
+            .collect();
+        if !msrs.is_empty() {
+            lacking.push(format!("MSRs of vCPU {}: {}", v.index, msrs.join(", ")));
+        }
+        if !lacking.is_empty() {
+            // The first vCPU that differs says it: they were all set up alike.
+            return Err(Error::Snapshot(snapshot::Error::State(format!(
+                "This host's KVM lacks what the snapshot's guest uses ({}); restore it on a host that has them.",
+                lacking.join("; ")
+            ))));
+        }
+    }
+    Ok(())
 }
 
 /// A virtio device with its ID, kind and log label.

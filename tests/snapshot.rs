@@ -433,3 +433,57 @@ fn a_virtio_blk_guest_snapshotted_between_requests_completes_them_after_restore(
         "sectors 0-63 hold their pattern, 64-127 are untouched"
     );
 }
+
+/// A snapshot whose guest was given a CPU feature or an MSR this host's KVM
+/// does not have is refused before anything runs, naming what is missing.
+#[test]
+fn a_snapshot_needing_what_this_host_lacks_is_refused_naming_it() {
+    use vmm::snapshot::{format, MicrovmState};
+    let (snap, mem, _) = counter_snapshot("counter-host");
+    let (_, state): (_, MicrovmState) = format::read(&snap).unwrap();
+    // A leaf 7 EBX feature bit this host does not give its guests.
+    let leaf7 = |s: &MicrovmState| {
+        *s.vcpus[0]
+            .cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 7 && e.index == 0)
+            .unwrap()
+    };
+    let bit = (0..32)
+        .find(|b| leaf7(&state).ebx & (1 << b) == 0)
+        .expect("a feature bit this host lacks");
+    let mut cpu = state;
+    for v in &mut cpu.vcpus {
+        for e in v.cpuid.as_mut_slice() {
+            if e.function == 7 && e.index == 0 {
+                e.ebx |= 1 << bit;
+            }
+        }
+    }
+    let bad_cpu = tmp_path("counter-host-cpuid.snap");
+    format::write(&bad_cpu, &cpu).unwrap();
+    let (_, mut msr): (_, MicrovmState) = format::read(&snap).unwrap();
+    let mut entries = msr.vcpus[0].msrs.as_slice().to_vec();
+    entries.push(kvm_bindings::kvm_msr_entry {
+        index: 0x4b56_4dff,
+        ..Default::default()
+    });
+    msr.vcpus[0].msrs = kvm_bindings::Msrs::from_entries(&entries).unwrap();
+    let bad_msr = tmp_path("counter-host-msr.snap");
+    format::write(&bad_msr, &msr).unwrap();
+    for (file, want) in [
+        (&bad_cpu, format!("leaf 0x7.0 EBX bit {bit}")),
+        (&bad_msr, "MSRs of vCPU 0: 0x4b564dff".to_string()),
+    ] {
+        let (vm, sock) = api_vmm("host-lacks");
+        let msg = fault(load_snapshot(&sock, file, &mem, true));
+        assert!(
+            msg.contains("This host's KVM lacks") && msg.contains(&want),
+            "{msg}"
+        );
+        let (_, info) = curl(&sock, "GET", "/", None);
+        assert!(info.contains("Not started"), "{info}");
+        drop(vm);
+    }
+}

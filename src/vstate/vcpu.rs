@@ -220,6 +220,21 @@ impl Vcpu {
         Vcpu { fd, index }
     }
 
+    /// The CPUID this host gives this vCPU when booted with `base_cpuid`
+    /// (set, then read back: some hosts report other than what was set).
+    /// Only before the vCPU runs; a restore sets the saved CPUID after it.
+    pub fn offered_cpuid(&self, base_cpuid: &CpuId, cpu_count: u32) -> Result<CpuId, Error> {
+        let cpu = self.index;
+        let mut cpuid = base_cpuid.clone();
+        cpuid::normalize(cpuid.as_mut_slice(), cpu, cpu_count);
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(kvm_err("set the CPUID", cpu))?;
+        self.fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("read the CPUID", cpu))
+    }
+
     /// Sets CPUID, MSRs, FPU and LAPIC; the boot vCPU (index 0) also gets the entry
     /// state. The others wait for INIT/SIPI from the guest, as on hardware.
     pub fn configure(

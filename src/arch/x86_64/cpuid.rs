@@ -74,9 +74,77 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2], apic_id: u32, cpu_count: u32)
     }
 }
 
+/// The feature registers a snapshot's CPUID is checked on, with the bits
+/// that are not host features: set by [`normalize`] (HYPERVISOR, HTT) or
+/// mirroring the guest's CR4 (OSXSAVE, OSPKE).
+const FEATURE_REGISTERS: [(u32, u32, usize, &str, u32); 9] = [
+    (1, 0, 2, "ECX", LEAF1_ECX_HYPERVISOR | (1 << 27)),
+    (1, 0, 3, "EDX", LEAF1_EDX_HTT),
+    (7, 0, 1, "EBX", 0),
+    (7, 0, 2, "ECX", 1 << 4),
+    (7, 0, 3, "EDX", 0),
+    (7, 1, 0, "EAX", 0),
+    (0xd, 1, 0, "EAX", 0),
+    (0x8000_0001, 0, 2, "ECX", 0),
+    (0x8000_0001, 0, 3, "EDX", 0),
+];
+
+fn register(e: &kvm_cpuid_entry2, r: usize) -> u32 {
+    [e.eax, e.ebx, e.ecx, e.edx][r]
+}
+
+/// The CPU feature bits `saved` (a snapshot's CPUID) gives the guest that
+/// `host` (KVM's supported CPUID here) does not, each named as
+/// "leaf 0x7.0 EBX bit 9": a guest restored without them would fault on
+/// instructions it already chose to use.
+pub fn missing_features(host: &[kvm_cpuid_entry2], saved: &[kvm_cpuid_entry2]) -> Vec<String> {
+    let mut missing = Vec::new();
+    for (function, index, reg, name, ignored) in FEATURE_REGISTERS {
+        let find = |t: &[kvm_cpuid_entry2]| {
+            t.iter()
+                .find(|e| e.function == function && e.index == index)
+                .copied()
+        };
+        let Some(want) = find(saved) else { continue };
+        let have = find(host).map_or(0, |e| register(&e, reg));
+        let lacking = register(&want, reg) & !have & !ignored;
+        for bit in (0..32).filter(|b| lacking & (1 << b) != 0) {
+            missing.push(format!("leaf {function:#x}.{index} {name} bit {bit}"));
+        }
+    }
+    missing
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn features_a_host_lacks_are_named_and_the_rest_pass() {
+        let mut host = table();
+        host[1].ecx = 1 << 20; // SSE4.2
+        let mut l7 = entry(7, 0);
+        l7.ebx = 1 << 9; // ERMS
+        host.push(l7);
+        let mut saved = host.clone();
+        normalize(&mut saved, 0, 1);
+        saved[1].ecx |= 1 << 27; // OSXSAVE: the guest's CR4, not a host feature
+        assert!(missing_features(&host, &saved).is_empty());
+        saved[1].ecx |= 1 << 25; // AES
+        let l7 = saved.iter_mut().find(|e| e.function == 7).unwrap();
+        l7.ebx |= 1 << 5; // AVX2
+        let mut amd = entry(0x8000_0001, 0);
+        amd.edx = 1 << 29; // long mode, on a host that reports no such leaf
+        saved.push(amd);
+        assert_eq!(
+            missing_features(&host, &saved),
+            [
+                "leaf 0x1.0 ECX bit 25",
+                "leaf 0x7.0 EBX bit 5",
+                "leaf 0x80000001.0 EDX bit 29"
+            ]
+        );
+    }
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {
