@@ -224,15 +224,20 @@ impl Vcpu {
     /// (set, then read back: some hosts report other than what was set).
     /// Only before the vCPU runs; a restore sets the saved CPUID after it.
     pub fn offered_cpuid(&self, base_cpuid: &CpuId, cpu_count: u32) -> Result<CpuId, Error> {
-        let cpu = self.index;
-        let mut cpuid = base_cpuid.clone();
-        cpuid::normalize(cpuid.as_mut_slice(), cpu, cpu_count);
-        self.fd
-            .set_cpuid2(&cpuid)
-            .map_err(kvm_err("set the CPUID", cpu))?;
+        self.set_boot_cpuid(base_cpuid, cpu_count)?;
         self.fd
             .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("read the CPUID", cpu))
+            .map_err(kvm_err("read the CPUID", self.index))
+    }
+
+    /// Sets `base_cpuid` made consistent with this vCPU's APIC ID and the
+    /// VM's topology.
+    fn set_boot_cpuid(&self, base_cpuid: &CpuId, cpu_count: u32) -> Result<(), Error> {
+        let mut cpuid = base_cpuid.clone();
+        cpuid::normalize(cpuid.as_mut_slice(), self.index, cpu_count);
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(kvm_err("set the CPUID", self.index))
     }
 
     /// Sets CPUID, MSRs, FPU and LAPIC; the boot vCPU (index 0) also gets the entry
@@ -244,11 +249,7 @@ impl Vcpu {
         boot: &BootEntry,
     ) -> Result<(), Error> {
         let cpu = self.index;
-        let mut cpuid = base_cpuid.clone();
-        cpuid::normalize(cpuid.as_mut_slice(), cpu, cpu_count);
-        self.fd
-            .set_cpuid2(&cpuid)
-            .map_err(kvm_err("set the CPUID", cpu))?;
+        self.set_boot_cpuid(base_cpuid, cpu_count)?;
 
         let msrs = regs::boot_msrs();
         let set = self
