@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -363,20 +364,37 @@ fn writes(out: &str) -> Vec<(u64, u64)> {
         .collect()
 }
 
-#[test]
-fn a_virtio_blk_guest_snapshotted_between_requests_completes_them_after_restore() {
-    let img = tmp_path("blk-seq.img");
-    let original_bytes: Vec<u8> = (0..128 * 512u32).map(|i| (i * 7 % 251) as u8).collect();
-    std::fs::write(&img, &original_bytes).unwrap();
-    let (mut vm, sock) = api_vmm("blk-seq-origin");
+/// The image the virtio_blk_seq guest writes: 128 sectors of a pattern.
+fn seq_image_bytes() -> Vec<u8> {
+    (0..128 * 512u32).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+/// The image after the guest wrote sectors 0-63.
+fn seq_image_written() -> Vec<u8> {
+    let mut expect = seq_image_bytes();
+    for (i, sector) in expect.chunks_mut(512).take(64).enumerate() {
+        sector.fill((37 * i as u32 + 11) as u8);
+    }
+    expect
+}
+
+/// Boots the virtio_blk_seq guest in a VMM started in `cwd` with its drive
+/// at `drive_path` (relative paths resolve against `cwd`), snapshots it a few
+/// requests in and kills it; returns the state file, the memory file and
+/// what the guest printed.
+fn seq_snapshot(name: &str, cwd: &Path, drive_path: &str) -> (PathBuf, PathBuf, String) {
+    let sock = tmp_path(&format!("{name}.sock"));
+    let mut cmd = vmm();
+    cmd.current_dir(cwd).arg("--api-sock").arg(&sock);
+    let mut vm = Running::start(cmd);
+    wait_for_socket(&sock, &vm);
     let boot = format!(
         r#"{{"kernel_image_path": "{}"}}"#,
         guest("virtio_blk_seq").display()
     );
     assert_eq!(curl(&sock, "PUT", "/boot-source", Some(&boot)).0, 204);
     let drive = format!(
-        r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
-        img.display()
+        r#"{{"drive_id": "data", "path_on_host": "{drive_path}", "is_root_device": false, "is_read_only": false}}"#
     );
     assert_eq!(curl(&sock, "PUT", "/drives/data", Some(&drive)).0, 204);
     let start = r#"{"action_type": "InstanceStart"}"#;
@@ -386,7 +404,10 @@ fn a_virtio_blk_guest_snapshotted_between_requests_completes_them_after_restore(
         "{}",
         vm.stdout_now()
     );
-    let (snap, mem) = (tmp_path("blk-seq.snap"), tmp_path("blk-seq.mem"));
+    let (snap, mem) = (
+        tmp_path(&format!("{name}.snap")),
+        tmp_path(&format!("{name}.mem")),
+    );
     pause_and_snapshot(&sock, &snap, &mem);
     std::thread::sleep(Duration::from_millis(200));
     let original = vm.stdout_now();
@@ -394,8 +415,35 @@ fn a_virtio_blk_guest_snapshotted_between_requests_completes_them_after_restore(
     drop(vm);
     let done_before = writes(&original).len();
     assert!((6..64).contains(&done_before), "{original}");
+    (snap, mem, original)
+}
 
-    let (mut clone, sock) = api_vmm("blk-seq-clone");
+/// Waits for a clone of the virtio_blk_seq guest to finish, kills it, and
+/// asserts every request ran exactly once across the restore, answered OK.
+fn assert_seq_completes(mut clone: Running, original: &str) {
+    assert!(
+        clone.wait_for(
+            "VMM-GUEST: all written, flush status 0000000000000000",
+            TIMEOUT
+        ),
+        "{}",
+        clone.stdout_now()
+    );
+    let after = clone.stdout_now();
+    clone.signal(libc::SIGKILL);
+    drop(clone);
+    let want: Vec<(u64, u64)> = (0..64).map(|i| (i, 0)).collect();
+    assert_eq!(writes(&format!("{original}{after}")), want, "{after}");
+}
+
+#[test]
+fn a_virtio_blk_guest_snapshotted_between_requests_completes_them_after_restore() {
+    let img = tmp_path("blk-seq.img");
+    std::fs::write(&img, seq_image_bytes()).unwrap();
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let (snap, mem, original) = seq_snapshot("blk-seq", root, &img.display().to_string());
+
+    let (clone, sock) = api_vmm("blk-seq-clone");
     assert_eq!(
         load_snapshot(&sock, &snap, &mem, true),
         (204, String::new())
@@ -410,27 +458,53 @@ fn a_virtio_blk_guest_snapshotted_between_requests_completes_them_after_restore(
     second.signal(libc::SIGTERM);
     drop(second);
 
+    assert_seq_completes(clone, &original);
     assert!(
-        clone.wait_for(
-            "VMM-GUEST: all written, flush status 0000000000000000",
-            TIMEOUT
-        ),
-        "{}",
-        clone.stdout_now()
-    );
-    let after = clone.stdout_now();
-    clone.signal(libc::SIGKILL);
-    drop(clone);
-    // Every request exactly once across the restore, each answered OK.
-    let want: Vec<(u64, u64)> = (0..64).map(|i| (i, 0)).collect();
-    assert_eq!(writes(&format!("{original}{after}")), want, "{after}");
-    let mut expect = original_bytes;
-    for (i, sector) in expect.chunks_mut(512).take(64).enumerate() {
-        sector.fill((37 * i as u32 + 11) as u8);
-    }
-    assert!(
-        std::fs::read(&img).unwrap() == expect,
+        std::fs::read(&img).unwrap() == seq_image_written(),
         "sectors 0-63 hold their pattern, 64-127 are untouched"
+    );
+}
+
+/// The documented rule for clones of a VM with a writable disk: its path is
+/// reopened as saved, so a relative path, resolved against each clone's
+/// working directory, gives every clone its own copy; they run at once.
+#[test]
+fn clones_in_their_own_directories_each_write_their_own_copy_of_a_relative_disk() {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("seq-dirs");
+    let _ = std::fs::remove_dir_all(&root);
+    let dirs: Vec<PathBuf> = ["origin", "a", "b"].iter().map(|d| root.join(d)).collect();
+    for d in &dirs {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(dirs[0].join("data.img"), seq_image_bytes()).unwrap();
+    let (snap, mem, original) = seq_snapshot("seq-dirs", &dirs[0], "data.img");
+    // Each clone's copy is the disk as the snapshot left it.
+    let mut clones = Vec::new();
+    for (i, d) in dirs[1..].iter().enumerate() {
+        std::fs::copy(dirs[0].join("data.img"), d.join("data.img")).unwrap();
+        let mut cmd = vmm();
+        cmd.current_dir(d)
+            .arg("--restore")
+            .arg(&snap)
+            .arg("--restore-mem")
+            .arg(&mem);
+        clones.push(Running::start(cmd));
+        eprintln!("clone {i} restored in {}", d.display());
+    }
+    for clone in clones {
+        assert_seq_completes(clone, &original);
+    }
+    for d in &dirs[1..] {
+        assert!(
+            std::fs::read(d.join("data.img")).unwrap() == seq_image_written(),
+            "{}: sectors 0-63 hold their pattern",
+            d.display()
+        );
+    }
+    let origin = std::fs::read(dirs[0].join("data.img")).unwrap();
+    assert!(
+        origin != seq_image_written(),
+        "the origin's copy stopped part way"
     );
 }
 

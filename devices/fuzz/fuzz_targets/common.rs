@@ -2,11 +2,25 @@
 //! fuzz-written rings, and a datagram socket pair standing in for a TAP device.
 #![allow(dead_code)] // each target uses a part
 
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use devices::virtio::net::NetBackend;
 use devices::InterruptLine;
 use virtio_queue::{Queue, QueueT};
+
+/// A disk image of `sectors` sectors of `fill` in the temporary directory,
+/// created on first use (one per fuzzing process).
+pub fn image(tag: &str, fill: u8, sectors: usize) -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let p = std::env::temp_dir().join(format!("vmm-fuzz-{tag}-{}.img", std::process::id()));
+        std::fs::File::create(&p).unwrap().write_all(&vec![fill; sectors * 512]).unwrap();
+        p
+    })
+}
 
 pub struct NoIrq;
 impl InterruptLine for NoIrq {

@@ -6,8 +6,7 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use devices::virtio::block::Block;
 use devices::virtio::{Interrupt, VirtioDevice};
@@ -21,15 +20,6 @@ const DESC: u64 = 0x1000;
 const AVAIL: u64 = 0x2000;
 const USED: u64 = 0x3000;
 const QSIZE: u16 = 16;
-
-fn image() -> &'static std::path::Path {
-    static PATH: OnceLock<std::path::PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let p = std::env::temp_dir().join(format!("vmm-fuzz-blk-{}.img", std::process::id()));
-        std::fs::File::create(&p).unwrap().write_all(&[0x5a; 64 * 512]).unwrap();
-        p
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
@@ -49,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
     q.set_used_ring_address(Some(USED as u32), Some(0));
     q.set_ready(true);
     q.set_event_idx(data.first().is_some_and(|b| b & 1 == 1));
-    let mut dev = Block::open(image(), true, Some("fuzz")).unwrap();
+    let mut dev = Block::open(common::image("blk", 0x5a, 64), true, Some("fuzz")).unwrap();
     dev.activate(mem, vec![q], Interrupt::new(Arc::new(NoIrq))).unwrap();
     let _ = dev.process_queue(0);
 });

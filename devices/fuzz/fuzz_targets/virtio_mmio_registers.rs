@@ -5,8 +5,7 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use devices::bus::BusDevice;
 use devices::virtio::block::Block;
@@ -16,18 +15,9 @@ use common::NoIrq;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-fn image() -> &'static std::path::Path {
-    static PATH: OnceLock<std::path::PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let p = std::env::temp_dir().join(format!("vmm-fuzz-mmio-{}.img", std::process::id()));
-        std::fs::File::create(&p).unwrap().write_all(&[0u8; 16 * 512]).unwrap();
-        p
-    })
-}
-
 fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-    let dev = Block::open(image(), true, None).unwrap();
+    let dev = Block::open(common::image("mmio", 0, 16), true, None).unwrap();
     let mut t = MmioTransport::new(Box::new(dev), mem, Interrupt::new(Arc::new(NoIrq))).unwrap();
     // Each operation: 1 byte kind/width, 2 bytes offset, 4 bytes value.
     for op in data.chunks_exact(7) {
