@@ -87,6 +87,9 @@ impl Error {
                 | Error::Snapshot(_)
                 | Error::Vm(vm::Error::TooManyCpus { .. })
                 | Error::Vm(vm::Error::NoRealtimeClock)
+                | Error::Devices(
+                    device_manager::Error::Restore { .. } | device_manager::Error::Layout { .. }
+                )
         )
     }
 }

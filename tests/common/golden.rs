@@ -152,7 +152,12 @@ fn build_once(host: Host) -> Golden {
         eprintln!("golden snapshot: reusing {}", dir.display());
         return g;
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    // Snapshots of earlier builds (128 MiB each) go.
+    for old in std::fs::read_dir(root).unwrap().flatten() {
+        if old.file_name().to_string_lossy().starts_with("golden-") {
+            let _ = std::fs::remove_dir_all(old.path());
+        }
+    }
     std::fs::create_dir_all(&dir).unwrap();
     let bytes: Vec<u8> = (0..DISK_BYTES).map(disk_byte).collect();
     std::fs::write(&g.disk, bytes).unwrap();
