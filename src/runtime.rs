@@ -118,6 +118,17 @@ impl EventLoop {
         devices: &DeviceManager,
         paused: Arc<AtomicBool>,
     ) -> Result<(), Error> {
+        // Everything that can fail comes first: a failed start leaves no
+        // device registered (holding its disk lock or TAP).
+        let queue_events = devices
+            .virtio
+            .iter()
+            .map(|entry| QueueEvents::new(entry.transport.clone(), paused.clone()))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|err| Error::Watch {
+                what: "virtio device queues",
+                err,
+            })?;
         if let Some(c) = self.console {
             self.em.add_subscriber(Arc::new(Mutex::new(ConsoleInput {
                 fd: c.fd,
@@ -127,14 +138,7 @@ impl EventLoop {
                 saw_prefix: false,
             })));
         }
-        for entry in &devices.virtio {
-            let events =
-                QueueEvents::new(entry.transport.clone(), paused.clone()).map_err(|err| {
-                    Error::Watch {
-                        what: "virtio device queues",
-                        err,
-                    }
-                })?;
+        for events in queue_events {
             self.em.add_subscriber(Arc::new(Mutex::new(events)));
         }
         Ok(())

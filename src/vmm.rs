@@ -353,7 +353,7 @@ impl Vmm {
         let (vm, vcpus) = self
             .save_kvm_state()
             .map_err(|e| Error::Snapshot(snapshot::Error::State(e)))?;
-        let memory = snapshot::save_memory(&s.mem, mem_file)?;
+        let (memory, mem_pending) = snapshot::save_memory(&s.mem, mem_file)?;
         let state = MicrovmState {
             config: self.config.clone(),
             memory,
@@ -363,7 +363,24 @@ impl Vmm {
             i8042,
             virtio,
         };
-        snapshot::format::write(snapshot_path, &state).map_err(snapshot::Error::from)?;
+        // Both files are complete before either replaces what was there: a
+        // failed snapshot leaves the old files as they were.
+        let state_pending =
+            snapshot::format::prepare(snapshot_path, &state).map_err(snapshot::Error::from)?;
+        mem_pending
+            .commit()
+            .map_err(|err| snapshot::Error::MemoryFile {
+                what: "write",
+                path: mem_file.display().to_string(),
+                err,
+            })?;
+        state_pending.commit().map_err(|err| {
+            snapshot::Error::Format(snapshot::format::Error::Io {
+                what: "write",
+                path: snapshot_path.display().to_string(),
+                err,
+            })
+        })?;
         Ok(())
     }
 

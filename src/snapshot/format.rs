@@ -251,10 +251,21 @@ pub fn write<T: Serialize>(path: &Path, state: &T) -> Result<(), Error> {
         path: path.display().to_string(),
         err,
     };
+    prepare(path, state)?.commit().map_err(io)
+}
+
+/// Writes `state` under a temporary name next to `path`: committing the
+/// returned file puts it in place.
+pub fn prepare<T: Serialize>(path: &Path, state: &T) -> Result<PendingFile, Error> {
+    let io = |err| Error::Io {
+        what: "write",
+        path: path.display().to_string(),
+        err,
+    };
     let image = encode(state)?;
     let mut f = PendingFile::create(path).map_err(io)?;
     f.file().write_all(&image).map_err(io)?;
-    f.commit().map_err(io)
+    Ok(f)
 }
 
 /// Opens an existing regular file for reading without blocking (a FIFO or a

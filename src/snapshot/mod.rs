@@ -10,7 +10,6 @@
 
 pub mod format;
 
-use std::io::Write;
 use std::path::Path;
 
 use devices::legacy::i8042::I8042State;
@@ -177,6 +176,34 @@ impl MicrovmState {
                 "its virtio devices {saved:?} are not the configured drives and interfaces {configured:?}"
             ));
         }
+        // A device is what its configuration says (the configuration is what
+        // GET /vm/config shows and what was validated).
+        for v in &self.virtio {
+            let agrees = match &v.device {
+                VirtioDeviceState::Block(b) => self.config.drives.iter().any(|d| {
+                    d.drive_id == v.id
+                        && d.path_on_host == b.path
+                        && d.is_read_only == b.read_only
+                        && d.effective_serial().as_bytes() == b.serial
+                }),
+                VirtioDeviceState::Net(n) => {
+                    self.config.network_interfaces.iter().any(|i| {
+                        i.iface_id == v.id
+                            // Without a configured MAC the guest keeps the one
+                            // it was given (derived from the TAP it had then).
+                            && (i.guest_mac.is_none() || i.mac().is_ok_and(|m| m.0 == n.mac))
+                            && i.mtu.map(|m| m as u16) == n.mtu
+                            && i.mrg_rxbuf == n.mrg_rxbuf
+                    })
+                }
+            };
+            if !agrees {
+                return bad(format!(
+                    "virtio device '{}' differs from its configuration",
+                    v.id
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -287,8 +314,15 @@ pub fn describe(path: &Path) -> Result<String, Error> {
     Ok(out)
 }
 
-/// Writes every guest RAM region to `path`, in guest-address order.
-pub fn save_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<MemoryRegionState>, Error> {
+/// Writes every guest RAM region to a temporary file next to `path`, in
+/// guest-address order; committing the returned file puts it in place. Pages
+/// that are all zero (every page the guest never touched, among others) are
+/// left as holes of a sparse file: they cost neither write time nor disk
+/// space, and read back as zero.
+pub fn save_memory(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+) -> Result<(Vec<MemoryRegionState>, format::PendingFile), Error> {
     let io = |err| Error::MemoryFile {
         what: "write",
         path: path.display().to_string(),
@@ -298,6 +332,8 @@ pub fn save_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<MemoryRegio
     // from the old file keeps its mapping of the old file.
     let mut pending = format::PendingFile::create(path).map_err(io)?;
     let file = pending.file();
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    file.set_len(total).map_err(io)?;
     let mut regions = Vec::new();
     let mut offset = 0u64;
     for region in mem.iter() {
@@ -309,7 +345,7 @@ pub fn save_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<MemoryRegio
         // `size` bytes long and stays mapped while `mem` lives; the VM is
         // paused, so no vCPU writes it meanwhile (devices are idle too).
         let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, size as usize) };
-        file.write_all(bytes).map_err(io)?;
+        write_sparse(file, bytes, offset).map_err(io)?;
         regions.push(MemoryRegionState {
             gpa: region.start_addr().0,
             size,
@@ -317,8 +353,33 @@ pub fn save_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<Vec<MemoryRegio
         });
         offset += size;
     }
-    pending.commit().map_err(io)?;
-    Ok(regions)
+    Ok((regions, pending))
+}
+
+/// Writes `bytes` at `offset` of `file` (already long enough), skipping the
+/// 4 KiB pages that are all zero; consecutive other pages go in one write.
+fn write_sparse(file: &std::fs::File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 4096;
+    // An OR over the page: no early exit, but vectorized, and pages of
+    // guest memory are mostly either untouched or far from zero.
+    let is_zero = |page: &[u8]| page.iter().fold(0u8, |acc, &b| acc | b) == 0;
+    let mut run: Option<usize> = None;
+    for (i, page) in bytes.chunks(PAGE).enumerate() {
+        let at = i * PAGE;
+        match (is_zero(page), run) {
+            (false, None) => run = Some(at),
+            (true, Some(start)) => {
+                file.write_all_at(&bytes[start..at], offset + start as u64)?;
+                run = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(start) = run {
+        file.write_all_at(&bytes[start..], offset + start as u64)?;
+    }
+    Ok(())
 }
 
 /// Maps the memory file privately and lazily as the guest RAM `regions`.
@@ -461,7 +522,6 @@ mod tests {
                     read_only: true,
                     serial: b"rootfs".to_vec(),
                     capacity: 2048,
-                    acked_features: 1 << 32,
                 }),
             }],
         }
@@ -528,6 +588,16 @@ mod tests {
             .contains("is for vCPU 3"));
         let mut st = sample_state();
         st.config.machine_config.mem_size_mib = 1;
+        if let VirtioDeviceState::Block(b) = &mut st.virtio[0].device {
+            b.read_only = false;
+        }
+        assert!(st
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("'rootfs' differs from its configuration"));
+        let mut st = sample_state();
+        st.config.machine_config.mem_size_mib = 1;
         st.virtio.clear();
         assert!(st
             .check()
@@ -546,9 +616,27 @@ mod tests {
             .unwrap();
         mem.write_obj(0xfeed_u64, GuestAddress((32 << 20) - 8))
             .unwrap();
+        // Runs of written pages between untouched ones, a lone byte at the
+        // end of a page and at the start of the next.
+        mem.write_slice(&[0xa5; 3 * 4096 + 100], GuestAddress(0x10_0000))
+            .unwrap();
+        mem.write_obj(1u8, GuestAddress(0x20_0fff)).unwrap();
+        mem.write_obj(2u8, GuestAddress(0x20_1000)).unwrap();
         let path = std::env::temp_dir().join(format!("vmm-mem-{}", std::process::id()));
-        let regions = save_memory(&mem, &path).unwrap();
+        let (regions, file) = save_memory(&mem, &path).unwrap();
+        file.commit().unwrap();
+        // Sparse: untouched pages take no space on disk.
+        let allocated = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(&path).unwrap().blocks() * 512
+        };
+        assert!(allocated < 1 << 20, "{allocated} bytes allocated");
         let restored = map_memory(&path, &regions).unwrap();
+        let mut whole = vec![0u8; 32 << 20];
+        let mut back = vec![0u8; 32 << 20];
+        mem.read_slice(&mut whole, GuestAddress(0)).unwrap();
+        restored.read_slice(&mut back, GuestAddress(0)).unwrap();
+        assert!(whole == back, "the memory reads back byte for byte");
         let mut buf = [0u8; 14];
         restored.read_slice(&mut buf, GuestAddress(0x1234)).unwrap();
         assert_eq!(&buf, b"hello snapshot");

@@ -52,6 +52,9 @@ pub enum Error {
     /// The serial is too long.
     #[error("Disk id '{0}' is longer than 20 bytes; give a shorter id.")]
     IdTooLong(String),
+    /// A saved serial is not text.
+    #[error("Disk serial '{0}' is not UTF-8 text; give a serial of letters and digits.")]
+    IdNotText(String),
 }
 
 /// A virtio block device.
@@ -222,6 +225,7 @@ impl Block {
         if capacity == 0 {
             return Err(Error::TooSmall(path.to_path_buf()));
         }
+        self.path = path.to_path_buf();
         self.capacity = capacity;
         self.counters.update_count += 1;
         Ok(true)
@@ -578,8 +582,6 @@ pub struct BlockState {
     pub serial: Vec<u8>,
     /// The capacity the driver last saw, in sectors.
     pub capacity: u64,
-    /// Features the driver accepted.
-    pub acked_features: u64,
 }
 
 impl crate::persist::Persist for Block {
@@ -598,19 +600,17 @@ impl crate::persist::Persist for Block {
             read_only: self.read_only,
             serial: self.id[..len].to_vec(),
             capacity: self.capacity,
-            acked_features: self.acked_features,
         }
     }
 
     /// Reopens and locks the image (a clone restored while another VM holds
     /// a writable image fails here, before anything runs). The capacity is
-    /// the image's now; the VMM tells the driver if it changed.
+    /// the image's now; the VMM tells the driver if it changed. The features
+    /// the driver accepted are the transport's to restore.
     fn restore((): (), state: &BlockState) -> Result<Self, Error> {
         let serial = std::str::from_utf8(&state.serial)
-            .map_err(|_| Error::IdTooLong(String::from_utf8_lossy(&state.serial).into()))?;
-        let mut dev = Block::open(&state.path, state.read_only, Some(serial))?;
-        dev.acked_features = state.acked_features & dev.features();
-        Ok(dev)
+            .map_err(|_| Error::IdNotText(String::from_utf8_lossy(&state.serial).into()))?;
+        Block::open(&state.path, state.read_only, Some(serial))
     }
 }
 

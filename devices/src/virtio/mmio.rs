@@ -536,14 +536,21 @@ pub enum RestoreError {
     #[error("The saved transport is for a virtio device of type {saved}, not {device}.")]
     DeviceType { saved: u32, device: u32 },
     /// The state does not have the device's queues.
-    #[error("The saved transport has {saved} queues, the device {device}.")]
-    QueueCount { saved: usize, device: usize },
+    #[error("The saved transport has {saved} queues (and {flags} queue flags); the device has {device}.")]
+    QueueCount {
+        saved: usize,
+        flags: usize,
+        device: usize,
+    },
     /// A saved queue is not one a driver could have set up.
     #[error("Saved queue {index} is not one a driver can set up ({why}).")]
     Queue { index: usize, why: String },
     /// The saved driver features are more than the device offers.
     #[error("The saved driver features {0:#x} include features the device does not offer.")]
     Features(u64),
+    /// The saved registers are in a state no driver can bring a device to.
+    #[error("The saved transport is in a state no driver can bring it to: {0}.")]
+    Inconsistent(&'static str),
     /// The device refused its saved queues.
     #[error("The device cannot start with its saved queues: {0}")]
     Activate(#[from] ActivateError),
@@ -613,12 +620,14 @@ impl Persist for MmioTransport {
         if state.queues.len() != count || state.bad_config.len() != count {
             return Err(RestoreError::QueueCount {
                 saved: state.queues.len(),
+                flags: state.bad_config.len(),
                 device: count,
             });
         }
         if state.driver_features & !t.device_features != 0 {
             return Err(RestoreError::Features(state.driver_features));
         }
+        check_saved_status(state)?;
         let mut queues = Vec::with_capacity(count);
         for (index, (saved, fresh)) in state.queues.iter().zip(&t.queues).enumerate() {
             let queue_err = |why: String| RestoreError::Queue { index, why };
@@ -629,7 +638,11 @@ impl Persist for MmioTransport {
                     fresh.max_size()
                 )));
             }
-            queues.push(saved.to_queue().map_err(|e| queue_err(format!("{e:?}")))?);
+            queues.push(
+                saved
+                    .to_queue()
+                    .map_err(|e| queue_err(queue_error_text(&e).into()))?,
+            );
         }
         t.status = state.status;
         t.device_features_sel = state.device_features_sel;
@@ -665,6 +678,43 @@ impl Persist for MmioTransport {
         t.with_device(|d| d.activate(mem, queues, interrupt))?;
         t.running.store(true, Ordering::SeqCst);
         Ok(t)
+    }
+}
+
+/// Refuses saved registers no driver can produce: a started device whose
+/// status lacks FEATURES_OK or DRIVER_OK, DRIVER_OK on a device that was not
+/// started (unless it was marked broken), FEATURES_OK without VERSION_1, or a
+/// started queue whose event suppression disagrees with the features.
+fn check_saved_status(state: &MmioTransportState) -> Result<(), RestoreError> {
+    use status::*;
+    let bad = |why| Err(RestoreError::Inconsistent(why));
+    let s = state.status;
+    let started = FEATURES_OK | DRIVER_OK;
+    if state.activated && s & started != started {
+        return bad("started without FEATURES_OK and DRIVER_OK");
+    }
+    if !state.activated && s & DRIVER_OK != 0 && s & DEVICE_NEEDS_RESET == 0 {
+        return bad("DRIVER_OK on a device that was not started");
+    }
+    if s & FEATURES_OK != 0 && state.driver_features & (1 << VIRTIO_F_VERSION_1) == 0 {
+        return bad("FEATURES_OK without VERSION_1");
+    }
+    let event_idx = state.driver_features & (1 << super::VIRTIO_RING_F_EVENT_IDX) != 0;
+    if state.activated && state.queues.iter().any(|q| q.event_idx != event_idx) {
+        return bad("a queue's event suppression differs from the features");
+    }
+    Ok(())
+}
+
+/// A queue library refusal as words.
+fn queue_error_text(e: &virtio_queue::Error) -> &'static str {
+    use virtio_queue::Error as E;
+    match e {
+        E::InvalidSize => "its size is zero, above the maximum or not a power of two",
+        E::InvalidDescTableAlign => "its descriptor table is not 16-byte aligned",
+        E::InvalidAvailRingAlign => "its available ring is not 2-byte aligned",
+        E::InvalidUsedRingAlign => "its used ring is not 4-byte aligned",
+        _ => "the queue library refused it",
     }
 }
 
@@ -1288,6 +1338,18 @@ mod tests {
         let mut s = good.clone();
         s.driver_features |= 1 << 50;
         cases.push(("features", s));
+        let mut s = good.clone();
+        s.status &= !status::DRIVER_OK;
+        cases.push(("started without DRIVER_OK", s));
+        let mut s = good.clone();
+        s.activated = false;
+        cases.push(("DRIVER_OK, never started", s));
+        let mut s = good.clone();
+        s.driver_features = 0;
+        cases.push(("FEATURES_OK without VERSION_1", s));
+        let mut s = good.clone();
+        s.queues[0].event_idx = true;
+        cases.push(("event suppression not negotiated", s));
         for (what, state) in cases {
             assert!(restored(&state, &p).is_err(), "{what}");
         }

@@ -324,8 +324,6 @@ pub struct NetState {
     pub mtu: Option<u16>,
     /// Whether MRG_RXBUF is offered.
     pub mrg_rxbuf: bool,
-    /// Features the driver accepted (its offloads are set on the new TAP).
-    pub acked_features: u64,
 }
 
 impl<B: NetBackend + 'static> crate::persist::Persist for Net<B> {
@@ -338,18 +336,15 @@ impl<B: NetBackend + 'static> crate::persist::Persist for Net<B> {
             mac: self.mac,
             mtu: self.mtu,
             mrg_rxbuf: self.mrg_rxbuf,
-            acked_features: self.acked_features,
         }
     }
 
-    /// A device on `backend` (the TAP opened anew) in `state`; the offloads
-    /// the driver accepted are configured on the backend.
+    /// A device on `backend` (the TAP opened anew) in `state`. The features
+    /// the driver accepted are the transport's to restore (which also
+    /// configures their offloads on the backend).
     fn restore(backend: B, state: &NetState) -> Result<Self, Self::Error> {
         let mut dev = Net::new(backend, state.mac).with_mrg_rxbuf(state.mrg_rxbuf);
         dev.mtu = state.mtu;
-        if state.acked_features != 0 {
-            dev.ack_features(state.acked_features);
-        }
         Ok(dev)
     }
 }
@@ -407,6 +402,14 @@ impl RxBuffers {
             if !usable {
                 counters.rx_dropped += 1;
                 crate::guest_warn!("virtio-net: unusable receive buffer from the guest");
+                // The chains held stay the last ones taken from the ring (a
+                // snapshot gives them back by rewinding the available index):
+                // those taken before this one go back empty with it.
+                for (held, _, _) in self.chains.drain(..) {
+                    q.add_used(mem, held, 0).map_err(|_| ())?;
+                }
+                self.descs.clear();
+                self.room = 0;
                 q.add_used(mem, head, 0).map_err(|_| ())?;
                 continue;
             }

@@ -535,7 +535,6 @@ fn block_state_round_trips_and_reopens_the_image() {
     use crate::persist::Persist;
     let (p, _) = image(16);
     let mut h = Harness::new(&p.0, false);
-    h.dev.ack_features(1 << VIRTIO_F_VERSION_1);
     let saved = h.dev.save();
     assert_eq!(saved.serial, b"serial-0123");
     assert_eq!((saved.capacity, saved.read_only), (16, false));

@@ -541,6 +541,8 @@ fn a_snapshot_gives_back_receive_buffers_taken_but_not_filled() {
     let (backend, peer) = socket_pair();
     let Ok(mut back) = Net::restore(backend, &saved);
     assert_eq!(back.save(), saved);
+    // What the restored transport does with the features it saved.
+    back.ack_features((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MRG_RXBUF));
     let queues = queues
         .into_iter()
         .map(|q| QueueSnapshot::from(q).to_queue().unwrap())
@@ -561,4 +563,23 @@ fn a_snapshot_gives_back_receive_buffers_taken_but_not_filled() {
         .read_slice(&mut got, GuestAddress(BUFS + 0x3000))
         .unwrap();
     assert_eq!(got[12..], small[12..]);
+}
+
+#[test]
+fn held_receive_buffers_are_always_the_last_taken_even_past_an_unusable_one() {
+    let mut h = Harness::new();
+    h.dev
+        .ack_features((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MRG_RXBUF));
+    h.add_chain(RX, &[(BUFS, 500, true)]);
+    h.add_chain(RX, &[(BUFS + 0x1000, 500, false)]); // read-only: unusable
+    h.add_chain(RX, &[(BUFS + 0x2000, 500, true)]);
+    assert!(h.dev.process_queue(RX));
+    // The first went back empty with the unusable one; the third is held.
+    assert_eq!(h.used(RX), [(0, 0), (1, 0)]);
+    let rx = h.dev.queue_states().unwrap()[RX];
+    assert_eq!(
+        (rx.next_avail, rx.next_used),
+        (2, 2),
+        "a snapshot gives back exactly the held buffer"
+    );
 }
