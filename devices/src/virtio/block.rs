@@ -516,12 +516,7 @@ impl VirtioDevice for Block {
         mut queues: Vec<Queue>,
         interrupt: Interrupt,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                got: queues.len(),
-                want: 1,
-            });
-        }
+        ActivateError::check_count(&queues, 1)?;
         let queue = queues.remove(0);
         self.active = Some(Active {
             mem,

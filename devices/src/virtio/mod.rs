@@ -5,6 +5,7 @@ pub mod mmio;
 pub mod net;
 pub mod ring;
 pub mod tap;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -174,6 +175,20 @@ pub enum ActivateError {
     /// The driver set up a different number of queues than the device has.
     #[error("The driver set up {got} queues, the device needs {want}.")]
     QueueCount { got: usize, want: usize },
+}
+
+impl ActivateError {
+    /// Ok if the driver set up exactly `want` queues.
+    pub fn check_count(queues: &[Queue], want: usize) -> Result<(), ActivateError> {
+        if queues.len() == want {
+            Ok(())
+        } else {
+            Err(ActivateError::QueueCount {
+                got: queues.len(),
+                want,
+            })
+        }
+    }
 }
 
 /// A virtio device behind a transport.

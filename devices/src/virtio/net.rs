@@ -545,12 +545,7 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
         queues: Vec<Queue>,
         interrupt: Interrupt,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                got: queues.len(),
-                want: 2,
-            });
-        }
+        ActivateError::check_count(&queues, 2)?;
         self.active = Some((mem, queues, interrupt));
         self.rx_waiting_for_buffers = false;
         self.rx.clear();

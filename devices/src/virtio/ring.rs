@@ -50,6 +50,21 @@ pub fn pop_chain<'a>(
     }
 }
 
+/// The next chain of `q` as its head index and descriptors (empty if the
+/// chain is longer than the queue, see [`descriptors`]); None when the
+/// driver made nothing more available.
+pub fn pop_descriptors(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+) -> Result<Option<(u16, Vec<Descriptor>)>, Error> {
+    let Some(chain) = pop_chain(q, mem)? else {
+        return Ok(None);
+    };
+    let head = chain.head_index();
+    let size = q.size();
+    Ok(Some((head, descriptors(chain, size).unwrap_or_default())))
+}
+
 /// Size of the used ring header (flags and index).
 const USED_HEADER: u64 = 4;
 /// Size of one used element.

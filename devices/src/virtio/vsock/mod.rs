@@ -1,0 +1,348 @@
+//! virtio-vsock (virtio 1.2 §5.10): stream sockets between the guest and host
+//! programs, over Firecracker's hybrid Unix-socket backend (`muxer.rs`).
+//! Three queues: receive (packets for the guest), transmit (packets from
+//! it) and events. Every guest-given header, length and buffer is checked; a
+//! malformed packet is dropped, a ring the device cannot read stops it.
+
+pub mod muxer;
+pub mod packet;
+
+use std::os::fd::RawFd;
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestMemoryMmap};
+
+use super::{
+    ring, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_INDIRECT_DESC,
+};
+use muxer::Muxer;
+use packet::{Header, HDR_SIZE};
+
+/// Virtio device ID of a socket device.
+pub const VIRTIO_ID_VSOCK: u32 = 19;
+/// Descriptors per queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Largest data of one packet from the guest (Linux sends at most 64 KiB).
+pub const MAX_PKT_DATA: usize = 64 * 1024;
+const RX: usize = 0;
+const TX: usize = 1;
+const EVT: usize = 2;
+
+/// Packet counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VsockCounters {
+    /// Packets from the guest.
+    pub tx_packets: u64,
+    /// Packets from the guest dropped as malformed.
+    pub tx_dropped: u64,
+    /// Packets to the guest.
+    pub rx_packets: u64,
+    /// Data bytes each way.
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
+
+/// A virtio-vsock device.
+pub struct Vsock {
+    muxer: Muxer,
+    acked_features: u64,
+    counters: VsockCounters,
+    active: Option<(GuestMemoryMmap, Vec<Queue>, Interrupt)>,
+    /// The last transmit pass stopped at its budget.
+    tx_more: bool,
+}
+
+impl Vsock {
+    /// A device for the guest with CID `muxer.guest_cid()`.
+    pub fn new(muxer: Muxer) -> Self {
+        Vsock {
+            muxer,
+            acked_features: 0,
+            counters: VsockCounters::default(),
+            active: None,
+            tx_more: false,
+        }
+    }
+
+    /// The counters so far.
+    pub fn counters(&self) -> VsockCounters {
+        self.counters
+    }
+
+    /// Takes the guest's packets. False if the ring is unusable.
+    fn process_tx(&mut self) -> bool {
+        let Some((mem, queues, interrupt)) = self.active.as_mut() else {
+            return true;
+        };
+        let q = &mut queues[TX];
+        self.tx_more = false;
+        if !ring::avail_index_sane(q, mem) {
+            return false;
+        }
+        let mut used = 0;
+        while used < ring::BUDGET {
+            let (head, descs) = match ring::pop_descriptors(q, mem) {
+                Ok(Some(popped)) => popped,
+                Ok(None) => break,
+                Err(_) => return false,
+            };
+            match read_packet(mem, &descs) {
+                Some((h, data)) => {
+                    self.counters.tx_packets += 1;
+                    self.counters.tx_bytes += data.len() as u64;
+                    self.muxer.send_pkt(&h, &data);
+                }
+                None => {
+                    self.counters.tx_dropped += 1;
+                    crate::guest_warn!("vsock: malformed packet from the guest dropped");
+                }
+            }
+            if q.add_used(&*mem, head, 0).is_err() {
+                return false;
+            }
+            used += 1;
+        }
+        self.tx_more = used >= ring::BUDGET;
+        if used > 0 {
+            interrupt.raise(INTERRUPT_USED_BUFFER);
+        }
+        true
+    }
+
+    /// Fills the guest's receive buffers with what the host side has for it.
+    fn process_rx(&mut self) -> bool {
+        let Some((mem, queues, interrupt)) = self.active.as_mut() else {
+            return true;
+        };
+        let q = &mut queues[RX];
+        if !ring::avail_index_sane(q, mem) {
+            return false;
+        }
+        let mut used = 0;
+        while used < ring::BUDGET && self.muxer.has_rx() {
+            let (head, descs) = match ring::pop_descriptors(q, mem) {
+                Ok(Some(popped)) => popped,
+                Ok(None) => break,
+                Err(_) => return false,
+            };
+            let room: usize = descs.iter().map(|d| d.len() as usize).sum();
+            let writable = !descs.is_empty() && descs.iter().all(|d| d.is_write_only());
+            if !writable || room < HDR_SIZE {
+                crate::guest_warn!("vsock: unusable receive buffer from the guest");
+                if q.add_used(&*mem, head, 0).is_err() {
+                    return false;
+                }
+                used += 1;
+                continue;
+            }
+            let Some((h, data)) = self.muxer.recv_pkt(room - HDR_SIZE) else {
+                // Nothing after all (a socket had no data): the buffer stays.
+                q.set_next_avail(q.next_avail().wrapping_sub(1));
+                break;
+            };
+            let written = match write_packet(mem, &descs, &h, &data) {
+                Some(n) => n,
+                None => {
+                    crate::guest_warn!("vsock: receive buffer outside guest memory");
+                    0
+                }
+            };
+            self.counters.rx_packets += 1;
+            self.counters.rx_bytes += data.len() as u64;
+            if q.add_used(&*mem, head, written).is_err() {
+                return false;
+            }
+            used += 1;
+        }
+        if used > 0 {
+            interrupt.raise(INTERRUPT_USED_BUFFER);
+        }
+        true
+    }
+}
+
+/// Reads a packet from the guest's readable descriptors: the header, then
+/// `len` bytes of data. None if the chain is malformed: writable parts, too
+/// short for the header or the data it announces, data over MAX_PKT_DATA, or
+/// buffers outside guest memory.
+fn read_packet(mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Option<(Header, Vec<u8>)> {
+    if descs.is_empty() || descs.iter().any(|d| d.is_write_only()) {
+        return None;
+    }
+    let total: usize = descs.iter().map(|d| d.len() as usize).sum();
+    if total < HDR_SIZE {
+        return None;
+    }
+    let mut hdr = [0u8; HDR_SIZE];
+    let mut copied = gather(mem, descs, 0, &mut hdr)?;
+    debug_assert_eq!(copied, HDR_SIZE);
+    let h = Header::from_bytes(&hdr);
+    let len = h.len as usize;
+    if len > MAX_PKT_DATA || len > total - HDR_SIZE {
+        return None;
+    }
+    let mut data = vec![0u8; len];
+    copied = gather(mem, descs, HDR_SIZE, &mut data)?;
+    (copied == len).then_some((h, data))
+}
+
+/// Copies `out.len()` bytes starting `skip` bytes into the chain; None if a
+/// buffer is outside guest memory.
+fn gather(
+    mem: &GuestMemoryMmap,
+    descs: &[Descriptor],
+    skip: usize,
+    out: &mut [u8],
+) -> Option<usize> {
+    let mut pos = 0usize; // offset in the chain
+    let mut done = 0usize;
+    for d in descs {
+        let len = d.len() as usize;
+        if done == out.len() {
+            break;
+        }
+        if pos + len <= skip {
+            pos += len;
+            continue;
+        }
+        let from = skip.saturating_sub(pos);
+        let n = (len - from).min(out.len() - done);
+        let addr = d.addr().checked_add(from as u64)?;
+        mem.read_slice(&mut out[done..done + n], addr).ok()?;
+        done += n;
+        pos += len;
+    }
+    Some(done)
+}
+
+/// Writes the header and data into the guest's writable descriptors (the
+/// caller checked they hold them); returns the bytes written, None if a
+/// buffer is outside guest memory.
+fn write_packet(
+    mem: &GuestMemoryMmap,
+    descs: &[Descriptor],
+    h: &Header,
+    data: &[u8],
+) -> Option<u32> {
+    let hdr = h.to_bytes();
+    let mut parts: [&[u8]; 2] = [&hdr, data];
+    let mut written = 0usize;
+    for d in descs {
+        let mut at = d.addr();
+        let mut left = d.len() as usize;
+        for part in parts.iter_mut() {
+            if left == 0 {
+                break;
+            }
+            let n = part.len().min(left);
+            if n == 0 {
+                continue;
+            }
+            mem.write_slice(&part[..n], at).ok()?;
+            at = at.checked_add(n as u64)?;
+            left -= n;
+            written += n;
+            *part = &part[n..];
+        }
+    }
+    u32::try_from(written).ok()
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        super::read_config_bytes(&self.muxer.guest_cid().to_le_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // guest_cid is read-only.
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Interrupt,
+    ) -> Result<(), ActivateError> {
+        ActivateError::check_count(&queues, 3)?;
+        self.active = Some((mem, queues, interrupt));
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) -> bool {
+        match index {
+            // The guest's packets may owe it answers: both directions.
+            TX => self.process_tx() && self.process_rx(),
+            RX => self.process_rx(),
+            // Event buffers are kept for events (none is sent yet).
+            EVT => true,
+            _ => true,
+        }
+    }
+
+    fn queue_pending(&self, index: usize) -> bool {
+        index == TX && self.tx_more
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+        self.tx_more = false;
+    }
+
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        let (_, queues, _) = self.active.as_ref()?;
+        Some(queues.iter().map(|q| q.state()).collect())
+    }
+
+    fn backend_fd(&self) -> Option<RawFd> {
+        Some(self.muxer.fd())
+    }
+
+    fn process_backend(&mut self) -> bool {
+        self.muxer.process_events();
+        self.process_rx()
+    }
+
+    fn wants_backend_events(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn report(&self) -> Option<String> {
+        let c = self.counters;
+        Some(format!(
+            "tx {} packets {} bytes {} dropped, rx {} packets {} bytes, {} connections open",
+            c.tx_packets,
+            c.tx_bytes,
+            c.tx_dropped,
+            c.rx_packets,
+            c.rx_bytes,
+            self.muxer.connection_count()
+        ))
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests;
