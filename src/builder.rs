@@ -10,6 +10,8 @@ use std::time::Instant;
 use devices::virtio::block::Block;
 use devices::virtio::net::Net;
 use devices::virtio::tap::Tap;
+use devices::virtio::vsock::muxer::Muxer;
+use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -72,6 +74,9 @@ pub enum Error {
     /// A TAP device cannot be used.
     #[error(transparent)]
     Tap(#[from] devices::virtio::tap::Error),
+    /// The vsock socket cannot be set up.
+    #[error(transparent)]
+    Vsock(#[from] devices::virtio::vsock::muxer::Error),
 }
 
 impl Error {
@@ -84,6 +89,7 @@ impl Error {
                 | Error::Memory(_)
                 | Error::Disk(_)
                 | Error::Tap(_)
+                | Error::Vsock(devices::virtio::vsock::muxer::Error::Bind { .. })
                 | Error::Snapshot(_)
                 | Error::Vm(vm::Error::TooManyCpus { .. })
                 | Error::Vm(vm::Error::NoRealtimeClock)
@@ -303,6 +309,22 @@ fn reopen_devices(state: &MicrovmState) -> Result<Vec<(NamedDevice, bool)>, Erro
                     false,
                 ));
             }
+            VirtioDeviceState::Vsock(vs) => {
+                let Some(cfg) = &state.config.vsock else {
+                    return Err(Error::Snapshot(snapshot::Error::State(
+                        "The snapshot has no configuration for its vsock device.".into(),
+                    )));
+                };
+                let muxer = Muxer::new(vs.guest_cid, &cfg.uds_path)?;
+                let Ok(vsock) = Vsock::restore(muxer, vs);
+                out.push((
+                    (
+                        (v.id.clone(), VirtioKind::Vsock, vsock_label(cfg)),
+                        Box::new(vsock),
+                    ),
+                    false,
+                ));
+            }
         }
     }
     Ok(out)
@@ -339,7 +361,23 @@ fn open_devices(config: &VmConfig) -> Result<Vec<NamedDevice>, Error> {
         let label = format!("net {} ({})", n.iface_id, n.host_dev_name);
         devices.push(((n.iface_id.clone(), VirtioKind::Net, label), Box::new(net)));
     }
+    if let Some(v) = &config.vsock {
+        let muxer = Muxer::new(u64::from(v.guest_cid), &v.uds_path)?;
+        devices.push((
+            (
+                snapshot::VSOCK_ID.to_string(),
+                VirtioKind::Vsock,
+                vsock_label(v),
+            ),
+            Box::new(Vsock::new(muxer)),
+        ));
+    }
     Ok(devices)
+}
+
+/// How the log names the vsock device.
+fn vsock_label(v: &crate::config::VsockConfig) -> String {
+    format!("vsock cid {} ({})", v.guest_cid, v.uds_path.display())
 }
 
 /// Logs, once per drive, the accepted fields that change nothing yet.

@@ -29,6 +29,9 @@ pub enum Error {
     /// A `--net` spec that does not parse.
     #[error("--net '{spec}': {reason}; give tap=NAME[,id=ID][,mac=02:xx:xx:xx:xx:xx][,mtu=N][,mrg_rxbuf=on|off].")]
     NetSpec { spec: String, reason: String },
+    /// A `--vsock` spec that does not parse.
+    #[error("--vsock '{spec}': {reason}; give cid=N,uds=PATH (N of 3 or more).")]
+    VsockSpec { spec: String, reason: String },
     /// Nothing to run.
     #[error("Nothing to run; give --kernel (and VM options), --config-file, or --api-sock to configure the VM over the API.")]
     NothingToRun,
@@ -169,6 +172,11 @@ pub struct Cli {
     /// tap=NAME[,id=ID][,mac=..][,mtu=N][,mrg_rxbuf=on|off]. Repeatable.
     #[arg(long, value_name = "SPEC")]
     pub net: Vec<String>,
+    /// A vsock device: cid=N,uds=PATH (Firecracker's PUT /vsock): host
+    /// programs connect to PATH and write CONNECT <port>; guest connections
+    /// to port P go to PATH_P.
+    #[arg(long, value_name = "SPEC")]
+    pub vsock: Option<String>,
     /// Guest memory, with unit K, M or G (a bare number is MiB), rounded up to whole MiB [default: 128M].
     #[arg(long, value_name = "SIZE")]
     pub memory: Option<String>,
@@ -223,6 +231,7 @@ impl Cli {
             (self.rootfs.is_some(), "--rootfs"),
             (!self.disk.is_empty(), "--disk"),
             (!self.net.is_empty(), "--net"),
+            (self.vsock.is_some(), "--vsock"),
         ]
         .into_iter()
         .find_map(|(given, name)| given.then_some(name))
@@ -323,6 +332,9 @@ impl Cli {
         }
         for (index, spec) in self.net.iter().enumerate() {
             c.network_interfaces.push(parse_net_spec(spec, index)?);
+        }
+        if let Some(spec) = &self.vsock {
+            c.vsock = Some(parse_vsock_spec(spec)?);
         }
         c.validate()?;
         Ok(c)
@@ -475,9 +487,64 @@ pub fn parse_net_spec(spec: &str, index: usize) -> Result<NetworkInterface, Erro
     Ok(iface)
 }
 
+/// Parses `cid=N,uds=PATH`.
+pub fn parse_vsock_spec(spec: &str) -> Result<config::VsockConfig, Error> {
+    let err = |reason: String| Error::VsockSpec {
+        spec: spec.to_string(),
+        reason,
+    };
+    let (mut cid, mut uds) = (None, None);
+    for item in spec.split(',') {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| err(format!("'{item}' is not key=value")))?;
+        match key {
+            "cid" => {
+                let n: u32 =
+                    value.parse().ok().filter(|n| *n >= 3).ok_or_else(|| {
+                        err(format!("cid '{value}' is not a number of 3 or more"))
+                    })?;
+                cid = Some(n);
+            }
+            "uds" if value.is_empty() => return Err(err("the socket path is empty".into())),
+            "uds" => uds = Some(PathBuf::from(value)),
+            other => return Err(err(format!("unknown key '{other}'"))),
+        }
+    }
+    Ok(config::VsockConfig {
+        guest_cid: cid.ok_or_else(|| err("no cid= given".into()))?,
+        uds_path: uds.ok_or_else(|| err("no uds= given".into()))?,
+        vsock_id: None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vsock_specs_parse_and_bad_ones_name_the_problem() {
+        let v = parse_vsock_spec("cid=7,uds=/run/v.sock").unwrap();
+        assert_eq!(
+            (v.guest_cid, v.uds_path.as_path()),
+            (7, std::path::Path::new("/run/v.sock"))
+        );
+        for (spec, want) in [
+            ("cid=2,uds=/v", "cid '2' is not a number of 3 or more"),
+            ("cid=x,uds=/v", "cid 'x'"),
+            ("uds=/v", "no cid= given"),
+            ("cid=3", "no uds= given"),
+            ("cid=3,uds=", "the socket path is empty"),
+            ("cid=3,uds=/v,port=1", "unknown key 'port'"),
+            ("cid", "'cid' is not key=value"),
+        ] {
+            let e = parse_vsock_spec(spec).unwrap_err().to_string();
+            assert!(
+                e.contains(want) && e.contains("give cid=N,uds=PATH"),
+                "{spec}: {e}"
+            );
+        }
+    }
 
     fn cli(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("vmm").chain(args.iter().copied()))

@@ -58,6 +58,9 @@ pub enum Error {
     /// A field given as an empty string.
     #[error("{0} is empty; give a path.")]
     EmptyPath(&'static str),
+    /// A reserved vsock CID.
+    #[error("vsock guest_cid {0} is reserved; give 3 or more.")]
+    VsockCid(u32),
     /// A MAC address that does not parse or is multicast.
     #[error("network interface '{iface}': guest_mac '{mac}' {reason}; give six hex bytes like 06:00:AC:10:00:02.")]
     Mac {
@@ -481,6 +484,34 @@ pub struct MetricsConfig {
     pub metrics_path: PathBuf,
 }
 
+/// The VM's vsock device (Firecracker's `Vsock`): the guest's CID and the
+/// Unix socket host programs connect to (guest connections to port P go to
+/// `<uds_path>_P`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context ID, 3 or more (0-2 are reserved).
+    pub guest_cid: u32,
+    /// The Unix socket the VMM listens on; must not exist yet.
+    pub uds_path: PathBuf,
+    /// Deprecated by Firecracker; accepted and kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+}
+
+impl VsockConfig {
+    /// Checks the CID and the path.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.guest_cid < 3 {
+            return Err(Error::VsockCid(self.guest_cid));
+        }
+        if self.uds_path.as_os_str().is_empty() {
+            return Err(Error::EmptyPath("vsock uds_path"));
+        }
+        Ok(())
+    }
+}
+
 /// A validated description of one VM: Firecracker's configuration file.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -506,9 +537,9 @@ pub struct VmConfig {
     /// Firecracker's `balloon` section: not implemented, refused by `validate`.
     #[serde(default, skip_serializing)]
     pub balloon: Option<serde_json::Value>,
-    /// Firecracker's `vsock` section: refused (not implemented yet).
-    #[serde(default, skip_serializing)]
-    pub vsock: Option<serde_json::Value>,
+    /// The vsock device, if any.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
     /// Firecracker's `mmds-config` section: refused (not implemented yet).
     #[serde(rename = "mmds-config", default, skip_serializing)]
     pub mmds_config: Option<serde_json::Value>,
@@ -594,7 +625,6 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), Error> {
         for (present, name) in [
             (self.balloon.is_some(), "balloon"),
-            (self.vsock.is_some(), "vsock"),
             (self.mmds_config.is_some(), "mmds-config"),
             (self.entropy.is_some(), "entropy"),
             (self.cpu_config.is_some(), "cpu-config"),
@@ -607,6 +637,9 @@ impl VmConfig {
             }
         }
         self.machine_config.validate()?;
+        if let Some(v) = &self.vsock {
+            v.validate()?;
+        }
         if let Some(b) = &self.boot_source {
             if b.kernel_image_path.as_os_str().is_empty() {
                 return Err(Error::EmptyPath("boot-source kernel_image_path"));
@@ -769,8 +802,8 @@ mod tests {
                 "'balloon' is not supported",
             ),
             (
-                r#"{"vsock": {"guest_cid": 3, "uds_path": "v"}}"#,
-                "'vsock' is not supported",
+                r#"{"vsock": {"guest_cid": 2, "uds_path": "v"}}"#,
+                "guest_cid 2 is reserved",
             ),
             (
                 r#"{"network-interfaces": [{"iface_id": "e", "host_dev_name": "t", "guest_mac": "zz"}]}"#,

@@ -18,6 +18,7 @@ use devices::virtio::mmio::{
 };
 use devices::virtio::net::Net;
 use devices::virtio::tap::Tap;
+use devices::virtio::vsock::Vsock;
 use devices::virtio::{Interrupt, VirtioDevice};
 use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
@@ -72,6 +73,8 @@ pub enum VirtioKind {
     Block,
     /// virtio-net: a network interface.
     Net,
+    /// virtio-vsock: the VM's socket device.
+    Vsock,
 }
 
 /// One attached virtio device.
@@ -263,6 +266,10 @@ impl DeviceManager {
                         .as_any_mut()
                         .downcast_mut::<Net<Tap>>()
                         .map(|n| VirtioDeviceState::Net(n.save())),
+                    VirtioKind::Vsock => d
+                        .as_any_mut()
+                        .downcast_mut::<Vsock>()
+                        .map(|v| VirtioDeviceState::Vsock(v.save())),
                 });
                 let device = device.ok_or_else(|| {
                     crate::snapshot::Error::State(format!(
@@ -281,14 +288,25 @@ impl DeviceManager {
             .collect()
     }
 
-    /// After a restore: raises interrupts the driver had not acknowledged and
-    /// looks at every queue once.
+    /// After a restore: raises interrupts the driver had not acknowledged,
+    /// looks at every queue once, and tells a vsock driver that its
+    /// connections are gone.
     pub fn kick_restored(&self) {
         for e in &self.virtio {
-            e.transport
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .kick_after_restore();
+            let t = e.transport.lock().unwrap_or_else(|e| e.into_inner());
+            if e.kind == VirtioKind::Vsock {
+                let told = t.with_device(|d| {
+                    d.as_any_mut()
+                        .downcast_mut::<Vsock>()
+                        .is_some_and(|v| v.send_transport_reset())
+                });
+                if !told {
+                    log::warn!(
+                        "vsock: the driver left no event buffer; its connections were not reset"
+                    );
+                }
+            }
+            t.kick_after_restore();
         }
     }
 

@@ -291,11 +291,14 @@ impl Vmm {
             };
             n.host_dev_name = tap.clone();
         }
-        if options.vsock_override.is_some() {
-            return refuse(
-                "The snapshot has no vsock device; vsock_override only renames the socket of one."
-                    .into(),
-            );
+        if let Some(path) = &options.vsock_override {
+            let Some(v) = state.config.vsock.as_mut() else {
+                return refuse(
+                    "The snapshot has no vsock device; vsock_override only renames the socket of one."
+                        .into(),
+                );
+            };
+            v.uds_path = path.clone();
         }
         let out = Box::new(self.serial_out.clone());
         let built = builder::build_from_snapshot(
@@ -547,6 +550,16 @@ impl Vmm {
                 if let Some(report) = t.report() {
                     log::info!("{}: {report}", entry.label);
                 }
+                // The event loop may outlive this (the process exits from
+                // it): the vsock socket goes now.
+                t.with_device(|d| {
+                    if let Some(v) = d
+                        .as_any_mut()
+                        .downcast_mut::<devices::virtio::vsock::Vsock>()
+                    {
+                        v.close();
+                    }
+                });
             }
         }
         self.state = VmState::Exited;

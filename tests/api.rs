@@ -969,3 +969,59 @@ fn a_stop_right_after_start_never_hangs_on_vcpus_waiting_for_sipi() {
         );
     }
 }
+
+/// PUT /vsock as Firecracker takes it: the socket appears when the VM
+/// starts, a host program is accepted on it, GET /vm/config shows the
+/// device, and the socket goes when the VMM exits.
+#[test]
+fn put_vsock_listens_on_its_socket_from_the_start_and_removes_it_at_exit() {
+    let (vm, sock) = api_vmm("api-vsock", &[]);
+    let uds = tmp_path("api-vsock-v.sock");
+    assert_fault(
+        curl(
+            &sock,
+            "PUT",
+            "/vsock",
+            Some(r#"{"guest_cid": 2, "uds_path": "/tmp/x.sock"}"#),
+        ),
+        "guest_cid 2 is reserved",
+    );
+    assert_fault(
+        curl(
+            &sock,
+            "PUT",
+            "/vsock",
+            Some(&format!(
+                r#"{{"guest_cid": 3, "uds_path": "{}"}}"#,
+                sock.display()
+            )),
+        ),
+        "exists",
+    );
+    let body = format!(
+        r#"{{"vsock_id": "vsock0", "guest_cid": 3, "uds_path": "{}"}}"#,
+        uds.display()
+    );
+    assert_eq!(
+        curl(&sock, "PUT", "/vsock", Some(&body)),
+        (204, String::new())
+    );
+    assert!(!uds.exists(), "bound at start, not before");
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}"}}"#,
+        guest("counter").display()
+    );
+    assert_eq!(curl(&sock, "PUT", "/boot-source", Some(&boot)).0, 204);
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(curl(&sock, "PUT", "/actions", Some(start)).0, 204);
+    assert!(uds.exists());
+    let mut host = std::os::unix::net::UnixStream::connect(&uds).expect("the VMM listens");
+    std::io::Write::write_all(&mut host, b"CONNECT 52\n").unwrap();
+    let (_, cfg) = curl(&sock, "GET", "/vm/config", None);
+    let v = &json(&cfg)["vsock"];
+    assert_eq!(v["guest_cid"], 3, "{cfg}");
+    assert_eq!(v["uds_path"], uds.display().to_string(), "{cfg}");
+    vm.signal(libc::SIGTERM);
+    vm.finish(TIMEOUT);
+    assert!(!uds.exists(), "the socket goes with the VMM");
+}

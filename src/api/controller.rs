@@ -92,6 +92,10 @@ fn count(req: &ApiRequest, failed: bool) {
             &m.put_api_requests.metrics_count,
             &m.put_api_requests.metrics_fails,
         ),
+        ApiRequest::PutVsock(_) => (
+            &m.put_api_requests.vsock_count,
+            &m.put_api_requests.vsock_fails,
+        ),
         ApiRequest::Action(_) | ApiRequest::PatchVm(_) => (
             &m.put_api_requests.actions_count,
             &m.put_api_requests.actions_fails,
@@ -184,6 +188,17 @@ impl Controller {
                     return bad(e);
                 }
                 configure(vmm, |c| c.upsert_interface(n.clone()))
+            }
+            ApiRequest::PutVsock(v) => {
+                // The socket is bound when the VM starts (Firecracker does the
+                // same); a path that exists already is refused now.
+                if v.uds_path.exists() {
+                    return bad(format!(
+                        "vsock uds_path '{}' exists; give a path that does not exist yet (the VMM creates the socket).",
+                        v.uds_path.display()
+                    ));
+                }
+                configure(vmm, |c| c.vsock = Some(v.clone()))
             }
             ApiRequest::PutLogger(l) => match crate::logger::configure(l) {
                 Ok(()) => configure_as(vmm, false, |c| c.logger = Some(l.clone())),

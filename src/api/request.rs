@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::http::{Method, Request, Response};
 use crate::config::{
     self, BootSource, Drive, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
-    NetworkInterface, RateLimiter,
+    NetworkInterface, RateLimiter, VsockConfig,
 };
 
 /// `PATCH /drives/{id}`: a new image for a running VM.
@@ -210,6 +210,8 @@ pub enum ApiRequest {
     PutLogger(LoggerConfig),
     /// `PUT /metrics`.
     PutMetrics(MetricsConfig),
+    /// `PUT /vsock`.
+    PutVsock(VsockConfig),
     /// `PUT /actions`.
     Action(ActionType),
     /// `PATCH /vm`.
@@ -232,6 +234,7 @@ impl ApiRequest {
                 | ApiRequest::PutNetworkInterface(_)
                 | ApiRequest::PutLogger(_)
                 | ApiRequest::PutMetrics(_)
+                | ApiRequest::PutVsock(_)
                 | ApiRequest::Action(ActionType::InstanceStart)
                 | ApiRequest::LoadSnapshot(_)
         )
@@ -298,7 +301,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("mmds", "MMDS (/mmds)"),
     ("balloon", "The balloon device (/balloon)"),
     ("entropy", "The entropy device (/entropy)"),
-    ("vsock", "vsock (/vsock)"),
     ("cpu-config", "CPU configuration (/cpu-config)"),
     ("pmem", "virtio-pmem (/pmem)"),
     ("serial", "Serial configuration (/serial)"),
@@ -399,6 +401,11 @@ pub fn parse(req: &Request) -> Result<ApiRequest, Response> {
             PutLogger(l)
         }
         (Method::Put, ["metrics"]) => PutMetrics(body(req)?),
+        (Method::Put, ["vsock"]) => {
+            let v: VsockConfig = body(req)?;
+            v.validate().map_err(|e| bad(e.to_string()))?;
+            PutVsock(v)
+        }
         (Method::Put, ["actions"]) => Action(body::<ActionInfo>(req)?.action_type),
         (Method::Patch, ["vm"]) => PatchVm(body::<VmInfo>(req)?.state),
         (Method::Put, ["snapshot", "create"]) => {
@@ -665,7 +672,13 @@ mod tests {
                 r#"{"snapshot_path": "s", "mem_file_path": "m", "track_dirty_pages": true}"#,
                 "Dirty-page tracking",
             ),
-            (Put, "/vsock", "{}", "vsock"),
+            (Put, "/vsock", "{}", "missing field"),
+            (
+                Put,
+                "/vsock",
+                r#"{"guest_cid": 1, "uds_path": "/v.sock"}"#,
+                "guest_cid 1 is reserved",
+            ),
             (Put, "/entropy", "{}", "entropy"),
         ] {
             let f = fault(parse(&req(m.clone(), p, b)));

@@ -17,6 +17,7 @@ use devices::legacy::serial::SerialDeviceState;
 use devices::virtio::block::BlockState;
 use devices::virtio::mmio::MmioTransportState;
 use devices::virtio::net::NetState;
+use devices::virtio::vsock::VsockState;
 use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
@@ -66,6 +67,9 @@ pub struct MemoryRegionState {
     pub offset: u64,
 }
 
+/// The device ID of the vsock device (Firecracker's default `vsock_id`).
+pub const VSOCK_ID: &str = "vsock";
+
 /// A virtio device's own state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VirtioDeviceState {
@@ -74,6 +78,9 @@ pub enum VirtioDeviceState {
     /// A network interface (its TAP is the configuration's `host_dev_name`,
     /// which `network_overrides` may change).
     Net(NetState),
+    /// The vsock device (its socket is the configuration's `uds_path`,
+    /// which `vsock_override` may change).
+    Vsock(VsockState),
 }
 
 /// One virtio device: its ID in the configuration, where the guest finds it,
@@ -196,6 +203,11 @@ impl MicrovmState {
                             && i.mrg_rxbuf == n.mrg_rxbuf
                     })
                 }
+                VirtioDeviceState::Vsock(vs) => self
+                    .config
+                    .vsock
+                    .as_ref()
+                    .is_some_and(|c| u64::from(c.guest_cid) == vs.guest_cid),
             };
             if !agrees {
                 return bad(format!(
@@ -273,6 +285,15 @@ pub fn describe(path: &Path) -> Result<String, Error> {
                     "read-write"
                 },
                 b.capacity
+            ),
+            VirtioDeviceState::Vsock(vs) => format!(
+                "virtio-vsock: guest CID {}, socket {}",
+                vs.guest_cid,
+                state
+                    .config
+                    .vsock
+                    .as_ref()
+                    .map_or("?".into(), |c| c.uds_path.display().to_string())
             ),
             VirtioDeviceState::Net(n) => {
                 let tap = state

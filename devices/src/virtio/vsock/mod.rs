@@ -71,6 +71,37 @@ impl Vsock {
         self.counters
     }
 
+    /// Stops listening and removes the Unix socket (at VMM exit).
+    pub fn close(&mut self) {
+        self.muxer.close();
+    }
+
+    /// Tells the driver that every connection is gone
+    /// (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, after a snapshot restore: the
+    /// host sockets of the saved connections do not exist any more). False
+    /// if the driver left no event buffer.
+    pub fn send_transport_reset(&mut self) -> bool {
+        let Some((mem, queues, interrupt)) = self.active.as_mut() else {
+            return false;
+        };
+        let q = &mut queues[EVT];
+        let Ok(Some((head, descs))) = ring::pop_descriptors(q, mem) else {
+            return false;
+        };
+        // struct virtio_vsock_event { le32 id; }, id 0: transport reset.
+        let written = match descs.first() {
+            Some(d) if d.is_write_only() && d.len() >= 4 => {
+                u32::from(mem.write_slice(&0u32.to_le_bytes(), d.addr()).is_ok()) * 4
+            }
+            _ => 0,
+        };
+        if q.add_used(&*mem, head, written).is_err() {
+            return false;
+        }
+        interrupt.raise(INTERRUPT_USED_BUFFER);
+        written == 4
+    }
+
     /// Takes the guest's packets. False if the ring is unusable.
     fn process_tx(&mut self) -> bool {
         let Some((mem, queues, interrupt)) = self.active.as_mut() else {
@@ -160,6 +191,33 @@ impl Vsock {
             interrupt.raise(INTERRUPT_USED_BUFFER);
         }
         true
+    }
+}
+
+/// What a snapshot keeps of a vsock device: the guest's CID. Connections are
+/// not kept (their host sockets belong to the old process): a restored
+/// device starts with none and tells the driver so (transport reset); the
+/// Unix socket is bound anew, at the configured path (`vsock_override`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VsockState {
+    /// The guest's CID.
+    pub guest_cid: u64,
+}
+
+impl crate::persist::Persist for Vsock {
+    type State = VsockState;
+    type Resources = Muxer;
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> VsockState {
+        VsockState {
+            guest_cid: self.muxer.guest_cid(),
+        }
+    }
+
+    /// A device on `muxer` (bound for the saved CID by the caller).
+    fn restore(muxer: Muxer, _state: &VsockState) -> Result<Self, Self::Error> {
+        Ok(Vsock::new(muxer))
     }
 }
 

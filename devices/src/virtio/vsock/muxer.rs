@@ -187,6 +187,8 @@ pub struct Muxer {
     next_port: u32,
     /// Round-robin start among connections with data for the guest.
     rr: usize,
+    /// The socket file was removed.
+    closed: bool,
 }
 
 impl Muxer {
@@ -226,6 +228,7 @@ impl Muxer {
             resets: VecDeque::new(),
             next_port: FIRST_LOCAL_PORT,
             rr: 0,
+            closed: false,
         })
     }
 
@@ -614,9 +617,20 @@ impl Muxer {
     }
 }
 
+impl Muxer {
+    /// Removes the Unix socket (once: a later one at the same path, e.g. of
+    /// a restored clone, is not this device's).
+    pub fn close(&mut self) {
+        if !self.closed {
+            self.closed = true;
+            let _ = std::fs::remove_file(&self.uds_path);
+        }
+    }
+}
+
 impl Drop for Muxer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.uds_path);
+        self.close();
     }
 }
 
