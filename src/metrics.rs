@@ -300,8 +300,31 @@ const NET_KEYS: &[&str] = &[
     "tx_queue_event_count",
     "tx_spoofed_mac_count",
 ];
+/// Firecracker's vsock metrics (one group: a VM has at most one vsock).
+const VSOCK_KEYS: &[&str] = &[
+    "activate_fails",
+    "cfg_fails",
+    "rx_queue_event_fails",
+    "tx_queue_event_fails",
+    "ev_queue_event_fails",
+    "muxer_event_fails",
+    "conn_event_fails",
+    "rx_queue_event_count",
+    "tx_queue_event_count",
+    "rx_bytes_count",
+    "tx_bytes_count",
+    "rx_packets_count",
+    "tx_packets_count",
+    "conns_added",
+    "conns_killed",
+    "conns_removed",
+    "killq_resync",
+    "tx_flush_fails",
+    "tx_write_fails",
+    "rx_read_fails",
+];
 /// Device groups of Firecracker's that this VMM has no device for: present, empty.
-const ABSENT_DEVICE_GROUPS: &[&str] = &["balloon", "vsock", "entropy", "rtc", "vhost_user_block"];
+const ABSENT_DEVICE_GROUPS: &[&str] = &["balloon", "entropy", "rtc", "vhost_user_block"];
 
 /// Where metrics go, and the device counters already reported.
 pub struct MetricsSink {
@@ -379,9 +402,12 @@ impl MetricsSink {
         for g in ABSENT_DEVICE_GROUPS {
             o.insert((*g).into(), Value::Object(Map::new()));
         }
-        for (kind, group, keys) in [
-            (VirtioKind::Block, "block", BLOCK_KEYS),
-            (VirtioKind::Net, "net", NET_KEYS),
+        // Per device (`block_<drive_id>`, ...) and summed; vsock only summed,
+        // as Firecracker reports it.
+        for (kind, group, keys, per_device) in [
+            (VirtioKind::Block, "block", BLOCK_KEYS, true),
+            (VirtioKind::Net, "net", NET_KEYS, true),
+            (VirtioKind::Vsock, "vsock", VSOCK_KEYS, false),
         ] {
             let mut sum: Vec<u64> = vec![0; keys.len()];
             for entry in devices.iter().flat_map(|d| &d.virtio) {
@@ -407,7 +433,9 @@ impl MetricsSink {
                     sum[i] += delta;
                     obj.insert((*key).into(), delta.into());
                 }
-                o.insert(name, Value::Object(obj));
+                if per_device {
+                    o.insert(name, Value::Object(obj));
+                }
             }
             let agg: Map<String, Value> = keys
                 .iter()

@@ -397,6 +397,20 @@ impl VirtioDevice for Vsock {
         ))
     }
 
+    fn metrics(&self) -> Vec<(&'static str, u64)> {
+        let c = self.counters;
+        let m = self.muxer.counters();
+        vec![
+            ("rx_bytes_count", c.rx_bytes),
+            ("rx_packets_count", c.rx_packets),
+            ("tx_bytes_count", c.tx_bytes),
+            ("tx_packets_count", c.tx_packets),
+            ("conns_added", m.added),
+            ("conns_killed", m.killed),
+            ("conns_removed", m.removed),
+        ]
+    }
+
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
         self
     }

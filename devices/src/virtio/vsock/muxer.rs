@@ -52,6 +52,17 @@ pub enum Error {
     Epoll(std::io::Error),
 }
 
+/// Connection counters (Firecracker's vsock metric names).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MuxerCounters {
+    /// Connections made, either way.
+    pub added: u64,
+    /// Connections reset by this side (credit lies, socket errors, guest close).
+    pub killed: u64,
+    /// Connections ended by the guest's reset.
+    pub removed: u64,
+}
+
 /// Where a connection is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -189,6 +200,7 @@ pub struct Muxer {
     rr: usize,
     /// The socket file was removed.
     closed: bool,
+    counters: MuxerCounters,
 }
 
 impl Muxer {
@@ -229,6 +241,7 @@ impl Muxer {
             next_port: FIRST_LOCAL_PORT,
             rr: 0,
             closed: false,
+            counters: MuxerCounters::default(),
         })
     }
 
@@ -240,6 +253,11 @@ impl Muxer {
     /// The guest's CID.
     pub fn guest_cid(&self) -> u64 {
         self.guest_cid
+    }
+
+    /// The connection counters so far.
+    pub fn counters(&self) -> MuxerCounters {
+        self.counters
     }
 
     /// Open connections.
@@ -278,6 +296,7 @@ impl Muxer {
     /// Resets connection `key` on both sides.
     fn kill(&mut self, key: (u32, u32)) {
         if self.conns.contains_key(&key) {
+            self.counters.killed += 1;
             self.forget(key);
             if self.resets.len() < MAX_CONNECTIONS {
                 self.resets
@@ -347,7 +366,10 @@ impl Muxer {
                 c.guest_closed = h.flags & both == both;
                 self.after_flush(key);
             }
-            (op::RST, _) => self.forget(key),
+            (op::RST, _) => {
+                self.counters.removed += 1;
+                self.forget(key);
+            }
             _ => {
                 crate::guest_warn!("vsock: operation {} out of place; connection reset", h.op);
                 self.kill(key);
@@ -409,6 +431,7 @@ impl Muxer {
         c.owe_response = true;
         self.tokens.insert(fd as u64, key);
         self.conns.insert(key, c);
+        self.counters.added += 1;
         Ok(())
     }
 

@@ -86,6 +86,14 @@ fn a_host_program_connects_to_a_guest_port_and_both_ways_carry_data() {
     );
     m.send_pkt(&from_guest(52, local, op::RST, 0), &[]);
     assert_eq!(m.connection_count(), 0);
+    assert_eq!(
+        m.counters(),
+        MuxerCounters {
+            added: 1,
+            killed: 0,
+            removed: 1
+        }
+    );
     drop(m);
     assert!(!uds.exists(), "the socket goes with the device");
 }
@@ -131,6 +139,15 @@ fn a_guest_connection_reaches_the_listener_at_uds_path_underscore_port() {
     let pkts = drain(&mut m);
     assert_eq!(pkts[0].0.op, op::RST);
     assert_eq!(m.connection_count(), 0);
+    assert_eq!(
+        m.counters(),
+        MuxerCounters {
+            added: 1,
+            killed: 1,
+            removed: 0
+        },
+        "the refused connection was never added"
+    );
 }
 
 #[test]
