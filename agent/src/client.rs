@@ -187,9 +187,13 @@ pub struct Signaller {
 }
 
 impl Signaller {
-    /// Sends signal number `signal` (1 to 64) to the command. Signals queue
-    /// behind the stdin already read for the command.
+    /// Sends signal number `signal` (1 to 64; others are refused here) to
+    /// the command. Signals queue behind the stdin already read for it.
     pub fn signal(&self, signal: u32) -> Result<()> {
+        if !(1..=64).contains(&signal) {
+            // The agent would end the connection, and the command with it.
+            return Err(Error::Protocol(ProtocolError::BadSignal(signal)));
+        }
         self.control
             .send(Control::Signal(signal))
             .map_err(|_| Error::Ended)
@@ -390,6 +394,17 @@ mod tests {
             Err(Error::Agent(message)) => assert_eq!(message, "no such directory"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn signal_numbers_out_of_range_are_refused() {
+        let execution = AgentClient::new(io::empty(), io::sink())
+            .start(&ExecRequest::new(["x"]))
+            .unwrap();
+        let signaller = execution.signaller();
+        assert!(signaller.signal(0).is_err());
+        assert!(signaller.signal(65).is_err());
+        assert!(signaller.signal(9).is_ok());
     }
 
     #[test]
