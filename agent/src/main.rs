@@ -1,0 +1,123 @@
+//! `vmm-agent`: the guest agent. Listens on a vsock port (or, for tests, a
+//! Unix socket) and serves each connection on a thread of its own: one
+//! request per connection (run a command, put a file, get a file), as
+//! docs/AGENT.md describes.
+
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+mod server;
+
+use std::fs::File;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixListener;
+use std::process::ExitCode;
+use std::thread;
+use std::time::Duration;
+
+use server::sys;
+use vmm_agent::DEFAULT_PORT;
+
+const USAGE: &str = "\
+usage: vmm-agent [--port N | --listen-unix PATH]
+
+Runs commands, and puts and gets files, for the host (see docs/AGENT.md).
+  --port N            listen on AF_VSOCK port N, any CID (default 52)
+  --listen-unix PATH  listen on the Unix socket PATH instead (for tests)
+";
+
+/// Where the agent listens.
+enum Listen {
+    Vsock(u32),
+    Unix(String),
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Listen, String> {
+    let mut listen = Listen::Vsock(DEFAULT_PORT);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--port" => {
+                let value = args.next().ok_or("--port needs a port number")?;
+                let port = value
+                    .parse()
+                    .map_err(|_| format!("--port: {value:?} is not a port number"))?;
+                listen = Listen::Vsock(port);
+            }
+            "--listen-unix" => {
+                listen = Listen::Unix(args.next().ok_or("--listen-unix needs a path")?);
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(listen)
+}
+
+/// A listening socket of either kind.
+enum Listener {
+    Vsock(OwnedFd),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    fn accept(&self) -> io::Result<OwnedFd> {
+        match self {
+            Self::Vsock(fd) => sys::accept(fd),
+            Self::Unix(listener) => Ok(listener.accept()?.0.into()),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().is_some_and(|a| a == "--help" || a == "-h") {
+        print!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let listen = match parse_args(args) {
+        Ok(listen) => listen,
+        Err(message) => {
+            eprint!("vmm-agent: {message}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let (listener, place) = match &listen {
+        Listen::Vsock(port) => (
+            sys::vsock_listen(*port).map(Listener::Vsock),
+            format!("vsock port {port}"),
+        ),
+        Listen::Unix(path) => (
+            UnixListener::bind(path).map(Listener::Unix),
+            format!("Unix socket {path}"),
+        ),
+    };
+    let listener = match listener {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("vmm-agent: cannot listen on {place}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!("vmm-agent: listening on {place}");
+    loop {
+        let conn = match listener.accept() {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of descriptors or memory, or an aborted connection:
+                // wait a little rather than spin, and go on.
+                eprintln!("vmm-agent: accepting a connection failed: {e}");
+                thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let spawned = thread::Builder::new()
+            .name("vmm-agent-conn".into())
+            .spawn(move || {
+                if let Err(e) = server::serve(File::from(conn)) {
+                    eprintln!("vmm-agent: {}", server::error_chain(&e));
+                }
+            });
+        if let Err(e) = spawned {
+            eprintln!("vmm-agent: starting a thread for a connection failed: {e}");
+        }
+    }
+}
