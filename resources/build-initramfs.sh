@@ -5,6 +5,8 @@
 # /dev/null and an /init shell script that:
 #   - mounts /proc,
 #   - prints exactly the line "VMM-TEST: userspace up" on the console,
+#   - starts the guest agent (/sbin/vmm-agent, listening on vsock port 52) in
+#     the background when the archive has it (see VMM_AGENT below),
 #   - with vmm.test=poweroff on the kernel command line powers off (`poweroff -f`),
 #     with vmm.test=reboot reboots (`reboot -f`), with vmm.test=wait prints
 #     "VMM-TEST: waiting" and sleeps until the VMM stops it; with none it runs an
@@ -20,7 +22,9 @@
 # is also copied to OUT. The LAST stdout line is the path of the archive
 # (OUT if given, else the cached file).
 #
-# Environment: VMM_CACHE_DIR, VMM_INSTALL_DEPS=1 (apt-get install busybox-static).
+# Environment: VMM_CACHE_DIR, VMM_INSTALL_DEPS=1 (apt-get install busybox-static),
+# VMM_AGENT=PATH: a static vmm-agent binary to include as /sbin/vmm-agent (its
+# contents are part of the cache key).
 set -euo pipefail
 
 SCRIPT="$(readlink -f "${BASH_SOURCE[0]}")"
@@ -55,9 +59,18 @@ if command -v readelf >/dev/null 2>&1 && readelf -lW "$BUSYBOX" 2>/dev/null | gr
     die "$BUSYBOX is dynamically linked; the static one from $BB_PKG is needed"
 fi
 
+AGENT="${VMM_AGENT:-}"
+if [[ -n "$AGENT" ]]; then
+    [[ -f "$AGENT" && -x "$AGENT" ]] || die "VMM_AGENT '$AGENT' is not an executable file"
+    if command -v readelf >/dev/null 2>&1 && readelf -lW "$AGENT" 2>/dev/null | grep -q INTERP; then
+        die "VMM_AGENT '$AGENT' is dynamically linked; the initramfs needs a static binary"
+    fi
+fi
+
 KEY="$({
     printf 'script\n'; sha256sum <"$SCRIPT"
     printf 'busybox %s %s\n' "$BB_PKG" "$BB_VERSION"; sha256sum <"$BUSYBOX"
+    if [[ -n "$AGENT" ]]; then printf 'agent\n'; sha256sum <"$AGENT"; fi
 } | sha256sum | cut -c1-16)"
 FINAL_DIR="$CACHE_ROOT/initramfs-$KEY"
 CACHED="$FINAL_DIR/initramfs.cpio"
@@ -88,6 +101,10 @@ set -f
 mount -t proc proc /proc
 mount -t devtmpfs dev /dev 2>/dev/null
 echo "VMM-TEST: userspace up"
+if [ -x /sbin/vmm-agent ]; then
+    /sbin/vmm-agent --port 52 </dev/null >/dev/null 2>&1 &
+    echo "VMM-TEST: agent started"
+fi
 action=shell
 read -r cmdline </proc/cmdline
 for arg in $cmdline; do
@@ -180,6 +197,9 @@ export LC_ALL=C # byte lengths for ${#...}
         add_symlink "$applet" /bin/busybox
     done < <("$BUSYBOX" --list-full | sort -u)
     add_file init 0755 "$WORK/init"
+    if [[ -n "$AGENT" ]]; then
+        add_file sbin/vmm-agent 0755 "$AGENT"
+    fi
     entry 'TRAILER!!!' 0 1 0 0 0
 } >"$WORK/out/initramfs.cpio"
 

@@ -54,7 +54,7 @@ pub enum Error {
     #[error("--restore needs --restore-mem; give the memory file taken with the snapshot.")]
     RestoreWithoutMem,
     /// A restore option without --restore.
-    #[error("--restore-mem and --net-override only go with --restore; give the snapshot with --restore.")]
+    #[error("--restore-mem, --net-override and --vsock-override only go with --restore; give the snapshot with --restore.")]
     RestoreOptionAlone,
     /// A bad --net-override.
     #[error("--net-override '{0}' is not IFACE_ID=TAP; give e.g. eth0=tap7.")]
@@ -134,6 +134,10 @@ pub struct Cli {
     /// snapshot, IFACE_ID=TAP. Repeatable.
     #[arg(long, value_name = "IFACE=TAP")]
     pub net_override: Vec<String>,
+    /// With --restore: the Unix socket path of the snapshot's vsock device
+    /// (as vsock_override on the API; each clone needs its own).
+    #[arg(long, value_name = "PATH")]
+    pub vsock_override: Option<PathBuf>,
     /// Installs no seccomp filters (this VMM installs none yet).
     #[arg(long)]
     pub no_seccomp: bool,
@@ -206,6 +210,8 @@ pub struct RestorePlan {
     pub mem: PathBuf,
     /// (interface ID, TAP) overrides.
     pub network_overrides: Vec<(String, String)>,
+    /// The vsock socket's path, if overridden.
+    pub vsock_override: Option<PathBuf>,
 }
 
 /// What the process should do.
@@ -278,11 +284,15 @@ impl Cli {
                     snapshot: snapshot.clone(),
                     mem,
                     network_overrides,
+                    vsock_override: self.vsock_override.clone(),
                 }),
                 api_sock,
             });
         }
-        if self.restore_mem.is_some() || !self.net_override.is_empty() {
+        if self.restore_mem.is_some()
+            || !self.net_override.is_empty()
+            || self.vsock_override.is_some()
+        {
             return Err(Error::RestoreOptionAlone);
         }
         let boot = match &self.config_file {
@@ -667,6 +677,8 @@ mod tests {
             "m",
             "--net-override",
             "eth0=tap7",
+            "--vsock-override",
+            "/run/clone.sock",
         ])
         .unwrap()
         .plan()
@@ -677,6 +689,7 @@ mod tests {
                 snapshot: "s".into(),
                 mem: "m".into(),
                 network_overrides: vec![("eth0".into(), "tap7".into())],
+                vsock_override: Some("/run/clone.sock".into()),
             })
         );
         for (args, want) in [

@@ -123,6 +123,7 @@ fn main() {
             let options = RestoreOptions {
                 resume: true,
                 network_overrides: r.network_overrides.clone(),
+                vsock_override: r.vsock_override.clone(),
                 ..Default::default()
             };
             vmm.load_snapshot(&r.snapshot, &r.mem, &options, &mut el)

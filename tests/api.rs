@@ -413,12 +413,12 @@ fn bad_process_flags_and_files_are_one_line_errors() {
     let bad = tmp_path("api-bad-config.json");
     std::fs::write(
         &bad,
-        r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "vsock": {}}"#,
+        r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "balloon": {}}"#,
     )
     .unwrap();
     assert_refused(
         &["--no-api", "--config-file", bad.to_str().unwrap()],
-        "'vsock' is not supported",
+        "'balloon' is not supported",
     );
     std::fs::write(
         &bad,

@@ -23,7 +23,10 @@ fn five_concurrent_clones_run_user_space_after_the_restore_and_power_off_with_ex
             golden::restore(&ns, &tap, &g, &format!("clone{i}"))
         } else {
             let sock = tmp_path(&format!("clone{i}.sock"));
-            (golden::restore_cli(&ns, &tap, &g), sock)
+            (
+                golden::restore_cli(&ns, &tap, &g, &format!("clone{i}")),
+                sock,
+            )
         });
     }
     // Each clone computes a value of its own after the restore, and reads

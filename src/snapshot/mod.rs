@@ -156,31 +156,34 @@ impl MicrovmState {
         }
         // Every configured drive and interface has its device, in the order
         // they are attached (drives first, the root drive first).
-        let configured: Vec<(&str, bool)> = self
+        let configured: Vec<(&str, u8)> = self
             .config
             .ordered_drives()
             .into_iter()
-            .map(|d| (d.drive_id.as_str(), true))
+            .map(|d| (d.drive_id.as_str(), 0))
             .chain(
                 self.config
                     .network_interfaces
                     .iter()
-                    .map(|n| (n.iface_id.as_str(), false)),
+                    .map(|n| (n.iface_id.as_str(), 1)),
             )
+            .chain(self.config.vsock.iter().map(|_| (VSOCK_ID, 2)))
             .collect();
-        let saved: Vec<(&str, bool)> = self
+        let saved: Vec<(&str, u8)> = self
             .virtio
             .iter()
             .map(|v| {
-                (
-                    v.id.as_str(),
-                    matches!(v.device, VirtioDeviceState::Block(_)),
-                )
+                let kind = match v.device {
+                    VirtioDeviceState::Block(_) => 0,
+                    VirtioDeviceState::Net(_) => 1,
+                    VirtioDeviceState::Vsock(_) => 2,
+                };
+                (v.id.as_str(), kind)
             })
             .collect();
         if configured != saved {
             return bad(format!(
-                "its virtio devices {saved:?} are not the configured drives and interfaces {configured:?}"
+                "its virtio devices {saved:?} are not the configured drives, interfaces and vsock {configured:?}"
             ));
         }
         // A device is what its configuration says (the configuration is what

@@ -2,10 +2,12 @@
 //! tests that only need a guest in user space (a boot takes about a minute on
 //! PVM; a restore, milliseconds).
 //!
-//! The guest: the project's kernel and busybox initramfs, 1 vCPU, 128 MiB, a
-//! read-only drive `data` with a known first sector, and `eth0` with a static
-//! address on a TAP. It is saved at the initramfs shell, which reads commands
-//! from the console: a clone is given work by typing on its stdin. The
+//! The guest: the project's kernel and busybox initramfs with the guest agent
+//! (`vmm-agent` on vsock port 52), 1 vCPU, 128 MiB, a read-only drive `data`
+//! with a known first sector, `eth0` with a static address on a TAP, and a
+//! vsock device (CID 3). It is saved at the initramfs shell, which reads
+//! commands from the console: a clone is given work by typing on its stdin,
+//! or through the agent over its vsock socket ([`vsock_path`]). The
 //! snapshot is built under a lock in the target's scratch directory, keyed by
 //! the vmm binary, the kernel and the initramfs, so every test binary of a run
 //! shares it.
@@ -17,8 +19,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use super::{
-    curl, initramfs, kernel, linux_cmdline, linux_timeout, pause_and_snapshot, wait_for_socket,
-    Host, Running,
+    curl, kernel, linux_cmdline, linux_timeout, pause_and_snapshot, wait_for_socket, Host, Running,
 };
 
 /// The guest's address on eth0.
@@ -29,6 +30,90 @@ pub const HOST_IP: &str = "172.31.250.1";
 pub const GUEST_MAC: &str = "06:00:ac:1f:fa:02";
 /// Bytes of the `data` drive.
 const DISK_BYTES: usize = 1 << 20;
+/// The guest agent's vsock port.
+pub const AGENT_PORT: u32 = 52;
+
+/// The guest agent, built (cargo build -p vmm-agent, as the suite's own
+/// profile) and stripped.
+pub fn agent_binary() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let mut build = Command::new(env!("CARGO"));
+        build.args(["build", "-p", "vmm-agent"]);
+        if !cfg!(debug_assertions) {
+            build.arg("--release");
+        }
+        let st = build.status().expect("cargo runs");
+        assert!(st.success(), "cargo build -p vmm-agent failed");
+        let built = Path::new(env!("CARGO_BIN_EXE_vmm")).with_file_name("vmm-agent");
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("vmm-agent-{}", std::process::id()));
+        let st = Command::new("strip")
+            .arg("-o")
+            .arg(&out)
+            .arg(&built)
+            .status()
+            .expect("strip (binutils) runs");
+        assert!(st.success(), "strip {} failed", built.display());
+        out
+    })
+    .clone()
+}
+
+/// The project's initramfs with the guest agent in it.
+pub fn agent_initramfs() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let agent = agent_binary();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/build-initramfs.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .env("VMM_AGENT", &agent)
+            .output()
+            .expect("bash runs");
+        assert!(
+            out.status.success(),
+            "build-initramfs.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .last()
+                .expect("the script prints its result")
+                .trim(),
+        )
+    })
+    .clone()
+}
+
+/// The vsock socket of clone `name` (each clone's own, by `vsock_override`).
+pub fn vsock_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-v.sock"))
+}
+
+/// Connects to guest port `port` through the vsock socket `uds` with
+/// Firecracker's `CONNECT` line; returns the stream once the guest accepted
+/// (`OK <port>` read), or None if the VMM closed it (nobody listens).
+pub fn vsock_connect(uds: &Path, port: u32) -> Option<std::os::unix::net::UnixStream> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(uds).expect("the VMM listens");
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b) {
+            Ok(1) if b[0] == b'\n' => break,
+            Ok(1) => line.push(b[0]),
+            _ => return None,
+        }
+    }
+    let line = String::from_utf8(line).unwrap();
+    assert!(line.starts_with("OK "), "{line}");
+    s.set_read_timeout(None).unwrap();
+    Some(s)
+}
 
 /// A network namespace the test creates and removes on drop.
 pub struct Netns {
@@ -127,7 +212,7 @@ fn key() -> String {
     for p in [
         PathBuf::from(env!("CARGO_BIN_EXE_vmm")),
         kernel("vmlinux"),
-        initramfs(),
+        agent_initramfs(),
     ] {
         let m = std::fs::metadata(&p).expect("the file exists");
         (p, m.len(), m.modified().ok()).hash(&mut h);
@@ -206,7 +291,7 @@ fn boot_and_save(host: Host, dir: &Path, g: &Golden) -> Result<(), super::Outcom
             format!(
                 r#"{{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{boot_args}"}}"#,
                 kernel("vmlinux").display(),
-                initramfs().display()
+                agent_initramfs().display()
             ),
         ),
         (
@@ -220,6 +305,13 @@ fn boot_and_save(host: Host, dir: &Path, g: &Golden) -> Result<(), super::Outcom
             "/network-interfaces/eth0".into(),
             format!(
                 r#"{{"iface_id": "eth0", "host_dev_name": "vmmtap0", "guest_mac": "{GUEST_MAC}"}}"#
+            ),
+        ),
+        (
+            "/vsock".into(),
+            format!(
+                r#"{{"guest_cid": 3, "uds_path": "{}"}}"#,
+                dir.join("golden-v.sock").display()
             ),
         ),
         (
@@ -244,6 +336,14 @@ fn boot_and_save(host: Host, dir: &Path, g: &Golden) -> Result<(), super::Outcom
         "the shell did not answer: {}",
         vm.stdout_now()
     );
+    // The agent answers on vsock before the guest is saved.
+    let agent = vsock_connect(&dir.join("golden-v.sock"), AGENT_PORT);
+    assert!(
+        agent.is_some(),
+        "the agent does not listen: {}",
+        vm.stdout_now()
+    );
+    drop(agent);
     std::thread::sleep(Duration::from_millis(500));
     pause_and_snapshot(&sock, &g.snap, &g.mem);
     vm.signal(libc::SIGKILL);
@@ -267,6 +367,8 @@ pub fn restore_after(
     before: &[(&str, String)],
 ) -> (Running, PathBuf) {
     let sock = super::tmp_path(&format!("{name}.sock"));
+    // A socket left by an earlier run that was killed.
+    let _ = std::fs::remove_file(vsock_path(name));
     let mut cmd = ns.vmm();
     cmd.arg("--api-sock").arg(&sock).args(["--level", "Info"]);
     let vm = Running::start(cmd);
@@ -279,9 +381,10 @@ pub fn restore_after(
         );
     }
     let body = format!(
-        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true, "network_overrides": [{{"iface_id": "eth0", "host_dev_name": "{tap}"}}]}}"#,
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true, "network_overrides": [{{"iface_id": "eth0", "host_dev_name": "{tap}"}}], "vsock_override": {{"uds_path": "{}"}}}}"#,
         g.snap.display(),
-        g.mem.display()
+        g.mem.display(),
+        vsock_path(name).display()
     );
     assert_eq!(
         curl(&sock, "PUT", "/snapshot/load", Some(&body)),
@@ -293,13 +396,17 @@ pub fn restore_after(
 }
 
 /// A clone restored and resumed by the command-line form (`--restore`,
-/// `--restore-mem`, `--net-override`), without an API socket.
-pub fn restore_cli(ns: &Netns, tap: &str, g: &Golden) -> Running {
+/// `--restore-mem`, `--net-override`, `--vsock-override`), without an API
+/// socket.
+pub fn restore_cli(ns: &Netns, tap: &str, g: &Golden, name: &str) -> Running {
+    let _ = std::fs::remove_file(vsock_path(name));
     let mut cmd = ns.vmm();
     cmd.arg("--restore")
         .arg(&g.snap)
         .arg("--restore-mem")
         .arg(&g.mem)
-        .args(["--net-override", &format!("eth0={tap}"), "--level", "Info"]);
+        .args(["--net-override", &format!("eth0={tap}"), "--level", "Info"])
+        .arg("--vsock-override")
+        .arg(vsock_path(name));
     Running::start(cmd)
 }

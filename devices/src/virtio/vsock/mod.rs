@@ -52,6 +52,15 @@ pub struct Vsock {
     active: Option<(GuestMemoryMmap, Vec<Queue>, Interrupt)>,
     /// The last transmit pass stopped at its budget.
     tx_more: bool,
+    /// A transport reset was sent and the driver has not handled it yet
+    /// (it gives the event buffer back when it has): nothing goes to the
+    /// guest meanwhile, or the reset would also end connections made after it.
+    reset_pending: bool,
+    /// The event queue's available index when the reset was sent: the
+    /// driver has handled it once it makes another buffer available (a
+    /// notification alone proves nothing: the VMM signals every queue after
+    /// a restore).
+    evt_avail_at_reset: u16,
 }
 
 impl Vsock {
@@ -63,6 +72,8 @@ impl Vsock {
             counters: VsockCounters::default(),
             active: None,
             tx_more: false,
+            reset_pending: false,
+            evt_avail_at_reset: 0,
         }
     }
 
@@ -99,7 +110,21 @@ impl Vsock {
             return false;
         }
         interrupt.raise(INTERRUPT_USED_BUFFER);
-        written == 4
+        self.evt_avail_at_reset = q
+            .avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
+            .map_or(0, |w| w.0);
+        self.reset_pending = written == 4;
+        self.reset_pending
+    }
+
+    /// Whether the driver made an event buffer available since the reset.
+    fn reset_handled(&self) -> bool {
+        let Some((mem, queues, _)) = self.active.as_ref() else {
+            return true;
+        };
+        queues[EVT]
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .map_or(true, |w| w.0 != self.evt_avail_at_reset)
     }
 
     /// Takes the guest's packets. False if the ring is unusable.
@@ -144,6 +169,9 @@ impl Vsock {
 
     /// Fills the guest's receive buffers with what the host side has for it.
     fn process_rx(&mut self) -> bool {
+        if self.reset_pending {
+            return true;
+        }
         let Some((mem, queues, interrupt)) = self.active.as_mut() else {
             return true;
         };
@@ -202,6 +230,10 @@ impl Vsock {
 pub struct VsockState {
     /// The guest's CID.
     pub guest_cid: u64,
+    /// The next port a host-initiated connection gets: a restored device
+    /// goes on from there, never reusing a port the guest may still hold.
+    #[serde(default)]
+    pub next_local_port: u32,
 }
 
 impl crate::persist::Persist for Vsock {
@@ -212,11 +244,13 @@ impl crate::persist::Persist for Vsock {
     fn save(&self) -> VsockState {
         VsockState {
             guest_cid: self.muxer.guest_cid(),
+            next_local_port: self.muxer.next_local_port(),
         }
     }
 
     /// A device on `muxer` (bound for the saved CID by the caller).
-    fn restore(muxer: Muxer, _state: &VsockState) -> Result<Self, Self::Error> {
+    fn restore(mut muxer: Muxer, state: &VsockState) -> Result<Self, Self::Error> {
+        muxer.set_next_local_port(state.next_local_port);
         Ok(Vsock::new(muxer))
     }
 }
@@ -350,8 +384,14 @@ impl VirtioDevice for Vsock {
             // The guest's packets may owe it answers: both directions.
             TX => self.process_tx() && self.process_rx(),
             RX => self.process_rx(),
-            // Event buffers are kept for events (none is sent yet).
-            EVT => true,
+            // The driver gives event buffers back after handling an event:
+            // a transport reset is done, the guest may hear from the host.
+            EVT => {
+                if self.reset_pending && self.reset_handled() {
+                    self.reset_pending = false;
+                }
+                self.process_rx()
+            }
             _ => true,
         }
     }
@@ -364,6 +404,7 @@ impl VirtioDevice for Vsock {
         self.active = None;
         self.acked_features = 0;
         self.tx_more = false;
+        self.reset_pending = false;
     }
 
     fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {

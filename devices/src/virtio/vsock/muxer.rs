@@ -255,6 +255,18 @@ impl Muxer {
         self.guest_cid
     }
 
+    /// The next port a host-initiated connection gets.
+    pub fn next_local_port(&self) -> u32 {
+        self.next_port
+    }
+
+    /// Continues the port numbering at `port` (a restored device: the guest
+    /// may still hold connections on the ports given out before, which its
+    /// transport reset ends only once their programs close them).
+    pub fn set_next_local_port(&mut self, port: u32) {
+        self.next_port = port.max(FIRST_LOCAL_PORT);
+    }
+
     /// The connection counters so far.
     pub fn counters(&self) -> MuxerCounters {
         self.counters

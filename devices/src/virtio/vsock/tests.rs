@@ -233,3 +233,28 @@ fn malformed_transmit_chains_are_dropped_and_the_device_keeps_running() {
     assert_eq!(h.used(RX)[1], (1, HDR_SIZE as u32));
     assert_eq!(h.packet_at(rx).0.op, op::RST);
 }
+
+#[test]
+fn after_a_transport_reset_nothing_reaches_the_guest_until_its_driver_handled_it() {
+    let mut h = Harness::new("reset");
+    let ev = h.buffer(&[0xff; 4], 4);
+    h.add_chain(EVT, &[(ev, 4, true)]);
+    assert!(h.dev.send_transport_reset());
+    assert_eq!(h.used(EVT), [(0, 4)]);
+    let mut id = [0xffu8; 4];
+    h.mem.read_slice(&mut id, GuestAddress(ev)).unwrap();
+    assert_eq!(id, [0, 0, 0, 0], "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+    // A host program connects at once; the guest has buffers.
+    let mut host = std::os::unix::net::UnixStream::connect(h.dir.join("v.sock")).unwrap();
+    host.write_all(b"CONNECT 52\n").unwrap();
+    h.post_rx(4096);
+    std::thread::sleep(Duration::from_millis(5));
+    assert!(h.dev.process_backend());
+    // The VMM's own kick of every queue after a restore is not the driver.
+    assert!(h.dev.process_queue(EVT));
+    assert!(h.used(RX).is_empty(), "the REQUEST waits for the driver");
+    // The driver gives the event buffer back: the reset is handled.
+    h.add_chain(EVT, &[(ev, 4, true)]);
+    assert!(h.dev.process_queue(EVT));
+    assert_eq!(h.used(RX).len(), 1, "now the REQUEST goes");
+}
