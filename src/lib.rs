@@ -28,6 +28,7 @@ pub mod exit;
 pub mod loader;
 pub mod logger;
 pub mod metrics;
+pub mod run;
 pub mod runtime;
 pub mod snapshot;
 pub mod terminal;

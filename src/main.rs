@@ -25,6 +25,11 @@ fn usage_exit(msg: impl std::fmt::Display) -> ! {
 
 fn main() {
     let started = Instant::now();
+    // `vmm run -- CMD`: a command in a fresh microVM (src/run.rs).
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("run") {
+        vmm::run::main(args[2..].to_vec());
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -43,9 +43,8 @@ pub fn host() -> Host {
     h
 }
 
-/// Kernel parameters that keep a 6.1 kernel clear of the instructions PVM's
-/// emulator cannot run. Only for the PVM host (docs/TESTING-ON-PVM.md).
-pub const PVM_PARAMS: &str = "noxsave nofsgsbase clearcpuid=cx16,popcnt,xsave,smap,bmi1,bmi2,abm,movbe,fsgsbase,rdrand,rdseed,rdpid,invpcid,aes,pclmulqdq,sha_ni,sse4_2,adx,clflushopt,clwb";
+/// The PVM host's kernel parameters, as `vmm run` uses them.
+pub use vmm::run::PVM_PARAMS;
 
 /// Runs resources/SCRIPT (a cached builder) and returns the path it prints last.
 pub fn resource(script: &str) -> PathBuf {

@@ -1,0 +1,536 @@
+//! `vmm run -- CMD`: a command in a fresh microVM, as easily as in a
+//! container. The guest is the project's default one (its kernel, and its
+//! busybox initramfs with the guest agent), booted once per VM shape and
+//! saved as a snapshot in the cache; each run restores a clone of it (a few
+//! milliseconds), runs CMD through the agent over vsock with stdin, stdout
+//! and stderr streamed, and exits with CMD's status. Nothing the command does
+//! survives: the root file system is the clone's RAM, thrown away with it.
+//!
+//! The VM runs in a child `vmm --restore` process (its console discarded),
+//! which dies with this one (PR_SET_PDEATHSIG), so a killed `vmm run` leaves
+//! no VM behind.
+
+use std::io::{BufRead, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use vmm_agent::{AgentClient, ExecRequest};
+
+/// The agent's vsock port in the default guest.
+const AGENT_PORT: u32 = 52;
+/// Exit status when --timeout ends the run (as timeout(1)).
+pub const EXIT_TIMEOUT: i32 = 124;
+/// Exit status when the VM could not be set up or the agent not reached.
+pub const EXIT_RUN_ERROR: i32 = 125;
+/// Kernel parameters that keep a 6.1 kernel clear of the instructions the
+/// PVM host's emulator cannot run (docs/TESTING-ON-PVM.md); added on PVM only.
+pub const PVM_PARAMS: &str = "noxsave nofsgsbase clearcpuid=cx16,popcnt,xsave,smap,bmi1,bmi2,abm,movbe,fsgsbase,rdrand,rdseed,rdpid,invpcid,aes,pclmulqdq,sha_ni,sse4_2,adx,clflushopt,clwb";
+
+/// Runs a command in a fresh microVM and exits with its status.
+#[derive(Parser, Debug)]
+#[command(name = "vmm run")]
+pub struct RunCli {
+    /// vCPUs of the VM.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Guest memory in MiB (a trailing M is accepted).
+    #[arg(long, default_value = "128")]
+    pub memory: String,
+    /// Ends the run after SECONDS: the VM is killed, the exit status is 124.
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<f64>,
+    /// An environment variable for the command, K=V. Repeatable.
+    #[arg(long, value_name = "K=V")]
+    pub env: Vec<String>,
+    /// The command's working directory in the guest.
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// The guest kernel (default: the project's, built and cached by
+    /// resources/build-kernel.sh).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// The guest's initramfs, which must start vmm-agent on vsock port 52
+    /// (default: the project's, built by resources/build-initramfs.sh with the
+    /// agent).
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// The command and its arguments (after --).
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// Why a run could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A builder script failed.
+    #[error("{script} failed ({status}); run it by hand to see why: bash {path}")]
+    Build {
+        script: &'static str,
+        status: String,
+        path: String,
+    },
+    /// The agent binary is missing.
+    #[error("The guest agent '{0}' is missing; build it with: cargo build --release -p vmm-agent")]
+    NoAgent(PathBuf),
+    /// A child VMM could not be started.
+    #[error("Cannot start the VMM '{path}': {err}.")]
+    Spawn { path: String, err: std::io::Error },
+    /// The template guest did not come up.
+    #[error("The default guest did not come up: {0}")]
+    Template(String),
+    /// The VM's agent cannot be reached.
+    #[error("Cannot reach the guest agent: {0}")]
+    Agent(String),
+    /// Bad flags.
+    #[error("{0}")]
+    Usage(String),
+    /// The cache directory cannot be used.
+    #[error("Cannot use the cache directory '{path}': {err}.")]
+    Cache { path: String, err: std::io::Error },
+}
+
+/// `vmm run ARGS...` (the arguments after `run`); never returns.
+pub fn main(args: Vec<String>) -> ! {
+    let cli = match RunCli::try_parse_from(std::iter::once("vmm run".to_string()).chain(args)) {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let code = if matches!(e.kind(), ErrorKind::DisplayHelp) {
+                0
+            } else {
+                crate::EXIT_USAGE
+            };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    match run(&cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("vmm run: error: {e}");
+            std::process::exit(match e {
+                Error::Usage(_) => crate::EXIT_USAGE,
+                _ => EXIT_RUN_ERROR,
+            });
+        }
+    }
+}
+
+/// The VM shape and guest a run uses.
+struct Shape {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    cpus: u32,
+    mem_mib: u64,
+}
+
+fn run(cli: &RunCli) -> Result<i32, Error> {
+    let mem_mib: u64 = cli
+        .memory
+        .trim_end_matches(['M', 'm'])
+        .parse()
+        .map_err(|_| {
+            Error::Usage(format!(
+                "--memory '{}' is not a size in MiB; give e.g. 256M.",
+                cli.memory
+            ))
+        })?;
+    let env = cli
+        .env
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| Error::Usage(format!("--env '{kv}' is not K=V.")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let shape = Shape {
+        kernel: match &cli.kernel {
+            Some(k) => k.clone(),
+            None => default_kernel()?,
+        },
+        initrd: match &cli.initrd {
+            Some(i) => i.clone(),
+            None => default_initramfs()?,
+        },
+        cpus: cli.cpus,
+        mem_mib,
+    };
+    let deadline = cli
+        .timeout
+        .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    let snapshot = template(&shape)?;
+    let work = tempdir()?;
+    let uds = work.join("v.sock");
+    let mut child = spawn_vmm(
+        Command::new(vmm_exe())
+            .arg("--restore")
+            .arg(snapshot.join("vm.snap"))
+            .arg("--restore-mem")
+            .arg(snapshot.join("vm.mem"))
+            .arg("--vsock-override")
+            .arg(&uds)
+            .args(["--level", "Error"]),
+    )?;
+    if let Some(d) = deadline {
+        watchdog(child.id(), d);
+    }
+    let result = exec(&uds, &cli.command, env, cli.workdir.clone(), &mut child);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+/// Runs the command through the agent of the VM listening at `uds`.
+fn exec(
+    uds: &Path,
+    argv: &[String],
+    env: Vec<(String, String)>,
+    cwd: Option<String>,
+    child: &mut Child,
+) -> Result<i32, Error> {
+    let stream = connect_agent(uds, child, Duration::from_secs(30))?;
+    let client = AgentClient::from_unix(stream).map_err(|e| Error::Agent(e.to_string()))?;
+    let mut req = ExecRequest::new(argv.iter().cloned()).with_stdin(true);
+    for (k, v) in env {
+        req = req.env(k, v);
+    }
+    if let Some(dir) = cwd {
+        req = req.cwd(dir);
+    }
+    let status = client
+        .exec(&req, std::io::stdin(), std::io::stdout(), std::io::stderr())
+        .map_err(|e| Error::Agent(e.to_string()))?;
+    Ok(status.shell_code())
+}
+
+/// Kills the VM and exits 124 at `deadline`.
+fn watchdog(pid: u32, deadline: Instant) {
+    std::thread::spawn(move || {
+        std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+        // SAFETY: kill on the pid of our own child, which we have not waited
+        // for (so the pid is not reused meanwhile).
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let _ = std::io::stdout().flush();
+        eprintln!("vmm run: timed out");
+        std::process::exit(EXIT_TIMEOUT);
+    });
+}
+
+/// Connects to the agent through the VM's vsock socket (Firecracker's
+/// `CONNECT` line), retrying until `patience` runs out or the VMM exits.
+fn connect_agent(uds: &Path, child: &mut Child, patience: Duration) -> Result<UnixStream, Error> {
+    let until = Instant::now() + patience;
+    let mut last = String::from("no attempt");
+    while Instant::now() < until {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(Error::Agent(format!("the VMM exited ({status})")));
+        }
+        match try_connect(uds, AGENT_PORT) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Err(Error::Agent(last))
+}
+
+fn try_connect(uds: &Path, port: u32) -> Result<UnixStream, String> {
+    let mut s = UnixStream::connect(uds).map_err(|e| format!("{}: {e}", uds.display()))?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() < 32 {
+        match s.read(&mut b) {
+            Ok(1) if b[0] == b'\n' => break,
+            Ok(1) => line.push(b[0]),
+            _ => return Err(format!("port {port}: nobody listens")),
+        }
+    }
+    if !line.starts_with(b"OK ") {
+        return Err(format!("port {port}: {}", String::from_utf8_lossy(&line)));
+    }
+    s.set_read_timeout(None).map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+/// Starts a child VMM that dies with this process.
+fn spawn_vmm(cmd: &mut Command) -> Result<Child, Error> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::null());
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls prctl, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(|err| Error::Spawn {
+        path: vmm_exe().display().to_string(),
+        err,
+    })
+}
+
+/// This executable.
+fn vmm_exe() -> PathBuf {
+    std::env::current_exe().unwrap_or_else(|_| PathBuf::from("vmm"))
+}
+
+/// Where run caches its guests and snapshots.
+fn cache_root() -> PathBuf {
+    match std::env::var_os("VMM_CACHE_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
+            .join(".cache/vmm"),
+    }
+}
+
+/// The repository's resources/ (run is part of the project's tree).
+fn resources() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("resources")
+}
+
+/// Runs a resources/ builder and returns the path it prints last.
+fn build(script: &'static str, envs: &[(&str, &Path)]) -> Result<PathBuf, Error> {
+    let path = resources().join(script);
+    let mut cmd = Command::new("bash");
+    cmd.arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().map_err(|e| Error::Build {
+        script,
+        status: e.to_string(),
+        path: path.display().to_string(),
+    })?;
+    let last = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .map(|l| l.trim().to_string());
+    match last {
+        Some(l) if out.status.success() && !l.is_empty() => Ok(PathBuf::from(l)),
+        _ => Err(Error::Build {
+            script,
+            status: out.status.to_string(),
+            path: path.display().to_string(),
+        }),
+    }
+}
+
+fn default_kernel() -> Result<PathBuf, Error> {
+    Ok(build("build-kernel.sh", &[])?.join("vmlinux"))
+}
+
+/// The project's initramfs with the agent that sits next to this executable
+/// (stripped into the cache).
+fn default_initramfs() -> Result<PathBuf, Error> {
+    let agent = vmm_exe().with_file_name("vmm-agent");
+    if !agent.is_file() {
+        return Err(Error::NoAgent(agent));
+    }
+    let cache = cache_root();
+    let cache_err = |err| Error::Cache {
+        path: cache.display().to_string(),
+        err,
+    };
+    std::fs::create_dir_all(&cache).map_err(cache_err)?;
+    let stripped = cache.join(format!("vmm-agent-{}", file_key(&agent)));
+    if !stripped.exists() {
+        let tmp = stripped.with_extension("tmp");
+        let ok = Command::new("strip")
+            .arg("-o")
+            .arg(&tmp)
+            .arg(&agent)
+            .status()
+            .is_ok_and(|s| s.success());
+        let from = if ok { tmp.as_path() } else { agent.as_path() };
+        if ok {
+            std::fs::rename(from, &stripped).map_err(cache_err)?;
+        } else {
+            std::fs::copy(from, &stripped).map_err(cache_err)?;
+        }
+    }
+    build("build-initramfs.sh", &[("VMM_AGENT", &stripped)])
+}
+
+/// A short key of a file's identity (size and modification time).
+fn file_key(p: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    if let Ok(m) = std::fs::metadata(p) {
+        (m.len(), m.modified().ok()).hash(&mut h);
+    }
+    p.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// A fresh private directory for one run's sockets.
+fn tempdir() -> Result<PathBuf, Error> {
+    let base = std::env::temp_dir();
+    for i in 0..100u32 {
+        let d = base.join(format!("vmm-run-{}-{i}", std::process::id()));
+        match std::fs::create_dir(&d) {
+            Ok(()) => return Ok(d),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(err) => {
+                return Err(Error::Cache {
+                    path: d.display().to_string(),
+                    err,
+                })
+            }
+        }
+    }
+    Err(Error::Usage("Cannot create a temporary directory.".into()))
+}
+
+/// The snapshot of the booted default guest for `shape`: taken once (a
+/// boot in a child VMM over the API, until the agent answers), then reused.
+fn template(shape: &Shape) -> Result<PathBuf, Error> {
+    let key = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (
+            file_key(&vmm_exe()),
+            file_key(&shape.kernel),
+            file_key(&shape.initrd),
+            shape.cpus,
+            shape.mem_mib,
+        )
+            .hash(&mut h);
+        format!("{:016x}", h.finish())
+    };
+    let root = cache_root();
+    let dir = root.join(format!("run-{key}"));
+    if dir.join("vm.snap").exists() && dir.join("vm.mem").exists() {
+        return Ok(dir);
+    }
+    let cache_err = |err| Error::Cache {
+        path: root.display().to_string(),
+        err,
+    };
+    std::fs::create_dir_all(&root).map_err(cache_err)?;
+    // One builder per key at a time; the others wait and then reuse it.
+    let lock = std::fs::File::create(root.join(format!(".run-{key}.lock"))).map_err(cache_err)?;
+    // SAFETY: flock on a descriptor this function owns; no memory involved.
+    unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+    if dir.join("vm.snap").exists() && dir.join("vm.mem").exists() {
+        return Ok(dir);
+    }
+    eprintln!(
+        "vmm run: booting the default guest once ({} vCPU, {} MiB; kernel {}, initramfs {}); later runs restore it",
+        shape.cpus,
+        shape.mem_mib,
+        shape.kernel.display(),
+        shape.initrd.display()
+    );
+    let partial = root.join(format!(".run-{key}.partial"));
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial).map_err(cache_err)?;
+    let result = boot_and_save(shape, &partial);
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&partial);
+        return Err(e);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&partial, &dir).map_err(cache_err)?;
+    Ok(dir)
+}
+
+fn boot_and_save(shape: &Shape, dir: &Path) -> Result<(), Error> {
+    let work = tempdir()?;
+    let api = work.join("api.sock");
+    let uds = work.join("v.sock");
+    let mut child = spawn_vmm(Command::new(vmm_exe()).arg("--api-sock").arg(&api))?;
+    let result = (|| {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !api.exists() {
+            if Instant::now() > until {
+                return Err(Error::Template(
+                    "the VMM's API socket did not appear".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let mut args = String::from("console=ttyS0 reboot=k panic=-1 quiet");
+        if Path::new("/sys/module/kvm_pvm").exists() {
+            args = format!("{args} {PVM_PARAMS}");
+        }
+        let calls = [
+            (
+                "/machine-config",
+                format!(
+                    r#"{{"vcpu_count": {}, "mem_size_mib": {}}}"#,
+                    shape.cpus, shape.mem_mib
+                ),
+            ),
+            (
+                "/boot-source",
+                serde_json::json!({
+                    "kernel_image_path": shape.kernel,
+                    "initrd_path": shape.initrd,
+                    "boot_args": args,
+                })
+                .to_string(),
+            ),
+            (
+                "/vsock",
+                serde_json::json!({"guest_cid": 3, "uds_path": uds}).to_string(),
+            ),
+            ("/actions", r#"{"action_type": "InstanceStart"}"#.into()),
+        ];
+        for (path, body) in &calls {
+            api_call(&api, "PUT", path, body)?;
+        }
+        // Booted once the agent answers (about a minute on a PVM host).
+        let agent = connect_agent(&uds, &mut child, Duration::from_secs(900))
+            .map_err(|e| Error::Template(e.to_string()))?;
+        drop(agent);
+        api_call(&api, "PATCH", "/vm", r#"{"state": "Paused"}"#)?;
+        let create = serde_json::json!({
+            "snapshot_type": "Full",
+            "snapshot_path": dir.join("vm.snap"),
+            "mem_file_path": dir.join("vm.mem"),
+        });
+        api_call(&api, "PUT", "/snapshot/create", &create.to_string())
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+/// One request on the VMM's API; Ok on 204.
+fn api_call(sock: &Path, method: &str, path: &str, body: &str) -> Result<(), Error> {
+    let fail = |why: String| Error::Template(format!("{method} {path}: {why}"));
+    let mut s = UnixStream::connect(sock).map_err(|e| fail(e.to_string()))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    let mut status = String::new();
+    std::io::BufReader::new(&mut s)
+        .read_line(&mut status)
+        .map_err(|e| fail(e.to_string()))?;
+    if status.split_whitespace().nth(1) == Some("204") {
+        Ok(())
+    } else {
+        let mut rest = String::new();
+        let _ = s.read_to_string(&mut rest);
+        Err(fail(format!("{} {}", status.trim(), rest.trim())))
+    }
+}
