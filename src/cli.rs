@@ -138,6 +138,22 @@ pub struct Cli {
     /// (as vsock_override on the API; each clone needs its own).
     #[arg(long, value_name = "PATH")]
     pub vsock_override: Option<PathBuf>,
+    /// CI smoke mode: a regular expression the console must show (matched
+    /// per line, and against an unfinished line). Repeatable: all must
+    /// appear; then the VM is stopped and vmm exits 0.
+    #[arg(long, value_name = "REGEX")]
+    pub expect: Vec<String>,
+    /// CI smoke mode: ends the VM after SECONDS (exit 124 if a pattern had
+    /// not appeared by then).
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<f64>,
+    /// Also writes the guest console to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub console_log: Option<PathBuf>,
+    /// CI smoke mode: writes a JSON report to FILE at exit (verdict, each
+    /// pattern and when it matched, start-up timings, how the guest ended).
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
     /// Installs no seccomp filters (this VMM installs none yet).
     #[arg(long)]
     pub no_seccomp: bool,

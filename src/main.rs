@@ -116,12 +116,14 @@ fn main() {
             .unwrap_or_else(|e| fail(e));
     }
     let boot = plan.boot;
-    let mut vmm = Vmm::new(
-        boot.clone().unwrap_or_default(),
-        exit,
-        Box::new(std::io::stdout()),
-        started,
-    );
+    let smoke = smoke_mode(&cli, started, &exit);
+    let console: Box<dyn std::io::Write + Send> = match &smoke {
+        Some(s) => s
+            .console(Box::new(std::io::stdout()), cli.console_log.as_ref())
+            .unwrap_or_else(|e| usage_exit(e)),
+        None => Box::new(std::io::stdout()),
+    };
+    let mut vmm = Vmm::new(boot.clone().unwrap_or_default(), exit, console, started);
     vmm.set_boot_timer(cli.boot_timer);
     let started_vm = match &plan.restore {
         Some(r) => {
@@ -178,6 +180,16 @@ fn main() {
     }
     vmm.shutdown();
     drop(raw);
+    if let Some(smoke) = &smoke {
+        let (ended, status) = match &result {
+            Ok(exit) => (Ok(exit.clone()), exit_status(exit)),
+            Err(e) => (Err(e.to_string()), EXIT_VMM_ERROR),
+        };
+        if let Ok(VmExit::Crash(report)) = &ended {
+            eprintln!("vmm: guest crashed: {report}");
+        }
+        std::process::exit(smoke.finish(&ended, status, cli.report.as_ref()));
+    }
     match result {
         Ok(exit) => {
             match &exit {
@@ -189,6 +201,29 @@ fn main() {
         }
         Err(e) => fail(e),
     }
+}
+
+/// The smoke test the flags ask for (`--expect`, `--timeout`,
+/// `--console-log`, `--report`), with its timeout armed.
+fn smoke_mode(cli: &Cli, started: Instant, exit: &Arc<ExitSignal>) -> Option<vmm::smoke::Smoke> {
+    let wanted = !cli.expect.is_empty()
+        || cli.timeout.is_some()
+        || cli.console_log.is_some()
+        || cli.report.is_some();
+    if !wanted {
+        return None;
+    }
+    let smoke = vmm::smoke::Smoke::new(&cli.expect, started, exit.clone())
+        .unwrap_or_else(|e| usage_exit(e));
+    if let Some(t) = cli.timeout {
+        if !(t.is_finite() && t > 0.0) {
+            usage_exit(format_args!(
+                "--timeout '{t}' is not a positive number of seconds."
+            ));
+        }
+        smoke.arm_timeout(Duration::from_secs_f64(t));
+    }
+    Some(smoke)
 }
 
 /// How often metrics are written.

@@ -25,6 +25,10 @@ use crate::arch::x86_64::{cpuid, regs};
 use crate::exit::{CrashKind, CrashReport, ExitSignal, VmExit};
 use crate::metrics::METRICS;
 
+/// Microseconds from the VMM's start to vCPU 0's first KVM_RUN (0: not yet),
+/// for the smoke mode's report.
+pub static FIRST_KVM_RUN_US: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Errors configuring or starting a vCPU.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -342,10 +346,9 @@ impl Vcpu {
             let event = match state {
                 VcpuState::Running => {
                     if first && self.index == 0 {
-                        log::debug!(
-                            "first KVM_RUN {} us after VMM start",
-                            ctx.started.elapsed().as_micros()
-                        );
+                        let us = ctx.started.elapsed().as_micros() as u64;
+                        log::debug!("first KVM_RUN {us} us after VMM start");
+                        FIRST_KVM_RUN_US.store(us.max(1), std::sync::atomic::Ordering::Relaxed);
                         first = false;
                     }
                     match self.run_once(ctx) {
