@@ -18,7 +18,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use vmm_agent::{AgentClient, ExecRequest};
+use vmm_agent::AgentClient;
+pub use vmm_agent::{ExecRequest, ExitStatus};
 
 /// The agent's vsock port in the default guest.
 const AGENT_PORT: u32 = 52;
@@ -149,65 +150,152 @@ fn run(cli: &RunCli) -> Result<i32, Error> {
                 .ok_or_else(|| Error::Usage(format!("--env '{kv}' is not K=V.")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let shape = Shape {
-        kernel: match &cli.kernel {
-            Some(k) => k.clone(),
-            None => default_kernel()?,
-        },
-        initrd: match &cli.initrd {
-            Some(i) => i.clone(),
-            None => default_initramfs()?,
-        },
-        cpus: cli.cpus,
-        mem_mib,
-    };
     let deadline = cli
         .timeout
         .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
-    let snapshot = template(&shape)?;
-    let work = tempdir()?;
-    let uds = work.join("v.sock");
-    let mut child = spawn_vmm(
-        Command::new(vmm_exe())
-            .arg("--restore")
-            .arg(snapshot.join("vm.snap"))
-            .arg("--restore-mem")
-            .arg(snapshot.join("vm.mem"))
-            .arg("--vsock-override")
-            .arg(&uds)
-            .args(["--level", "Error"]),
-    )?;
+    let config = SandboxConfig {
+        cpus: cli.cpus,
+        mem_mib,
+        kernel: cli.kernel.clone(),
+        initrd: cli.initrd.clone(),
+        vmm: None,
+    };
+    let mut sandbox = Sandbox::start(&config)?;
     if let Some(d) = deadline {
-        watchdog(child.id(), d);
+        watchdog(sandbox.child.id(), d);
     }
-    let result = exec(&uds, &cli.command, env, cli.workdir.clone(), &mut child);
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&work);
-    result
-}
-
-/// Runs the command through the agent of the VM listening at `uds`.
-fn exec(
-    uds: &Path,
-    argv: &[String],
-    env: Vec<(String, String)>,
-    cwd: Option<String>,
-    child: &mut Child,
-) -> Result<i32, Error> {
-    let stream = connect_agent(uds, child, Duration::from_secs(30))?;
-    let client = AgentClient::from_unix(stream).map_err(|e| Error::Agent(e.to_string()))?;
-    let mut req = ExecRequest::new(argv.iter().cloned()).with_stdin(true);
+    let mut req = ExecRequest::new(cli.command.iter().cloned()).with_stdin(true);
     for (k, v) in env {
         req = req.env(k, v);
     }
-    if let Some(dir) = cwd {
-        req = req.cwd(dir);
+    if let Some(dir) = &cli.workdir {
+        req = req.cwd(dir.clone());
     }
-    let status = client
-        .exec(&req, std::io::stdin(), std::io::stdout(), std::io::stderr())
-        .map_err(|e| Error::Agent(e.to_string()))?;
+    let status = sandbox.exec(&req, std::io::stdin(), std::io::stdout(), std::io::stderr())?;
     Ok(status.shell_code())
+}
+
+/// What a sandbox is made of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxConfig {
+    /// vCPUs.
+    pub cpus: u32,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// The guest kernel (default: the project's, built and cached).
+    pub kernel: Option<PathBuf>,
+    /// The guest's initramfs, which must start vmm-agent on vsock port 52
+    /// (default: the project's, with the agent next to the vmm binary).
+    pub initrd: Option<PathBuf>,
+    /// The vmm binary that runs the VM (default: this executable when it is
+    /// vmm, else a `vmm` next to it or one directory up, else `vmm` on the
+    /// PATH).
+    pub vmm: Option<PathBuf>,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            cpus: 1,
+            mem_mib: 128,
+            kernel: None,
+            initrd: None,
+            vmm: None,
+        }
+    }
+}
+
+/// A fresh microVM to run commands in, for programs that embed vmm as a
+/// sandbox: a clone of the default guest's snapshot (booted once per shape
+/// and cached), running in a child `vmm` that dies with this program.
+/// Each [`Sandbox::exec`] is one command, with its own connection to the
+/// guest agent; the commands of one sandbox share its file system. Dropping
+/// the sandbox ends the VM and everything in it.
+pub struct Sandbox {
+    child: Child,
+    work: PathBuf,
+    uds: PathBuf,
+}
+
+impl Sandbox {
+    /// Starts a sandbox (the first one of a shape boots and saves the
+    /// default guest first).
+    pub fn start(config: &SandboxConfig) -> Result<Sandbox, Error> {
+        let vmm = config.vmm.clone().unwrap_or_else(vmm_exe);
+        let shape = Shape {
+            kernel: match &config.kernel {
+                Some(k) => k.clone(),
+                None => default_kernel()?,
+            },
+            initrd: match &config.initrd {
+                Some(i) => i.clone(),
+                None => default_initramfs(&vmm)?,
+            },
+            cpus: config.cpus,
+            mem_mib: config.mem_mib,
+        };
+        let snapshot = template(&vmm, &shape)?;
+        let work = tempdir()?;
+        let uds = work.join("v.sock");
+        let child = spawn_vmm(
+            &vmm,
+            Command::new(&vmm)
+                .arg("--restore")
+                .arg(snapshot.join("vm.snap"))
+                .arg("--restore-mem")
+                .arg(snapshot.join("vm.mem"))
+                .arg("--vsock-override")
+                .arg(&uds)
+                .args(["--level", "Error"]),
+        );
+        let child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&work);
+                return Err(e);
+            }
+        };
+        let mut sandbox = Sandbox { child, work, uds };
+        // Ready once the agent answers.
+        drop(connect_agent(
+            &sandbox.uds,
+            &mut sandbox.child,
+            Duration::from_secs(30),
+        )?);
+        Ok(sandbox)
+    }
+
+    /// Runs `request` in the sandbox: `stdin` goes to the command if the
+    /// request asks for it, its output to `stdout` and `stderr`.
+    pub fn exec(
+        &mut self,
+        request: &ExecRequest,
+        stdin: impl Read + Send + 'static,
+        stdout: impl Write,
+        stderr: impl Write,
+    ) -> Result<ExitStatus, Error> {
+        let stream = connect_agent(&self.uds, &mut self.child, Duration::from_secs(30))?;
+        let client = AgentClient::from_unix(stream).map_err(|e| Error::Agent(e.to_string()))?;
+        client
+            .exec(request, stdin, stdout, stderr)
+            .map_err(|e| Error::Agent(e.to_string()))
+    }
+
+    /// Runs `argv` without stdin; returns its stdout, stderr and status.
+    pub fn output(&mut self, argv: &[&str]) -> Result<(Vec<u8>, Vec<u8>, ExitStatus), Error> {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let req = ExecRequest::new(argv.iter().copied());
+        let status = self.exec(&req, std::io::empty(), &mut out, &mut err)?;
+        Ok((out, err, status))
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
 }
 
 /// Kills the VM and exits 124 at `deadline`.
@@ -263,8 +351,8 @@ fn try_connect(uds: &Path, port: u32) -> Result<UnixStream, String> {
     Ok(s)
 }
 
-/// Starts a child VMM that dies with this process.
-fn spawn_vmm(cmd: &mut Command) -> Result<Child, Error> {
+/// Starts a child VMM (the binary `vmm`) that dies with this process.
+fn spawn_vmm(vmm: &Path, cmd: &mut Command) -> Result<Child, Error> {
     cmd.stdin(Stdio::null()).stdout(Stdio::null());
     // SAFETY: the closure runs in the child between fork and exec and only
     // calls prctl, which is async-signal-safe.
@@ -277,14 +365,25 @@ fn spawn_vmm(cmd: &mut Command) -> Result<Child, Error> {
         });
     }
     cmd.spawn().map_err(|err| Error::Spawn {
-        path: vmm_exe().display().to_string(),
+        path: vmm.display().to_string(),
         err,
     })
 }
 
-/// This executable.
+/// The vmm binary: this executable when it is vmm, else a `vmm` next to it
+/// or one directory up (cargo's examples/ and deps/), else `vmm` on the PATH.
 fn vmm_exe() -> PathBuf {
-    std::env::current_exe().unwrap_or_else(|_| PathBuf::from("vmm"))
+    let Ok(me) = std::env::current_exe() else {
+        return PathBuf::from("vmm");
+    };
+    if me.file_name().is_some_and(|n| n == "vmm") {
+        return me;
+    }
+    let dir = me.parent().map(Path::to_path_buf).unwrap_or_default();
+    [dir.join("vmm"), dir.join("../vmm")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("vmm"))
 }
 
 /// Where run caches its guests and snapshots.
@@ -334,10 +433,10 @@ fn default_kernel() -> Result<PathBuf, Error> {
     Ok(build("build-kernel.sh", &[])?.join("vmlinux"))
 }
 
-/// The project's initramfs with the agent that sits next to this executable
+/// The project's initramfs with the agent that sits next to the vmm binary
 /// (stripped into the cache).
-fn default_initramfs() -> Result<PathBuf, Error> {
-    let agent = vmm_exe().with_file_name("vmm-agent");
+fn default_initramfs(vmm: &Path) -> Result<PathBuf, Error> {
+    let agent = vmm.with_file_name("vmm-agent");
     if !agent.is_file() {
         return Err(Error::NoAgent(agent));
     }
@@ -398,12 +497,12 @@ fn tempdir() -> Result<PathBuf, Error> {
 
 /// The snapshot of the booted default guest for `shape`: taken once (a
 /// boot in a child VMM over the API, until the agent answers), then reused.
-fn template(shape: &Shape) -> Result<PathBuf, Error> {
+fn template(vmm: &Path, shape: &Shape) -> Result<PathBuf, Error> {
     let key = {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (
-            file_key(&vmm_exe()),
+            file_key(vmm),
             file_key(&shape.kernel),
             file_key(&shape.initrd),
             shape.cpus,
@@ -439,7 +538,7 @@ fn template(shape: &Shape) -> Result<PathBuf, Error> {
     let partial = root.join(format!(".run-{key}.partial"));
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial).map_err(cache_err)?;
-    let result = boot_and_save(shape, &partial);
+    let result = boot_and_save(vmm, shape, &partial);
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&partial);
         return Err(e);
@@ -449,11 +548,11 @@ fn template(shape: &Shape) -> Result<PathBuf, Error> {
     Ok(dir)
 }
 
-fn boot_and_save(shape: &Shape, dir: &Path) -> Result<(), Error> {
+fn boot_and_save(vmm: &Path, shape: &Shape, dir: &Path) -> Result<(), Error> {
     let work = tempdir()?;
     let api = work.join("api.sock");
     let uds = work.join("v.sock");
-    let mut child = spawn_vmm(Command::new(vmm_exe()).arg("--api-sock").arg(&api))?;
+    let mut child = spawn_vmm(vmm, Command::new(vmm).arg("--api-sock").arg(&api))?;
     let result = (|| {
         let until = Instant::now() + Duration::from_secs(10);
         while !api.exists() {

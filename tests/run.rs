@@ -186,3 +186,34 @@ fn ten_runs_at_once() {
         );
     }
 }
+
+/// The embedding API, as another program uses it.
+#[test]
+fn the_library_starts_a_sandbox_and_runs_commands_in_it() {
+    warm();
+    use vmm::run::{Sandbox, SandboxConfig};
+    let config = SandboxConfig {
+        vmm: Some(env!("CARGO_BIN_EXE_vmm").into()),
+        ..SandboxConfig::default()
+    };
+    let mut sb = Sandbox::start(&config).expect("a sandbox");
+    let (out, _, status) = sb
+        .output(&["sh", "-c", "echo $((6 * 7)) > /answer; cat /answer"])
+        .unwrap();
+    eprintln!(
+        "asserting: a command's output, then a second command of the same sandbox sees its file"
+    );
+    assert_eq!(
+        (
+            String::from_utf8_lossy(&out).to_string(),
+            status.shell_code()
+        ),
+        ("42\n".into(), 0)
+    );
+    let (out, _, _) = sb.output(&["cat", "/answer"]).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out), "42\n");
+    drop(sb);
+    let mut other = Sandbox::start(&config).expect("a second sandbox");
+    let (_, _, status) = other.output(&["cat", "/answer"]).unwrap();
+    assert_eq!(status.shell_code(), 1, "another sandbox starts clean");
+}
