@@ -20,11 +20,66 @@ use vmm_agent::DEFAULT_PORT;
 
 const USAGE: &str = "\
 usage: vmm-agent [--port N | --listen-unix PATH]
+       vmm-agent connect [--cid C] --port N
 
 Runs commands, and puts and gets files, for the host (see docs/AGENT.md).
   --port N            listen on AF_VSOCK port N, any CID (default 52)
   --listen-unix PATH  listen on the Unix socket PATH instead (for tests)
+connect: copies stdin to a vsock stream to C:N (default C 2, the host) and the
+stream to stdout, until both ends are done (as socat - VSOCK-CONNECT:C:N).
 ";
+
+/// `vmm-agent connect [--cid C] --port N`: stdin to the stream, the stream
+/// to stdout; the exit status is 0 when both directions ended cleanly.
+fn connect(mut args: impl Iterator<Item = String>) -> ExitCode {
+    let (mut cid, mut port) = (2u32, None);
+    while let Some(arg) = args.next() {
+        let value = args.next().and_then(|v| v.parse::<u32>().ok());
+        match (arg.as_str(), value) {
+            ("--cid", Some(c)) => cid = c,
+            ("--port", Some(p)) => port = Some(p),
+            _ => {
+                eprint!("vmm-agent connect: bad argument {arg:?}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let Some(port) = port else {
+        eprint!("vmm-agent connect: --port is needed\n{USAGE}");
+        return ExitCode::from(2);
+    };
+    let stream = match sys::vsock_connect(cid, port) {
+        Ok(fd) => File::from(fd),
+        Err(e) => {
+            eprintln!("vmm-agent connect: cannot connect to {cid}:{port}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (mut up, mut down) = match stream.try_clone() {
+        Ok(other) => (stream, other),
+        Err(e) => {
+            eprintln!("vmm-agent connect: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let sender = thread::spawn(move || {
+        let copied = io::copy(&mut io::stdin().lock(), &mut up);
+        // The host sees the end of our data.
+        let _ = sys::shutdown_write(&up);
+        copied
+    });
+    let received = io::copy(&mut down, &mut io::stdout().lock());
+    let sent = sender
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the sending thread died")));
+    match (sent, received) {
+        (Ok(_), Ok(_)) => ExitCode::SUCCESS,
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("vmm-agent connect: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// Where the agent listens.
 enum Listen {
@@ -69,6 +124,10 @@ impl Listener {
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1).peekable();
+    if args.peek().is_some_and(|a| a == "connect") {
+        args.next();
+        return connect(args);
+    }
     if args.peek().is_some_and(|a| a == "--help" || a == "-h") {
         print!("{USAGE}");
         return ExitCode::SUCCESS;

@@ -41,6 +41,32 @@ pub fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// A stream connected to AF_VSOCK `cid`:`port` (the host is CID 2).
+pub fn vsock_connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
+    // SAFETY: socket() takes no pointers; the result is checked.
+    let fd =
+        check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `fd` is a descriptor socket() just returned; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let addr = libc::sockaddr_vm {
+        svm_family: libc::AF_VSOCK as libc::sa_family_t,
+        svm_reserved1: 0,
+        svm_port: port,
+        svm_cid: cid,
+        svm_zero: [0; 4],
+    };
+    // SAFETY: `addr` is a live, initialized sockaddr_vm and the length passed
+    // is its size; connect() only reads it.
+    check(unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    })?;
+    Ok(fd)
+}
+
 /// Accepts one connection on `listener` (close-on-exec).
 pub fn accept(listener: &OwnedFd) -> io::Result<OwnedFd> {
     // SAFETY: null address pointers ask accept4() not to report the peer.
