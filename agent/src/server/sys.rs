@@ -13,36 +13,8 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-/// A stream socket listening on AF_VSOCK port `port`, any CID.
-pub fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
-    // SAFETY: socket() takes no pointers; the result is checked.
-    let fd =
-        check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: `fd` is a descriptor socket() just returned; nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let addr = libc::sockaddr_vm {
-        svm_family: libc::AF_VSOCK as libc::sa_family_t,
-        svm_reserved1: 0,
-        svm_port: port,
-        svm_cid: libc::VMADDR_CID_ANY,
-        svm_zero: [0; 4],
-    };
-    // SAFETY: `addr` is a live, initialized sockaddr_vm and the length passed
-    // is its size; bind() only reads it.
-    check(unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_vm).cast(),
-            mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-        )
-    })?;
-    // SAFETY: listen() on a descriptor we own; no pointers.
-    check(unsafe { libc::listen(fd.as_raw_fd(), 128) })?;
-    Ok(fd)
-}
-
-/// A stream connected to AF_VSOCK `cid`:`port` (the host is CID 2).
-pub fn vsock_connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
+/// A new AF_VSOCK stream socket and the address of `cid`:`port`.
+fn vsock_socket(cid: u32, port: u32) -> io::Result<(OwnedFd, libc::sockaddr_vm)> {
     // SAFETY: socket() takes no pointers; the result is checked.
     let fd =
         check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
@@ -55,13 +27,38 @@ pub fn vsock_connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
         svm_cid: cid,
         svm_zero: [0; 4],
     };
+    Ok((fd, addr))
+}
+
+const VM_ADDR_LEN: libc::socklen_t = mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+
+/// A stream socket listening on AF_VSOCK port `port`, any CID.
+pub fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
+    let (fd, addr) = vsock_socket(libc::VMADDR_CID_ANY, port)?;
+    // SAFETY: `addr` is a live, initialized sockaddr_vm and the length passed
+    // is its size; bind() only reads it.
+    check(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            VM_ADDR_LEN,
+        )
+    })?;
+    // SAFETY: listen() on a descriptor we own; no pointers.
+    check(unsafe { libc::listen(fd.as_raw_fd(), 128) })?;
+    Ok(fd)
+}
+
+/// A stream connected to AF_VSOCK `cid`:`port` (the host is CID 2).
+pub fn vsock_connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
+    let (fd, addr) = vsock_socket(cid, port)?;
     // SAFETY: `addr` is a live, initialized sockaddr_vm and the length passed
     // is its size; connect() only reads it.
     check(unsafe {
         libc::connect(
             fd.as_raw_fd(),
             (&addr as *const libc::sockaddr_vm).cast(),
-            mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+            VM_ADDR_LEN,
         )
     })?;
     Ok(fd)
