@@ -106,8 +106,9 @@ fn commands_run_in_a_restored_guest_through_vsock_and_the_agent() {
         Host::Pvm => (8, 32 << 10),
         Host::Hardware => (32, 4 << 20),
     };
-    let listener =
-        std::os::unix::net::UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+    let host_port = std::path::PathBuf::from(format!("{}_5000", uds.display()));
+    let _ = std::fs::remove_file(&host_port); // left by an earlier run
+    let listener = std::os::unix::net::UnixListener::bind(&host_port).unwrap();
     let echo = std::thread::spawn(move || {
         let mut got = Vec::new();
         for _ in 0..conns {
@@ -155,6 +156,7 @@ fn commands_run_in_a_restored_guest_through_vsock_and_the_agent() {
         t.elapsed().as_secs_f64()
     );
     assert!(echoed.iter().all(|&n| n == each), "{echoed:?}");
+    let _ = std::fs::remove_file(&host_port);
     // Nobody listens on the host port: the guest's connect is reset.
     let (_, err, code) = run(&uds, &["vmm-agent", "connect", "--port", "5999"], vec![]);
     let err = String::from_utf8_lossy(&err);
