@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""`vmm run -- true` against a container started by runc, in one run.
+
+1. vmm run, cold: the cached snapshots of the default guest (~/.cache/vmm/run-*,
+   or $VMM_CACHE_DIR) are removed first, so the first run boots the guest and
+   saves it (one sample).
+2. vmm run, warm: median (min-max) of N runs restoring that snapshot, each a
+   fresh VM (process spawn -> exit, wall time).
+   Beside it, the part that is the VMM's: spawn of the clone's `vmm --restore`
+   -> the guest agent's `OK` on vsock; the rest of a warm run is the guest
+   forking and running the command (slow under PVM's instruction emulator).
+3. runc: median (min-max) of N `runc run` of /bin/true in a container whose
+   root is the same busybox binary the guest's initramfs uses (read-only root,
+   runc's default spec otherwise).
+
+Usage: tools/bench-run.py [--runs 20] [--vmm PATH]   (cargo build --release --workspace first)
+"""
+import argparse, glob, json, os, shutil, statistics, subprocess, sys, tempfile, time
+
+from benchlib import ROOT, host_line
+
+VMM = os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/vmm")
+
+
+def wall(cmd, **kw):
+    t = time.perf_counter()
+    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, **kw)
+    dt = (time.perf_counter() - t) * 1000
+    if p.returncode != 0:
+        sys.exit(f"{cmd[0]} failed ({p.returncode}): {p.stderr.decode(errors='replace')}")
+    return dt
+
+
+def restore_to_agent(vmm, snap_dir, tmp):
+    """Spawn of `vmm --restore` -> the guest agent's OK on vsock (ms)."""
+    import socket
+    uds = os.path.join(tmp, "v.sock")
+    if os.path.exists(uds):
+        os.unlink(uds)
+    t = time.perf_counter()
+    p = subprocess.Popen([vmm, "--restore", os.path.join(snap_dir, "vm.snap"), "--restore-mem",
+                          os.path.join(snap_dir, "vm.mem"), "--vsock-override", uds, "--level", "Error"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        while not os.path.exists(uds):
+            time.sleep(0.0005)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(uds)
+        s.sendall(b"CONNECT 52\n")
+        line = b""
+        while not line.endswith(b"\n"):
+            c = s.recv(1)
+            if not c:
+                sys.exit("the agent did not answer")
+            line += c
+        return (time.perf_counter() - t) * 1000
+    finally:
+        p.kill()
+        p.wait()
+
+
+def stats(xs):
+    return f"{statistics.median(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"
+
+
+def runc_bundle(tmp):
+    root = os.path.join(tmp, "rootfs")
+    os.makedirs(os.path.join(root, "bin"))
+    shutil.copy("/bin/busybox", os.path.join(root, "busybox"))
+    for applet in ("sh", "true"):
+        os.symlink("../busybox", os.path.join(root, "bin", applet))
+    subprocess.run(["runc", "spec"], cwd=tmp, check=True)
+    path = os.path.join(tmp, "config.json")
+    with open(path) as f:
+        spec = json.load(f)
+    spec["process"]["terminal"] = False
+    spec["process"]["args"] = ["/bin/true"]
+    spec["root"]["readonly"] = True
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    return tmp
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--vmm", default=VMM)
+    a = ap.parse_args()
+    if not os.path.exists(a.vmm):
+        sys.exit(f"{a.vmm} is missing: cargo build --release --workspace")
+    cache = os.environ.get("VMM_CACHE_DIR", os.path.expanduser("~/.cache/vmm"))
+    for d in glob.glob(os.path.join(cache, "run-*")):
+        shutil.rmtree(d, ignore_errors=True)
+    cold = wall([a.vmm, "run", "--", "true"])
+    warm = [wall([a.vmm, "run", "--", "true"]) for _ in range(a.runs)]
+    snap_dir = glob.glob(os.path.join(cache, "run-*"))[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        agent = [restore_to_agent(a.vmm, snap_dir, tmp) for _ in range(a.runs)]
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = runc_bundle(tmp)
+        runc = [wall(["runc", "run", "--bundle", bundle, f"bench-{os.getpid()}-{i}"])
+                for i in range(a.runs)]
+    print(host_line())
+    print(f"vmm: {a.vmm}; runc: {subprocess.run(['runc', '--version'], capture_output=True, text=True).stdout.splitlines()[0]}\n")
+    print(f"| `true`, wall time (ms) | median (min-max) of {a.runs} |")
+    print("|---|---|")
+    print(f"| vmm run, cold (boots and saves the default guest; 1 sample) | {cold:.1f} |")
+    print(f"| vmm run, warm (restores a clone of the saved guest) | {stats(warm)} |")
+    print(f"| of which: spawn of the VM's vmm --restore -> the guest agent answers on vsock | {stats(agent)} |")
+    print(f"| runc run (busybox root, read-only) | {stats(runc)} |")
+
+
+if __name__ == "__main__":
+    main()
