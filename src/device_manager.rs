@@ -298,7 +298,7 @@ impl DeviceManager {
                 let told = t.with_device(|d| {
                     d.as_any_mut()
                         .downcast_mut::<Vsock>()
-                        .is_some_and(|v| v.send_transport_reset())
+                        .is_some_and(|v| v.reset_after_restore())
                 });
                 if !told {
                     log::warn!(

@@ -61,6 +61,9 @@ pub struct Vsock {
     /// notification alone proves nothing: the VMM signals every queue after
     /// a restore).
     evt_avail_at_reset: u16,
+    /// Restored from a state that does not list its connections: the driver
+    /// must be told that all of them are gone.
+    needs_transport_reset: bool,
 }
 
 impl Vsock {
@@ -74,7 +77,21 @@ impl Vsock {
             tx_more: false,
             reset_pending: false,
             evt_avail_at_reset: 0,
+            needs_transport_reset: false,
         }
+    }
+
+    /// After a restore: ends, in the guest, the connections the snapshot had
+    /// open. With the list saved, each gets a reset packet (nothing else
+    /// waits); without it, the driver gets a transport reset, and nothing
+    /// reaches the guest until it has handled it. False if the driver left
+    /// no event buffer for the transport reset.
+    pub fn reset_after_restore(&mut self) -> bool {
+        if !self.needs_transport_reset {
+            return true;
+        }
+        self.needs_transport_reset = false;
+        self.send_transport_reset()
     }
 
     /// The counters so far.
@@ -234,6 +251,12 @@ pub struct VsockState {
     /// goes on from there, never reusing a port the guest may still hold.
     #[serde(default)]
     pub next_local_port: u32,
+    /// The connections open when the snapshot was taken, as (host port,
+    /// guest port): a restored device resets exactly these in the guest
+    /// (their host sockets are gone). None (a state without the list): the
+    /// driver gets a transport reset instead.
+    #[serde(default)]
+    pub open_connections: Option<Vec<(u32, u32)>>,
 }
 
 impl crate::persist::Persist for Vsock {
@@ -245,13 +268,19 @@ impl crate::persist::Persist for Vsock {
         VsockState {
             guest_cid: self.muxer.guest_cid(),
             next_local_port: self.muxer.next_local_port(),
+            open_connections: Some(self.muxer.connection_keys()),
         }
     }
 
     /// A device on `muxer` (bound for the saved CID by the caller).
     fn restore(mut muxer: Muxer, state: &VsockState) -> Result<Self, Self::Error> {
         muxer.set_next_local_port(state.next_local_port);
-        Ok(Vsock::new(muxer))
+        let mut dev = Vsock::new(muxer);
+        match &state.open_connections {
+            Some(keys) => dev.muxer.reset_stale(keys),
+            None => dev.needs_transport_reset = true,
+        }
+        Ok(dev)
     }
 }
 

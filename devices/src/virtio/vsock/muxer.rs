@@ -267,6 +267,24 @@ impl Muxer {
         self.next_port = port.max(FIRST_LOCAL_PORT);
     }
 
+    /// The open connections, as (host port, guest port).
+    pub fn connection_keys(&self) -> Vec<(u32, u32)> {
+        let mut keys: Vec<_> = self.conns.keys().copied().collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// Resets, in the guest, connections whose host side is gone (those a
+    /// snapshot had open: their sockets belonged to the old process).
+    pub fn reset_stale(&mut self, keys: &[(u32, u32)]) {
+        for &(local, peer) in keys.iter().take(MAX_CONNECTIONS) {
+            if self.resets.len() < MAX_CONNECTIONS {
+                self.resets
+                    .push_back(Header::to_guest(self.guest_cid, local, peer, op::RST));
+            }
+        }
+    }
+
     /// The connection counters so far.
     pub fn counters(&self) -> MuxerCounters {
         self.counters

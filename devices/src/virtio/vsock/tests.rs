@@ -258,3 +258,37 @@ fn after_a_transport_reset_nothing_reaches_the_guest_until_its_driver_handled_it
     assert!(h.dev.process_queue(EVT));
     assert_eq!(h.used(RX).len(), 1, "now the REQUEST goes");
 }
+
+#[test]
+fn a_restored_device_resets_exactly_the_connections_its_snapshot_had_open() {
+    use crate::persist::Persist;
+    let mut h = Harness::new("restore");
+    let listener = UnixListener::bind(h.dir.join("v.sock_80")).unwrap();
+    h.post_rx(4096);
+    h.send(from_guest(1025, 80, op::REQUEST, 0), &[]);
+    let _host = listener.accept().unwrap();
+    let saved = h.dev.save();
+    assert_eq!(saved.open_connections, Some(vec![(80, 1025)]));
+    // The clone: a new socket, the same guest memory and rings.
+    let uds = h.dir.join("clone.sock");
+    let Ok(mut clone) = Vsock::restore(Muxer::new(CID, &uds).unwrap(), &saved);
+    let queues = h.dev.queue_states().unwrap();
+    let queues = queues
+        .into_iter()
+        .map(|q| crate::virtio::QueueSnapshot::from(q).to_queue().unwrap())
+        .collect();
+    clone
+        .activate(
+            h.mem.clone(),
+            queues,
+            Interrupt::new(Arc::new(CountingIrq::default())),
+        )
+        .unwrap();
+    h.dev = clone;
+    assert!(h.dev.reset_after_restore(), "no transport reset is needed");
+    assert!(h.used(EVT).is_empty(), "no event buffer was used");
+    let rx = h.post_rx(4096);
+    assert!(h.dev.process_queue(RX));
+    let (pkt, _) = h.packet_at(rx);
+    assert_eq!((pkt.op, pkt.src_port, pkt.dst_port), (op::RST, 80, 1025));
+}
