@@ -360,9 +360,10 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Reads one chunk of the command's stdout (or stderr) into a frame.
-    fn read_output(&mut self, stderr: bool) -> Result<(), ConnectionError> {
-        let result = if stderr {
+    /// One read of the command's stdout (or stderr) into `scratch`; None if
+    /// that pipe is closed already.
+    fn read_from(&mut self, stderr: bool) -> Option<PipeRead> {
+        if stderr {
             self.stderr
                 .as_mut()
                 .map(|p| read_pipe(p, &mut self.scratch))
@@ -370,8 +371,12 @@ impl<'a> Session<'a> {
             self.stdout
                 .as_mut()
                 .map(|p| read_pipe(p, &mut self.scratch))
-        };
-        match result {
+        }
+    }
+
+    /// Reads one chunk of the command's stdout (or stderr) into a frame.
+    fn read_output(&mut self, stderr: bool) -> Result<(), ConnectionError> {
+        match self.read_from(stderr) {
             Some(PipeRead::Data(n)) => self.push_output(stderr, n)?,
             Some(PipeRead::Closed) => self.close_output(stderr),
             Some(PipeRead::Empty) | None => {}
@@ -404,16 +409,7 @@ impl<'a> Session<'a> {
     /// not waited for.
     fn drain_output(&mut self) -> Result<bool, ConnectionError> {
         for stderr in [false, true] {
-            let pipe_read = if stderr {
-                self.stderr
-                    .as_mut()
-                    .map(|p| read_pipe(p, &mut self.scratch))
-            } else {
-                self.stdout
-                    .as_mut()
-                    .map(|p| read_pipe(p, &mut self.scratch))
-            };
-            match pipe_read {
+            match self.read_from(stderr) {
                 Some(PipeRead::Data(n)) => {
                     self.push_output(stderr, n)?;
                     return Ok(true);
