@@ -320,7 +320,7 @@ fn connect_agent(uds: &Path, child: &mut Child, patience: Duration) -> Result<Un
         if let Ok(Some(status)) = child.try_wait() {
             return Err(Error::Agent(format!("the VMM exited ({status})")));
         }
-        match try_connect(uds, AGENT_PORT) {
+        match vsock_connect(uds, AGENT_PORT) {
             Ok(s) => return Ok(s),
             Err(e) => last = e,
         }
@@ -329,7 +329,11 @@ fn connect_agent(uds: &Path, child: &mut Child, patience: Duration) -> Result<Un
     Err(Error::Agent(last))
 }
 
-fn try_connect(uds: &Path, port: u32) -> Result<UnixStream, String> {
+/// Connects to guest port `port` through a vsock device's Unix socket `uds`
+/// with Firecracker's `CONNECT <port>` line; returns the stream once the
+/// guest has accepted (`OK <host port>` read). The error says why not:
+/// "port N: nobody listens" when the VMM closed the connection.
+pub fn vsock_connect(uds: &Path, port: u32) -> Result<UnixStream, String> {
     let mut s = UnixStream::connect(uds).map_err(|e| format!("{}: {e}", uds.display()))?;
     s.write_all(format!("CONNECT {port}\n").as_bytes())
         .map_err(|e| e.to_string())?;

@@ -8,8 +8,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::golden::{self, vsock_connect, vsock_path, Netns, AGENT_PORT};
+use common::golden::{self, vsock_path, Netns, AGENT_PORT};
 use common::{host, Host};
+use vmm::run::vsock_connect;
 use vmm_agent::{AgentClient, ExecRequest};
 
 /// Runs `argv` in the guest through the agent with `stdin`; returns
@@ -75,7 +76,8 @@ fn commands_run_in_a_restored_guest_through_vsock_and_the_agent() {
 
     // A port nobody listens on: the guest resets, the host socket closes.
     eprintln!("asserting: CONNECT to a port nobody listens on is closed");
-    assert!(vsock_connect(&uds, 4444).is_none());
+    let refused = vsock_connect(&uds, 4444).map(|_| ());
+    assert_eq!(refused, Err("port 4444: nobody listens".to_string()));
 
     // Several connections at once.
     let threads: Vec<_> = (0..8)

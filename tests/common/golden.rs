@@ -92,29 +92,6 @@ pub fn vsock_path(name: &str) -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-v.sock"))
 }
 
-/// Connects to guest port `port` through the vsock socket `uds` with
-/// Firecracker's `CONNECT` line; returns the stream once the guest accepted
-/// (`OK <port>` read), or None if the VMM closed it (nobody listens).
-pub fn vsock_connect(uds: &Path, port: u32) -> Option<std::os::unix::net::UnixStream> {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(uds).expect("the VMM listens");
-    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    loop {
-        match s.read(&mut b) {
-            Ok(1) if b[0] == b'\n' => break,
-            Ok(1) => line.push(b[0]),
-            _ => return None,
-        }
-    }
-    let line = String::from_utf8(line).unwrap();
-    assert!(line.starts_with("OK "), "{line}");
-    s.set_read_timeout(None).unwrap();
-    Some(s)
-}
-
 /// A network namespace the test creates and removes on drop.
 pub struct Netns {
     pub name: String,
@@ -337,13 +314,10 @@ fn boot_and_save(host: Host, dir: &Path, g: &Golden) -> Result<(), super::Outcom
         vm.stdout_now()
     );
     // The agent answers on vsock before the guest is saved.
-    let agent = vsock_connect(&dir.join("golden-v.sock"), AGENT_PORT);
-    assert!(
-        agent.is_some(),
-        "the agent does not listen: {}",
-        vm.stdout_now()
-    );
-    drop(agent);
+    let agent = vmm::run::vsock_connect(&dir.join("golden-v.sock"), AGENT_PORT);
+    if let Err(e) = agent {
+        panic!("the agent does not listen ({e}): {}", vm.stdout_now());
+    }
     std::thread::sleep(Duration::from_millis(500));
     pause_and_snapshot(&sock, &g.snap, &g.mem);
     vm.signal(libc::SIGKILL);
