@@ -17,7 +17,7 @@ Usage: tools/bench-run.py [--runs 20] [--vmm PATH]   (cargo build --release --wo
 """
 import argparse, glob, json, os, shutil, statistics, subprocess, sys, tempfile, time
 
-from benchlib import ROOT, host_line
+from benchlib import ROOT, host_line, restore_clone
 
 VMM = os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/vmm")
 
@@ -34,30 +34,13 @@ def wall(cmd, **kw):
 
 def restore_to_agent(vmm, snap_dir, tmp):
     """Spawn of `vmm --restore` -> the guest agent's OK on vsock (ms)."""
-    import socket
-    uds = os.path.join(tmp, "v.sock")
-    if os.path.exists(uds):
-        os.unlink(uds)
     t = time.perf_counter()
-    p = subprocess.Popen([vmm, "--restore", os.path.join(snap_dir, "vm.snap"), "--restore-mem",
-                          os.path.join(snap_dir, "vm.mem"), "--vsock-override", uds, "--level", "Error"],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    try:
-        while not os.path.exists(uds):
-            time.sleep(0.0005)
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(uds)
-        s.sendall(b"CONNECT 52\n")
-        line = b""
-        while not line.endswith(b"\n"):
-            c = s.recv(1)
-            if not c:
-                sys.exit("the agent did not answer")
-            line += c
-        return (time.perf_counter() - t) * 1000
-    finally:
-        p.kill()
-        p.wait()
+    p, s = restore_clone(vmm, snap_dir, os.path.join(tmp, "v.sock"))
+    dt = (time.perf_counter() - t) * 1000
+    s.close()
+    p.kill()
+    p.wait()
+    return dt
 
 
 def stats(xs):

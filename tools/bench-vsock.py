@@ -14,9 +14,9 @@ MB moved across the device.
 
 Usage: tools/bench-vsock.py [--mib 1] [--vmm PATH]
 """
-import argparse, glob, json, os, socket, struct, subprocess, sys, tempfile, time
+import argparse, glob, json, os, struct, sys, tempfile, threading, time
 
-from benchlib import ROOT, cpu_ns, host_line
+from benchlib import ROOT, cpu_ns, host_line, restore_clone
 
 VMM = os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/vmm")
 EXEC, STDIN = 0x01, 0x02
@@ -38,25 +38,11 @@ def read_exact(s, n):
 
 
 def measure(vmm, snap, tmp, argv, stdin_bytes):
-    uds = os.path.join(tmp, "v.sock")
-    if os.path.exists(uds):
-        os.unlink(uds)
-    p = subprocess.Popen([vmm, "--restore", os.path.join(snap, "vm.snap"), "--restore-mem",
-                          os.path.join(snap, "vm.mem"), "--vsock-override", uds, "--level", "Error"],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    p, s = restore_clone(vmm, snap, os.path.join(tmp, "v.sock"))
     try:
-        while not os.path.exists(uds):
-            time.sleep(0.001)
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(uds)
-        s.sendall(b"CONNECT 52\n")
-        line = b""
-        while not line.endswith(b"\n"):
-            line += read_exact(s, 1)
         req = {"argv": argv, "env": [], "stdin": stdin_bytes > 0}
         cpu0, t0 = cpu_ns(p.pid), time.perf_counter()
         s.sendall(frame(EXEC, json.dumps(req).encode()))
-        import threading
         def feed():
             left = stdin_bytes
             chunk = b"\x5a" * 65536

@@ -1,7 +1,7 @@
 """Shared parts of the benchmarks in tools/: paths, the guest kernel parameters
 the PVM host needs, QEMU's base command line, test-guest assembly, and the
 /proc readings (CPU time of the VMM's own threads, resident guest RAM)."""
-import os, re, select, signal, subprocess, time
+import os, re, select, signal, socket, subprocess, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VMM = os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/vmm")
@@ -115,3 +115,34 @@ def stop(p):
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait()
+
+
+def restore_clone(vmm, snap_dir, uds, port=52):
+    """Restores the snapshot in snap_dir (vm.snap, vm.mem) in a fresh
+    `vmm --restore` with its vsock socket at uds, and connects to guest port
+    `port` with Firecracker's CONNECT line. Returns (process, connected socket);
+    the caller kills the process."""
+    if os.path.exists(uds):
+        os.unlink(uds)
+    p = subprocess.Popen([vmm, "--restore", os.path.join(snap_dir, "vm.snap"), "--restore-mem",
+                          os.path.join(snap_dir, "vm.mem"), "--vsock-override", uds, "--level", "Error"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        while not os.path.exists(uds):
+            if p.poll() is not None:
+                raise SystemExit(f"vmm --restore exited ({p.returncode})")
+            time.sleep(0.0005)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(uds)
+        s.sendall(f"CONNECT {port}\n".encode())
+        line = b""
+        while not line.endswith(b"\n"):
+            c = s.recv(1)
+            if not c:
+                raise SystemExit(f"guest port {port} did not answer")
+            line += c
+        return p, s
+    except BaseException:
+        p.kill()
+        p.wait()
+        raise
