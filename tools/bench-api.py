@@ -18,24 +18,12 @@ itself (and against vmm's previous commit, which had no API), in one run.
 Usage: tools/bench-api.py [--runs 20] [--firecracker PATH] [--previous PATH] [--skip-linux]
 Needs: cargo build --release; curl not needed (Python's http.client over AF_UNIX).
 """
-import argparse, http.client, json, os, select, socket, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, select, statistics, subprocess, sys, tempfile, time
 
 from benchlib import ROOT, VMM, PVM_PARAMS, build_guest, guest_kernel, guest_ram_rss_kib, host_line, on_pvm, \
-    status_kib, stop, wait_for
+    status_kib, stop, wait_for, UnixHTTP
 
 DEFAULT_FC = os.path.join(ROOT, "..", "shared", "peers", "firecracker")
-
-
-class UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path, timeout=10):
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self.unix_path)
-        self.sock = s
 
 
 def call(sock_path, method, path, body=None):

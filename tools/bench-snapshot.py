@@ -31,25 +31,13 @@ Usage: tools/bench-snapshot.py [--runs 20] [--vmm PATH] [--firecracker PATH] [--
 Needs: cargo build --release (or --vmm), resources/build-kernel.sh and
 build-initramfs.sh (run by the script; cached).
 """
-import argparse, http.client, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, signal, statistics, subprocess, sys, tempfile, time
 
-from benchlib import ROOT, VMM, PVM_PARAMS, guest_kernel, host_line, on_pvm, wait_for
+from benchlib import ROOT, VMM, PVM_PARAMS, UnixHTTP, guest_kernel, host_line, on_pvm, wait_for
 
 DEFAULT_FC = os.path.normpath(os.path.join(ROOT, "..", "shared", "peers", "firecracker"))
 MILESTONE = "VMM-TEST: waiting"
 MIB = 1024 * 1024
-
-
-class UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path, timeout):
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self.unix_path)
-        self.sock = s
 
 
 def call(sock, method, path, body=None, timeout=10):

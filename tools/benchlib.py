@@ -1,7 +1,7 @@
 """Shared parts of the benchmarks in tools/: paths, the guest kernel parameters
 the PVM host needs, QEMU's base command line, test-guest assembly, and the
 /proc readings (CPU time of the VMM's own threads, resident guest RAM)."""
-import os, re, select, signal, socket, subprocess, time
+import http.client, os, re, select, signal, socket, subprocess, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VMM = os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/vmm")
@@ -146,3 +146,17 @@ def restore_clone(vmm, snap_dir, uds, port=52):
         p.kill()
         p.wait()
         raise
+
+
+class UnixHTTP(http.client.HTTPConnection):
+    """An HTTP connection over the Unix socket `path` (a VMM's API)."""
+
+    def __init__(self, path, timeout=10):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self.unix_path)
+        self.sock = s
