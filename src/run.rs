@@ -229,7 +229,7 @@ impl Sandbox {
             },
             initrd: match &config.initrd {
                 Some(i) => i.clone(),
-                None => default_initramfs(&vmm)?,
+                None => agent_initramfs(&vmm)?,
             },
             cpus: config.cpus,
             mem_mib: config.mem_mib,
@@ -404,8 +404,9 @@ fn resources() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("resources")
 }
 
-/// Runs a resources/ builder and returns the path it prints last.
-fn build(script: &'static str, envs: &[(&str, &Path)]) -> Result<PathBuf, Error> {
+/// Runs the resources/ builder `script` (with `envs` set) and returns the
+/// path it prints last: the kernel directory, the initramfs, the rootfs.
+pub fn build_resource(script: &'static str, envs: &[(&str, &Path)]) -> Result<PathBuf, Error> {
     let path = resources().join(script);
     let mut cmd = Command::new("bash");
     cmd.arg(&path)
@@ -434,12 +435,12 @@ fn build(script: &'static str, envs: &[(&str, &Path)]) -> Result<PathBuf, Error>
 }
 
 fn default_kernel() -> Result<PathBuf, Error> {
-    Ok(build("build-kernel.sh", &[])?.join("vmlinux"))
+    Ok(build_resource("build-kernel.sh", &[])?.join("vmlinux"))
 }
 
 /// The project's initramfs with the agent that sits next to the vmm binary
-/// (stripped into the cache).
-fn default_initramfs(vmm: &Path) -> Result<PathBuf, Error> {
+/// `vmm` (stripped into the cache).
+pub fn agent_initramfs(vmm: &Path) -> Result<PathBuf, Error> {
     let agent = vmm.with_file_name("vmm-agent");
     if !agent.is_file() {
         return Err(Error::NoAgent(agent));
@@ -466,7 +467,7 @@ fn default_initramfs(vmm: &Path) -> Result<PathBuf, Error> {
             std::fs::copy(from, &stripped).map_err(cache_err)?;
         }
     }
-    build("build-initramfs.sh", &[("VMM_AGENT", &stripped)])
+    build_resource("build-initramfs.sh", &[("VMM_AGENT", &stripped)])
 }
 
 /// A short key of a file's identity (size and modification time).

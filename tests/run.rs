@@ -15,7 +15,7 @@ use common::{host, Host};
 fn vmm_run(args: &[&str]) -> Command {
     static AGENT: OnceLock<()> = OnceLock::new();
     AGENT.get_or_init(|| {
-        let _ = common::golden::agent_binary();
+        common::golden::agent_binary();
     });
     let mut c = Command::new(env!("CARGO_BIN_EXE_vmm"));
     c.arg("run").args(args);

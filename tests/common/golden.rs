@@ -33,11 +33,11 @@ const DISK_BYTES: usize = 1 << 20;
 /// The guest agent's vsock port.
 pub const AGENT_PORT: u32 = 52;
 
-/// The guest agent, built (cargo build -p vmm-agent, as the suite's own
-/// profile) and stripped.
-pub fn agent_binary() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
+/// Builds the guest agent next to the vmm binary under test (cargo build -p
+/// vmm-agent, the suite's own profile), once.
+pub fn agent_binary() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
         let mut build = Command::new(env!("CARGO"));
         build.args(["build", "-p", "vmm-agent"]);
         if !cfg!(debug_assertions) {
@@ -45,44 +45,16 @@ pub fn agent_binary() -> PathBuf {
         }
         let st = build.status().expect("cargo runs");
         assert!(st.success(), "cargo build -p vmm-agent failed");
-        let built = Path::new(env!("CARGO_BIN_EXE_vmm")).with_file_name("vmm-agent");
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("vmm-agent-{}", std::process::id()));
-        let st = Command::new("strip")
-            .arg("-o")
-            .arg(&out)
-            .arg(&built)
-            .status()
-            .expect("strip (binutils) runs");
-        assert!(st.success(), "strip {} failed", built.display());
-        out
-    })
-    .clone()
+    });
 }
 
-/// The project's initramfs with the guest agent in it.
+/// The project's initramfs with the guest agent in it, as `vmm run` builds it.
 pub fn agent_initramfs() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let agent = agent_binary();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/build-initramfs.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .env("VMM_AGENT", &agent)
-            .output()
-            .expect("bash runs");
-        assert!(
-            out.status.success(),
-            "build-initramfs.sh failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .last()
-                .expect("the script prints its result")
-                .trim(),
-        )
+        agent_binary();
+        vmm::run::agent_initramfs(Path::new(env!("CARGO_BIN_EXE_vmm")))
+            .unwrap_or_else(|e| panic!("{e}"))
     })
     .clone()
 }

@@ -47,24 +47,8 @@ pub fn host() -> Host {
 pub use vmm::run::PVM_PARAMS;
 
 /// Runs resources/SCRIPT (a cached builder) and returns the path it prints last.
-pub fn resource(script: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("resources")
-        .join(script);
-    let out = Command::new("bash").arg(&path).output().expect("bash runs");
-    assert!(
-        out.status.success(),
-        "{script} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    PathBuf::from(
-        stdout
-            .lines()
-            .last()
-            .expect("the script prints its result path")
-            .trim(),
-    )
+pub fn resource(script: &'static str) -> PathBuf {
+    vmm::run::build_resource(script, &[]).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The project's busybox initramfs, built once.
