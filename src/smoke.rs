@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use regex::Regex;
+use regex::bytes::Regex;
 
 use crate::exit::{ExitSignal, VmExit};
 
@@ -21,6 +21,11 @@ pub const EXIT_TIMEOUT: i32 = 124;
 pub const EXIT_NOT_SEEN: i32 = 4;
 /// Longest console line kept for matching (longer lines are matched by their tail).
 const MAX_LINE: usize = 64 * 1024;
+/// Longest unfinished line matched as it grows (a prompt is short): the
+/// console arrives a byte at a time, so matching a long unfinished line on
+/// every byte would cost the VMM quadratic time. Longer lines are matched
+/// when they end.
+const MAX_PARTIAL: usize = 4096;
 
 /// Errors in the smoke options.
 #[derive(Debug, thiserror::Error)]
@@ -142,24 +147,34 @@ impl Smoke {
         }
         let mut all_now = false;
         for chunk in bytes.split_inclusive(|&b| b == b'\n') {
+            if s.expectations.iter().all(|e| e.seen.is_some()) {
+                break;
+            }
             s.line.extend_from_slice(chunk);
             if s.line.len() > MAX_LINE {
                 let cut = s.line.len() - MAX_LINE;
                 s.line.drain(..cut);
             }
-            let text = String::from_utf8_lossy(&s.line).into_owned();
-            let mut newly = false;
-            for e in s.expectations.iter_mut().filter(|e| e.seen.is_none()) {
-                if e.regex.is_match(text.trim_end_matches(['\n', '\r'])) {
-                    e.seen = Some(now);
-                    newly = true;
+            let complete = chunk.ends_with(b"\n");
+            if complete || s.line.len() <= MAX_PARTIAL {
+                let State {
+                    expectations, line, ..
+                } = &mut *s;
+                let mut text = line.as_slice();
+                while let Some((b'\n' | b'\r', rest)) = text.split_last() {
+                    text = rest;
                 }
+                let mut newly = false;
+                for e in expectations.iter_mut().filter(|e| e.seen.is_none()) {
+                    if e.regex.is_match(text) {
+                        e.seen = Some(now);
+                        newly = true;
+                    }
+                }
+                all_now = newly && expectations.iter().all(|e| e.seen.is_some());
             }
-            if chunk.ends_with(b"\n") {
+            if complete {
                 s.line.clear();
-            }
-            if newly && s.expectations.iter().all(|e| e.seen.is_some()) {
-                all_now = true;
             }
         }
         drop(s);
@@ -267,6 +282,24 @@ mod tests {
         assert!(exit.is_raised(), "a prompt without a newline counts");
         let code = smoke.finish(&Ok(VmExit::Stopped), 0, None);
         assert_eq!(code, 0);
+    }
+
+    #[test]
+    fn a_long_unfinished_line_is_matched_when_it_ends() {
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let smoke = Smoke::new(&["x{5000}END".into()], Instant::now(), exit.clone()).unwrap();
+        let mut out = smoke.console(Box::new(std::io::sink()), None).unwrap();
+        // A byte at a time, as the UART writes.
+        for _ in 0..5000 {
+            out.write_all(b"x").unwrap();
+        }
+        out.write_all(b"END").unwrap();
+        assert!(
+            !exit.is_raised(),
+            "past MAX_PARTIAL, matched at the line's end"
+        );
+        out.write_all(b"\n").unwrap();
+        assert!(exit.is_raised());
     }
 
     #[test]
