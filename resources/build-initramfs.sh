@@ -3,14 +3,23 @@
 # (gzip unpacking is ~100x slow under the PVM software KVM) containing
 # /bin/busybox from busybox-static, its applet symlinks, /dev/console,
 # /dev/null and an /init shell script that:
-#   - mounts /proc,
+#   - mounts /proc and /dev,
 #   - prints exactly the line "VMM-TEST: userspace up" on the console,
+#   - with vmm.root=DEV on the kernel command line (`vmm run --rootfs`) mounts
+#     DEV read-only under a copy-on-write overlay whose writes go to a tmpfs
+#     (the disk is never written), with /proc, /sys, /dev and a tmpfs /tmp in
+#     it, and serves the agent inside it; if DEV cannot be mounted it says so
+#     ("VMM-TEST: cannot mount root DEV") and powers off,
+#   - drops the cached blocks of every other virtio disk (`blockdev
+#     --flushbufs`), so a guest restored from a snapshot of this one reads
+#     those disks afresh,
 #   - starts the guest agent (/sbin/vmm-agent, listening on vsock port 52) in
 #     the background when the archive has it (see VMM_AGENT below),
 #   - with vmm.test=poweroff on the kernel command line powers off (`poweroff -f`),
 #     with vmm.test=reboot reboots (`reboot -f`), with vmm.test=wait prints
-#     "VMM-TEST: waiting" and sleeps until the VMM stops it; with none it runs an
-#     interactive shell on the console and powers off when the shell exits.
+#     "VMM-TEST: waiting" and sleeps until the VMM stops it (reaping orphaned
+#     processes meanwhile); with none it runs an interactive shell on the
+#     console and powers off when the shell exits.
 #
 # Usage: resources/build-initramfs.sh [OUT.cpio]
 #
@@ -101,19 +110,47 @@ set -f
 mount -t proc proc /proc
 mount -t devtmpfs dev /dev 2>/dev/null
 echo "VMM-TEST: userspace up"
-if [ -x /sbin/vmm-agent ]; then
-    /sbin/vmm-agent --port 52 </dev/null >/dev/null 2>&1 &
-    echo "VMM-TEST: agent started"
-fi
 action=shell
+root=
 read -r cmdline </proc/cmdline
 for arg in $cmdline; do
     case "$arg" in
     vmm.test=poweroff) action=poweroff ;;
     vmm.test=reboot) action=reboot ;;
     vmm.test=wait) action=wait ;;
+    vmm.root=/dev/*) root="${arg#vmm.root=}" ;;
     esac
 done
+serve=/
+if [ -n "$root" ]; then
+    # The user's root file system, read-only, under an overlay on a tmpfs.
+    mkdir -p /mnt/lower /mnt/rw /mnt/root
+    if mount -o ro "$root" /mnt/lower &&
+        mount -t tmpfs -o mode=0755 rw /mnt/rw &&
+        mkdir /mnt/rw/upper /mnt/rw/work &&
+        mount -t overlay overlay \
+            -o lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work /mnt/root &&
+        mkdir -p /mnt/root/proc /mnt/root/sys /mnt/root/dev /mnt/root/tmp &&
+        mount -t proc proc /mnt/root/proc &&
+        mount -t sysfs sys /mnt/root/sys &&
+        mount -t devtmpfs dev /mnt/root/dev &&
+        mount -t tmpfs -o mode=1777 tmp /mnt/root/tmp; then
+        serve=/mnt/root
+        echo "VMM-TEST: root $root mounted"
+    else
+        echo "VMM-TEST: cannot mount root $root"
+        poweroff -f
+    fi
+fi
+set +f
+for dev in /dev/vd*; do
+    [ -b "$dev" ] && [ "$dev" != "$root" ] && blockdev --flushbufs "$dev"
+done
+set -f
+if [ -x /sbin/vmm-agent ]; then
+    /sbin/vmm-agent --port 52 --chroot "$serve" </dev/null >/dev/null 2>&1 &
+    echo "VMM-TEST: agent started"
+fi
 if [ "$action" = shell ]; then
     # Interactive use (resources/run-guest.sh): a shell on the console; the VM
     # powers off when it exits.

@@ -19,12 +19,16 @@ use server::sys;
 use vmm_agent::DEFAULT_PORT;
 
 const USAGE: &str = "\
-usage: vmm-agent [--port N | --listen-unix PATH]
+usage: vmm-agent [--port N | --listen-unix PATH] [--chroot DIR]
        vmm-agent connect [--cid C] --port N
 
 Runs commands, and puts and gets files, for the host (see docs/AGENT.md).
   --port N            listen on AF_VSOCK port N, any CID (default 52)
   --listen-unix PATH  listen on the Unix socket PATH instead (for tests)
+  --chroot DIR        serve inside DIR: once listening, the agent makes DIR its
+                      root, so commands, working directories and file paths
+                      are those of DIR (e.g. a user's root file system mounted
+                      by the guest's init)
 connect: copies stdin to a vsock stream to C:N (default C 2, the host) and the
 stream to stdout, until both ends are done (as socat - VSOCK-CONNECT:C:N).
 ";
@@ -87,8 +91,9 @@ enum Listen {
     Unix(String),
 }
 
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Listen, String> {
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<(Listen, Option<String>), String> {
     let mut listen = Listen::Vsock(DEFAULT_PORT);
+    let mut root = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--port" => {
@@ -101,10 +106,11 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Listen, String> 
             "--listen-unix" => {
                 listen = Listen::Unix(args.next().ok_or("--listen-unix needs a path")?);
             }
+            "--chroot" => root = Some(args.next().ok_or("--chroot needs a directory")?),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    Ok(listen)
+    Ok((listen, root))
 }
 
 /// A listening socket of either kind.
@@ -132,8 +138,8 @@ fn main() -> ExitCode {
         print!("{USAGE}");
         return ExitCode::SUCCESS;
     }
-    let listen = match parse_args(args) {
-        Ok(listen) => listen,
+    let (listen, root) = match parse_args(args) {
+        Ok(parsed) => parsed,
         Err(message) => {
             eprint!("vmm-agent: {message}\n{USAGE}");
             return ExitCode::from(2);
@@ -156,6 +162,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(dir) = &root {
+        // The listening socket stays valid outside the new root.
+        if let Err(e) = std::os::unix::fs::chroot(dir).and_then(|()| std::env::set_current_dir("/"))
+        {
+            eprintln!("vmm-agent: cannot make {dir} the root: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     eprintln!("vmm-agent: listening on {place}");
     loop {
         let conn = match listener.accept() {

@@ -23,6 +23,10 @@ struct Agent {
 
 impl Agent {
     fn start() -> Agent {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&std::ffi::OsStr]) -> Agent {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "vmm-agent-test-{}-{}",
@@ -35,6 +39,7 @@ impl Agent {
         let process = Command::new(env!("CARGO_BIN_EXE_vmm-agent"))
             .arg("--listen-unix")
             .arg(&socket)
+            .args(extra)
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -262,6 +267,57 @@ fn put_file_then_get_file_round_trips() {
     let read = agent.client().get_file(path_str, &mut back).unwrap();
     assert_eq!(read, data.len() as u64);
     assert!(back == data);
+}
+
+/// `--chroot DIR`: file paths and commands are those of DIR. Needs root
+/// (chroot) and a static busybox to run inside DIR.
+#[test]
+fn chroot_serves_inside_the_directory() {
+    let busybox = Path::new("/bin/busybox");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !busybox.is_file() {
+        eprintln!("skipped: needs root and busybox-static");
+        return;
+    }
+    let root = std::env::temp_dir().join(format!("vmm-agent-chroot-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&root);
+    fs::create_dir_all(root.join("bin")).unwrap();
+    fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    fs::write(root.join("marker"), b"inside\n").unwrap();
+    // A command without stdin gets the root's /dev/null.
+    fs::create_dir_all(root.join("dev")).unwrap();
+    let null = std::ffi::CString::new(root.join("dev/null").into_os_string().into_encoded_bytes())
+        .unwrap();
+    // SAFETY: mknod with a valid NUL-terminated path; no memory is shared.
+    assert_eq!(
+        unsafe { libc::mknod(null.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) },
+        0
+    );
+    let agent = Agent::start_with(&["--chroot".as_ref(), root.as_os_str()]);
+    let written = agent
+        .client()
+        .put_file("/put-here", 0o644, &b"abc"[..])
+        .unwrap();
+    assert_eq!(written, 3);
+    assert_eq!(fs::read(root.join("put-here")).unwrap(), b"abc");
+    let req = ExecRequest::new([
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "/bin/busybox cat /marker; /bin/busybox pwd; /bin/busybox ls /",
+    ]);
+    let (status, out, err) = agent.exec(&req, Vec::new());
+    let _ = fs::remove_dir_all(&root);
+    assert_eq!(
+        status,
+        ExitStatus::Code(0),
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "inside\n/\nbin\ndev\nmarker\nput-here\n"
+    );
 }
 
 #[test]
