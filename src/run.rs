@@ -4,7 +4,11 @@
 //! saved as a snapshot in the cache; each run restores a clone of it (a few
 //! milliseconds), runs CMD through the agent over vsock with stdin, stdout
 //! and stderr streamed, and exits with CMD's status. Nothing the command does
-//! survives: the root file system is the clone's RAM, thrown away with it.
+//! survives: the root file system is the clone's RAM, thrown away with it, or
+//! with `--rootfs` the user's image, attached read-only under an overlay whose
+//! writes go to the clone's RAM. `--disk` attaches more images (writable
+//! unless `,ro`), `--net` a host TAP. Each combination of guest, disks,
+//! network address and VM shape has its own cached snapshot.
 //!
 //! The VM runs in a child `vmm --restore` process (its console discarded),
 //! which dies with this one (PR_SET_PDEATHSIG), so a killed `vmm run` leaves
@@ -59,6 +63,25 @@ pub struct RunCli {
     /// agent).
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
+    /// The command's root file system: an image (e.g. ext4) attached
+    /// read-only; the command's writes go to an overlay in RAM and vanish.
+    /// The default initramfs mounts it; the image must not change while a
+    /// snapshot of it is cached (its size and modification time are in the
+    /// cache key).
+    #[arg(long, value_name = "IMAGE")]
+    pub rootfs: Option<PathBuf>,
+    /// Another disk image for the command, /dev/vdb, /dev/vdc, ... in the
+    /// order given (after the --rootfs disk, /dev/vda): writable, and what the
+    /// command writes stays in the file; `readonly=on` attaches it
+    /// read-only. Repeatable.
+    #[arg(long, value_name = "path=FILE[,readonly=on]")]
+    pub disk: Vec<String>,
+    /// Connects the guest's eth0 to the host TAP device NAME (which must
+    /// exist; configure its host side yourself), with the guest address
+    /// ADDR/PREFIX (default 172.16.0.2/24) and gateway GW (default the first
+    /// address of the subnet, 172.16.0.1 by default; `gw=none` for none).
+    #[arg(long, value_name = "tap=NAME[,ip=ADDR/PREFIX][,gw=GW]")]
+    pub net: Option<String>,
     /// The command and its arguments (after --).
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -127,6 +150,44 @@ struct Shape {
     initrd: PathBuf,
     cpus: u32,
     mem_mib: u64,
+    /// The root image and the other disks, absolute paths; the root first.
+    rootfs: Option<PathBuf>,
+    disks: Vec<Disk>,
+    net: Option<Net>,
+}
+
+impl Shape {
+    /// The drives in attachment order, with their ids: `rootfs` (read-only)
+    /// then `disk1`, `disk2`...
+    fn drives(&self) -> Vec<(String, &Path, bool)> {
+        let root = self
+            .rootfs
+            .iter()
+            .map(|p| ("rootfs".to_string(), p.as_path(), true));
+        let disks = self
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (format!("disk{}", i + 1), d.path.as_path(), d.read_only));
+        root.chain(disks).collect()
+    }
+}
+
+/// An image's absolute path, or a one-line error naming the flag.
+fn image(flag: &str, path: &Path) -> Result<PathBuf, Error> {
+    let abs = std::fs::canonicalize(path).map_err(|e| {
+        Error::Usage(format!(
+            "{flag} '{}': {e}; give an existing image file.",
+            path.display()
+        ))
+    })?;
+    if !abs.is_file() {
+        return Err(Error::Usage(format!(
+            "{flag} '{}' is not a regular file; give an image file.",
+            path.display()
+        )));
+    }
+    Ok(abs)
 }
 
 fn run(cli: &RunCli) -> Result<i32, Error> {
@@ -153,11 +214,20 @@ fn run(cli: &RunCli) -> Result<i32, Error> {
     let deadline = cli
         .timeout
         .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    let disks = cli
+        .disk
+        .iter()
+        .map(|d| Disk::parse(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let net = cli.net.as_deref().map(Net::parse).transpose()?;
     let config = SandboxConfig {
         cpus: cli.cpus,
         mem_mib,
         kernel: cli.kernel.clone(),
         initrd: cli.initrd.clone(),
+        rootfs: cli.rootfs.clone(),
+        disks,
+        net,
         vmm: None,
     };
     let mut sandbox = Sandbox::start(&config)?;
@@ -187,6 +257,13 @@ pub struct SandboxConfig {
     /// The guest's initramfs, which must start vmm-agent on vsock port 52
     /// (default: the project's, with the agent next to the vmm binary).
     pub initrd: Option<PathBuf>,
+    /// The commands' root file system, attached read-only under an overlay
+    /// in RAM (default: the initramfs itself).
+    pub rootfs: Option<PathBuf>,
+    /// More disks, /dev/vdb... (after the rootfs) or /dev/vda... (without).
+    pub disks: Vec<Disk>,
+    /// The guest's eth0 on a host TAP.
+    pub net: Option<Net>,
     /// The vmm binary that runs the VM (default: this executable when it is
     /// vmm, else a `vmm` next to it or one directory up, else `vmm` on the
     /// PATH).
@@ -200,8 +277,126 @@ impl Default for SandboxConfig {
             mem_mib: 128,
             kernel: None,
             initrd: None,
+            rootfs: None,
+            disks: Vec::new(),
+            net: None,
             vmm: None,
         }
+    }
+}
+
+/// A disk image given to a sandbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Disk {
+    /// The image file.
+    pub path: PathBuf,
+    /// Attached read-only.
+    pub read_only: bool,
+}
+
+impl Disk {
+    /// Parses `path=FILE[,readonly=on|off]` (as the main command's
+    /// `--disk`), or a bare `FILE`.
+    pub fn parse(spec: &str) -> Result<Disk, Error> {
+        let bad = |why: String| {
+            Error::Usage(format!(
+                "--disk '{spec}': {why}; give path=FILE[,readonly=on], e.g. path=data.img."
+            ))
+        };
+        if !spec.contains('=') {
+            if spec.is_empty() {
+                return Err(bad("no image".into()));
+            }
+            return Ok(Disk {
+                path: PathBuf::from(spec),
+                read_only: false,
+            });
+        }
+        let (mut path, mut read_only) = (None, false);
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some(("path", p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
+                Some(("readonly", "on")) => read_only = true,
+                Some(("readonly", "off")) => read_only = false,
+                _ => return Err(bad(format!("'{part}' is not path=FILE or readonly=on|off"))),
+            }
+        }
+        Ok(Disk {
+            path: path.ok_or_else(|| bad("no path=".into()))?,
+            read_only,
+        })
+    }
+}
+
+/// The guest's network: eth0 on a host TAP with a static address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Net {
+    /// The host TAP device.
+    pub tap: String,
+    /// The guest's address.
+    pub addr: std::net::Ipv4Addr,
+    /// Its prefix length.
+    pub prefix: u8,
+    /// The default gateway.
+    pub gateway: Option<std::net::Ipv4Addr>,
+}
+
+impl Net {
+    /// Parses `tap=NAME[,ip=ADDR/PREFIX][,gw=GW|none]` (`tap=` as the main
+    /// command's `--net`), or a bare `NAME`.
+    pub fn parse(spec: &str) -> Result<Net, Error> {
+        let bad = |why: &str| {
+            Error::Usage(format!(
+                "--net '{spec}': {why}; give tap=NAME[,ip=ADDR/PREFIX][,gw=GW], e.g. tap=tap0,ip=172.16.0.2/24,gw=172.16.0.1."
+            ))
+        };
+        let mut tap = None;
+        let (mut addr, mut prefix) = (std::net::Ipv4Addr::new(172, 16, 0, 2), 24u8);
+        let mut gateway = None;
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                None if tap.is_none() => tap = Some(part),
+                Some(("tap", name)) => tap = Some(name),
+                Some(("ip", v)) => {
+                    let (a, p) = v.split_once('/').unwrap_or((v, "24"));
+                    addr = a.parse().map_err(|_| bad("ip is not an IPv4 address"))?;
+                    prefix = p
+                        .parse()
+                        .ok()
+                        .filter(|p| (1..=30).contains(p))
+                        .ok_or_else(|| bad("the prefix length must be 1 to 30"))?;
+                }
+                Some(("gw", "none")) => gateway = Some(None),
+                Some(("gw", v)) => {
+                    gateway = Some(Some(
+                        v.parse().map_err(|_| bad("gw is not an IPv4 address"))?,
+                    ))
+                }
+                _ => return Err(bad(&format!("'{part}' is not ip=... or gw=..."))),
+            }
+        }
+        let tap = tap.unwrap_or_default();
+        if tap.is_empty() || tap.len() > 15 || tap.contains('/') {
+            return Err(bad("the TAP name must be 1 to 15 characters"));
+        }
+        let mask = u32::MAX << (32 - u32::from(prefix));
+        let gateway = gateway.unwrap_or_else(|| {
+            let first = (u32::from(addr) & mask) | 1;
+            (first != u32::from(addr)).then(|| first.into())
+        });
+        Ok(Net {
+            tap: tap.to_string(),
+            addr,
+            prefix,
+            gateway,
+        })
+    }
+
+    /// The kernel's static IP configuration (`ip=`) for eth0.
+    fn kernel_param(&self) -> String {
+        let mask = std::net::Ipv4Addr::from(u32::MAX << (32 - u32::from(self.prefix)));
+        let gw = self.gateway.map(|g| g.to_string()).unwrap_or_default();
+        format!("ip={}::{gw}:{mask}::eth0:off", self.addr)
     }
 }
 
@@ -222,6 +417,22 @@ impl Sandbox {
     /// default guest first).
     pub fn start(config: &SandboxConfig) -> Result<Sandbox, Error> {
         let vmm = config.vmm.clone().unwrap_or_else(vmm_exe);
+        // The user's images first: a bad path fails before any build.
+        let rootfs = config
+            .rootfs
+            .as_deref()
+            .map(|p| image("--rootfs", p))
+            .transpose()?;
+        let disks = config
+            .disks
+            .iter()
+            .map(|d| {
+                Ok(Disk {
+                    path: image("--disk", &d.path)?,
+                    read_only: d.read_only,
+                })
+            })
+            .collect::<Result<_, Error>>()?;
         let shape = Shape {
             kernel: match &config.kernel {
                 Some(k) => k.clone(),
@@ -233,21 +444,25 @@ impl Sandbox {
             },
             cpus: config.cpus,
             mem_mib: config.mem_mib,
+            rootfs,
+            disks,
+            net: config.net.clone(),
         };
         let snapshot = template(&vmm, &shape)?;
         let work = tempdir()?;
         let uds = work.join("v.sock");
-        let child = spawn_vmm(
-            &vmm,
-            Command::new(&vmm)
-                .arg("--restore")
-                .arg(snapshot.join("vm.snap"))
-                .arg("--restore-mem")
-                .arg(snapshot.join("vm.mem"))
-                .arg("--vsock-override")
-                .arg(&uds)
-                .args(["--level", "Error"]),
-        );
+        let mut cmd = Command::new(&vmm);
+        cmd.arg("--restore")
+            .arg(snapshot.join("vm.snap"))
+            .arg("--restore-mem")
+            .arg(snapshot.join("vm.mem"))
+            .arg("--vsock-override")
+            .arg(&uds)
+            .args(["--level", "Error"]);
+        if let Some(net) = &shape.net {
+            cmd.arg("--net-override").arg(format!("eth0={}", net.tap));
+        }
+        let child = spawn_vmm(&vmm, &mut cmd, Stdio::null());
         let child = match child {
             Ok(c) => c,
             Err(e) => {
@@ -356,8 +571,8 @@ pub fn vsock_connect(uds: &Path, port: u32) -> Result<UnixStream, String> {
 }
 
 /// Starts a child VMM (the binary `vmm`) that dies with this process.
-fn spawn_vmm(vmm: &Path, cmd: &mut Command) -> Result<Child, Error> {
-    cmd.stdin(Stdio::null()).stdout(Stdio::null());
+fn spawn_vmm(vmm: &Path, cmd: &mut Command, console: Stdio) -> Result<Child, Error> {
+    cmd.stdin(Stdio::null()).stdout(console);
     // SAFETY: the closure runs in the child between fork and exec and only
     // calls prctl, which is async-signal-safe.
     unsafe {
@@ -500,6 +715,9 @@ fn tempdir() -> Result<PathBuf, Error> {
     Err(Error::Usage("Cannot create a temporary directory.".into()))
 }
 
+/// Changes when what a template boot sets up changes.
+const TEMPLATE_VERSION: u32 = 2;
+
 /// The snapshot of the booted default guest for `shape`: taken once (a
 /// boot in a child VMM over the API, until the agent answers), then reused.
 fn template(vmm: &Path, shape: &Shape) -> Result<PathBuf, Error> {
@@ -507,12 +725,30 @@ fn template(vmm: &Path, shape: &Shape) -> Result<PathBuf, Error> {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (
+            TEMPLATE_VERSION,
             file_key(vmm),
             file_key(&shape.kernel),
             file_key(&shape.initrd),
             shape.cpus,
             shape.mem_mib,
         )
+            .hash(&mut h);
+        // The root image's identity (its contents are cached in the
+        // snapshot's guest); the other disks by path, mode and size: their
+        // contents may change between runs, as the guest caches none of them.
+        shape.rootfs.as_deref().map(file_key).hash(&mut h);
+        for d in &shape.disks {
+            (
+                &d.path,
+                d.read_only,
+                std::fs::metadata(&d.path).map(|m| m.len()).ok(),
+            )
+                .hash(&mut h);
+        }
+        shape
+            .net
+            .as_ref()
+            .map(|n| (n.addr, n.prefix, n.gateway))
             .hash(&mut h);
         format!("{:016x}", h.finish())
     };
@@ -533,8 +769,18 @@ fn template(vmm: &Path, shape: &Shape) -> Result<PathBuf, Error> {
     if dir.join("vm.snap").exists() && dir.join("vm.mem").exists() {
         return Ok(dir);
     }
+    let mut what = String::new();
+    if let Some(r) = &shape.rootfs {
+        what += &format!(", root {}", r.display());
+    }
+    for d in &shape.disks {
+        what += &format!(", disk {}", d.path.display());
+    }
+    if let Some(n) = &shape.net {
+        what += &format!(", eth0 {}/{}", n.addr, n.prefix);
+    }
     eprintln!(
-        "vmm run: booting the default guest once ({} vCPU, {} MiB; kernel {}, initramfs {}); later runs restore it",
+        "vmm run: booting the default guest once ({} vCPU, {} MiB; kernel {}, initramfs {}{what}); later runs restore it",
         shape.cpus,
         shape.mem_mib,
         shape.kernel.display(),
@@ -557,7 +803,17 @@ fn boot_and_save(vmm: &Path, shape: &Shape, dir: &Path) -> Result<(), Error> {
     let work = tempdir()?;
     let api = work.join("api.sock");
     let uds = work.join("v.sock");
-    let mut child = spawn_vmm(vmm, Command::new(vmm).arg("--api-sock").arg(&api))?;
+    // The template's console, kept next to the cache entry when it fails.
+    let log_path = dir.with_extension("console.log");
+    let console = std::fs::File::create(&log_path).map_err(|err| Error::Cache {
+        path: log_path.display().to_string(),
+        err,
+    })?;
+    let mut child = spawn_vmm(
+        vmm,
+        Command::new(vmm).arg("--api-sock").arg(&api),
+        console.into(),
+    )?;
     let result = (|| {
         let until = Instant::now() + Duration::from_secs(10);
         while !api.exists() {
@@ -568,20 +824,26 @@ fn boot_and_save(vmm: &Path, shape: &Shape, dir: &Path) -> Result<(), Error> {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        let mut args = String::from("console=ttyS0 reboot=k panic=-1 quiet");
+        let mut args = String::from("console=ttyS0 reboot=k panic=-1 quiet vmm.test=wait");
         if Path::new("/sys/module/kvm_pvm").exists() {
             args = format!("{args} {PVM_PARAMS}");
         }
-        let calls = [
+        if shape.rootfs.is_some() {
+            args += " vmm.root=/dev/vda";
+        }
+        if let Some(net) = &shape.net {
+            args = format!("{args} {}", net.kernel_param());
+        }
+        let mut calls = vec![
             (
-                "/machine-config",
+                "/machine-config".to_string(),
                 format!(
                     r#"{{"vcpu_count": {}, "mem_size_mib": {}}}"#,
                     shape.cpus, shape.mem_mib
                 ),
             ),
             (
-                "/boot-source",
+                "/boot-source".into(),
                 serde_json::json!({
                     "kernel_image_path": shape.kernel,
                     "initrd_path": shape.initrd,
@@ -590,17 +852,38 @@ fn boot_and_save(vmm: &Path, shape: &Shape, dir: &Path) -> Result<(), Error> {
                 .to_string(),
             ),
             (
-                "/vsock",
+                "/vsock".into(),
                 serde_json::json!({"guest_cid": 3, "uds_path": uds}).to_string(),
             ),
-            ("/actions", r#"{"action_type": "InstanceStart"}"#.into()),
         ];
+        for (id, path, read_only) in shape.drives() {
+            let body = serde_json::json!({
+                "drive_id": id,
+                "path_on_host": path,
+                "is_root_device": false,
+                "is_read_only": read_only,
+            });
+            calls.push((format!("/drives/{id}"), body.to_string()));
+        }
+        if let Some(net) = &shape.net {
+            let body = serde_json::json!({
+                "iface_id": "eth0",
+                "host_dev_name": net.tap,
+                "guest_mac": GUEST_MAC,
+            });
+            calls.push(("/network-interfaces/eth0".into(), body.to_string()));
+        }
+        calls.push((
+            "/actions".into(),
+            r#"{"action_type": "InstanceStart"}"#.into(),
+        ));
         for (path, body) in &calls {
             api_call(&api, "PUT", path, body)?;
         }
         // Booted once the agent answers (about a minute on a PVM host).
-        let agent = connect_agent(&uds, &mut child, Duration::from_secs(900))
-            .map_err(|e| Error::Template(e.to_string()))?;
+        let agent = connect_agent(&uds, &mut child, Duration::from_secs(900)).map_err(|e| {
+            Error::Template(format!("{e}; its console is in {}", log_path.display()))
+        })?;
         drop(agent);
         api_call(&api, "PATCH", "/vm", r#"{"state": "Paused"}"#)?;
         let create = serde_json::json!({
@@ -613,8 +896,14 @@ fn boot_and_save(vmm: &Path, shape: &Shape, dir: &Path) -> Result<(), Error> {
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&work);
+    if result.is_ok() {
+        let _ = std::fs::remove_file(&log_path);
+    }
     result
 }
+
+/// The guest's MAC with `--net` (locally administered).
+const GUEST_MAC: &str = "06:00:ac:10:00:02";
 
 /// One request on the VMM's API; Ok on 204.
 fn api_call(sock: &Path, method: &str, path: &str, body: &str) -> Result<(), Error> {
@@ -636,5 +925,71 @@ fn api_call(sock: &Path, method: &str, path: &str, body: &str) -> Result<(), Err
         let mut rest = String::new();
         let _ = s.read_to_string(&mut rest);
         Err(fail(format!("{} {}", status.trim(), rest.trim())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn net_defaults_and_kernel_parameter() {
+        let n = Net::parse("tap0").unwrap();
+        assert_eq!(
+            (n.tap.as_str(), n.addr, n.prefix, n.gateway),
+            (
+                "tap0",
+                Ipv4Addr::new(172, 16, 0, 2),
+                24,
+                Some(Ipv4Addr::new(172, 16, 0, 1))
+            )
+        );
+        assert_eq!(
+            n.kernel_param(),
+            "ip=172.16.0.2::172.16.0.1:255.255.255.0::eth0:off"
+        );
+        assert_eq!(Net::parse("tap=tap0").unwrap(), Net::parse("tap0").unwrap());
+        let n = Net::parse("t,ip=10.1.2.3/30,gw=none").unwrap();
+        assert_eq!(n.kernel_param(), "ip=10.1.2.3:::255.255.255.252::eth0:off");
+        let n = Net::parse("t,ip=10.0.0.1/8").unwrap();
+        assert_eq!(n.gateway, None, "the address is the subnet's first");
+        let n = Net::parse("t,gw=192.168.1.9").unwrap();
+        assert_eq!(n.gateway, Some(Ipv4Addr::new(192, 168, 1, 9)));
+    }
+
+    #[test]
+    fn bad_net_and_disk_specs_are_refused_with_the_fix() {
+        for bad in [
+            "",
+            "a-name-longer-than-15",
+            "tap0,ip=300.1.1.1",
+            "tap0,ip=10.0.0.2/31",
+            "tap0,ip=10.0.0.2/x",
+            "tap0,gw=nope",
+            "tap0,mtu=9000",
+            "ip=10.0.0.2/24",
+        ] {
+            let e = Net::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("give tap=NAME[,ip=ADDR/PREFIX]"), "{bad}: {e}");
+        }
+        for bad in [
+            "",
+            "path=",
+            "readonly=on",
+            "path=a,readonly=yes",
+            "path=a,ro",
+        ] {
+            let e = Disk::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("give path=FILE[,readonly=on]"), "{bad}: {e}");
+        }
+        assert_eq!(
+            Disk::parse("path=a.img,readonly=on").unwrap(),
+            Disk {
+                path: "a.img".into(),
+                read_only: true
+            }
+        );
+        assert!(!Disk::parse("b.img").unwrap().read_only);
     }
 }

@@ -217,3 +217,144 @@ fn the_library_starts_a_sandbox_and_runs_commands_in_it() {
     let (_, _, status) = other.output(&["cat", "/answer"]).unwrap();
     assert_eq!(status.shell_code(), 1, "another sandbox starts clean");
 }
+
+/// The test's own root file system for `--rootfs`: busybox and an /app
+/// with a marker and a script, made once with `mkfs.ext4 -d` and kept in the
+/// cache (its identity is part of the run's snapshot key).
+fn app_rootfs() -> std::path::PathBuf {
+    let cache = std::path::PathBuf::from(std::env::var_os("VMM_CACHE_DIR").unwrap_or_else(|| {
+        std::path::Path::new(&std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
+            .join(".cache/vmm")
+            .into()
+    }));
+    let image = cache.join("test-run-rootfs-v2.ext4");
+    if image.exists() {
+        return image;
+    }
+    let dir = common::tmp_path("app-rootfs");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::create_dir_all(dir.join("app")).unwrap();
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox")).unwrap();
+    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" && !applet.is_empty() {
+            std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet)).unwrap();
+        }
+    }
+    std::fs::write(dir.join("app/marker"), "from-the-users-rootfs\n").unwrap();
+    std::fs::write(
+        dir.join("app/test"),
+        "#!/bin/sh\necho app-test-ran\nexit 3\n",
+    )
+    .unwrap();
+    let st = Command::new("chmod")
+        .arg("755")
+        .arg(dir.join("app/test"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let tmp = image.with_extension("tmp");
+    std::fs::create_dir_all(&cache).unwrap();
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&dir)
+        .arg(&tmp)
+        .arg("16M")
+        .stdout(Stdio::null())
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs) runs");
+    assert!(st.success());
+    std::fs::rename(&tmp, &image).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    image
+}
+
+fn sha256(path: &std::path::Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// `--rootfs`, `--disk` and `--net` together (one cached guest): commands
+/// run in the user's image, whose file never changes and whose writes vanish;
+/// the data disk is read fresh on every run and keeps what a run writes; the
+/// guest reaches the host side of the TAP.
+#[test]
+fn a_users_rootfs_a_data_disk_and_a_tap() {
+    let rootfs = app_rootfs();
+    let before = sha256(&rootfs);
+    let data = rootfs.with_file_name("test-run-data.img");
+    let ns = common::golden::Netns::new("run");
+    ns.add_tap("vmmrun0", Some("172.16.0.1/24"));
+    let run = |marker: &str, script: &str| {
+        let mut bytes = vec![0u8; 1 << 20];
+        bytes[..marker.len()].copy_from_slice(marker.as_bytes());
+        std::fs::write(&data, &bytes).unwrap();
+        common::golden::agent_binary();
+        let out = ns
+            .command(env!("CARGO_BIN_EXE_vmm"))
+            .arg("run")
+            .arg("--rootfs")
+            .arg(&rootfs)
+            .arg("--disk")
+            .arg(format!("path={}", data.display()))
+            .args(["--net", "tap=vmmrun0", "--", "sh", "-c", script])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        eprintln!("stderr: {}", String::from_utf8_lossy(&out.stderr));
+        (
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            out.status.code(),
+        )
+    };
+    // The user's files, the data disk's first bytes, a write to the data
+    // disk and one to the root.
+    let (out, code) = run(
+        "marker-one",
+        "cat /app/marker; /app/test; echo status $?; head -c 10 /dev/vdb; echo; \
+         printf written-by-the-guest | dd of=/dev/vdb bs=4096 seek=1 conv=fsync 2>/dev/null; \
+         echo new > /root-file && cat /root-file",
+    );
+    assert_eq!(
+        (out.as_str(), code),
+        (
+            "from-the-users-rootfs\napp-test-ran\nstatus 3\nmarker-one\nnew\n",
+            Some(0)
+        )
+    );
+    let bytes = std::fs::read(&data).unwrap();
+    assert_eq!(&bytes[4096..4096 + 20], b"written-by-the-guest");
+    // A new run: the root file is gone, the disk's new contents are seen
+    // (no block the snapshot's guest cached), the host answers pings.
+    let (out, code) = run(
+        "marker-two",
+        "cat /root-file; head -c 10 /dev/vdb; echo; ping -c 3 -W 5 172.16.0.1 | grep -o '3 packets received'",
+    );
+    assert_eq!(
+        (out.as_str(), code),
+        ("marker-two\n3 packets received\n", Some(0))
+    );
+    eprintln!("asserting: the root image was never written");
+    assert_eq!(sha256(&rootfs), before);
+}
+
+#[test]
+fn a_missing_image_is_one_line_and_status_2() {
+    for flag in ["--rootfs", "--disk"] {
+        let out = run_with(&[flag, "/nonexistent/x.img", "--", "true"], b"");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains(&format!("{flag} '/nonexistent/x.img'")),
+            "{err}"
+        );
+    }
+    let out = run_with(&["--net", "tap=tap0,ip=1.2.3", "--", "true"], b"");
+    assert_eq!(out.status.code(), Some(2));
+}
