@@ -100,6 +100,9 @@ struct Connection {
     host_eof: bool,
     /// The guest will send no more (SHUTDOWN with SEND).
     guest_done_sending: bool,
+    /// The host socket's sending side was shut (once the guest was done
+    /// sending and all of it was out).
+    host_write_shut: bool,
     /// The guest closed (SHUTDOWN both ways): reset once its data is out.
     guest_closed: bool,
     /// A packet the guest must get for this connection.
@@ -126,6 +129,7 @@ impl Connection {
             host_readable: false,
             host_eof: false,
             guest_done_sending: false,
+            host_write_shut: false,
             guest_closed: false,
             owe_response: false,
             owe_credit: false,
@@ -423,7 +427,8 @@ impl Muxer {
         }
         if c.guest_closed {
             self.kill(key);
-        } else if c.guest_done_sending {
+        } else if c.guest_done_sending && !c.host_write_shut {
+            c.host_write_shut = true;
             let _ = c.stream.shutdown(std::net::Shutdown::Write);
         }
     }
