@@ -154,9 +154,15 @@ pub struct Cli {
     /// pattern and when it matched, start-up timings, how the guest ended).
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
-    /// Installs no seccomp filters (this VMM installs none yet).
-    #[arg(long)]
+    /// Installs no seccomp filters (by default every thread runs under its
+    /// role's allow-list: docs/SECCOMP.md).
+    #[arg(long, conflicts_with = "seccomp_filter")]
     pub no_seccomp: bool,
+    /// Installs the seccomp filters of FILE (seccompiler's JSON format, with
+    /// a vmm, an api and a vcpu filter: docs/SECCOMP.md) instead of the
+    /// built-in ones.
+    #[arg(long, value_name = "FILE")]
+    pub seccomp_filter: Option<PathBuf>,
     /// MMDS contents (refused: MMDS is not supported yet).
     #[arg(long, value_name = "PATH")]
     pub metadata: Option<PathBuf>,

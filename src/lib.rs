@@ -30,6 +30,7 @@ pub mod logger;
 pub mod metrics;
 pub mod run;
 pub mod runtime;
+pub mod seccomp;
 pub mod smoke;
 pub mod snapshot;
 pub mod terminal;

@@ -132,6 +132,9 @@ pub fn configure(config: &LoggerConfig) -> Result<(), Error> {
     let file = config.log_path.as_deref().map(open_log).transpose()?;
     let mut state = STATE.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(f) = file {
+        // The seccomp fault handler writes there too (before the old file,
+        // if any, is closed).
+        crate::seccomp::set_log_fd(std::os::fd::AsRawFd::as_raw_fd(&f));
         state.file = Some(f);
     }
     state.show_level = config.show_level.unwrap_or(state.show_level);

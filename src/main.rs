@@ -64,6 +64,16 @@ fn main() {
         }
     }
     let plan = cli.plan().unwrap_or_else(|e| usage_exit(e));
+    // Before any thread starts: each installs its role's filter.
+    if !cli.no_seccomp {
+        let filters = match &cli.seccomp_filter {
+            Some(path) => vmm::seccomp::Filters::from_file(path),
+            None => vmm::seccomp::Filters::default_filters(),
+        };
+        filters
+            .and_then(vmm::seccomp::configure)
+            .unwrap_or_else(|e| usage_exit(e));
+    }
     setup_logger(&cli, plan.boot.as_ref());
     let mut controller = Controller {
         instance_id: cli.id.clone(),

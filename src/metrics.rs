@@ -333,6 +333,14 @@ pub struct MetricsSink {
     flushed: HashMap<(String, &'static str), u64>,
 }
 
+impl Drop for MetricsSink {
+    fn drop(&mut self) {
+        // The descriptor closes: the fault handler must not write to
+        // whatever reuses its number.
+        crate::seccomp::forget_metrics_fd(std::os::fd::AsRawFd::as_raw_fd(&self.file));
+    }
+}
+
 impl MetricsSink {
     /// Opens `path` (a file, created if missing, or a named pipe) for appending.
     pub fn open(path: &Path) -> Result<Self, Error> {
@@ -340,6 +348,8 @@ impl MetricsSink {
             path: path.display().to_string(),
             err,
         })?;
+        // The seccomp fault handler's last metrics line goes there too.
+        crate::seccomp::set_metrics_fd(std::os::fd::AsRawFd::as_raw_fd(&file));
         Ok(MetricsSink {
             path: path.display().to_string(),
             file,

@@ -119,6 +119,9 @@ pub enum Error {
     /// A snapshot cannot be taken or loaded.
     #[error(transparent)]
     Snapshot(#[from] snapshot::Error),
+    /// The VMM thread's seccomp filter cannot be installed.
+    #[error(transparent)]
+    Seccomp(crate::seccomp::Error),
 }
 
 /// How a snapshot is loaded (Firecracker's `PUT /snapshot/load` options).
@@ -429,6 +432,13 @@ impl Vmm {
         if let Err(e) = result {
             self.shutdown();
             return Err(e.into());
+        }
+        // The vCPUs run under their own filters; this thread, which serves
+        // the devices from here on, under the VMM role's (as Firecracker,
+        // after the vCPUs started, so that they do not inherit it).
+        if let Err(e) = crate::seccomp::apply(crate::seccomp::Role::Vmm) {
+            self.shutdown();
+            return Err(Error::Seccomp(e));
         }
         Ok(())
     }

@@ -37,6 +37,9 @@ pub enum Error {
     /// The thread cannot be started.
     #[error("Cannot start the API thread: {0}.")]
     Spawn(std::io::Error),
+    /// The thread's seccomp filter cannot be installed.
+    #[error(transparent)]
+    Seccomp(crate::seccomp::Error),
 }
 
 /// The running API thread.
@@ -109,9 +112,17 @@ pub fn start(path: &Path, opts: ServerOptions) -> Result<(ApiThread, ApiEndpoint
     let (tx, rx) = mpsc::channel::<Envelope>();
     let thread_shutdown = shutdown.clone();
     let thread_wake = wake.clone();
+    let (filtered_tx, filtered_rx) = mpsc::sync_channel(1);
     let thread = std::thread::Builder::new()
         .name("fc_api".into())
         .spawn(move || {
+            // Before the first request byte is read.
+            let filtered = crate::seccomp::apply(crate::seccomp::Role::Api);
+            let failed = filtered.is_err();
+            let _ = filtered_tx.send(filtered);
+            if failed {
+                return;
+            }
             let mut handler = |req: http::Request| -> Response {
                 match request::parse(&req) {
                     Ok(api_req) => forward(&tx, &thread_wake, api_req),
@@ -126,6 +137,17 @@ pub fn start(path: &Path, opts: ServerOptions) -> Result<(ApiThread, ApiEndpoint
             }
         })
         .map_err(Error::Spawn)?;
+    match filtered_rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            return Err(Error::Seccomp(e));
+        }
+        Err(_) => {
+            let _ = thread.join();
+            return Err(Error::Spawn(std::io::Error::other("the API thread ended")));
+        }
+    }
     Ok((
         ApiThread {
             shutdown,

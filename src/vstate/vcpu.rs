@@ -306,6 +306,12 @@ impl Vcpu {
         let thread = std::thread::Builder::new()
             .name(format!("fc_vcpu {cpu}"))
             .spawn(move || {
+                // Before the first KVM_RUN: a guest that takes this thread
+                // over can make only the vCPU role's calls.
+                if let Err(e) = crate::seccomp::apply(crate::seccomp::Role::Vcpu) {
+                    ctx.exit.raise(Err(e.to_string()));
+                    return;
+                }
                 let mut vcpu = self;
                 vcpu.run_loop(&ctx, &event_rx, &response_tx);
             })
