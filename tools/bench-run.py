@@ -2,8 +2,8 @@
 """`vmm run -- true` against a container started by runc, in one run.
 
 1. vmm run, cold: the cached snapshots of the default guest (~/.cache/vmm/run-*,
-   or $VMM_CACHE_DIR) are removed first, so the first run boots the guest and
-   saves it (one sample).
+   or $VMM_CACHE_DIR) are removed before each of --cold-runs runs, so each one
+   boots the guest and saves it.
 2. vmm run, warm: median (min-max) of N runs restoring that snapshot, each a
    fresh VM (process spawn -> exit, wall time).
    Beside it, the part that is the VMM's: spawn of the clone's `vmm --restore`
@@ -13,7 +13,7 @@
    root is the same busybox binary the guest's initramfs uses (read-only root,
    runc's default spec otherwise).
 
-Usage: tools/bench-run.py [--runs 20] [--vmm PATH]   (cargo build --release --workspace first)
+Usage: tools/bench-run.py [--runs 20] [--cold-runs 5] [--vmm PATH]   (cargo build --release --workspace first)
 """
 import argparse, glob, json, os, shutil, statistics, subprocess, sys, tempfile, time
 
@@ -68,14 +68,17 @@ def runc_bundle(tmp):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--cold-runs", type=int, default=5)
     ap.add_argument("--vmm", default=VMM)
     a = ap.parse_args()
     if not os.path.exists(a.vmm):
         sys.exit(f"{a.vmm} is missing: cargo build --release --workspace")
     cache = os.environ.get("VMM_CACHE_DIR", os.path.expanduser("~/.cache/vmm"))
-    for d in glob.glob(os.path.join(cache, "run-*")):
-        shutil.rmtree(d, ignore_errors=True)
-    cold = wall([a.vmm, "run", "--", "true"])
+    cold = []
+    for _ in range(a.cold_runs):
+        for d in glob.glob(os.path.join(cache, "run-*")):
+            shutil.rmtree(d, ignore_errors=True)
+        cold.append(wall([a.vmm, "run", "--", "true"]))
     warm = [wall([a.vmm, "run", "--", "true"]) for _ in range(a.runs)]
     snap_dir = glob.glob(os.path.join(cache, "run-*"))[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,9 +89,9 @@ def main():
                 for i in range(a.runs)]
     print(host_line())
     print(f"vmm: {a.vmm}; runc: {subprocess.run(['runc', '--version'], capture_output=True, text=True).stdout.splitlines()[0]}\n")
-    print(f"| `true`, wall time (ms) | median (min-max) of {a.runs} |")
+    print(f"| `true`, wall time (ms) | median (min-max) of {a.runs} ({a.cold_runs} cold) |")
     print("|---|---|")
-    print(f"| vmm run, cold (boots and saves the default guest; 1 sample) | {cold:.1f} |")
+    print(f"| vmm run, cold (boots and saves the default guest) | {stats(cold)} |")
     print(f"| vmm run, warm (restores a clone of the saved guest) | {stats(warm)} |")
     print(f"| of which: spawn of the VM's vmm --restore -> the guest agent answers on vsock | {stats(agent)} |")
     print(f"| runc run (busybox root, read-only) | {stats(runc)} |")
