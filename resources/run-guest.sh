@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash resources/setup-host.sh
-cargo build --release --quiet
+cargo build --release --workspace --quiet  # vmm, vmm-agent, vmm-jailer (static)
 kdir=$(bash resources/build-kernel.sh | tail -n 1)
 image=$(bash resources/build-rootfs.sh | tail -n 1)
 disk="${VMM_CACHE_DIR:-$HOME/.cache/vmm}/guest-disk.ext4"
