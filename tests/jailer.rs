@@ -141,20 +141,10 @@ fn needs_root_and_cgroups() -> bool {
     ok
 }
 
-#[test]
-fn the_jailed_vmm_is_unprivileged_in_its_root_and_cgroup() {
-    if !needs_root_and_cgroups() {
-        return;
-    }
-    let mut jail = Jail::new("props");
-    let vm = Running::start(jail.command(
-        &["--cgroup", "memory.limit_in_bytes=268435456"],
-        &["--api-sock", "/api.sock"],
-    ));
-    jail.pids.push(vm.child.id() as i32);
-    let body = jail.api_answers();
-    assert!(body.contains(&format!("\"id\":\"{}\"", jail.id)), "{body}");
-    let pid = vm.child.id();
+/// The jailed VMM `pid` runs as UID:GID with no capabilities and
+/// no_new_privs, in the jail's root and memory cgroup (whose limit reads
+/// `limit`), with the jail's device nodes.
+fn assert_jailed(pid: u32, jail: &Jail, limit: &str) {
     eprintln!("asserting: uid/gid, no capabilities, no_new_privs, root, cgroup of pid {pid}");
     assert_eq!(status_field(pid, "Uid"), format!("{UID} {UID} {UID} {UID}"));
     assert_eq!(status_field(pid, "Gid"), format!("{GID} {GID} {GID} {GID}"));
@@ -183,8 +173,24 @@ fn the_jailed_vmm_is_unprivileged_in_its_root_and_cgroup() {
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     let want = format!(":memory:/{}/{}", jail.parent_cgroup, jail.id);
     assert!(cgroups.lines().any(|l| l.ends_with(&want)), "{cgroups}");
-    let limit = std::fs::read_to_string(jail.cgroup_dir().join("memory.limit_in_bytes")).unwrap();
-    assert_eq!(limit.trim(), "268435456");
+    let read = std::fs::read_to_string(jail.cgroup_dir().join("memory.limit_in_bytes")).unwrap();
+    assert_eq!(read.trim(), limit);
+}
+
+#[test]
+fn the_jailed_vmm_is_unprivileged_in_its_root_and_cgroup() {
+    if !needs_root_and_cgroups() {
+        return;
+    }
+    let mut jail = Jail::new("props");
+    let vm = Running::start(jail.command(
+        &["--cgroup", "memory.limit_in_bytes=268435456"],
+        &["--api-sock", "/api.sock"],
+    ));
+    jail.pids.push(vm.child.id() as i32);
+    let body = jail.api_answers();
+    assert!(body.contains(&format!("\"id\":\"{}\"", jail.id)), "{body}");
+    assert_jailed(vm.child.id(), &jail, "268435456");
     vm.signal(libc::SIGTERM);
     let out = vm.finish(Duration::from_secs(10));
     jail.pids.clear();
@@ -327,11 +333,136 @@ fn a_jailed_linux_boots_with_a_disk_and_a_tap() {
             ],
         )
     };
-    let out = common::run_linux(host, make, linux_timeout(host));
+    let (vm, reached) =
+        common::start_linux(host, make, "VMM-TEST: rootfs init up", linux_timeout(host));
+    assert!(
+        reached,
+        "the jailed guest's init did not start: {}",
+        vm.stdout_now()
+    );
+    // While it runs (its init pings, 3 s at least): the jail holds.
+    assert_jailed(vm.child.id(), &jail, "536870912");
+    let out = vm.finish(linux_timeout(host));
     eprintln!("asserting: the jailed guest's init ran from the disk, pinged the host over the TAP, powered off");
     out.assert_console(&["VMM-TEST: rootfs init up", "VMM-TEST: ping 192.168.78.1 ok"]);
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     // The guest mounted its root read-write: the disk in the jail changed.
     let after = std::fs::read(root.join("rootfs.ext4")).unwrap();
     assert_ne!(before, after, "the jailed VMM wrote nothing to its disk");
+}
+
+#[test]
+fn vsock_and_snapshot_files_are_inside_the_jail() {
+    if !needs_root_and_cgroups() {
+        return;
+    }
+    let mut jail = Jail::new("files");
+    std::fs::create_dir_all(jail.root()).unwrap();
+    std::fs::copy(common::guest("halt"), jail.root().join("halt.elf")).unwrap();
+    let mut vm = Running::start(jail.command(&[], &["--api-sock", "/api.sock"]));
+    jail.pids.push(vm.child.id() as i32);
+    jail.api_answers();
+    let sock = jail.root().join("api.sock");
+    for (method, path, body) in [
+        (
+            "PUT",
+            "/boot-source",
+            r#"{"kernel_image_path": "/halt.elf"}"#,
+        ),
+        (
+            "PUT",
+            "/vsock",
+            r#"{"guest_cid": 3, "uds_path": "/v.sock"}"#,
+        ),
+        ("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#),
+    ] {
+        let (status, resp) = curl(&sock, method, path, Some(body));
+        assert_eq!(status, 204, "{method} {path}: {resp}");
+    }
+    assert!(
+        vm.wait_for("VMM-GUEST", Duration::from_secs(20)),
+        "the guest did not start"
+    );
+    for (method, path, body) in [
+        ("PATCH", "/vm", r#"{"state": "Paused"}"#),
+        (
+            "PUT",
+            "/snapshot/create",
+            r#"{"snapshot_type": "Full", "snapshot_path": "/vm.snap", "mem_file_path": "/vm.mem"}"#,
+        ),
+    ] {
+        let (status, resp) = curl(&sock, method, path, Some(body));
+        assert_eq!(status, 204, "{method} {path}: {resp}");
+    }
+    eprintln!(
+        "asserting: the vsock socket and the snapshot files are in the jail, owned by its user"
+    );
+    use std::os::unix::fs::FileTypeExt;
+    let v = std::fs::symlink_metadata(jail.root().join("v.sock")).unwrap();
+    assert!(v.file_type().is_socket());
+    for f in ["vm.snap", "vm.mem"] {
+        let m = std::fs::metadata(jail.root().join(f)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (UID, GID), "{f}");
+        assert!(m.len() > 0, "{f}");
+    }
+    let described = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .arg("--describe-snapshot")
+        .arg(jail.root().join("vm.snap"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&described.stdout);
+    assert!(
+        described.status.success() && text.contains("/v.sock"),
+        "{text}"
+    );
+    vm.signal(libc::SIGTERM);
+    let _ = vm.finish(Duration::from_secs(10));
+    jail.pids.clear();
+}
+
+#[test]
+fn cgroup_v2_makes_the_cgroup_in_the_unified_hierarchy() {
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !unified.join("cgroup.procs").exists() {
+        eprintln!(
+            "skipped: needs root and a cgroup v2 hierarchy at {}",
+            unified.display()
+        );
+        return;
+    }
+    let mut jail = Jail::new("v2");
+    let parent = format!("vmm-jailer-v2-{}", std::process::id());
+    let dir = unified.join(&parent).join(&jail.id);
+    let mut c = Command::new(jailer_bin());
+    c.args(["--id", &jail.id, "--exec-file", env!("CARGO_BIN_EXE_vmm")])
+        .args(["--uid", &UID.to_string(), "--gid", &GID.to_string()])
+        .arg("--chroot-base-dir")
+        .arg(&jail.base)
+        .args(["--cgroup-version", "2", "--parent-cgroup", &parent])
+        .args(["--cgroup", "cgroup.max.descendants=5"])
+        .args(["--", "--api-sock", "/api.sock"])
+        .stdin(Stdio::null());
+    let vm = Running::start(c);
+    let pid = vm.child.id();
+    jail.pids.push(pid as i32);
+    jail.api_answers();
+    eprintln!(
+        "asserting: pid {pid} is in {} with the value written",
+        dir.display()
+    );
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let want = format!("0::/{parent}/{}", jail.id);
+    assert!(cgroups.lines().any(|l| l == want), "{cgroups}");
+    let read = std::fs::read_to_string(dir.join("cgroup.max.descendants")).unwrap();
+    assert_eq!(read.trim(), "5");
+    drop(vm);
+    jail.pids.clear();
+    let until = Instant::now() + Duration::from_secs(5);
+    while dir.exists() && Instant::now() < until {
+        let _ = std::fs::remove_dir(&dir);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_dir(unified.join(&parent));
+    assert!(!dir.exists(), "{} could not be removed", dir.display());
 }
