@@ -466,3 +466,38 @@ fn cgroup_v2_makes_the_cgroup_in_the_unified_hierarchy() {
     let _ = std::fs::remove_dir(unified.join(&parent));
     assert!(!dir.exists(), "{} could not be removed", dir.display());
 }
+
+/// A jail root reused after a (compromised) VMM left symlinks in it, which
+/// it could (the root is its own): the jailer writes nothing through them.
+#[test]
+fn symlinks_left_in_a_reused_jail_lead_nowhere() {
+    if !needs_root_and_cgroups() {
+        return;
+    }
+    let mut jail = Jail::new("links");
+    let outside = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("outside-{}", jail.id));
+    let _ = std::fs::remove_dir_all(&outside);
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("victim"), b"host file").unwrap();
+    std::fs::create_dir_all(jail.root()).unwrap();
+    std::os::unix::fs::symlink(&outside, jail.root().join("dev")).unwrap();
+    std::os::unix::fs::symlink(outside.join("victim"), jail.root().join("vmm")).unwrap();
+    let vm = Running::start(jail.command(&[], &["--api-sock", "/api.sock"]));
+    jail.pids.push(vm.child.id() as i32);
+    jail.api_answers();
+    eprintln!("asserting: the host file and directory behind the symlinks are untouched");
+    assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"host file");
+    let entries: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(entries, vec![std::ffi::OsString::from("victim")]);
+    // The jail got a real binary and real device nodes instead.
+    let exe = std::fs::symlink_metadata(jail.root().join("vmm")).unwrap();
+    assert!(exe.file_type().is_file());
+    assert!(std::fs::symlink_metadata(jail.root().join("dev/kvm")).is_ok());
+    drop(vm);
+    jail.pids.clear();
+    let _ = std::fs::remove_dir_all(&outside);
+}

@@ -1,6 +1,7 @@
-//! The jail's file system: `<base>/<exec name>/<id>/root` with a copy of the
-//! binary and the device nodes it needs, then entered through a new mount
-//! namespace and pivot_root, so that the host's file system is gone.
+//! The jail's file system: `<base>/<exec name>/<id>/root`, entered through a
+//! new mount namespace and pivot_root so that the host's file system is gone,
+//! then furnished from inside with a copy of the binary and the device nodes
+//! it needs.
 
 use std::ffi::CString;
 use std::fs;
@@ -17,16 +18,6 @@ const DEVICES: [(&str, u32, u32); 3] = [
     ("dev/urandom", 1, 9),
 ];
 
-/// The jail being built; `remove` undoes what `create` made.
-pub struct Jail {
-    /// The chroot directory.
-    pub root: PathBuf,
-    /// Directories created by this run, in creation order.
-    created: Vec<PathBuf>,
-    /// Files created by this run in directories that existed before it.
-    files: Vec<PathBuf>,
-}
-
 fn cstr(p: &Path) -> Result<CString, Error> {
     CString::new(p.as_os_str().as_bytes())
         .map_err(|_| Error::Jail(format!("the path {} contains a NUL byte", p.display())))
@@ -41,21 +32,41 @@ fn last_os_error(what: &str, p: &Path) -> Error {
     os(what, p)(std::io::Error::last_os_error())
 }
 
+/// The jail's directory on the host; `remove` undoes what `create` made.
+pub struct Jail {
+    /// The chroot directory.
+    pub root: PathBuf,
+    /// Directories created by this run, in creation order.
+    created: Vec<PathBuf>,
+}
+
 impl Jail {
-    /// Creates the chroot directory, copies the binary in and makes the
-    /// device nodes, owned by the jail's uid and gid. On failure nothing it
-    /// created is left.
+    /// Creates the chroot directory (and its missing parents). An existing
+    /// root is used as it is, as Firecracker's jailer does: orchestrators put
+    /// the kernel and disks there first. Nothing else is written on the
+    /// host's side: the binary and the device nodes are made from inside
+    /// the jail (`furnish`), where a symlink a previous jailed process left
+    /// cannot point outside it.
     pub fn create(plan: &Plan) -> Result<Jail, Error> {
         let mut jail = Jail {
             root: plan.jail_root(),
             created: Vec::new(),
-            files: Vec::new(),
         };
-        if let Err(e) = jail.build(plan) {
+        let root = jail.root.clone();
+        if let Err(e) = jail.mkdir_all(&root) {
             jail.remove();
             return Err(e);
         }
-        Ok(jail)
+        match fs::symlink_metadata(&root) {
+            Ok(m) if m.is_dir() => Ok(jail),
+            _ => {
+                jail.remove();
+                Err(Error::Jail(format!(
+                    "{} is not a directory (a symlink?); remove it or give another --id",
+                    root.display()
+                )))
+            }
+        }
     }
 
     fn mkdir_all(&mut self, dir: &Path) -> Result<(), Error> {
@@ -75,55 +86,69 @@ impl Jail {
         Ok(())
     }
 
-    fn build(&mut self, plan: &Plan) -> Result<(), Error> {
-        let root = self.root.clone();
-        // An existing root is used as it is (as Firecracker's jailer does):
-        // orchestrators put the kernel and disks there first.
-        self.mkdir_all(&root)?;
-        let exe = root.join(&plan.exec_name);
-        // A copy, not a link: the jailed process shares no pages or inode
-        // with another microVM's binary.
-        if !crate::args::exists(&exe) {
-            self.files.push(exe.clone());
-        }
-        fs::copy(&plan.exec_file, &exe).map_err(os("copy the exec file to", &exe))?;
-        for (path, major, minor) in DEVICES {
-            let node = root.join(path);
-            if let Some(parent) = node.parent() {
-                self.mkdir_all(parent)?;
-            }
-            let c = cstr(&node)?;
-            if crate::args::exists(&node) {
-                fs::remove_file(&node).map_err(os("replace", &node))?;
-            } else {
-                self.files.push(node.clone());
-            }
-            // SAFETY: `c` is a NUL-terminated path; mknod reads it only.
-            let rc = unsafe {
-                libc::mknod(
-                    c.as_ptr(),
-                    libc::S_IFCHR | 0o600,
-                    libc::makedev(major, minor),
-                )
-            };
-            if rc != 0 {
-                return Err(last_os_error("create the device node", &node));
-            }
-            chown(&node, plan.uid, plan.gid)?;
-        }
-        chown(&root, plan.uid, plan.gid)
-    }
-
-    /// Removes the files and directories this run created.
+    /// Removes the directories this run created (with what is in them).
     pub fn remove(&mut self) {
-        for f in self.files.drain(..) {
-            let _ = fs::remove_file(f);
-        }
         if let Some(first) = self.created.first() {
             let _ = fs::remove_dir_all(first);
         }
         self.created.clear();
     }
+}
+
+/// Removes `p` if it exists (a symlink itself, not what it points to).
+fn remove_existing(p: &Path) -> Result<(), Error> {
+    match fs::remove_file(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(os("replace", p)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// From inside the jail (after `enter`): copies the binary in from `exe`
+/// (opened on the host), makes /dev/kvm, /dev/net/tun and /dev/urandom,
+/// and gives them and the root to uid:gid. Whatever stood at those paths is
+/// replaced; no path can lead out of the jail any more.
+pub fn furnish(exe: &mut fs::File, plan: &Plan) -> Result<(), Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dest = Path::new("/").join(&plan.exec_name);
+    remove_existing(&dest)?;
+    // A copy, not a link: the jailed process shares no pages or inode with
+    // another microVM's binary.
+    let mut out = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o755)
+        .open(&dest)
+        .map_err(os("create", &dest))?;
+    std::io::copy(exe, &mut out).map_err(os("copy the exec file to", &dest))?;
+    drop(out);
+    // Real directories for the nodes (a symlink or file there is replaced).
+    for dir in ["/dev", "/dev/net"] {
+        let dir = Path::new(dir);
+        match fs::symlink_metadata(dir) {
+            Ok(m) if m.is_dir() => continue,
+            Ok(_) => remove_existing(dir)?,
+            Err(_) => {}
+        }
+        fs::create_dir(dir).map_err(os("create the directory", dir))?;
+    }
+    for (path, major, minor) in DEVICES {
+        let node = Path::new("/").join(path);
+        remove_existing(&node)?;
+        let c = cstr(&node)?;
+        // SAFETY: `c` is a NUL-terminated path; mknod reads it only.
+        let rc = unsafe {
+            libc::mknod(
+                c.as_ptr(),
+                libc::S_IFCHR | 0o600,
+                libc::makedev(major, minor),
+            )
+        };
+        if rc != 0 {
+            return Err(last_os_error("create the device node", &node));
+        }
+        chown(&node, plan.uid, plan.gid)?;
+    }
+    chown(Path::new("/"), plan.uid, plan.gid)
 }
 
 fn chown(p: &Path, uid: u32, gid: u32) -> Result<(), Error> {

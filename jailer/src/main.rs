@@ -77,7 +77,14 @@ fn run(cli: args::Cli, start_us: u64, start_cpu_us: u64) -> Result<Infallible, E
     let plan = cli.plan()?;
     process::close_inherited_fds()?;
     process::clear_env();
-    // What the jail cannot reach later: the netns file and /dev/null.
+    // What the jail cannot reach later: the binary, the netns file and
+    // /dev/null.
+    let mut exe = std::fs::File::open(&plan.exec_file).map_err(|e| {
+        Error::Usage(format!(
+            "--exec-file '{}': {e}; give a readable file.",
+            plan.exec_file.display()
+        ))
+    })?;
     let netns = plan.netns.as_deref().map(process::open_netns).transpose()?;
     let null: Option<OwnedFd> = if plan.daemonize {
         Some(
@@ -104,6 +111,8 @@ fn run(cli: args::Cli, start_us: u64, start_cpu_us: u64) -> Result<Infallible, E
         return Err(e);
     }
     // From here the host's file system is out of reach.
+    jail::furnish(&mut exe, &plan)?;
+    drop(exe);
     if let Some(fd) = &netns {
         process::join_netns(fd)?;
     }
