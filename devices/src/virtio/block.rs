@@ -8,11 +8,14 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::rate_limiter::{BucketConfig, RateLimiter};
 
 use super::{
     ring, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, VIRTIO_F_VERSION_1,
@@ -69,6 +72,11 @@ pub struct Block {
     /// The last pass stopped at its budget with requests left.
     more: bool,
     counters: BlockCounters,
+    /// Requests and bytes per refill period (Firecracker's `rate_limiter`).
+    limiter: RateLimiter,
+    /// The limiter refused the request at the head of the queue: it stays in
+    /// the ring until [`VirtioDevice::process_timer`].
+    throttled: bool,
 }
 
 /// Request counters, reported under Firecracker's metric names.
@@ -90,6 +98,8 @@ pub struct BlockCounters {
     pub queue_event_count: u64,
     /// Image replacements (a new `path_on_host` on a running VM).
     pub update_count: u64,
+    /// Times the rate limiter's timer woke the device.
+    pub rate_limiter_event_count: u64,
 }
 
 struct Active {
@@ -105,6 +115,26 @@ enum RequestError {
     Status(u8),
     /// The chain has no usable status descriptor: nothing can be answered.
     Unanswerable,
+}
+
+/// What a request costs the rate limiter: one operation, and for a read or
+/// a write the bytes of its data buffers (Firecracker charges flushes and ID
+/// requests one operation only). A header that cannot be read costs one
+/// operation; the request then fails in [`Block::execute`].
+fn request_cost(mem: &GuestMemoryMmap, descs: &[Descriptor]) -> (u64, u64) {
+    let kind = descs
+        .first()
+        .filter(|d| d.len() >= HEADER_SIZE)
+        .and_then(|d| mem.read_obj::<u32>(d.addr()).ok())
+        .map(u32::from_le);
+    let bytes = match kind {
+        Some(VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT) if descs.len() > 2 => descs[1..descs.len() - 1]
+            .iter()
+            .map(|d| u64::from(d.len()))
+            .sum(),
+        _ => 0,
+    };
+    (1, bytes)
 }
 
 /// Opens and locks a disk image (see [`Block::open`]); returns it with its
@@ -190,7 +220,20 @@ impl Block {
             active: None,
             more: false,
             counters: BlockCounters::default(),
+            limiter: RateLimiter::default(),
+            throttled: false,
         })
+    }
+
+    /// Limits the device's requests (one operation each) and the bytes they
+    /// move: the buckets given replace the device's, the others stay (see
+    /// [`RateLimiter::update`]).
+    pub fn update_rate_limiter(
+        &mut self,
+        bandwidth: Option<BucketConfig>,
+        ops: Option<BucketConfig>,
+    ) {
+        self.limiter.update(bandwidth, ops, Instant::now());
     }
 
     /// Whether the device is read-only (a replacement image is opened the same way).
@@ -402,6 +445,7 @@ impl Block {
         let mut done = 0;
         let mut healthy = true;
         self.more = false;
+        self.throttled = false;
         loop {
             if a.queue.event_idx_enabled() && a.queue.disable_notification(&mem).is_err() {
                 return false;
@@ -418,6 +462,7 @@ impl Block {
                 };
                 let head = chain.head_index();
                 let Some(descs) = ring::descriptors(chain, a.queue.size()) else {
+                    // Not charged: it is not served, and it breaks the device.
                     // Longer than the queue: not a request a driver may make, and
                     // its status byte is out of reach.
                     crate::guest_warn!(
@@ -430,6 +475,13 @@ impl Block {
                     healthy = false;
                     continue;
                 };
+                let (ops, bytes) = request_cost(&mem, &descs);
+                if !self.limiter.consume(ops, bytes, Instant::now()) {
+                    // Left in the ring: taken again when the limiter allows.
+                    ring::unpop(&mut a.queue);
+                    self.throttled = true;
+                    break;
+                }
                 let (len, status) = match self.execute(&mem, &descs) {
                     Ok(n) => (n, Some(VIRTIO_BLK_S_OK as u8)),
                     Err(RequestError::Status(s)) => (0, Some(s)),
@@ -459,7 +511,7 @@ impl Block {
                 self.more = true;
                 break;
             }
-            if !a.queue.event_idx_enabled() {
+            if self.throttled || !a.queue.event_idx_enabled() {
                 break;
             }
             match a.queue.enable_notification(&mem) {
@@ -542,7 +594,28 @@ impl VirtioDevice for Block {
             ("invalid_reqs_count", c.invalid_reqs_count),
             ("queue_event_count", c.queue_event_count),
             ("update_count", c.update_count),
+            ("rate_limiter_event_count", c.rate_limiter_event_count),
+            (
+                "rate_limiter_throttled_events",
+                self.limiter.throttled_events(),
+            ),
         ]
+    }
+
+    fn throttled_for(&self) -> Option<std::time::Duration> {
+        if self.throttled && self.active.is_some() {
+            self.limiter.wait(Instant::now())
+        } else {
+            None
+        }
+    }
+
+    fn process_timer(&mut self) -> bool {
+        if !self.throttled {
+            return true;
+        }
+        self.counters.rate_limiter_event_count += 1;
+        self.drain_queue()
     }
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
@@ -557,6 +630,7 @@ impl VirtioDevice for Block {
         self.active = None;
         self.acked_features = 0;
         self.more = false;
+        self.throttled = false;
     }
 
     fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {

@@ -2,6 +2,7 @@
 //! block the guest driver programs, the status state machine, feature negotiation
 //! and queue set-up with validation of every guest-given value.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -9,6 +10,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::{
     status, ActivateError, Interrupt, QueueSnapshot, VirtioDevice, INTERRUPT_CONFIG_CHANGE,
@@ -218,7 +220,7 @@ impl MmioTransport {
 
     /// Handles backend readiness.
     pub fn process_backend(&mut self) {
-        if let Served::Broken = serve_backend(&self.device, &self.running) {
+        if let Served::Broken = serve_device(&self.device, &self.running, |d| d.process_backend()) {
             self.mark_needs_reset();
         }
     }
@@ -741,13 +743,18 @@ fn serve_queue(device: &SharedDevice, running: &AtomicBool, index: usize) -> Ser
     }
 }
 
-/// Backend readiness, under the device lock only.
-fn serve_backend(device: &SharedDevice, running: &AtomicBool) -> Served {
+/// A pass of the device's own (backend readiness, the rate-limit timer),
+/// under the device lock only; `pass` returns false if the device needs a reset.
+fn serve_device(
+    device: &SharedDevice,
+    running: &AtomicBool,
+    pass: impl FnOnce(&mut dyn VirtioDevice) -> bool,
+) -> Served {
     if !running.load(Ordering::SeqCst) {
         return Served::Done { pending: false };
     }
     let mut d = device.lock().unwrap_or_else(|e| e.into_inner());
-    if d.process_backend() {
+    if pass(d.as_mut()) {
         Served::Done { pending: false }
     } else {
         Served::Broken
@@ -770,6 +777,9 @@ pub struct QueueEvents {
     activate_evt: EventFd,
     backend: Option<std::os::fd::RawFd>,
     backend_watched: bool,
+    /// Wakes a device whose rate limiter held work back (non-blocking).
+    timer: TimerFd,
+    timer_armed: bool,
 }
 
 impl QueueEvents {
@@ -788,6 +798,17 @@ impl QueueEvents {
         let backend = t.backend_fd();
         let (device, running) = (t.device.clone(), t.running.clone());
         drop(t);
+        let timer = TimerFd::new()?;
+        // SAFETY: F_GETFL/F_SETFL on a descriptor this function owns; no memory
+        // is passed.
+        let nonblocking = unsafe {
+            let flags = libc::fcntl(timer.as_raw_fd(), libc::F_GETFL);
+            flags >= 0
+                && libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+        };
+        if !nonblocking {
+            return Err(std::io::Error::last_os_error());
+        }
         Ok(QueueEvents {
             transport,
             device,
@@ -797,7 +818,13 @@ impl QueueEvents {
             activate_evt,
             backend,
             backend_watched: false,
+            timer,
+            timer_armed: false,
         })
+    }
+
+    fn timer_token(&self) -> u32 {
+        self.evts.len() as u32 + 2
     }
 
     fn backend_token(&self) -> u32 {
@@ -808,16 +835,19 @@ impl QueueEvents {
         self.evts.len() as u32 + 1
     }
 
-    /// Adds or removes the backend from the watch list as the device wants.
+    /// Adds or removes the backend from the watch list as the device wants,
+    /// and arms the rate-limit timer for what the device holds back (never
+    /// while paused: resuming serves every queue again, which re-arms it).
     fn update_backend_interest(&mut self, ops: &mut EventOps) {
+        let live = !self.paused.load(Ordering::SeqCst) && self.running.load(Ordering::SeqCst);
+        let (wants, wait) = if live {
+            let d = self.device.lock().unwrap_or_else(|e| e.into_inner());
+            (d.wants_backend_events(), d.throttled_for())
+        } else {
+            (false, None)
+        };
+        self.arm_timer(wait);
         let Some(fd) = self.backend else { return };
-        let wants = !self.paused.load(Ordering::SeqCst)
-            && self.running.load(Ordering::SeqCst)
-            && self
-                .device
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .wants_backend_events();
         if wants != self.backend_watched {
             let ev = Events::with_data_raw(fd, self.backend_token(), EventSet::IN);
             let r = if wants { ops.add(ev) } else { ops.remove(ev) };
@@ -825,6 +855,25 @@ impl QueueEvents {
                 Ok(()) => self.backend_watched = wants,
                 Err(e) => log::error!("virtio: cannot change the backend watch: {e:?}"),
             }
+        }
+    }
+
+    fn arm_timer(&mut self, wait: Option<std::time::Duration>) {
+        let r = match wait {
+            // A zero duration would disarm the timer: wake up right away instead.
+            Some(d) => {
+                self.timer_armed = true;
+                self.timer
+                    .reset(d.max(std::time::Duration::from_micros(1)), None)
+            }
+            None if self.timer_armed => {
+                self.timer_armed = false;
+                self.timer.clear()
+            }
+            None => Ok(()),
+        };
+        if let Err(e) = r {
+            log::error!("virtio: cannot set the rate-limit timer: {e}");
         }
     }
 
@@ -873,8 +922,21 @@ impl MutEventSubscriber for QueueEvents {
                 }
             }
         } else if token == self.backend_token() && !self.paused.load(Ordering::SeqCst) {
-            if let Served::Broken = serve_backend(&self.device, &self.running) {
+            if let Served::Broken =
+                serve_device(&self.device, &self.running, |d| d.process_backend())
+            {
                 self.broken();
+            }
+        } else if token == self.timer_token() {
+            // Non-blocking: nothing to read if the timer was set again since.
+            let _ = self.timer.wait();
+            self.timer_armed = false;
+            if !self.paused.load(Ordering::SeqCst) {
+                if let Served::Broken =
+                    serve_device(&self.device, &self.running, |d| d.process_timer())
+                {
+                    self.broken();
+                }
             }
         }
         self.update_backend_interest(ops);
@@ -889,6 +951,10 @@ impl MutEventSubscriber for QueueEvents {
         let token = self.activate_token();
         if let Err(e) = ops.add(Events::with_data(&self.activate_evt, token, EventSet::IN)) {
             log::error!("virtio: cannot watch device activation: {e:?}");
+        }
+        let timer = Events::with_data(&self.timer, self.timer_token(), EventSet::IN);
+        if let Err(e) = ops.add(timer) {
+            log::error!("virtio: cannot watch the rate-limit timer: {e:?}");
         }
         self.update_backend_interest(ops);
     }

@@ -242,6 +242,16 @@ pub trait VirtioDevice: Send {
     fn wants_backend_events(&self) -> bool {
         false
     }
+    /// How long until an operation the device's rate limiter refused may go
+    /// ahead, if one is waiting: the transport arms a timer for it and calls
+    /// [`VirtioDevice::process_timer`] when it expires.
+    fn throttled_for(&self) -> Option<std::time::Duration> {
+        None
+    }
+    /// Retries what the rate limiter held back. False if the device needs a reset.
+    fn process_timer(&mut self) -> bool {
+        true
+    }
     /// One line of statistics for the log at exit, if the device keeps any.
     fn report(&self) -> Option<String> {
         None

@@ -7,11 +7,14 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::Instant;
 
 use virtio_bindings::virtio_net::*;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::rate_limiter::{earliest, BucketConfig, RateLimiter};
 
 use super::{
     ring, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, VIRTIO_F_VERSION_1,
@@ -77,7 +80,15 @@ pub struct NetCounters {
     pub rx_bytes: u64,
     /// Frames lost on the way to the guest (buffers too small or unusable).
     pub rx_dropped: u64,
+    /// Times the rate-limit timer resumed receiving.
+    pub rx_rate_limiter_events: u64,
+    /// Times the rate-limit timer resumed sending.
+    pub tx_rate_limiter_events: u64,
 }
+
+/// New buckets for one direction's limiter: (bandwidth, ops), each `None`
+/// to keep the bucket the device has.
+pub type LimiterUpdate = (Option<BucketConfig>, Option<BucketConfig>);
 
 /// A virtio network device.
 pub struct Net<B: NetBackend> {
@@ -95,6 +106,14 @@ pub struct Net<B: NetBackend> {
     backend_failed: bool,
     /// The last transmit pass stopped at its budget with chains left.
     tx_more: bool,
+    /// Frames and bytes received per refill period (`rx_rate_limiter`).
+    rx_limiter: RateLimiter,
+    /// Frames and bytes sent per refill period (`tx_rate_limiter`).
+    tx_limiter: RateLimiter,
+    /// The receive limiter said wait: the backend is not read until the timer.
+    rx_throttled: bool,
+    /// The transmit limiter refused the frame at the head of the queue.
+    tx_throttled: bool,
     active: Option<(GuestMemoryMmap, Vec<Queue>, Interrupt)>,
 }
 
@@ -130,7 +149,24 @@ impl<B: NetBackend> Net<B> {
             rx: RxBuffers::default(),
             backend_failed: false,
             tx_more: false,
+            rx_limiter: RateLimiter::default(),
+            tx_limiter: RateLimiter::default(),
+            rx_throttled: false,
+            tx_throttled: false,
             active: None,
+        }
+    }
+
+    /// Updates the receive and transmit limiters: within each, the buckets
+    /// given replace the device's and the others stay (see
+    /// [`RateLimiter::update`]); `None` leaves that direction as it is.
+    pub fn update_rate_limiters(&mut self, rx: Option<LimiterUpdate>, tx: Option<LimiterUpdate>) {
+        let now = Instant::now();
+        if let Some((bandwidth, ops)) = rx {
+            self.rx_limiter.update(bandwidth, ops, now);
+        }
+        if let Some((bandwidth, ops)) = tx {
+            self.tx_limiter.update(bandwidth, ops, now);
         }
     }
 
@@ -160,6 +196,7 @@ impl<B: NetBackend> Net<B> {
         let q = &mut queues[TX];
         let mut used = 0;
         self.tx_more = false;
+        self.tx_throttled = false;
         loop {
             // With EVENT_IDX, tell the driver not to kick while the queue is drained,
             // then re-arm and look again for what arrived in between.
@@ -181,6 +218,13 @@ impl<B: NetBackend> Net<B> {
                 let well_formed = !descs.is_empty()
                     && descs.iter().all(|d| !d.is_write_only())
                     && (NET_HDR_SIZE..=NET_HDR_SIZE + MAX_FRAME).contains(&total);
+                let cost = (total.saturating_sub(NET_HDR_SIZE)) as u64;
+                if well_formed && !self.tx_limiter.consume(1, cost, Instant::now()) {
+                    // Stays in the ring until the limiter allows it.
+                    ring::unpop(q);
+                    self.tx_throttled = true;
+                    break;
+                }
                 let sent = well_formed
                     && iovecs(mem, &descs)
                         .is_some_and(|iov| self.backend.write_frame(&iov).ok() == Some(total));
@@ -203,7 +247,7 @@ impl<B: NetBackend> Net<B> {
                 self.tx_more = true;
                 break;
             }
-            if !q.event_idx_enabled() {
+            if self.tx_throttled || !q.event_idx_enabled() {
                 break;
             }
             match q.enable_notification(&*mem) {
@@ -244,6 +288,7 @@ impl<B: NetBackend> Net<B> {
         let q = &mut queues[RX];
         let since = q.next_used();
         let mut healthy = true;
+        self.rx_throttled = false;
         // Bounded work per pass: while the backend stays readable, the event
         // loop calls again after serving the others.
         while usize::from(q.next_used().wrapping_sub(since)) < ring::BUDGET {
@@ -267,6 +312,11 @@ impl<B: NetBackend> Net<B> {
                     }
                 }
                 self.rx_waiting_for_buffers = true;
+                break;
+            }
+            if !self.rx_limiter.may_start(Instant::now()) {
+                // The frame stays in the backend; the timer resumes reading.
+                self.rx_throttled = true;
                 break;
             }
             let (iov, room) = self.rx.iovecs(mem, want);
@@ -298,6 +348,8 @@ impl<B: NetBackend> Net<B> {
                 self.counters.rx_dropped += 1;
                 continue;
             }
+            self.rx_limiter
+                .pay_after(1, (n - NET_HDR_SIZE) as u64, Instant::now());
             let used = self.rx.consume(mem, n);
             if ring::add_used_all(q, mem, &used).is_err() {
                 healthy = false;
@@ -569,6 +621,8 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
         self.acked_features = 0;
         self.rx_waiting_for_buffers = false;
         self.tx_more = false;
+        self.rx_throttled = false;
+        self.tx_throttled = false;
         self.rx.clear();
     }
 
@@ -597,7 +651,37 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
     }
 
     fn wants_backend_events(&self) -> bool {
-        self.active.is_some() && !self.rx_waiting_for_buffers && !self.backend_failed
+        self.active.is_some()
+            && !self.rx_waiting_for_buffers
+            && !self.rx_throttled
+            && !self.backend_failed
+    }
+
+    fn throttled_for(&self) -> Option<std::time::Duration> {
+        self.active.as_ref()?;
+        let now = Instant::now();
+        let rx = self
+            .rx_throttled
+            .then(|| self.rx_limiter.wait(now))
+            .flatten();
+        let tx = self
+            .tx_throttled
+            .then(|| self.tx_limiter.wait(now))
+            .flatten();
+        earliest(rx, tx)
+    }
+
+    fn process_timer(&mut self) -> bool {
+        let mut healthy = true;
+        if self.tx_throttled {
+            self.counters.tx_rate_limiter_events += 1;
+            healthy &= self.process_tx();
+        }
+        if self.rx_throttled {
+            self.counters.rx_rate_limiter_events += 1;
+            healthy &= self.process_rx();
+        }
+        healthy
     }
 
     fn metrics(&self) -> Vec<(&'static str, u64)> {
@@ -611,6 +695,16 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
             ("tx_packets_count", c.tx_packets),
             ("tx_count", c.tx_packets),
             ("tx_malformed_frames", c.tx_dropped),
+            ("rx_event_rate_limiter_count", c.rx_rate_limiter_events),
+            ("tx_rate_limiter_event_count", c.tx_rate_limiter_events),
+            (
+                "rx_rate_limiter_throttled",
+                self.rx_limiter.throttled_events(),
+            ),
+            (
+                "tx_rate_limiter_throttled",
+                self.tx_limiter.throttled_events(),
+            ),
         ]
     }
 

@@ -22,6 +22,12 @@ pub enum Error {
 /// event loop serve everything else (and asks to be called again).
 pub const BUDGET: usize = 256;
 
+/// Gives the chain last popped back to the available ring: the next pop
+/// returns it again (a request the device may not serve yet).
+pub fn unpop(q: &mut Queue) {
+    q.set_next_avail(q.next_avail().wrapping_sub(1));
+}
+
 /// Whether the driver's available index is at most a queue length ahead of the
 /// device: anything else is a guest error that would make the device spin.
 pub fn avail_index_sane(q: &Queue, mem: &GuestMemoryMmap) -> bool {

@@ -552,3 +552,61 @@ fn block_state_round_trips_and_reopens_the_image() {
     let back = Block::restore((), &saved).unwrap();
     assert_eq!(back.save(), saved);
 }
+
+#[test]
+fn a_rate_limited_device_leaves_requests_in_the_ring_until_its_timer() {
+    use crate::rate_limiter::BucketConfig;
+    let (p, bytes) = image(16);
+    let mut h = Harness::new(&p.0, false);
+    // 2 KiB per 100 ms: two 1 KiB reads now, the next one 50 ms later.
+    h.dev.update_rate_limiter(
+        Some(BucketConfig {
+            size: 2048,
+            one_time_burst: 0,
+            refill_time_ms: 100,
+        }),
+        None,
+    );
+    for i in 0..4u64 {
+        let hdr = HDR + i * 0x20;
+        h.header(hdr, VIRTIO_BLK_T_IN, i * 2);
+        h.add_chain(&[
+            (hdr, 16, false),
+            (BUF + i * 0x1000, 1024, true),
+            (STATUS + i, 1, true),
+        ]);
+    }
+    assert!(h.process());
+    assert_eq!(h.used_idx(), 2);
+    // The two left are the driver's again in a snapshot taken now.
+    let states = h.dev.queue_states().unwrap();
+    assert_eq!(states[0].next_avail, 2);
+    let wait = h.dev.throttled_for().expect("throttled");
+    assert!(wait <= std::time::Duration::from_millis(50), "{wait:?}");
+    // A kick before the timer serves nothing.
+    assert!(h.process());
+    assert_eq!(h.used_idx(), 2);
+    let mut timer_passes = 0;
+    while h.used_idx() < 4 {
+        let wait = h.dev.throttled_for().expect("still throttled");
+        std::thread::sleep(wait);
+        assert!(h.dev.process_timer());
+        timer_passes += 1;
+        assert!(timer_passes < 10);
+    }
+    assert_eq!(h.dev.throttled_for(), None);
+    for i in 0..4u64 {
+        let mut got = vec![0u8; 1024];
+        h.mem
+            .read_slice(&mut got, GuestAddress(BUF + i * 0x1000))
+            .unwrap();
+        let at = (i * 1024) as usize;
+        assert_eq!(got, bytes[at..at + 1024], "read {i}");
+        assert_eq!(h.status(STATUS + i), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(h.used(i as u16).0, (i * 3) as u32);
+    }
+    let m: std::collections::HashMap<_, _> = h.dev.metrics().into_iter().collect();
+    assert!(m["rate_limiter_throttled_events"] >= 2);
+    assert_eq!(m["rate_limiter_event_count"], timer_passes);
+    assert_eq!(m["read_count"], 4);
+}

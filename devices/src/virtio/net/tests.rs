@@ -583,3 +583,69 @@ fn held_receive_buffers_are_always_the_last_taken_even_past_an_unusable_one() {
         "a snapshot gives back exactly the held buffer"
     );
 }
+
+fn ops_bucket(size: u64, refill_time_ms: u64) -> Option<crate::rate_limiter::BucketConfig> {
+    Some(crate::rate_limiter::BucketConfig {
+        size,
+        one_time_burst: 0,
+        refill_time_ms,
+    })
+}
+
+#[test]
+fn a_transmit_limiter_holds_frames_in_the_ring_until_its_timer() {
+    let mut h = Harness::new();
+    // Two frames per 100 ms.
+    h.dev
+        .update_rate_limiters(None, Some((None, ops_bucket(2, 100))));
+    let frames: Vec<_> = (0..3u8).map(|i| frame(60, i)).collect();
+    for (i, f) in frames.iter().enumerate() {
+        let at = BUFS + i as u64 * 0x200;
+        h.mem.write_slice(f, GuestAddress(at)).unwrap();
+        h.add_chain(TX, &[(at, f.len() as u32, false)]);
+    }
+    assert!(h.dev.process_queue(TX));
+    assert_eq!(h.peer_recv().as_deref(), Some(&frames[0][..]));
+    assert_eq!(h.peer_recv().as_deref(), Some(&frames[1][..]));
+    assert_eq!(h.peer_recv(), None);
+    assert_eq!(h.used(TX).len(), 2);
+    let wait = h.dev.throttled_for().expect("throttled");
+    assert!(wait <= std::time::Duration::from_millis(50), "{wait:?}");
+    std::thread::sleep(wait);
+    assert!(h.dev.process_timer());
+    assert_eq!(h.peer_recv().as_deref(), Some(&frames[2][..]));
+    assert_eq!(h.used(TX).len(), 3);
+    assert_eq!(h.dev.throttled_for(), None);
+    let m: std::collections::HashMap<_, _> = h.dev.metrics().into_iter().collect();
+    assert_eq!(m["tx_rate_limiter_throttled"], 1);
+    assert_eq!(m["tx_rate_limiter_event_count"], 1);
+    assert_eq!(m["tx_count"], 3);
+}
+
+#[test]
+fn a_receive_limiter_stops_reading_the_backend_until_its_timer() {
+    let mut h = Harness::new();
+    // One frame per 50 ms.
+    h.dev
+        .update_rate_limiters(Some((None, ops_bucket(1, 50))), None);
+    for i in 0..2u64 {
+        h.add_chain(RX, &[(BUFS + i * 0x1000, 2048, true)]);
+    }
+    let (f0, f1) = (frame(100, 1), frame(100, 2));
+    h.peer_send(&f0);
+    h.peer_send(&f1);
+    assert!(h.dev.process_rx());
+    assert_eq!(h.used(RX).len(), 1);
+    // The second frame waits in the backend, which is not watched meanwhile.
+    assert!(!h.dev.wants_backend_events());
+    let wait = h.dev.throttled_for().expect("throttled");
+    std::thread::sleep(wait);
+    assert!(h.dev.process_timer());
+    assert_eq!(h.used(RX).len(), 2);
+    let mut got = vec![0u8; f1.len()];
+    h.mem
+        .read_slice(&mut got, GuestAddress(BUFS + 0x1000))
+        .unwrap();
+    assert_eq!(got[12..], f1[12..]);
+    assert_eq!(h.dev.counters().rx_dropped, 0);
+}
