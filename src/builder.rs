@@ -281,7 +281,10 @@ fn reopen_devices(state: &MicrovmState) -> Result<Vec<(NamedDevice, bool)>, Erro
     for v in &state.virtio {
         match &v.device {
             VirtioDeviceState::Block(b) => {
-                let block = Block::restore((), b)?;
+                let mut block = Block::restore((), b)?;
+                if let Some(d) = state.config.drives.iter().find(|d| d.drive_id == v.id) {
+                    limit_block(&mut block, d);
+                }
                 let resized = block.capacity() != b.capacity;
                 let label = format!("disk {} ({})", v.id, b.path.display());
                 out.push((
@@ -302,7 +305,8 @@ fn reopen_devices(state: &MicrovmState) -> Result<Vec<(NamedDevice, bool)>, Erro
                         v.id
                     ))));
                 };
-                let Ok(net) = Net::restore(Tap::open(&iface.host_dev_name)?, n);
+                let Ok(mut net) = Net::restore(Tap::open(&iface.host_dev_name)?, n);
+                limit_net(&mut net, iface);
                 let label = format!("net {} ({})", v.id, iface.host_dev_name);
                 out.push((
                     ((v.id.clone(), VirtioKind::Net, label), Box::new(net)),
@@ -338,7 +342,8 @@ fn open_devices(config: &VmConfig) -> Result<Vec<NamedDevice>, Error> {
     let mut devices: Vec<NamedDevice> = Vec::new();
     for d in config.ordered_drives() {
         log_not_enforced(&d.drive_id, d);
-        let block = Block::open(&d.path_on_host, d.is_read_only, Some(d.effective_serial()))?;
+        let mut block = Block::open(&d.path_on_host, d.is_read_only, Some(d.effective_serial()))?;
+        limit_block(&mut block, d);
         let label = format!("disk {} ({})", d.drive_id, d.path_on_host.display());
         devices.push((
             (d.drive_id.clone(), VirtioKind::Block, label),
@@ -346,18 +351,13 @@ fn open_devices(config: &VmConfig) -> Result<Vec<NamedDevice>, Error> {
         ));
     }
     for n in &config.network_interfaces {
-        if n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
-            log::warn!(
-                "network interface '{}': rate limiters are stored but not enforced yet",
-                n.iface_id
-            );
-        }
         let mut net =
             Net::new(Tap::open(&n.host_dev_name)?, n.mac()?.0).with_mrg_rxbuf(n.mrg_rxbuf);
         if let Some(mtu) = n.mtu {
             // Validated: 68..=65535.
             net = net.with_mtu(mtu as u16);
         }
+        limit_net(&mut net, n);
         let label = format!("net {} ({})", n.iface_id, n.host_dev_name);
         devices.push(((n.iface_id.clone(), VirtioKind::Net, label), Box::new(net)));
     }
@@ -380,11 +380,27 @@ fn vsock_label(v: &crate::config::VsockConfig) -> String {
     format!("vsock cid {} ({})", v.guest_cid, v.uds_path.display())
 }
 
+/// Applies a drive's configured rate limiter to its device.
+fn limit_block(block: &mut Block, d: &crate::config::Drive) {
+    if let Some(l) = &d.rate_limiter {
+        let (bandwidth, ops) = l.buckets();
+        block.update_rate_limiter(bandwidth, ops);
+    }
+}
+
+/// Applies an interface's configured rate limiters to its device.
+fn limit_net<B: devices::virtio::net::NetBackend>(
+    net: &mut Net<B>,
+    n: &crate::config::NetworkInterface,
+) {
+    net.update_rate_limiters(
+        n.rx_rate_limiter.as_ref().map(|l| l.buckets()),
+        n.tx_rate_limiter.as_ref().map(|l| l.buckets()),
+    );
+}
+
 /// Logs, once per drive, the accepted fields that change nothing yet.
 fn log_not_enforced(id: &str, d: &crate::config::Drive) {
-    if d.rate_limiter.is_some() {
-        log::warn!("drive '{id}': rate_limiter is stored but not enforced yet");
-    }
     if d.io_engine == crate::config::IoEngine::Async {
         log::warn!("drive '{id}': io_engine Async is stored; I/O is served synchronously");
     }

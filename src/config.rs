@@ -202,7 +202,9 @@ impl MachineConfig {
     }
 }
 
-/// A token bucket of a rate limiter (stored; rate limiting is not enforced yet).
+/// A token bucket of a rate limiter: `size` tokens (bytes or operations),
+/// refilled from empty to full in `refill_time` ms, plus `one_time_burst`
+/// tokens spent first. Size 0 or refill time 0 limits nothing.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenBucket {
@@ -215,7 +217,8 @@ pub struct TokenBucket {
     pub refill_time: u64,
 }
 
-/// A rate limiter (stored, returned by GET /vm/config, logged as not enforced).
+/// A rate limiter of a drive or of one direction of a network interface;
+/// an operation goes ahead when every bucket can pay for it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimiter {
@@ -225,6 +228,44 @@ pub struct RateLimiter {
     /// Operations per refill period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ops: Option<TokenBucket>,
+}
+
+impl TokenBucket {
+    fn device(&self) -> devices::rate_limiter::BucketConfig {
+        devices::rate_limiter::BucketConfig {
+            size: self.size,
+            one_time_burst: self.one_time_burst.unwrap_or(0),
+            refill_time_ms: self.refill_time,
+        }
+    }
+
+    fn limits(&self) -> bool {
+        self.device().limits()
+    }
+}
+
+impl RateLimiter {
+    /// The buckets as the devices take them (bandwidth, ops).
+    pub fn buckets(&self) -> devices::virtio::net::LimiterUpdate {
+        (
+            self.bandwidth.as_ref().map(TokenBucket::device),
+            self.ops.as_ref().map(TokenBucket::device),
+        )
+    }
+
+    /// `old` after a PATCH with `self` (Firecracker's semantics): each bucket
+    /// given replaces the old one, or removes it if it limits nothing; a
+    /// bucket not given stays. None when no bucket is left.
+    pub fn patch(&self, old: Option<&RateLimiter>) -> Option<RateLimiter> {
+        let mut new = old.cloned().unwrap_or_default();
+        if let Some(b) = &self.bandwidth {
+            new.bandwidth = b.limits().then(|| b.clone());
+        }
+        if let Some(b) = &self.ops {
+            new.ops = b.limits().then(|| b.clone());
+        }
+        (new.bandwidth.is_some() || new.ops.is_some()).then_some(new)
+    }
 }
 
 /// Block device caching strategy (stored; every write is passed to the host as
@@ -852,5 +893,34 @@ mod tests {
         assert_ne!(m, derived_mac("tap1"));
         assert_eq!(MacAddr::parse(&m.to_string()), Ok(m));
         assert!(MacAddr::parse("01:00:00:00:00:01").is_err());
+    }
+
+    #[test]
+    fn a_patch_replaces_the_buckets_it_names_and_removes_empty_ones() {
+        let b = |size, refill_time| TokenBucket {
+            size,
+            one_time_burst: None,
+            refill_time,
+        };
+        let old = RateLimiter {
+            bandwidth: Some(b(1000, 100)),
+            ops: Some(b(10, 100)),
+        };
+        let only_ops = RateLimiter {
+            bandwidth: None,
+            ops: Some(b(20, 1000)),
+        };
+        let patched = only_ops.patch(Some(&old)).unwrap();
+        assert_eq!(patched.bandwidth, Some(b(1000, 100)));
+        assert_eq!(patched.ops, Some(b(20, 1000)));
+        // Size 0 (or refill time 0) removes a bucket; none left, no limiter.
+        let off = RateLimiter {
+            bandwidth: Some(b(0, 0)),
+            ops: Some(b(5, 0)),
+        };
+        assert_eq!(off.patch(Some(&patched)), None);
+        assert_eq!(only_ops.patch(None), Some(only_ops.clone()));
+        let (bandwidth, ops) = off.buckets();
+        assert!(!bandwidth.unwrap().limits() && !ops.unwrap().limits());
     }
 }

@@ -299,6 +299,10 @@ const NET_KEYS: &[&str] = &[
     "tx_packets_count",
     "tx_queue_event_count",
     "tx_spoofed_mac_count",
+    "rx_rate_limiter_throttled",
+    "tx_rate_limiter_throttled",
+    "rx_event_rate_limiter_count",
+    "tx_rate_limiter_event_count",
 ];
 /// Firecracker's vsock metrics (one group: a VM has at most one vsock).
 const VSOCK_KEYS: &[&str] = &[

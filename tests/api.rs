@@ -263,7 +263,7 @@ fn calls_out_of_order_are_refused_with_firecracker_s_rules() {
         curl(&sock, "PUT", "/drives/c", Some(&d("d", false))),
         "does not match",
     );
-    // Stored even though not enforced yet, and returned.
+    // Stored and returned.
     let (_, cfg) = curl(&sock, "GET", "/vm/config", None);
     let cfg = json(&cfg);
     assert_eq!(cfg["drives"].as_array().unwrap().len(), 1);

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::golden::{self, disk_byte, Netns, GUEST_IP};
+use common::golden::{self, disk_byte, Netns};
 use common::{host, tmp_path};
 
 #[test]
@@ -62,16 +62,7 @@ fn a_clone_with_network_overrides_answers_pings_on_its_own_tap() {
     let ns = Netns::new("clone-net");
     ns.add_tap("vmmtap7", Some(&format!("{}/24", golden::HOST_IP)));
     let (mut vm, _sock) = golden::restore(&ns, "vmmtap7", &g, "clone-net");
-    let out = ns
-        .command("ping")
-        .args(["-c", "20", "-w", "60", "-i", "0.1", GUEST_IP])
-        .output()
-        .expect("ping (iputils-ping) runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_, text) = ns.ping_guest(20, "0.1");
     vm.type_on_console("poweroff -f\n");
     let outcome = vm.finish(Duration::from_secs(120));
     eprintln!("asserting: 20 echo replies from the restored guest on vmmtap7, power-off, exit 0");

@@ -290,17 +290,28 @@ impl Controller {
                         p.iface_id
                     ));
                 };
-                let mut iface = iface;
-                if p.rx_rate_limiter.is_some() {
-                    iface.rx_rate_limiter = p.rx_rate_limiter.clone();
-                }
-                if p.tx_rate_limiter.is_some() {
-                    iface.tx_rate_limiter = p.tx_rate_limiter.clone();
-                }
-                log::warn!(
-                    "network interface '{}': rate limiters are stored but not enforced yet",
-                    p.iface_id
+                let (rx, tx) = (&p.rx_rate_limiter, &p.tx_rate_limiter);
+                let updated = with_device(
+                    vmm,
+                    VirtioKind::Net,
+                    &p.iface_id,
+                    |net: &mut devices::virtio::net::Net<devices::virtio::tap::Tap>| {
+                        net.update_rate_limiters(
+                            rx.as_ref().map(|l| l.buckets()),
+                            tx.as_ref().map(|l| l.buckets()),
+                        )
+                    },
                 );
+                if let Err(e) = updated {
+                    return e;
+                }
+                let mut iface = iface;
+                if let Some(l) = rx {
+                    iface.rx_rate_limiter = l.patch(iface.rx_rate_limiter.as_ref());
+                }
+                if let Some(l) = tx {
+                    iface.tx_rate_limiter = l.patch(iface.tx_rate_limiter.as_ref());
+                }
                 vmm.config_runtime_update(|c| c.upsert_interface(iface));
                 Response::no_content()
             }
@@ -353,6 +364,23 @@ fn configure_as(
 
 /// A new image (or rate limiter) for a drive of a running VM: the device
 /// serves the new file and the guest is told its capacity changed.
+/// Runs `f` on the started device `id` of `kind`, under its locks; a 400
+/// if there is no such device.
+fn with_device<T: 'static, R>(
+    vmm: &Vmm,
+    kind: VirtioKind,
+    id: &str,
+    f: impl FnOnce(&mut T) -> R,
+) -> Result<R, Response> {
+    let entry = vmm
+        .devices()
+        .and_then(|d| d.find(kind, id))
+        .ok_or_else(|| bad(format!("Device '{id}' has no device model.")))?;
+    let t = entry.transport.lock().unwrap_or_else(|e| e.into_inner());
+    t.with_device(|d| d.as_any_mut().downcast_mut::<T>().map(f))
+        .ok_or_else(|| bad(format!("Device '{id}' is not of the kind asked for.")))
+}
+
 fn patch_drive(vmm: &mut Vmm, p: &PartialDrive) -> Response {
     let Some(drive) = vmm
         .config()
@@ -406,12 +434,15 @@ fn patch_drive(vmm: &mut Vmm, p: &PartialDrive) -> Response {
         }
         drive.path_on_host = path.clone();
     }
-    if p.rate_limiter.is_some() {
-        log::warn!(
-            "drive '{}': rate_limiter is stored but not enforced yet",
-            p.drive_id
-        );
-        drive.rate_limiter = p.rate_limiter.clone();
+    if let Some(l) = &p.rate_limiter {
+        let (bandwidth, ops) = l.buckets();
+        let updated = with_device(vmm, VirtioKind::Block, &p.drive_id, |b: &mut Block| {
+            b.update_rate_limiter(bandwidth, ops)
+        });
+        if let Err(e) = updated {
+            return e;
+        }
+        drive.rate_limiter = l.patch(drive.rate_limiter.as_ref());
     }
     vmm.config_runtime_update(|c| c.upsert_drive(drive));
     Response::no_content()

@@ -113,6 +113,31 @@ impl Netns {
         c
     }
 
+    /// Pings the golden guest from the namespace `count` times, `interval`
+    /// seconds apart (60 s at most): the wall time and ping's output.
+    pub fn ping_guest(&self, count: u32, interval: &str) -> (Duration, String) {
+        let t = std::time::Instant::now();
+        let out = self
+            .command("ping")
+            .args([
+                "-c",
+                &count.to_string(),
+                "-w",
+                "60",
+                "-i",
+                interval,
+                GUEST_IP,
+            ])
+            .output()
+            .expect("ping (iputils-ping) runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (t.elapsed(), text)
+    }
+
     /// The vmm binary inside the namespace, with its console on a pipe the
     /// test types into.
     pub fn vmm(&self) -> Command {
