@@ -119,6 +119,18 @@ pub fn build(
     exit: Arc<ExitSignal>,
     started: Instant,
 ) -> Result<MicroVm, Error> {
+    build_with_vsock(config, serial_out, exit, started, None)
+}
+
+/// As [`build`], with the vsock backend already bound (at `PUT /vsock`, as
+/// Firecracker binds it); used if it is the one `config` asks for.
+pub fn build_with_vsock(
+    config: &VmConfig,
+    serial_out: Box<dyn Write + Send>,
+    exit: Arc<ExitSignal>,
+    started: Instant,
+    vsock: Option<Muxer>,
+) -> Result<MicroVm, Error> {
     config.validate()?;
     let boot = config
         .boot_source
@@ -144,7 +156,7 @@ pub fn build(
     vm.setup_irqchip()?;
 
     let mut devices = DeviceManager::new(&vm, exit.clone(), serial_out)?;
-    for (names, device) in open_devices(config)? {
+    for (names, device) in open_devices(config, vsock)? {
         devices.attach_virtio(&vm, &mem, names, device, None)?;
     }
     let virtio_info = devices.virtio_info();
@@ -338,7 +350,7 @@ fn reopen_devices(state: &MicrovmState) -> Result<Vec<(NamedDevice, bool)>, Erro
 /// anything is placed, so bad input fails the start without side effects. Disks
 /// come first, the root device before the others (vda, vdb, ...), then network
 /// interfaces (eth0, ...).
-fn open_devices(config: &VmConfig) -> Result<Vec<NamedDevice>, Error> {
+fn open_devices(config: &VmConfig, bound: Option<Muxer>) -> Result<Vec<NamedDevice>, Error> {
     let mut devices: Vec<NamedDevice> = Vec::new();
     for d in config.ordered_drives() {
         log_not_enforced(&d.drive_id, d);
@@ -362,7 +374,11 @@ fn open_devices(config: &VmConfig) -> Result<Vec<NamedDevice>, Error> {
         devices.push(((n.iface_id.clone(), VirtioKind::Net, label), Box::new(net)));
     }
     if let Some(v) = &config.vsock {
-        let muxer = Muxer::new(u64::from(v.guest_cid), &v.uds_path)?;
+        let cid = u64::from(v.guest_cid);
+        let muxer = match bound {
+            Some(m) if m.bound_to() == (cid, v.uds_path.as_path()) => m,
+            _ => Muxer::new(cid, &v.uds_path)?,
+        };
         devices.push((
             (
                 snapshot::VSOCK_ID.to_string(),

@@ -170,6 +170,8 @@ pub struct Vmm {
     boot_timer: bool,
     /// Something was configured (a snapshot can then no longer be loaded).
     configured: bool,
+    /// The vsock socket bound at `PUT /vsock`, for the start to use.
+    vsock_backend: Option<devices::virtio::vsock::muxer::Muxer>,
     started: Option<Started>,
 }
 
@@ -191,7 +193,28 @@ impl Vmm {
             devices_paused: Arc::new(AtomicBool::new(false)),
             boot_timer: false,
             configured: false,
+            vsock_backend: None,
             started: None,
+        }
+    }
+
+    /// Binds the socket of the configured vsock device now (Firecracker binds
+    /// it at `PUT /vsock`), after removing the one an earlier call bound. If
+    /// the bind fails the VM is left with no vsock device, as in Firecracker.
+    pub fn bind_vsock(&mut self) -> Result<(), Error> {
+        drop(self.vsock_backend.take());
+        let Some(v) = &self.config.vsock else {
+            return Ok(());
+        };
+        match devices::virtio::vsock::muxer::Muxer::new(u64::from(v.guest_cid), &v.uds_path) {
+            Ok(m) => {
+                self.vsock_backend = Some(m);
+                Ok(())
+            }
+            Err(e) => {
+                self.config.vsock = None;
+                Err(Error::Build(e.into()))
+            }
         }
     }
 
@@ -253,7 +276,13 @@ impl Vmm {
         self.check(Action::Start)?;
         // A clone: a start that fails keeps the console for the next one.
         let out = Box::new(self.serial_out.clone());
-        let built = builder::build(&self.config, out, self.exit.clone(), self.started_at)?;
+        let built = builder::build_with_vsock(
+            &self.config,
+            out,
+            self.exit.clone(),
+            self.started_at,
+            self.vsock_backend.take(),
+        )?;
         self.start_built(built, el)
     }
 
@@ -551,6 +580,8 @@ impl Vmm {
     /// Stops every vCPU thread and joins it, logs the devices' counters, and
     /// releases the VM. Idempotent.
     pub fn shutdown(&mut self) {
+        // A socket bound at PUT /vsock for a VM that never started.
+        drop(self.vsock_backend.take());
         if let Some(s) = self.started.take() {
             for v in s.vcpus {
                 v.finish();

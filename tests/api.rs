@@ -970,13 +970,43 @@ fn a_stop_right_after_start_never_hangs_on_vcpus_waiting_for_sipi() {
     }
 }
 
-/// PUT /vsock as Firecracker takes it: the socket appears when the VM
-/// starts, a host program is accepted on it, GET /vm/config shows the
-/// device, and the socket goes when the VMM exits.
+/// PUT /vsock as Firecracker takes it: the socket is bound by the request
+/// (a second PUT replaces it, a failed one leaves no device), a host program
+/// is accepted on it, GET /vm/config shows the device, and the socket goes
+/// when the VMM exits, started or not.
 #[test]
-fn put_vsock_listens_on_its_socket_from_the_start_and_removes_it_at_exit() {
+fn put_vsock_binds_its_socket_at_once_and_removes_it_at_exit() {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket =
+        |p: &std::path::Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket());
     let (vm, sock) = api_vmm("api-vsock", &[]);
     let uds = tmp_path("api-vsock-v.sock");
+    let first = tmp_path("api-vsock-first.sock");
+    let put = |path: &std::path::Path| {
+        curl(
+            &sock,
+            "PUT",
+            "/vsock",
+            Some(&format!(
+                r#"{{"guest_cid": 3, "uds_path": "{}"}}"#,
+                path.display()
+            )),
+        )
+    };
+    assert_eq!(put(&first), (204, String::new()));
+    assert!(is_socket(&first), "bound by the PUT");
+    assert_eq!(put(&first), (204, String::new()), "the same path again");
+    assert!(is_socket(&first));
+    assert_fault(
+        put(std::path::Path::new("/nonexistent-dir/v.sock")),
+        "/nonexistent-dir/v.sock",
+    );
+    assert!(!first.exists(), "a new PUT removes the earlier socket");
+    let (_, cfg) = curl(&sock, "GET", "/vm/config", None);
+    assert!(
+        json(&cfg)["vsock"].is_null(),
+        "a failed PUT leaves no device: {cfg}"
+    );
     assert_fault(
         curl(
             &sock,
@@ -986,18 +1016,7 @@ fn put_vsock_listens_on_its_socket_from_the_start_and_removes_it_at_exit() {
         ),
         "guest_cid 2 is reserved",
     );
-    assert_fault(
-        curl(
-            &sock,
-            "PUT",
-            "/vsock",
-            Some(&format!(
-                r#"{{"guest_cid": 3, "uds_path": "{}"}}"#,
-                sock.display()
-            )),
-        ),
-        "exists",
-    );
+    assert_fault(put(&sock), "exists");
     let body = format!(
         r#"{{"vsock_id": "vsock0", "guest_cid": 3, "uds_path": "{}"}}"#,
         uds.display()
@@ -1006,7 +1025,7 @@ fn put_vsock_listens_on_its_socket_from_the_start_and_removes_it_at_exit() {
         curl(&sock, "PUT", "/vsock", Some(&body)),
         (204, String::new())
     );
-    assert!(!uds.exists(), "bound at start, not before");
+    assert!(is_socket(&uds), "bound by the PUT");
     let boot = format!(
         r#"{{"kernel_image_path": "{}"}}"#,
         guest("counter").display()
@@ -1021,6 +1040,16 @@ fn put_vsock_listens_on_its_socket_from_the_start_and_removes_it_at_exit() {
     let v = &json(&cfg)["vsock"];
     assert_eq!(v["guest_cid"], 3, "{cfg}");
     assert_eq!(v["uds_path"], uds.display().to_string(), "{cfg}");
+    vm.signal(libc::SIGTERM);
+    vm.finish(TIMEOUT);
+    assert!(!uds.exists(), "the socket goes with the VMM");
+
+    // A VMM that ends before InstanceStart removes its socket too.
+    let (vm, sock) = api_vmm("api-vsock-unstarted", &[]);
+    let uds = tmp_path("api-vsock-unstarted-v.sock");
+    let body = format!(r#"{{"guest_cid": 3, "uds_path": "{}"}}"#, uds.display());
+    assert_eq!(curl(&sock, "PUT", "/vsock", Some(&body)).0, 204);
+    assert!(is_socket(&uds));
     vm.signal(libc::SIGTERM);
     vm.finish(TIMEOUT);
     assert!(!uds.exists(), "the socket goes with the VMM");

@@ -190,15 +190,25 @@ impl Controller {
                 configure(vmm, |c| c.upsert_interface(n.clone()))
             }
             ApiRequest::PutVsock(v) => {
-                // The socket is bound when the VM starts (Firecracker does the
-                // same); a path that exists already is refused now.
-                if v.uds_path.exists() {
+                // Bound now, as Firecracker does; a path that exists already
+                // is refused (except the socket an earlier PUT bound, which
+                // is replaced).
+                let ours = vmm.config().vsock.as_ref().map(|c| c.uds_path.as_path())
+                    == Some(v.uds_path.as_path());
+                if v.uds_path.exists() && !ours {
                     return bad(format!(
                         "vsock uds_path '{}' exists; give a path that does not exist yet (the VMM creates the socket).",
                         v.uds_path.display()
                     ));
                 }
-                configure(vmm, |c| c.vsock = Some(v.clone()))
+                let r = configure(vmm, |c| c.vsock = Some(v.clone()));
+                if r.status != 204 {
+                    return r;
+                }
+                match vmm.bind_vsock() {
+                    Ok(()) => r,
+                    Err(e) => bad(e),
+                }
             }
             ApiRequest::PutLogger(l) => match crate::logger::configure(l) {
                 Ok(()) => configure_as(vmm, false, |c| c.logger = Some(l.clone())),

@@ -249,6 +249,11 @@ impl Muxer {
         })
     }
 
+    /// The guest CID and the socket path this muxer was made for.
+    pub fn bound_to(&self) -> (u64, &Path) {
+        (self.guest_cid, &self.uds_path)
+    }
+
     /// The descriptor the event loop watches: readable when any socket is.
     pub fn fd(&self) -> RawFd {
         self.epoll.as_raw_fd()
