@@ -24,6 +24,7 @@ pub mod acpi_pm;
 pub mod boot_timer;
 pub mod bus;
 pub mod legacy;
+pub mod mmds;
 pub mod persist;
 pub mod rate_limiter;
 pub mod virtio;

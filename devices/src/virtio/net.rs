@@ -14,6 +14,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::mmds::stack::MmdsStack;
 use crate::rate_limiter::{earliest, BucketConfig, RateLimiter};
 
 use super::{
@@ -114,7 +115,59 @@ pub struct Net<B: NetBackend> {
     rx_throttled: bool,
     /// The transmit limiter refused the frame at the head of the queue.
     tx_throttled: bool,
+    /// The metadata service's endpoint, if the service is on this interface.
+    mmds: Option<MmdsStack>,
     active: Option<(GuestMemoryMmap, Vec<Queue>, Interrupt)>,
+}
+
+/// Gives a frame the guest sent (`total` bytes over `descs`, virtio-net
+/// header first) to the metadata service if it is for it.
+fn mmds_detour(
+    stack: &mut MmdsStack,
+    mem: &GuestMemoryMmap,
+    descs: &[Descriptor],
+    total: usize,
+) -> bool {
+    // A look at the headers first: most frames are not for the service.
+    let peek = (total - NET_HDR_SIZE).min(34);
+    let Some(head) = read_chain(mem, descs, NET_HDR_SIZE, peek) else {
+        return false;
+    };
+    if !stack.may_want(&head) {
+        return false;
+    }
+    match read_chain(mem, descs, NET_HDR_SIZE, total - NET_HDR_SIZE) {
+        Some(frame) => stack.detour(&frame),
+        None => false,
+    }
+}
+
+/// `len` bytes from offset `skip` of the buffers `descs` describe; None if
+/// they do not hold that much or lie outside guest memory.
+fn read_chain(
+    mem: &GuestMemoryMmap,
+    descs: &[Descriptor],
+    mut skip: usize,
+    len: usize,
+) -> Option<Vec<u8>> {
+    let mut out = vec![0u8; len];
+    let mut done = 0;
+    for d in descs {
+        let dlen = d.len() as usize;
+        if skip >= dlen {
+            skip -= dlen;
+            continue;
+        }
+        let n = (dlen - skip).min(len - done);
+        mem.read_slice(&mut out[done..done + n], d.addr().checked_add(skip as u64)?)
+            .ok()?;
+        done += n;
+        skip = 0;
+        if done == len {
+            return Some(out);
+        }
+    }
+    (done == len).then_some(out)
 }
 
 /// Builds iovecs over guest memory for `descs`; None if any lies outside it.
@@ -153,8 +206,20 @@ impl<B: NetBackend> Net<B> {
             tx_limiter: RateLimiter::default(),
             rx_throttled: false,
             tx_throttled: false,
+            mmds: None,
             active: None,
         }
+    }
+
+    /// Puts the metadata service's endpoint in front of the backend (or
+    /// takes it away).
+    pub fn set_mmds(&mut self, stack: Option<MmdsStack>) {
+        self.mmds = stack;
+    }
+
+    /// Whether the metadata service has frames for the guest.
+    fn mmds_pending(&self) -> bool {
+        self.mmds.as_ref().is_some_and(MmdsStack::has_frames)
     }
 
     /// Updates the receive and transmit limiters: within each, the buckets
@@ -224,6 +289,18 @@ impl<B: NetBackend> Net<B> {
                     ring::unpop(q);
                     self.tx_throttled = true;
                     break;
+                }
+                let detoured = well_formed
+                    && self
+                        .mmds
+                        .as_mut()
+                        .is_some_and(|stack| mmds_detour(stack, mem, &descs, total));
+                if detoured {
+                    if q.add_used(&*mem, head, 0).is_err() {
+                        return false;
+                    }
+                    used += 1;
+                    continue;
                 }
                 let sent = well_formed
                     && iovecs(mem, &descs)
@@ -313,6 +390,21 @@ impl<B: NetBackend> Net<B> {
                 }
                 self.rx_waiting_for_buffers = true;
                 break;
+            }
+            if let Some(frame) = self.mmds.as_mut().and_then(MmdsStack::pop_frame) {
+                // The service's frames go first, past the limiter (they
+                // answer the guest's own requests).
+                let n = NET_HDR_SIZE + frame.len();
+                if !self.rx.fill(mem, want, &[&[0u8; NET_HDR_SIZE], &frame]) {
+                    self.counters.rx_dropped += 1;
+                    continue;
+                }
+                let used = self.rx.consume(mem, n);
+                if ring::add_used_all(q, mem, &used).is_err() {
+                    healthy = false;
+                    break;
+                }
+                continue;
             }
             if !self.rx_limiter.may_start(Instant::now()) {
                 // The frame stays in the backend; the timer resumes reading.
@@ -534,6 +626,34 @@ impl RxBuffers {
         used
     }
 
+    /// Writes `parts` one after the other into the buffers a frame may
+    /// fill (as [`Self::iovecs`] chooses them); false if they do not fit.
+    fn fill(&self, mem: &GuestMemoryMmap, want: usize, parts: &[&[u8]]) -> bool {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut bytes = parts.iter().flat_map(|p| p.iter().copied());
+        let mut written = 0;
+        let mut next = 0;
+        let mut room = 0;
+        for &(_, ndescs, chain_room) in &self.chains {
+            for &(addr, len) in self.descs.range(next..next + ndescs) {
+                let chunk: Vec<u8> = bytes.by_ref().take(len).collect();
+                if chunk.is_empty() {
+                    break;
+                }
+                if mem.write_slice(&chunk, addr).is_err() {
+                    return false;
+                }
+                written += chunk.len();
+            }
+            next += ndescs;
+            room += chain_room;
+            if written == total || room >= want {
+                break;
+            }
+        }
+        written == total
+    }
+
     fn clear(&mut self) {
         *self = RxBuffers::default();
     }
@@ -611,7 +731,10 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
                 self.rx_waiting_for_buffers = false;
                 self.process_rx()
             }
-            TX => self.process_tx(),
+            TX => {
+                // Answers of the metadata service go out at once.
+                self.process_tx() && (!self.mmds_pending() || self.process_rx())
+            }
             _ => true,
         }
     }

@@ -649,3 +649,46 @@ fn a_receive_limiter_stops_reading_the_backend_until_its_timer() {
     assert_eq!(got[12..], f1[12..]);
     assert_eq!(h.dev.counters().rx_dropped, 0);
 }
+
+#[test]
+fn frames_for_the_metadata_service_are_answered_without_reaching_the_backend() {
+    use crate::mmds::stack::{MmdsStack, MMDS_MAC};
+    let mut h = Harness::new();
+    let store = std::sync::Arc::new(std::sync::Mutex::new(crate::mmds::Mmds::new(1024)));
+    h.dev
+        .set_mmds(Some(MmdsStack::new([169, 254, 169, 254], store)));
+    // An ARP request for the service's address, split over two descriptors.
+    let mut f = vec![0u8; NET_HDR_SIZE];
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 9]);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 9, 10, 0, 0, 2]);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&[169, 254, 169, 254]);
+    h.mem.write_slice(&f, GuestAddress(BUFS)).unwrap();
+    h.add_chain(RX, &[(BUFS + 0x1000, 2048, true)]);
+    h.add_chain(
+        TX,
+        &[(BUFS, 20, false), (BUFS + 20, (f.len() - 20) as u32, false)],
+    );
+    assert!(h.dev.process_queue(TX));
+    assert_eq!(h.peer_recv(), None, "nothing reached the backend");
+    assert_eq!(h.used(TX).len(), 1);
+    let rx = h.used(RX);
+    assert_eq!(rx.len(), 1);
+    let len = rx[0].1 as usize;
+    assert_eq!(len, NET_HDR_SIZE + 42);
+    let mut got = vec![0u8; len];
+    h.mem
+        .read_slice(&mut got, GuestAddress(BUFS + 0x1000))
+        .unwrap();
+    let reply = &got[NET_HDR_SIZE..];
+    assert_eq!(&reply[0..6], &[2, 0, 0, 0, 0, 9]);
+    assert_eq!(&reply[22..28], &MMDS_MAC, "the service's MAC in the reply");
+    // Other frames still go to the backend.
+    let other = frame(60, 5);
+    h.mem.write_slice(&other, GuestAddress(BUFS)).unwrap();
+    h.add_chain(TX, &[(BUFS, other.len() as u32, false)]);
+    assert!(h.dev.process_queue(TX));
+    assert_eq!(h.peer_recv().as_deref(), Some(&other[..]));
+}
