@@ -7,6 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use devices::mmds::stack::MmdsStack;
+use devices::mmds::{Mmds, SharedMmds};
 use devices::virtio::block::Block;
 use devices::virtio::net::Net;
 use devices::virtio::tap::Tap;
@@ -119,17 +121,24 @@ pub fn build(
     exit: Arc<ExitSignal>,
     started: Instant,
 ) -> Result<MicroVm, Error> {
-    build_with_vsock(config, serial_out, exit, started, None)
+    let mmds = Arc::new(std::sync::Mutex::new(Mmds::new(DEFAULT_MMDS_LIMIT)));
+    build_with(config, serial_out, exit, started, None, &mmds)
 }
 
+/// Largest metadata store by default: the API's largest request body, as in
+/// Firecracker.
+pub const DEFAULT_MMDS_LIMIT: usize = 51_200;
+
 /// As [`build`], with the vsock backend already bound (at `PUT /vsock`, as
-/// Firecracker binds it); used if it is the one `config` asks for.
-pub fn build_with_vsock(
+/// Firecracker binds it; used if it is the one `config` asks for), and the
+/// metadata store the API fills.
+pub fn build_with(
     config: &VmConfig,
     serial_out: Box<dyn Write + Send>,
     exit: Arc<ExitSignal>,
     started: Instant,
     vsock: Option<Muxer>,
+    mmds: &SharedMmds,
 ) -> Result<MicroVm, Error> {
     config.validate()?;
     let boot = config
@@ -156,7 +165,7 @@ pub fn build_with_vsock(
     vm.setup_irqchip()?;
 
     let mut devices = DeviceManager::new(&vm, exit.clone(), serial_out)?;
-    for (names, device) in open_devices(config, vsock)? {
+    for (names, device) in open_devices(config, vsock, mmds)? {
         devices.attach_virtio(&vm, &mem, names, device, None)?;
     }
     let virtio_info = devices.virtio_info();
@@ -188,12 +197,13 @@ pub fn build_from_snapshot(
     serial_out: Box<dyn Write + Send>,
     exit: Arc<ExitSignal>,
     started: Instant,
+    mmds: &SharedMmds,
 ) -> Result<MicroVm, Error> {
     // The state file is checksummed, not trusted: its configuration passes
     // the same checks as one given over the API.
     state.config.validate()?;
     state.check()?;
-    let reopened = reopen_devices(state)?;
+    let reopened = reopen_devices(state, mmds)?;
     let cpus = state.vcpus.len() as u32;
     let vm = vm::Vm::new()?;
     vm.check_vcpu_count(cpus)?;
@@ -286,7 +296,10 @@ type NamedDevice = ((String, VirtioKind, String), Box<dyn VirtioDevice>);
 /// path, locked as at boot: a writable image another VM holds is refused) or
 /// its TAP (by the configured name, after `network_overrides`). Each comes
 /// with whether a disk's size changed since the snapshot.
-fn reopen_devices(state: &MicrovmState) -> Result<Vec<(NamedDevice, bool)>, Error> {
+fn reopen_devices(
+    state: &MicrovmState,
+    mmds: &SharedMmds,
+) -> Result<Vec<(NamedDevice, bool)>, Error> {
     use devices::persist::Persist;
     use snapshot::VirtioDeviceState;
     let mut out: Vec<(NamedDevice, bool)> = Vec::new();
@@ -319,6 +332,7 @@ fn reopen_devices(state: &MicrovmState) -> Result<Vec<(NamedDevice, bool)>, Erro
                 };
                 let Ok(mut net) = Net::restore(Tap::open(&iface.host_dev_name)?, n);
                 limit_net(&mut net, iface);
+                attach_mmds(&mut net, &state.config, &v.id, mmds);
                 let label = format!("net {} ({})", v.id, iface.host_dev_name);
                 out.push((
                     ((v.id.clone(), VirtioKind::Net, label), Box::new(net)),
@@ -350,7 +364,11 @@ fn reopen_devices(state: &MicrovmState) -> Result<Vec<(NamedDevice, bool)>, Erro
 /// anything is placed, so bad input fails the start without side effects. Disks
 /// come first, the root device before the others (vda, vdb, ...), then network
 /// interfaces (eth0, ...).
-fn open_devices(config: &VmConfig, bound: Option<Muxer>) -> Result<Vec<NamedDevice>, Error> {
+fn open_devices(
+    config: &VmConfig,
+    bound: Option<Muxer>,
+    mmds: &SharedMmds,
+) -> Result<Vec<NamedDevice>, Error> {
     let mut devices: Vec<NamedDevice> = Vec::new();
     for d in config.ordered_drives() {
         log_not_enforced(&d.drive_id, d);
@@ -370,6 +388,7 @@ fn open_devices(config: &VmConfig, bound: Option<Muxer>) -> Result<Vec<NamedDevi
             net = net.with_mtu(mtu as u16);
         }
         limit_net(&mut net, n);
+        attach_mmds(&mut net, config, &n.iface_id, mmds);
         let label = format!("net {} ({})", n.iface_id, n.host_dev_name);
         devices.push(((n.iface_id.clone(), VirtioKind::Net, label), Box::new(net)));
     }
@@ -401,6 +420,23 @@ fn limit_block(block: &mut Block, d: &crate::config::Drive) {
     if let Some(l) = &d.rate_limiter {
         let (bandwidth, ops) = l.buckets();
         block.update_rate_limiter(bandwidth, ops);
+    }
+}
+
+/// Puts the metadata service in front of interface `id`'s TAP if the
+/// configuration routes the service through it, and sets the store's version.
+fn attach_mmds<B: devices::virtio::net::NetBackend>(
+    net: &mut Net<B>,
+    config: &VmConfig,
+    id: &str,
+    mmds: &SharedMmds,
+) {
+    let Some(m) = &config.mmds_config else { return };
+    if m.network_interfaces.iter().any(|i| i == id) {
+        mmds.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .configure(m.version, m.imds_compat);
+        net.set_mmds(Some(MmdsStack::new(m.ipv4_address.octets(), mmds.clone())));
     }
 }
 

@@ -163,10 +163,10 @@ pub struct Cli {
     /// built-in ones.
     #[arg(long, value_name = "FILE")]
     pub seccomp_filter: Option<PathBuf>,
-    /// MMDS contents (refused: MMDS is not supported yet).
+    /// Fills the metadata store (MMDS) with the JSON in this file at start.
     #[arg(long, value_name = "PATH")]
     pub metadata: Option<PathBuf>,
-    /// MMDS size limit (refused: MMDS is not supported yet).
+    /// Largest size of the metadata store, in bytes of JSON (default 51200).
     #[arg(long, value_name = "BYTES")]
     pub mmds_size_limit: Option<usize>,
     /// PCI transport (refused: devices are on virtio-mmio).
@@ -267,9 +267,6 @@ impl Cli {
 
     /// Checks the flags against each other and builds the plan.
     pub fn plan(&self) -> Result<Plan, Error> {
-        if self.metadata.is_some() || self.mmds_size_limit.is_some() {
-            return Err(Error::Unsupported("MMDS (--metadata, --mmds-size-limit)"));
-        }
         if self.enable_pci {
             return Err(Error::Unsupported("--enable-pci"));
         }
@@ -737,10 +734,6 @@ mod tests {
             ),
             (&[][..], Error::NothingToRun),
             (&["--no-api"][..], Error::NoApiWithoutConfig),
-            (
-                &["--api-sock", "s", "--metadata", "m"][..],
-                Error::Unsupported("MMDS (--metadata, --mmds-size-limit)"),
-            ),
             (
                 &["--api-sock", "s", "--enable-pci"][..],
                 Error::Unsupported("--enable-pci"),

@@ -28,6 +28,15 @@ pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=-1";
 /// Errors in a configuration; each names the field and the fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
+    /// mmds-config without interfaces.
+    #[error("mmds-config network_interfaces is empty; name the iface_id of at least one network interface.")]
+    MmdsNoInterface,
+    /// mmds-config names an interface that is not configured.
+    #[error("mmds-config names network interface '{0}', which is not configured; PUT /network-interfaces/{0} first.")]
+    MmdsInterface(String),
+    /// An address outside the usable link-local range.
+    #[error("mmds-config ipv4_address {0} is not a valid link-local address; give one from 169.254.1.0 to 169.254.254.255.")]
+    MmdsAddress(std::net::Ipv4Addr),
     /// vCPU count out of range.
     #[error("machine-config vcpu_count {0} is out of range; give between 1 and {max}.", max = MAX_CPUS)]
     VcpuCount(u64),
@@ -581,9 +590,13 @@ pub struct VmConfig {
     /// The vsock device, if any.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
-    /// Firecracker's `mmds-config` section: refused (not implemented yet).
-    #[serde(rename = "mmds-config", default, skip_serializing)]
-    pub mmds_config: Option<serde_json::Value>,
+    /// The metadata service: its version, address and interfaces.
+    #[serde(
+        rename = "mmds-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mmds_config: Option<MmdsConfig>,
     /// Firecracker's `entropy` section: refused (not implemented yet).
     #[serde(default, skip_serializing)]
     pub entropy: Option<serde_json::Value>,
@@ -666,7 +679,6 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), Error> {
         for (present, name) in [
             (self.balloon.is_some(), "balloon"),
-            (self.mmds_config.is_some(), "mmds-config"),
             (self.entropy.is_some(), "entropy"),
             (self.cpu_config.is_some(), "cpu-config"),
             (self.pmem.is_some(), "pmem"),
@@ -714,9 +726,56 @@ impl VmConfig {
                 });
             }
         }
+        if let Some(m) = &self.mmds_config {
+            m.validate()?;
+            if let Some(id) = m
+                .network_interfaces
+                .iter()
+                .find(|id| !self.network_interfaces.iter().any(|n| &n.iface_id == *id))
+            {
+                return Err(Error::MmdsInterface(id.clone()));
+            }
+        }
         let devices = self.drives.len() + self.network_interfaces.len();
         if devices > MAX_VIRTIO_DEVICES {
             return Err(Error::TooManyDevices(devices));
+        }
+        Ok(())
+    }
+}
+
+/// Firecracker's `mmds-config`: which interfaces reach the metadata service,
+/// at which address, speaking which version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MmdsConfig {
+    /// V1 (no token needed, the default) or V2 (session tokens).
+    #[serde(default)]
+    pub version: devices::mmds::Version,
+    /// The interfaces whose guest traffic to the address goes to the service.
+    pub network_interfaces: Vec<String>,
+    /// The service's address (link-local; 169.254.169.254 by default).
+    #[serde(default = "default_mmds_address")]
+    pub ipv4_address: std::net::Ipv4Addr,
+    /// Answer in IMDS text format whatever the guest's Accept header says.
+    #[serde(default)]
+    pub imds_compat: bool,
+}
+
+fn default_mmds_address() -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(169, 254, 169, 254)
+}
+
+impl MmdsConfig {
+    /// Checks the list and the address (169.254.1.0 to 169.254.254.255, the
+    /// link-local range RFC 3927 lets hosts use).
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.network_interfaces.is_empty() {
+            return Err(Error::MmdsNoInterface);
+        }
+        let [a, b, c, _] = self.ipv4_address.octets();
+        if a != 169 || b != 254 || c == 0 || c == 255 {
+            return Err(Error::MmdsAddress(self.ipv4_address));
         }
         Ok(())
     }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use devices::mmds::Mmds;
 use vmm::api;
 use vmm::api::controller::Controller;
 use vmm::api::http::ServerOptions;
@@ -21,6 +22,34 @@ use vmm::{exit_status, logger, terminal, EXIT_USAGE, EXIT_VMM_ERROR};
 fn usage_exit(msg: impl std::fmt::Display) -> ! {
     eprintln!("vmm: error: {msg}");
     std::process::exit(EXIT_USAGE);
+}
+
+/// The metadata store as `--mmds-size-limit` (default: the API's largest
+/// body, as in Firecracker) and `--metadata` make it; a file that cannot be
+/// read or parsed or is too large ends the start with one line, before
+/// anything (the API socket) is made.
+fn metadata_store(cli: &Cli) -> Mmds {
+    let limit = cli.mmds_size_limit.unwrap_or(cli.http_api_max_payload_size);
+    let mut store = Mmds::new(limit);
+    let Some(path) = &cli.metadata else {
+        return store;
+    };
+    let text = std::fs::read(path).unwrap_or_else(|e| {
+        usage_exit(format!(
+            "Cannot read the metadata file '{}': {e}; give a JSON file.",
+            path.display()
+        ))
+    });
+    let value: serde_json::Value = serde_json::from_slice(&text).unwrap_or_else(|e| {
+        usage_exit(format!(
+            "The metadata file '{}' is not JSON: {e}; give a JSON file.",
+            path.display()
+        ))
+    });
+    if let Err(e) = store.put(value) {
+        usage_exit(format!("--metadata '{}': {e}", path.display()));
+    }
+    store
 }
 
 fn main() {
@@ -96,6 +125,7 @@ fn main() {
 
     // Raw mode only while the guest runs; the guard restores the terminal on
     // every return path below.
+    let metadata = metadata_store(&cli);
     let raw = match terminal::RawMode::enable(libc::STDIN_FILENO) {
         Ok(r) => r,
         Err(e) => {
@@ -135,6 +165,7 @@ fn main() {
     };
     let mut vmm = Vmm::new(boot.clone().unwrap_or_default(), exit, console, started);
     vmm.set_boot_timer(cli.boot_timer);
+    *vmm.mmds().lock().unwrap_or_else(|e| e.into_inner()) = metadata;
     let started_vm = match &plan.restore {
         Some(r) => {
             let options = RestoreOptions {

@@ -53,6 +53,10 @@ impl Counter {
     pub fn add(&self, n: u64) {
         self.total.fetch_add(n, Ordering::Relaxed);
     }
+    /// Takes the running total kept elsewhere (a device's own counter).
+    pub fn set_total(&self, n: u64) {
+        self.total.store(n, Ordering::Relaxed);
+    }
     /// Everything counted so far.
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
@@ -176,6 +180,8 @@ group!(MmdsMetrics {
     rx_accepted_unusual: Counter,
     rx_bad_eth: Counter,
     rx_count: Counter,
+    rx_invalid_token: Counter,
+    rx_no_token: Counter,
     tx_bytes: Counter,
     tx_count: Counter,
     tx_errors: Counter,
@@ -238,6 +244,15 @@ pub struct Metrics {
     pub vmm: VmmMetrics,
     pub uart: SerialMetrics,
     pub i8042: I8042Metrics,
+}
+
+/// The metadata store whose counters the `mmds` group reports.
+static MMDS_SOURCE: std::sync::OnceLock<devices::mmds::SharedMmds> = std::sync::OnceLock::new();
+
+/// Reports `store`'s counters in the `mmds` group (the first store given:
+/// one VM per process).
+pub fn report_mmds(store: &devices::mmds::SharedMmds) {
+    let _ = MMDS_SOURCE.set(store.clone());
 }
 
 /// The one set of metrics of this process.
@@ -406,6 +421,26 @@ impl MetricsSink {
         o.insert("deprecated_api".into(), m.deprecated_api.json(seen));
         o.insert("logger".into(), m.logger.json(seen));
         o.insert("latencies_us".into(), m.latencies_us.json(seen));
+        if let Some(store) = MMDS_SOURCE.get() {
+            let c = store.lock().unwrap_or_else(|e| e.into_inner()).counters;
+            let g = &m.mmds;
+            for (counter, total) in [
+                (&g.rx_accepted, c.rx_accepted),
+                (&g.rx_accepted_err, c.rx_accepted_err),
+                (&g.rx_accepted_unusual, c.rx_accepted_unusual),
+                (&g.rx_count, c.rx_count),
+                (&g.rx_invalid_token, c.rx_invalid_token),
+                (&g.rx_no_token, c.rx_no_token),
+                (&g.tx_bytes, c.tx_bytes),
+                (&g.tx_count, c.tx_count),
+                (&g.tx_errors, c.tx_errors),
+                (&g.tx_frames, c.tx_frames),
+                (&g.connections_created, c.connections_created),
+                (&g.connections_destroyed, c.connections_destroyed),
+            ] {
+                counter.set_total(total);
+            }
+        }
         o.insert("mmds".into(), m.mmds.json(seen));
         o.insert("seccomp".into(), m.seccomp.json(seen));
         o.insert("signals".into(), m.signals.json(seen));

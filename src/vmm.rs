@@ -172,6 +172,9 @@ pub struct Vmm {
     configured: bool,
     /// The vsock socket bound at `PUT /vsock`, for the start to use.
     vsock_backend: Option<devices::virtio::vsock::muxer::Muxer>,
+    /// The metadata store (`/mmds`), served to the guest on the interfaces
+    /// `mmds-config` names.
+    mmds: devices::mmds::SharedMmds,
     started: Option<Started>,
 }
 
@@ -184,6 +187,10 @@ impl Vmm {
         serial_out: Box<dyn Write + Send>,
         started_at: Instant,
     ) -> Self {
+        let mmds = Arc::new(Mutex::new(devices::mmds::Mmds::new(
+            builder::DEFAULT_MMDS_LIMIT,
+        )));
+        crate::metrics::report_mmds(&mmds);
         Vmm {
             state: VmState::NotStarted,
             config,
@@ -194,8 +201,14 @@ impl Vmm {
             boot_timer: false,
             configured: false,
             vsock_backend: None,
+            mmds,
             started: None,
         }
+    }
+
+    /// The metadata store.
+    pub fn mmds(&self) -> &devices::mmds::SharedMmds {
+        &self.mmds
     }
 
     /// Binds the socket of the configured vsock device now (Firecracker binds
@@ -276,12 +289,13 @@ impl Vmm {
         self.check(Action::Start)?;
         // A clone: a start that fails keeps the console for the next one.
         let out = Box::new(self.serial_out.clone());
-        let built = builder::build_with_vsock(
+        let built = builder::build_with(
             &self.config,
             out,
             self.exit.clone(),
             self.started_at,
             self.vsock_backend.take(),
+            &self.mmds,
         )?;
         self.start_built(built, el)
     }
@@ -340,6 +354,7 @@ impl Vmm {
             out,
             self.exit.clone(),
             self.started_at,
+            &self.mmds,
         )?;
         self.config = state.config;
         self.launch(built, el, !options.resume)?;

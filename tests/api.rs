@@ -277,7 +277,15 @@ fn calls_out_of_order_are_refused_with_firecracker_s_rules() {
         ),
         "no network interface 'vmmnosuchtap9'",
     );
-    assert_fault(curl(&sock, "PUT", "/mmds", Some("{}")), "MMDS");
+    assert_fault(
+        curl(
+            &sock,
+            "PUT",
+            "/mmds/config",
+            Some(r#"{"network_interfaces": ["eth9"]}"#),
+        ),
+        "network interface 'eth9', which is not configured",
+    );
     assert_fault(curl(&sock, "GET", "/balloon", None), "balloon");
     assert_fault(
         curl(
@@ -430,8 +438,13 @@ fn bad_process_flags_and_files_are_one_line_errors() {
         "unknown field `bogus`",
     );
     assert_refused(
-        &["--api-sock", "/tmp/x.sock", "--metadata", "m.json"],
-        "MMDS",
+        &[
+            "--api-sock",
+            "/tmp/x.sock",
+            "--metadata",
+            "/nonexistent/m.json",
+        ],
+        "Cannot read the metadata file '/nonexistent/m.json'",
     );
     assert_refused(
         &["--api-sock", "/tmp/x.sock", "--enable-pci"],

@@ -53,6 +53,7 @@ fn count(req: &ApiRequest, failed: bool) {
         ApiRequest::GetInstanceInfo => return get(&m.get_api_requests.instance_info_count),
         ApiRequest::GetVersion => return get(&m.get_api_requests.vmm_version_count),
         ApiRequest::GetMachineConfig => return get(&m.get_api_requests.machine_cfg_count),
+        ApiRequest::GetMmds => return get(&m.get_api_requests.mmds_count),
         ApiRequest::GetVmConfig => return,
         // Firecracker reports snapshots through latencies_us only.
         ApiRequest::CreateSnapshot(_) | ApiRequest::LoadSnapshot(_) => return,
@@ -95,6 +96,14 @@ fn count(req: &ApiRequest, failed: bool) {
         ApiRequest::PutVsock(_) => (
             &m.put_api_requests.vsock_count,
             &m.put_api_requests.vsock_fails,
+        ),
+        ApiRequest::PutMmds(_) | ApiRequest::PutMmdsConfig(_) => (
+            &m.put_api_requests.mmds_count,
+            &m.put_api_requests.mmds_fails,
+        ),
+        ApiRequest::PatchMmds(_) => (
+            &m.patch_api_requests.mmds_count,
+            &m.patch_api_requests.mmds_fails,
         ),
         ApiRequest::Action(_) | ApiRequest::PatchVm(_) => (
             &m.put_api_requests.actions_count,
@@ -286,6 +295,28 @@ impl Controller {
                     Err(e) => bad(e),
                 }
             }
+            ApiRequest::GetMmds => {
+                let m = vmm.mmds().lock().unwrap_or_else(|e| e.into_inner());
+                if started && !m.initialized() {
+                    return bad(devices::mmds::Error::NotInitialized);
+                }
+                ok_json(m.data())
+            }
+            ApiRequest::PutMmds(v) => {
+                let mut m = vmm.mmds().lock().unwrap_or_else(|e| e.into_inner());
+                match m.put(v.clone()) {
+                    Ok(()) => Response::no_content(),
+                    Err(e) => bad(e),
+                }
+            }
+            ApiRequest::PatchMmds(v) => {
+                let mut m = vmm.mmds().lock().unwrap_or_else(|e| e.into_inner());
+                match m.patch(v) {
+                    Ok(()) => Response::no_content(),
+                    Err(e) => bad(e),
+                }
+            }
+            ApiRequest::PutMmdsConfig(c) => configure(vmm, |cfg| cfg.mmds_config = Some(c.clone())),
             ApiRequest::PatchDrive(p) => patch_drive(vmm, p),
             ApiRequest::PatchNetworkInterface(p) => {
                 let Some(iface) = vmm

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::http::{Method, Request, Response};
 use crate::config::{
     self, BootSource, Drive, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
-    NetworkInterface, RateLimiter, VsockConfig,
+    MmdsConfig, NetworkInterface, RateLimiter, VsockConfig,
 };
 
 /// `PATCH /drives/{id}`: a new image for a running VM.
@@ -220,6 +220,14 @@ pub enum ApiRequest {
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load`.
     LoadSnapshot(SnapshotLoad),
+    /// `GET /mmds`.
+    GetMmds,
+    /// `PUT /mmds`: the whole store.
+    PutMmds(serde_json::Value),
+    /// `PATCH /mmds`: a JSON merge patch.
+    PatchMmds(serde_json::Value),
+    /// `PUT /mmds/config`.
+    PutMmdsConfig(MmdsConfig),
 }
 
 impl ApiRequest {
@@ -235,6 +243,7 @@ impl ApiRequest {
                 | ApiRequest::PutLogger(_)
                 | ApiRequest::PutMetrics(_)
                 | ApiRequest::PutVsock(_)
+                | ApiRequest::PutMmdsConfig(_)
                 | ApiRequest::Action(ActionType::InstanceStart)
                 | ApiRequest::LoadSnapshot(_)
         )
@@ -298,7 +307,6 @@ fn check_ids(field: &'static str, path_id: &str, body_id: &str) -> Result<(), Re
 
 /// Features of Firecracker's API this VMM does not have yet.
 const UNSUPPORTED: &[(&str, &str)] = &[
-    ("mmds", "MMDS (/mmds)"),
     ("balloon", "The balloon device (/balloon)"),
     ("entropy", "The entropy device (/entropy)"),
     ("cpu-config", "CPU configuration (/cpu-config)"),
@@ -405,6 +413,14 @@ pub fn parse(req: &Request) -> Result<ApiRequest, Response> {
             let v: VsockConfig = body(req)?;
             v.validate().map_err(|e| bad(e.to_string()))?;
             PutVsock(v)
+        }
+        (Method::Get, ["mmds"]) => GetMmds,
+        (Method::Put, ["mmds"]) => PutMmds(body(req)?),
+        (Method::Patch, ["mmds"]) => PatchMmds(body(req)?),
+        (Method::Put, ["mmds", "config"]) => {
+            let c: MmdsConfig = body(req)?;
+            c.validate().map_err(|e| bad(e.to_string()))?;
+            PutMmdsConfig(c)
         }
         (Method::Put, ["actions"]) => Action(body::<ActionInfo>(req)?.action_type),
         (Method::Patch, ["vm"]) => PatchVm(body::<VmInfo>(req)?.state),
@@ -633,8 +649,25 @@ mod tests {
             ),
             (Put, "/", "{}", "Invalid request method and/or path: PUT /."),
             (Other("POST".into()), "/actions", "{}", "POST /actions"),
-            (Put, "/mmds", "{}", "MMDS (/mmds) is not supported"),
-            (Get, "/mmds", "", "MMDS (/mmds) is not supported"),
+            (Put, "/mmds", "{", "not valid"),
+            (
+                Put,
+                "/mmds/config",
+                r#"{"network_interfaces": []}"#,
+                "network_interfaces is empty",
+            ),
+            (
+                Put,
+                "/mmds/config",
+                r#"{"network_interfaces": ["eth0"], "ipv4_address": "169.254.0.9"}"#,
+                "169.254.0.9 is not a valid link-local address",
+            ),
+            (
+                Put,
+                "/mmds/config",
+                r#"{"network_interfaces": ["eth0"], "version": "V3"}"#,
+                "unknown variant `V3`",
+            ),
             (Put, "/balloon", "{}", "balloon device"),
             (
                 Put,

@@ -4,7 +4,8 @@
 //!
 //! The guest: the project's kernel and busybox initramfs with the guest agent
 //! (`vmm-agent` on vsock port 52), 1 vCPU, 128 MiB, a read-only drive `data`
-//! with a known first sector, `eth0` with a static address on a TAP, and a
+//! with a known first sector, `eth0` with a static address on a TAP (and the
+//! metadata service, version 2, at 169.254.169.254 through it), and a
 //! vsock device (CID 3). It is saved at the initramfs shell, which reads
 //! commands from the console: a clone is given work by typing on its stdin,
 //! or through the agent over its vsock socket ([`vsock_path`]). The
@@ -280,6 +281,10 @@ fn boot_and_save(host: Host, dir: &Path, g: &Golden) -> Result<(), super::Outcom
             format!(
                 r#"{{"iface_id": "eth0", "host_dev_name": "vmmtap0", "guest_mac": "{GUEST_MAC}"}}"#
             ),
+        ),
+        (
+            "/mmds/config".into(),
+            r#"{"network_interfaces": ["eth0"], "version": "V2"}"#.into(),
         ),
         (
             "/vsock".into(),

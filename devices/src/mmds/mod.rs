@@ -141,6 +141,16 @@ impl Mmds {
         Ok(())
     }
 
+    /// Whether a PUT filled the store.
+    pub fn initialized(&self) -> bool {
+        self.initialized
+    }
+
+    /// Sets the largest size of the store, in bytes of JSON.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
+    }
+
     /// The store's contents (null before the first PUT).
     pub fn data(&self) -> &Value {
         &self.data
