@@ -17,7 +17,10 @@ pub fn image(tag: &str, fill: u8, sectors: usize) -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         let p = std::env::temp_dir().join(format!("vmm-fuzz-{tag}-{}.img", std::process::id()));
-        std::fs::File::create(&p).unwrap().write_all(&vec![fill; sectors * 512]).unwrap();
+        std::fs::File::create(&p)
+            .unwrap()
+            .write_all(&vec![fill; sectors * 512])
+            .unwrap();
         p
     })
 }
@@ -61,7 +64,14 @@ impl NetBackend for Sock {
 pub fn socket_pair() -> Sock {
     let mut fds = [0; 2];
     // SAFETY: socketpair writes two new descriptors into `fds`.
-    let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK, 0, fds.as_mut_ptr()) };
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
     assert_eq!(rc, 0);
     // SAFETY: both descriptors are new and owned here.
     unsafe { Sock(OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }

@@ -8,9 +8,9 @@ mod common;
 
 use std::sync::Arc;
 
+use common::NoIrq;
 use devices::virtio::block::Block;
 use devices::virtio::{Interrupt, VirtioDevice};
-use common::NoIrq;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -40,6 +40,7 @@ fuzz_target!(|data: &[u8]| {
     q.set_ready(true);
     q.set_event_idx(data.first().is_some_and(|b| b & 1 == 1));
     let mut dev = Block::open(common::image("blk", 0x5a, 64), true, Some("fuzz")).unwrap();
-    dev.activate(mem, vec![q], Interrupt::new(Arc::new(NoIrq))).unwrap();
+    dev.activate(mem, vec![q], Interrupt::new(Arc::new(NoIrq)))
+        .unwrap();
     let _ = dev.process_queue(0);
 });

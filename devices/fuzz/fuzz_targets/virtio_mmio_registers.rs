@@ -7,11 +7,11 @@ mod common;
 
 use std::sync::Arc;
 
+use common::NoIrq;
 use devices::bus::BusDevice;
 use devices::virtio::block::Block;
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::Interrupt;
-use common::NoIrq;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 

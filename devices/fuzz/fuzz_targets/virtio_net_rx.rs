@@ -20,7 +20,9 @@ const QSIZE: u16 = 16;
 
 fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    let Some((&flags, data)) = data.split_first() else { return };
+    let Some((&flags, data)) = data.split_first() else {
+        return;
+    };
     // Frame lengths waiting in the backend: three, from 0 to 8191 bytes.
     let (lens, data) = data.split_at(data.len().min(6));
     // Receive queue rings at 0x1000: descriptor table, then available ring; the
@@ -29,11 +31,13 @@ fuzz_target!(|data: &[u8]| {
     let (avail, bufs) = rest.split_at(rest.len().min(4 + 2 * QSIZE as usize));
     mem.write_slice(desc, GuestAddress(0x1000)).unwrap();
     mem.write_slice(avail, GuestAddress(0x2000)).unwrap();
-    mem.write_slice(&bufs[..bufs.len().min(0x10000)], GuestAddress(0x10000)).unwrap();
+    mem.write_slice(&bufs[..bufs.len().min(0x10000)], GuestAddress(0x10000))
+        .unwrap();
     let sock = socket_pair();
     let frame = [0x5au8; 8192];
     for pair in lens.chunks(2) {
-        let len = usize::from(u16::from_le_bytes([pair[0], *pair.get(1).unwrap_or(&0)])) % frame.len();
+        let len =
+            usize::from(u16::from_le_bytes([pair[0], *pair.get(1).unwrap_or(&0)])) % frame.len();
         // SAFETY: sends from a valid buffer of at least `len` bytes.
         unsafe { libc::send(sock.1.as_raw_fd(), frame.as_ptr().cast(), len, 0) };
     }
@@ -44,8 +48,15 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut dev = Net::new(sock, [2, 0, 0, 0, 0, 1]);
     dev.ack_features(features);
-    dev.activate(mem, vec![queue(0x1000, QSIZE, event_idx), queue(0x8000, QSIZE, event_idx)], Interrupt::new(Arc::new(NoIrq)))
-        .unwrap();
+    dev.activate(
+        mem,
+        vec![
+            queue(0x1000, QSIZE, event_idx),
+            queue(0x8000, QSIZE, event_idx),
+        ],
+        Interrupt::new(Arc::new(NoIrq)),
+    )
+    .unwrap();
     let _ = dev.process_queue(0);
     let _ = dev.process_backend();
     // The device cannot deliver more frames than the backend held. (The used

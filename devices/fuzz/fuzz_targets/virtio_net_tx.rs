@@ -25,11 +25,19 @@ fuzz_target!(|data: &[u8]| {
     let (avail, bufs) = rest.split_at(rest.len().min(4 + 2 * QSIZE as usize));
     mem.write_slice(desc, GuestAddress(0x8000)).unwrap();
     mem.write_slice(avail, GuestAddress(0x9000)).unwrap();
-    mem.write_slice(&bufs[..bufs.len().min(0x10000)], GuestAddress(0x10000)).unwrap();
+    mem.write_slice(&bufs[..bufs.len().min(0x10000)], GuestAddress(0x10000))
+        .unwrap();
     let sock = socket_pair();
     let event_idx = data.first().is_some_and(|b| b & 1 == 1);
     let mut dev = Net::new(sock, [2, 0, 0, 0, 0, 1]);
-    dev.activate(mem, vec![queue(0x1000, QSIZE, event_idx), queue(0x8000, QSIZE, event_idx)], Interrupt::new(Arc::new(NoIrq)))
-        .unwrap();
+    dev.activate(
+        mem,
+        vec![
+            queue(0x1000, QSIZE, event_idx),
+            queue(0x8000, QSIZE, event_idx),
+        ],
+        Interrupt::new(Arc::new(NoIrq)),
+    )
+    .unwrap();
     let _ = dev.process_queue(1);
 });

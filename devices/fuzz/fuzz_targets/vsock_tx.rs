@@ -47,13 +47,18 @@ fuzz_target!(|data: &[u8]| {
     let (avail, bufs) = rest.split_at(rest.len().min(4 + 2 * QSIZE as usize));
     mem.write_slice(desc, GuestAddress(0x8000)).unwrap();
     mem.write_slice(avail, GuestAddress(0x9000)).unwrap();
-    mem.write_slice(&bufs[..bufs.len().min(0x20000)], GuestAddress(0x10000)).unwrap();
+    mem.write_slice(&bufs[..bufs.len().min(0x20000)], GuestAddress(0x10000))
+        .unwrap();
     let uds = d.join("v.sock");
     let _ = std::fs::remove_file(&uds);
     let mut dev = Vsock::new(Muxer::new(3, &uds).unwrap());
     dev.activate(
         mem,
-        vec![queue(0x1000, QSIZE, false), queue(0x8000, QSIZE, false), queue(0x4000, QSIZE, false)],
+        vec![
+            queue(0x1000, QSIZE, false),
+            queue(0x8000, QSIZE, false),
+            queue(0x4000, QSIZE, false),
+        ],
         Interrupt::new(Arc::new(NoIrq)),
     )
     .unwrap();

@@ -124,18 +124,16 @@ pub struct MmdsStack {
 impl MmdsStack {
     /// An endpoint at `ip` serving `mmds`.
     pub fn new(ip: [u8; 4], mmds: SharedMmds) -> Self {
-        // Initial sequence numbers need not be secret on a link only the
-        // guest is on; they only have to differ between connections.
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
         MmdsStack {
             ip,
             mmds,
             conns: HashMap::new(),
             out: VecDeque::new(),
             ip_id: 0,
-            next_isn: seed,
+            // Initial sequence numbers need not be secret on a link only the
+            // guest is on; they only have to differ between connections (and
+            // being fixed makes the fuzz target reproducible).
+            next_isn: 0x6d6d_6473,
             born: 0,
         }
     }
@@ -153,7 +151,17 @@ impl MmdsStack {
         }
     }
 
+    /// Open connections.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
     /// Frames waiting for the guest.
+    pub fn queued(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Whether frames wait for the guest.
     pub fn has_frames(&self) -> bool {
         !self.out.is_empty()
     }
