@@ -92,6 +92,8 @@ struct Conn {
     /// Close once the response is out (the guest sent FIN, or asked to close).
     close_after: bool,
     fin_sent: bool,
+    /// The guest's FIN came.
+    peer_fin: bool,
     born: u64,
 }
 
@@ -337,9 +339,10 @@ impl MmdsStack {
                 c.rcv_nxt = c.rcv_nxt.wrapping_add(s.payload.len() as u32);
                 must_ack = true;
             }
-            if s.flags & FIN != 0 {
+            if s.flags & FIN != 0 && !c.peer_fin {
                 c.rcv_nxt = c.rcv_nxt.wrapping_add(1);
                 c.close_after = true;
+                c.peer_fin = true;
                 must_ack = true;
             }
         } else if !s.payload.is_empty() || s.flags & FIN != 0 {
@@ -352,7 +355,9 @@ impl MmdsStack {
             let frame = self.tcp_frame(&s, c.snd_nxt, c.rcv_nxt, ACK, 0, &[]);
             self.queue(frame);
         }
-        if c.fin_sent && c.snd_una == c.snd_nxt {
+        // Gone once both sides have closed and our FIN is acknowledged (a
+        // guest that never closes its side loses the connection to eviction).
+        if c.fin_sent && c.peer_fin && c.snd_una == c.snd_nxt {
             self.with_counters(|c| c.connections_destroyed += 1);
         } else {
             self.conns.insert(key, c);
@@ -387,6 +392,7 @@ impl MmdsStack {
             response: VecDeque::new(),
             close_after: false,
             fin_sent: false,
+            peer_fin: false,
             born: self.born,
         };
         let frame = self.tcp_frame(s, isn, c.rcv_nxt, SYN | ACK, OUR_MSS, &[]);

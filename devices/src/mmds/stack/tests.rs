@@ -151,9 +151,15 @@ fn a_get_over_tcp_is_answered_and_closed_as_asked() {
     assert!(out.iter().all(|o| o.ack == seq));
     let fin = out.last().unwrap();
     assert_eq!(fin.flags, FIN | ACK);
-    // The guest acknowledges our FIN and closes its side: the connection goes.
+    // The guest acknowledges our FIN, then closes its side: its FIN is
+    // acknowledged (not reset) and the connection goes.
     let end = fin.seq.wrapping_add(1);
+    assert!(s.detour(&tcp(40000, 80, seq, end, ACK, 65535, &[])));
+    assert!(drain(&mut s).is_empty());
+    assert_eq!(s.conns.len(), 1);
     assert!(s.detour(&tcp(40000, 80, seq, end, FIN | ACK, 65535, &[])));
+    let out = drain(&mut s);
+    assert_eq!((out.len(), out[0].flags, out[0].ack), (1, ACK, seq + 1));
     assert!(s.conns.is_empty());
     let c = m.lock().unwrap().counters;
     assert_eq!(
