@@ -4,6 +4,7 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod ring;
+pub mod rng;
 pub mod tap;
 pub mod vsock;
 
