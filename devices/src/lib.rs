@@ -89,4 +89,106 @@ pub(crate) mod test_util {
             Ok(())
         }
     }
+
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    /// Guest memory of 1 MiB with split rings for `n` queues of 16
+    /// descriptors (queue i's at 0x1000 + i * 0x4000), for device tests:
+    /// the test plays the driver.
+    pub struct Rings {
+        pub mem: GuestMemoryMmap,
+        next_desc: Vec<u16>,
+        avail_idx: Vec<u16>,
+    }
+
+    /// Size of each test queue.
+    pub const RING_SIZE: u16 = 16;
+    /// Where test buffers may go (past every ring).
+    pub const BUFFERS: u64 = 0x40000;
+    /// Size of the test guest memory.
+    pub const RING_MEM: usize = 0x100000;
+
+    impl Rings {
+        pub fn new(n: usize) -> Self {
+            Rings {
+                mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RING_MEM)]).unwrap(),
+                next_desc: vec![0; n],
+                avail_idx: vec![0; n],
+            }
+        }
+
+        fn base(q: usize) -> u64 {
+            0x1000 + q as u64 * 0x4000
+        }
+
+        /// Activates `dev` with ready queues of `max_size`, as its driver would.
+        pub fn activate(&self, dev: &mut dyn crate::virtio::VirtioDevice, max_size: u16) {
+            let irq = std::sync::Arc::new(CountingIrq::default());
+            dev.activate(
+                self.mem.clone(),
+                self.queues(max_size),
+                crate::virtio::Interrupt::new(irq),
+            )
+            .unwrap();
+        }
+
+        /// Ready queues, as a driver sets them up, for `activate`.
+        pub fn queues(&self, max_size: u16) -> Vec<virtio_queue::Queue> {
+            use virtio_queue::QueueT;
+            (0..self.next_desc.len())
+                .map(|i| {
+                    let b = Self::base(i);
+                    let mut q = virtio_queue::Queue::new(max_size).unwrap();
+                    q.set_size(RING_SIZE);
+                    q.set_desc_table_address(Some(b as u32), Some(0));
+                    q.set_avail_ring_address(Some((b + 0x1000) as u32), Some(0));
+                    q.set_used_ring_address(Some((b + 0x2000) as u32), Some(0));
+                    q.set_ready(true);
+                    q
+                })
+                .collect()
+        }
+
+        /// Makes a chain of (addr, len, device-writable) buffers available on `q`.
+        pub fn add_chain(&mut self, q: usize, descs: &[(u64, u32, bool)]) {
+            let b = Self::base(q);
+            let head = self.next_desc[q];
+            for (i, &(addr, len, writable)) in descs.iter().enumerate() {
+                let index = self.next_desc[q] % RING_SIZE;
+                let next = (index + 1) % RING_SIZE;
+                let flags =
+                    if writable { 2u16 } else { 0 } | if i + 1 < descs.len() { 1 } else { 0 };
+                let at = b + u64::from(index) * 16;
+                self.mem.write_obj(addr, GuestAddress(at)).unwrap();
+                self.mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+                self.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+                self.mem.write_obj(next, GuestAddress(at + 14)).unwrap();
+                self.next_desc[q] = self.next_desc[q].wrapping_add(1);
+            }
+            let avail = b + 0x1000;
+            let slot = avail + 4 + u64::from(self.avail_idx[q] % RING_SIZE) * 2;
+            self.mem
+                .write_obj(head % RING_SIZE, GuestAddress(slot))
+                .unwrap();
+            self.avail_idx[q] = self.avail_idx[q].wrapping_add(1);
+            self.mem
+                .write_obj(self.avail_idx[q], GuestAddress(avail + 2))
+                .unwrap();
+        }
+
+        /// The used ring of `q`: (head, length) in order.
+        pub fn used(&self, q: usize) -> Vec<(u32, u32)> {
+            let used = Self::base(q) + 0x2000;
+            let idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).unwrap();
+            (0..idx)
+                .map(|i| {
+                    let at = used + 4 + u64::from(i % RING_SIZE) * 8;
+                    (
+                        self.mem.read_obj(GuestAddress(at)).unwrap(),
+                        self.mem.read_obj(GuestAddress(at + 4)).unwrap(),
+                    )
+                })
+                .collect()
+        }
+    }
 }

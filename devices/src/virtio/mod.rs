@@ -1,5 +1,6 @@
 //! Virtio devices (virtio 1.2) and their MMIO transport.
 
+pub mod balloon;
 pub mod block;
 pub mod mmio;
 pub mod net;

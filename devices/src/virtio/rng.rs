@@ -113,13 +113,11 @@ impl Rng {
         let mut used = 0;
         let mut healthy = true;
         while used < ring::BUDGET {
-            let chain = match ring::pop_chain(q, mem) {
-                Ok(Some(c)) => c,
+            let (head, descs) = match ring::pop_descriptors(q, mem) {
+                Ok(Some(r)) => r,
                 Ok(None) => break,
                 Err(_) => return false,
             };
-            let head = chain.head_index();
-            let descs = ring::descriptors(chain, q.size()).unwrap_or_default();
             let wanted: usize = descs.iter().map(|d| d.len() as usize).sum();
             let usable = !descs.is_empty() && descs.iter().all(|d| d.is_write_only());
             let give = wanted.min(MAX_REQUEST_BYTES);

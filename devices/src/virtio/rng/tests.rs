@@ -1,84 +1,28 @@
 //! The entropy device against guest memory built in the test.
 
-use std::sync::Arc;
-
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
-use crate::test_util::CountingIrq;
-
-const DESC_TABLE: u64 = 0x1000;
-const AVAIL_RING: u64 = 0x3000;
-const USED_RING: u64 = 0x4000;
-const DATA: u64 = 0x10000;
-const MEM_SIZE: usize = 0x100000;
-const QSIZE: u16 = 16;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
+use crate::test_util::{Rings, BUFFERS as DATA, RING_MEM};
 
 struct Harness {
-    mem: GuestMemoryMmap,
+    rings: Rings,
     dev: Rng,
-    next_desc: u16,
-    avail_idx: u16,
 }
 
 impl Harness {
-    fn new(dev: Rng) -> Self {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let mut q = Queue::new(QUEUE_SIZE).unwrap();
-        q.set_size(QSIZE);
-        q.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
-        q.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
-        q.set_used_ring_address(Some(USED_RING as u32), Some(0));
-        q.set_ready(true);
-        let mut dev = dev;
-        let irq = Arc::new(CountingIrq::default());
-        dev.activate(mem.clone(), vec![q], Interrupt::new(irq))
-            .unwrap();
-        Harness {
-            mem,
-            dev,
-            next_desc: 0,
-            avail_idx: 0,
-        }
+    fn new(mut dev: Rng) -> Self {
+        let rings = Rings::new(1);
+        rings.activate(&mut dev, QUEUE_SIZE);
+        Harness { rings, dev }
     }
 
-    /// A chain of (addr, len, writable) descriptors, made available.
     fn add_chain(&mut self, descs: &[(u64, u32, bool)]) {
-        let head = self.next_desc;
-        for (i, &(addr, len, writable)) in descs.iter().enumerate() {
-            let index = self.next_desc;
-            let last = i + 1 == descs.len();
-            let flags = if writable { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
-            let at = DESC_TABLE + u64::from(index) * 16;
-            self.mem.write_obj(addr, GuestAddress(at)).unwrap();
-            self.mem.write_obj(len, GuestAddress(at + 8)).unwrap();
-            self.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
-            self.mem
-                .write_obj(index + 1, GuestAddress(at + 14))
-                .unwrap();
-            self.next_desc += 1;
-        }
-        let slot = AVAIL_RING + 4 + u64::from(self.avail_idx % QSIZE) * 2;
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail_idx += 1;
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(AVAIL_RING + 2))
-            .unwrap();
+        self.rings.add_chain(0, descs);
     }
 
     fn used(&self) -> Vec<(u32, u32)> {
-        let idx: u16 = self.mem.read_obj(GuestAddress(USED_RING + 2)).unwrap();
-        (0..idx)
-            .map(|i| {
-                let at = USED_RING + 4 + u64::from(i) * 8;
-                (
-                    self.mem.read_obj(GuestAddress(at)).unwrap(),
-                    self.mem.read_obj(GuestAddress(at + 4)).unwrap(),
-                )
-            })
-            .collect()
+        self.rings.used(0)
     }
 }
 
@@ -90,8 +34,9 @@ fn buffers_are_filled_with_random_bytes_across_descriptors() {
     assert_eq!(h.used(), [(0, 500)]);
     let mut a = vec![0u8; 100];
     let mut b = vec![0u8; 400];
-    h.mem.read_slice(&mut a, GuestAddress(DATA)).unwrap();
-    h.mem
+    h.rings.mem.read_slice(&mut a, GuestAddress(DATA)).unwrap();
+    h.rings
+        .mem
         .read_slice(&mut b, GuestAddress(DATA + 0x1000))
         .unwrap();
     // 500 random bytes: all zero, or all one value, would be a broken source.
@@ -107,7 +52,7 @@ fn read_only_buffers_are_refused_and_huge_ones_capped() {
     h.add_chain(&[(DATA, 64, false)]);
     h.add_chain(&[(DATA, 0x20000, true), (DATA + 0x20000, 0x20000, true)]);
     // Outside guest memory.
-    h.add_chain(&[(MEM_SIZE as u64 - 8, 64, true)]);
+    h.add_chain(&[(RING_MEM as u64 - 8, 64, true)]);
     assert!(h.dev.process_queue(0));
     let used = h.used();
     assert_eq!(used[0], (0, 0));
