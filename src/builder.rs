@@ -339,6 +339,30 @@ fn reopen_devices(
                     false,
                 ));
             }
+            VirtioDeviceState::Balloon(b) => {
+                let balloon = devices::virtio::balloon::Balloon::restore(b);
+                out.push((
+                    (
+                        (v.id.clone(), VirtioKind::Balloon, "balloon".to_string()),
+                        Box::new(balloon),
+                    ),
+                    false,
+                ));
+            }
+            VirtioDeviceState::Entropy => {
+                let Some(e) = &state.config.entropy else {
+                    return Err(Error::Snapshot(snapshot::Error::State(
+                        "The snapshot has no configuration for its entropy device.".into(),
+                    )));
+                };
+                out.push((
+                    (
+                        (v.id.clone(), VirtioKind::Entropy, "entropy".to_string()),
+                        Box::new(entropy_device(e)),
+                    ),
+                    false,
+                ));
+            }
             VirtioDeviceState::Vsock(vs) => {
                 let Some(cfg) = &state.config.vsock else {
                     return Err(Error::Snapshot(snapshot::Error::State(
@@ -407,12 +431,50 @@ fn open_devices(
             Box::new(Vsock::new(muxer)),
         ));
     }
+    if let Some(e) = &config.entropy {
+        devices.push((
+            (
+                snapshot::ENTROPY_ID.to_string(),
+                VirtioKind::Entropy,
+                "entropy".to_string(),
+            ),
+            Box::new(entropy_device(e)),
+        ));
+    }
+    if let Some(b) = &config.balloon {
+        let balloon = devices::virtio::balloon::Balloon::new(
+            b.amount_mib.saturating_mul(MIB_PAGES),
+            b.deflate_on_oom,
+            b.stats_polling_interval_s,
+        );
+        devices.push((
+            (
+                snapshot::BALLOON_ID.to_string(),
+                VirtioKind::Balloon,
+                "balloon".to_string(),
+            ),
+            Box::new(balloon),
+        ));
+    }
     Ok(devices)
 }
 
 /// How the log names the vsock device.
 fn vsock_label(v: &crate::config::VsockConfig) -> String {
     format!("vsock cid {} ({})", v.guest_cid, v.uds_path.display())
+}
+
+/// Balloon pages (4 KiB) in a MiB.
+pub const MIB_PAGES: u32 = 256;
+
+/// The entropy device as configured.
+fn entropy_device(e: &crate::config::EntropyConfig) -> devices::virtio::rng::Rng {
+    let (bandwidth, ops) = e
+        .rate_limiter
+        .as_ref()
+        .map(|l| l.buckets())
+        .unwrap_or_default();
+    devices::virtio::rng::Rng::new().with_rate_limiter(bandwidth, ops)
 }
 
 /// Applies a drive's configured rate limiter to its device.

@@ -28,6 +28,9 @@ pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=-1";
 /// Errors in a configuration; each names the field and the fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
+    /// A balloon larger than the guest.
+    #[error("balloon amount_mib {amount_mib} is more than the guest's {mem_size_mib} MiB of memory; give at most {mem_size_mib}.")]
+    BalloonTooLarge { amount_mib: u32, mem_size_mib: u64 },
     /// mmds-config without interfaces.
     #[error("mmds-config network_interfaces is empty; name the iface_id of at least one network interface.")]
     MmdsNoInterface,
@@ -584,9 +587,9 @@ pub struct VmConfig {
     /// Metrics set-up.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
-    /// Firecracker's `balloon` section: not implemented, refused by `validate`.
-    #[serde(default, skip_serializing)]
-    pub balloon: Option<serde_json::Value>,
+    /// The balloon device, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
     /// The vsock device, if any.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
@@ -597,9 +600,9 @@ pub struct VmConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub mmds_config: Option<MmdsConfig>,
-    /// Firecracker's `entropy` section: refused (not implemented yet).
-    #[serde(default, skip_serializing)]
-    pub entropy: Option<serde_json::Value>,
+    /// The entropy device (virtio-rng), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<EntropyConfig>,
     /// Firecracker's `cpu-config` section: refused (not implemented yet).
     #[serde(rename = "cpu-config", default, skip_serializing)]
     pub cpu_config: Option<serde_json::Value>,
@@ -678,8 +681,6 @@ impl VmConfig {
     /// are checked when the VM is built).
     pub fn validate(&self) -> Result<(), Error> {
         for (present, name) in [
-            (self.balloon.is_some(), "balloon"),
-            (self.entropy.is_some(), "entropy"),
             (self.cpu_config.is_some(), "cpu-config"),
             (self.pmem.is_some(), "pmem"),
             (self.serial.is_some(), "serial"),
@@ -690,6 +691,9 @@ impl VmConfig {
             }
         }
         self.machine_config.validate()?;
+        if let Some(b) = &self.balloon {
+            b.validate(self.machine_config.mem_size_mib)?;
+        }
         if let Some(v) = &self.vsock {
             v.validate()?;
         }
@@ -736,12 +740,68 @@ impl VmConfig {
                 return Err(Error::MmdsInterface(id.clone()));
             }
         }
-        let devices = self.drives.len() + self.network_interfaces.len();
+        let devices = self.drives.len()
+            + self.network_interfaces.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.entropy.is_some())
+            + usize::from(self.balloon.is_some());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(Error::TooManyDevices(devices));
         }
         Ok(())
     }
+}
+
+/// Firecracker's `balloon` object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    /// The target size of the balloon, in MiB.
+    pub amount_mib: u32,
+    /// Let the guest take pages back when it runs out of memory.
+    pub deflate_on_oom: bool,
+    /// Seconds between statistics updates (0: no statistics).
+    #[serde(default)]
+    pub stats_polling_interval_s: u16,
+    /// Free page hinting (refused: not implemented).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub free_page_hinting: bool,
+    /// Free page reporting (refused: not implemented).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub free_page_reporting: bool,
+}
+
+impl BalloonConfig {
+    /// Checks the size against the guest's memory and the features this
+    /// VMM has.
+    pub fn validate(&self, mem_size_mib: u64) -> Result<(), Error> {
+        if self.free_page_hinting || self.free_page_reporting {
+            return Err(Error::Unsupported(
+                "balloon free_page_hinting and free_page_reporting",
+            ));
+        }
+        check_balloon_size(self.amount_mib, mem_size_mib)
+    }
+}
+
+/// A balloon may not be larger than the guest's memory.
+pub fn check_balloon_size(amount_mib: u32, mem_size_mib: u64) -> Result<(), Error> {
+    if u64::from(amount_mib) > mem_size_mib {
+        return Err(Error::BalloonTooLarge {
+            amount_mib,
+            mem_size_mib,
+        });
+    }
+    Ok(())
+}
+
+/// Firecracker's `entropy` object: the virtio-rng device and its limit.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntropyConfig {
+    /// Bytes and requests per refill period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
 }
 
 /// Firecracker's `mmds-config`: which interfaces reach the metadata service,
@@ -899,7 +959,15 @@ mod tests {
             ),
             (
                 r#"{"balloon": {"amount_mib": 1}}"#,
-                "'balloon' is not supported",
+                "missing field `deflate_on_oom`",
+            ),
+            (
+                r#"{"balloon": {"amount_mib": 999, "deflate_on_oom": false}}"#,
+                "balloon amount_mib 999 is more than the guest's 128 MiB",
+            ),
+            (
+                r#"{"balloon": {"amount_mib": 1, "deflate_on_oom": false, "free_page_hinting": true}}"#,
+                "free_page_hinting and free_page_reporting' is not supported",
             ),
             (
                 r#"{"vsock": {"guest_cid": 2, "uds_path": "v"}}"#,

@@ -75,6 +75,10 @@ pub enum VirtioKind {
     Net,
     /// virtio-vsock: the VM's socket device.
     Vsock,
+    /// virtio-rng: the entropy device.
+    Entropy,
+    /// virtio-balloon.
+    Balloon,
 }
 
 /// One attached virtio device.
@@ -270,6 +274,14 @@ impl DeviceManager {
                         .as_any_mut()
                         .downcast_mut::<Vsock>()
                         .map(|v| VirtioDeviceState::Vsock(v.save())),
+                    VirtioKind::Entropy => d
+                        .as_any_mut()
+                        .downcast_mut::<devices::virtio::rng::Rng>()
+                        .map(|_| VirtioDeviceState::Entropy),
+                    VirtioKind::Balloon => d
+                        .as_any_mut()
+                        .downcast_mut::<devices::virtio::balloon::Balloon>()
+                        .map(|b| VirtioDeviceState::Balloon(b.save())),
                 });
                 let device = device.ok_or_else(|| {
                     crate::snapshot::Error::State(format!(

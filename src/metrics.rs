@@ -343,7 +343,26 @@ const VSOCK_KEYS: &[&str] = &[
     "rx_read_fails",
 ];
 /// Device groups of Firecracker's that this VMM has no device for: present, empty.
-const ABSENT_DEVICE_GROUPS: &[&str] = &["balloon", "entropy", "rtc", "vhost_user_block"];
+const ABSENT_DEVICE_GROUPS: &[&str] = &["rtc", "vhost_user_block"];
+/// Firecracker's balloon metrics.
+const BALLOON_KEYS: &[&str] = &[
+    "activate_fails",
+    "inflate_count",
+    "stats_updates_count",
+    "stats_update_fails",
+    "deflate_count",
+    "event_fails",
+];
+/// Firecracker's entropy metrics (one group: a VM has at most one).
+const ENTROPY_KEYS: &[&str] = &[
+    "activate_fails",
+    "entropy_event_fails",
+    "entropy_event_count",
+    "entropy_bytes",
+    "host_rng_fails",
+    "entropy_rate_limiter_throttled",
+    "rate_limiter_event_count",
+];
 
 /// Where metrics go, and the device counters already reported.
 pub struct MetricsSink {
@@ -457,6 +476,8 @@ impl MetricsSink {
             (VirtioKind::Block, "block", BLOCK_KEYS, true),
             (VirtioKind::Net, "net", NET_KEYS, true),
             (VirtioKind::Vsock, "vsock", VSOCK_KEYS, false),
+            (VirtioKind::Entropy, "entropy", ENTROPY_KEYS, false),
+            (VirtioKind::Balloon, "balloon", BALLOON_KEYS, false),
         ] {
             let mut sum: Vec<u64> = vec![0; keys.len()];
             for entry in devices.iter().flat_map(|d| &d.virtio) {

@@ -286,7 +286,10 @@ fn calls_out_of_order_are_refused_with_firecracker_s_rules() {
         ),
         "network interface 'eth9', which is not configured",
     );
-    assert_fault(curl(&sock, "GET", "/balloon", None), "balloon");
+    assert_fault(
+        curl(&sock, "GET", "/balloon", None),
+        "No balloon device is configured",
+    );
     assert_fault(
         curl(
             &sock,
@@ -421,12 +424,12 @@ fn bad_process_flags_and_files_are_one_line_errors() {
     let bad = tmp_path("api-bad-config.json");
     std::fs::write(
         &bad,
-        r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "balloon": {}}"#,
+        r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "balloon": {"amount_mib": 65, "deflate_on_oom": true}}"#,
     )
     .unwrap();
     assert_refused(
         &["--no-api", "--config-file", bad.to_str().unwrap()],
-        "'balloon' is not supported",
+        "balloon amount_mib 65 is more than the guest's 64 MiB of memory",
     );
     std::fs::write(
         &bad,

@@ -10,29 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::golden::{self, Netns};
-use common::{curl, host, tmp_path, Running};
-
-/// Types `cmd` on the guest's shell, which prints the marker line
-/// `<tag>-<n*11>:` followed by the command's output; returns that output.
-fn guest(vm: &mut Running, tag: &str, n: u32, cmd: &str) -> String {
-    vm.type_on_console(&format!("echo \"{tag}-$(({n} * 11)):$({cmd})\"\n"));
-    let marker = format!("{tag}-{}:", n * 11);
-    assert!(
-        vm.wait_for(&marker, Duration::from_secs(120)),
-        "no {marker}: {}",
-        vm.stdout_now()
-    );
-    // Let the rest of the line arrive.
-    std::thread::sleep(Duration::from_millis(300));
-    let out = vm.stdout_now();
-    let line = out
-        .lines()
-        .find(|l| l.contains(&marker) && !l.contains("$(("))
-        .unwrap_or_default();
-    line[line.find(&marker).unwrap() + marker.len()..]
-        .trim()
-        .to_string()
-}
+use common::{curl, host, tmp_path};
 
 const TOKEN: &str = "printf 'PUT /latest/api/token HTTP/1.1\\r\\nX-metadata-token-ttl-seconds: 60\\r\\nConnection: close\\r\\n\\r\\n' | nc 169.254.169.254 80 | tail -n 1";
 
@@ -72,22 +50,22 @@ fn a_restored_guest_reads_the_store_with_a_session_token_and_sees_a_patch() {
     assert_eq!(got["latest"]["meta-data"]["hostname"], "clone-1");
 
     vm.type_on_console(&format!("T=$({TOKEN})\n"));
-    let token = guest(&mut vm, "TOK", 1, "echo $T");
-    let ami = guest(&mut vm, "AMI", 2, &get("/latest/meta-data/ami-id"));
-    let listing = guest(&mut vm, "LIST", 3, &get("/latest/meta-data/"));
+    let token = golden::shell(&mut vm, "TOK", 1, "echo $T");
+    let ami = golden::shell(&mut vm, "AMI", 2, &get("/latest/meta-data/ami-id"));
+    let listing = golden::shell(&mut vm, "LIST", 3, &get("/latest/meta-data/"));
     let patch = r#"{"latest": {"meta-data": {"hostname": "renamed", "ami-id": null}}}"#;
     assert_eq!(
         curl(&sock, "PATCH", "/mmds", Some(patch)),
         (204, String::new())
     );
-    let renamed = guest(&mut vm, "HOST", 4, &get("/latest/meta-data/hostname"));
-    let gone = guest(
+    let renamed = golden::shell(&mut vm, "HOST", 4, &get("/latest/meta-data/hostname"));
+    let gone = golden::shell(
         &mut vm,
         "GONE",
         5,
         &format!("{} | head -n 1", request("/latest/meta-data/ami-id")),
     );
-    let refused = guest(
+    let refused = golden::shell(
         &mut vm,
         "NOTOKEN",
         6,

@@ -6,6 +6,7 @@
 use std::os::unix::fs::FileTypeExt;
 use std::time::Instant;
 
+use devices::virtio::balloon::Balloon;
 use devices::virtio::block::{open_image, Block, Error as BlockError};
 use serde_json::json;
 
@@ -15,6 +16,7 @@ use crate::config::VmConfig;
 use crate::device_manager::VirtioKind;
 use crate::metrics::{MetricsSink, METRICS};
 use crate::runtime::EventLoop;
+use crate::snapshot::BALLOON_ID;
 use crate::vmm::{RestoreOptions, Vmm};
 
 /// The API level this VMM implements, reported as Firecracker's version.
@@ -54,6 +56,13 @@ fn count(req: &ApiRequest, failed: bool) {
         ApiRequest::GetVersion => return get(&m.get_api_requests.vmm_version_count),
         ApiRequest::GetMachineConfig => return get(&m.get_api_requests.machine_cfg_count),
         ApiRequest::GetMmds => return get(&m.get_api_requests.mmds_count),
+        // Firecracker keeps no request counters for the entropy device.
+        ApiRequest::PutEntropy(_) => return,
+        ApiRequest::PutBalloon(_)
+        | ApiRequest::PatchBalloon(_)
+        | ApiRequest::GetBalloon
+        | ApiRequest::GetBalloonStats
+        | ApiRequest::PatchBalloonStats(_) => return,
         ApiRequest::GetVmConfig => return,
         // Firecracker reports snapshots through latencies_us only.
         ApiRequest::CreateSnapshot(_) | ApiRequest::LoadSnapshot(_) => return,
@@ -316,6 +325,31 @@ impl Controller {
                     Err(e) => bad(e),
                 }
             }
+            ApiRequest::PutBalloon(b) => configure(vmm, |cfg| cfg.balloon = Some(b.clone())),
+            ApiRequest::GetBalloon => match &vmm.config().balloon {
+                Some(b) => ok_json(b),
+                None => bad(NO_BALLOON),
+            },
+            ApiRequest::PatchBalloon(u) => patch_balloon(vmm, u.amount_mib),
+            ApiRequest::GetBalloonStats => balloon_stats(vmm),
+            ApiRequest::PatchBalloonStats(u) => {
+                let secs = u.stats_polling_interval_s;
+                match with_device(vmm, VirtioKind::Balloon, BALLOON_ID, |b: &mut Balloon| {
+                    b.set_stats_interval(secs)
+                }) {
+                    Err(resp) => resp,
+                    Ok(Err(why)) => bad(why),
+                    Ok(Ok(())) => {
+                        vmm.config_runtime_update(|c| {
+                            if let Some(b) = c.balloon.as_mut() {
+                                b.stats_polling_interval_s = secs;
+                            }
+                        });
+                        Response::no_content()
+                    }
+                }
+            }
+            ApiRequest::PutEntropy(e) => configure(vmm, |cfg| cfg.entropy = Some(e.clone())),
             ApiRequest::PutMmdsConfig(c) => configure(vmm, |cfg| cfg.mmds_config = Some(c.clone())),
             ApiRequest::PatchDrive(p) => patch_drive(vmm, p),
             ApiRequest::PatchNetworkInterface(p) => {
@@ -405,6 +439,88 @@ fn configure_as(
 
 /// A new image (or rate limiter) for a drive of a running VM: the device
 /// serves the new file and the guest is told its capacity changed.
+const NO_BALLOON: &str = "No balloon device is configured; PUT /balloon before the start.";
+
+/// Firecracker's names of the virtio balloon statistics, by tag.
+const BALLOON_STAT_NAMES: [&str; 16] = [
+    "swap_in",
+    "swap_out",
+    "major_faults",
+    "minor_faults",
+    "free_memory",
+    "total_memory",
+    "available_memory",
+    "disk_caches",
+    "hugetlb_allocations",
+    "hugetlb_failures",
+    "oom_kill",
+    "alloc_stall",
+    "async_scan",
+    "direct_scan",
+    "async_reclaim",
+    "direct_reclaim",
+];
+
+/// A new target size for the running balloon; the driver is told through a
+/// configuration change.
+fn patch_balloon(vmm: &mut Vmm, amount_mib: u32) -> Response {
+    let Some(mut cfg) = vmm.config().balloon.clone() else {
+        return bad(NO_BALLOON);
+    };
+    if let Err(e) =
+        crate::config::check_balloon_size(amount_mib, vmm.config().machine_config.mem_size_mib)
+    {
+        return bad(e);
+    }
+    let Some(entry) = vmm
+        .devices()
+        .and_then(|d| d.find(VirtioKind::Balloon, BALLOON_ID))
+    else {
+        return bad(NO_BALLOON);
+    };
+    let mut t = entry.transport.lock().unwrap_or_else(|e| e.into_inner());
+    let set = t.with_device(|d| {
+        d.as_any_mut()
+            .downcast_mut::<Balloon>()
+            .map(|b| b.set_target_pages(amount_mib.saturating_mul(crate::builder::MIB_PAGES)))
+    });
+    if set.is_none() {
+        return bad(NO_BALLOON);
+    }
+    t.config_changed();
+    drop(t);
+    cfg.amount_mib = amount_mib;
+    vmm.config_runtime_update(|c| c.balloon = Some(cfg));
+    Response::no_content()
+}
+
+/// The balloon's sizes and the guest's latest statistics, under
+/// Firecracker's names (in bytes where virtio counts pages of memory).
+fn balloon_stats(vmm: &Vmm) -> Response {
+    let read = with_device(vmm, VirtioKind::Balloon, BALLOON_ID, |b: &mut Balloon| {
+        (b.target_pages(), b.actual_pages(), b.stats().cloned())
+    });
+    let (target, actual, stats) = match read {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let Some(stats) = stats else {
+        return bad("Balloon statistics are not enabled; set stats_polling_interval_s in PUT /balloon before the start.");
+    };
+    let pages = crate::builder::MIB_PAGES;
+    let mut out = serde_json::Map::new();
+    out.insert("target_pages".into(), target.into());
+    out.insert("actual_pages".into(), actual.into());
+    out.insert("target_mib".into(), (target / pages).into());
+    out.insert("actual_mib".into(), (actual / pages).into());
+    for (tag, value) in stats {
+        if let Some(name) = BALLOON_STAT_NAMES.get(usize::from(tag)) {
+            out.insert((*name).into(), value.into());
+        }
+    }
+    ok_json(&out)
+}
+
 /// Runs `f` on the started device `id` of `kind`, under its locks; a 400
 /// if there is no such device.
 fn with_device<T: 'static, R>(

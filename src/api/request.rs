@@ -9,8 +9,8 @@ use serde::Deserialize;
 
 use super::http::{Method, Request, Response};
 use crate::config::{
-    self, BootSource, Drive, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
-    MmdsConfig, NetworkInterface, RateLimiter, VsockConfig,
+    self, BalloonConfig, BootSource, Drive, EntropyConfig, LoggerConfig, MachineConfig,
+    MachineConfigUpdate, MetricsConfig, MmdsConfig, NetworkInterface, RateLimiter, VsockConfig,
 };
 
 /// `PATCH /drives/{id}`: a new image for a running VM.
@@ -228,6 +228,34 @@ pub enum ApiRequest {
     PatchMmds(serde_json::Value),
     /// `PUT /mmds/config`.
     PutMmdsConfig(MmdsConfig),
+    /// `PUT /entropy`.
+    PutEntropy(EntropyConfig),
+    /// `PUT /balloon`.
+    PutBalloon(BalloonConfig),
+    /// `PATCH /balloon`: a new target size.
+    PatchBalloon(BalloonUpdate),
+    /// `GET /balloon`.
+    GetBalloon,
+    /// `GET /balloon/statistics`.
+    GetBalloonStats,
+    /// `PATCH /balloon/statistics`.
+    PatchBalloonStats(BalloonStatsUpdate),
+}
+
+/// `PATCH /balloon`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonUpdate {
+    /// The new target size, in MiB.
+    pub amount_mib: u32,
+}
+
+/// `PATCH /balloon/statistics`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStatsUpdate {
+    /// The new polling interval, in seconds.
+    pub stats_polling_interval_s: u16,
 }
 
 impl ApiRequest {
@@ -244,6 +272,8 @@ impl ApiRequest {
                 | ApiRequest::PutMetrics(_)
                 | ApiRequest::PutVsock(_)
                 | ApiRequest::PutMmdsConfig(_)
+                | ApiRequest::PutEntropy(_)
+                | ApiRequest::PutBalloon(_)
                 | ApiRequest::Action(ActionType::InstanceStart)
                 | ApiRequest::LoadSnapshot(_)
         )
@@ -258,6 +288,9 @@ impl ApiRequest {
                 | ApiRequest::PatchVm(_)
                 | ApiRequest::Action(ActionType::SendCtrlAltDel)
                 | ApiRequest::CreateSnapshot(_)
+                | ApiRequest::PatchBalloon(_)
+                | ApiRequest::GetBalloonStats
+                | ApiRequest::PatchBalloonStats(_)
         )
     }
 }
@@ -307,8 +340,6 @@ fn check_ids(field: &'static str, path_id: &str, body_id: &str) -> Result<(), Re
 
 /// Features of Firecracker's API this VMM does not have yet.
 const UNSUPPORTED: &[(&str, &str)] = &[
-    ("balloon", "The balloon device (/balloon)"),
-    ("entropy", "The entropy device (/entropy)"),
     ("cpu-config", "CPU configuration (/cpu-config)"),
     ("pmem", "virtio-pmem (/pmem)"),
     ("serial", "Serial configuration (/serial)"),
@@ -413,6 +444,17 @@ pub fn parse(req: &Request) -> Result<ApiRequest, Response> {
             let v: VsockConfig = body(req)?;
             v.validate().map_err(|e| bad(e.to_string()))?;
             PutVsock(v)
+        }
+        (Method::Put, ["entropy"]) => PutEntropy(body(req)?),
+        (Method::Put, ["balloon"]) => PutBalloon(body(req)?),
+        (Method::Patch, ["balloon"]) => PatchBalloon(body(req)?),
+        (Method::Get, ["balloon"]) => GetBalloon,
+        (Method::Get, ["balloon", "statistics"]) => GetBalloonStats,
+        (Method::Patch, ["balloon", "statistics"]) => PatchBalloonStats(body(req)?),
+        (_, ["balloon", "hinting", ..]) => {
+            return Err(bad(
+                "Free page hinting is not supported by this VMM yet; inflate the balloon with PATCH /balloon instead.",
+            ))
         }
         (Method::Get, ["mmds"]) => GetMmds,
         (Method::Put, ["mmds"]) => PutMmds(body(req)?),
@@ -668,7 +710,8 @@ mod tests {
                 r#"{"network_interfaces": ["eth0"], "version": "V3"}"#,
                 "unknown variant `V3`",
             ),
-            (Put, "/balloon", "{}", "balloon device"),
+            (Put, "/balloon", "{}", "missing field `amount_mib`"),
+            (Patch, "/balloon/hinting/start", "{}", "Free page hinting"),
             (
                 Put,
                 "/snapshot/create",
@@ -712,7 +755,12 @@ mod tests {
                 r#"{"guest_cid": 1, "uds_path": "/v.sock"}"#,
                 "guest_cid 1 is reserved",
             ),
-            (Put, "/entropy", "{}", "entropy"),
+            (
+                Put,
+                "/entropy",
+                r#"{"rate_limiter": {"bytes": {}}}"#,
+                "unknown field `bytes`",
+            ),
         ] {
             let f = fault(parse(&req(m.clone(), p, b)));
             assert!(f.contains(want), "{m:?} {p} {b}: {f}");

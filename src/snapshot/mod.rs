@@ -69,6 +69,10 @@ pub struct MemoryRegionState {
 
 /// The device ID of the vsock device (Firecracker's default `vsock_id`).
 pub const VSOCK_ID: &str = "vsock";
+/// The device ID of the entropy device.
+pub const ENTROPY_ID: &str = "entropy";
+/// The device ID of the balloon.
+pub const BALLOON_ID: &str = "balloon";
 
 /// A virtio device's own state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +85,11 @@ pub enum VirtioDeviceState {
     /// The vsock device (its socket is the configuration's `uds_path`,
     /// which `vsock_override` may change).
     Vsock(VsockState),
+    /// The entropy device (nothing of its own beyond the transport; its rate
+    /// limit is the configuration's).
+    Entropy,
+    /// The balloon: its target and the size the guest reported.
+    Balloon(devices::virtio::balloon::BalloonState),
 }
 
 /// One virtio device: its ID in the configuration, where the guest finds it,
@@ -168,6 +177,8 @@ impl MicrovmState {
                     .map(|n| (n.iface_id.as_str(), 1)),
             )
             .chain(self.config.vsock.iter().map(|_| (VSOCK_ID, 2)))
+            .chain(self.config.entropy.iter().map(|_| (ENTROPY_ID, 3)))
+            .chain(self.config.balloon.iter().map(|_| (BALLOON_ID, 4)))
             .collect();
         let saved: Vec<(&str, u8)> = self
             .virtio
@@ -177,6 +188,8 @@ impl MicrovmState {
                     VirtioDeviceState::Block(_) => 0,
                     VirtioDeviceState::Net(_) => 1,
                     VirtioDeviceState::Vsock(_) => 2,
+                    VirtioDeviceState::Entropy => 3,
+                    VirtioDeviceState::Balloon(_) => 4,
                 };
                 (v.id.as_str(), kind)
             })
@@ -211,6 +224,14 @@ impl MicrovmState {
                     .vsock
                     .as_ref()
                     .is_some_and(|c| u64::from(c.guest_cid) == vs.guest_cid),
+                VirtioDeviceState::Entropy => v.id == ENTROPY_ID && self.config.entropy.is_some(),
+                VirtioDeviceState::Balloon(b) => {
+                    v.id == BALLOON_ID
+                        && self.config.balloon.as_ref().is_some_and(|c| {
+                            c.deflate_on_oom == b.deflate_on_oom
+                                && (c.stats_polling_interval_s == 0) == (b.stats_interval_s == 0)
+                        })
+                }
             };
             if !agrees {
                 return bad(format!(
@@ -288,6 +309,11 @@ pub fn describe(path: &Path) -> Result<String, Error> {
                     "read-write"
                 },
                 b.capacity
+            ),
+            VirtioDeviceState::Entropy => "virtio-rng: the entropy device".to_string(),
+            VirtioDeviceState::Balloon(b) => format!(
+                "virtio-balloon: target {} pages, guest reported {}",
+                b.num_pages, b.actual
             ),
             VirtioDeviceState::Vsock(vs) => format!(
                 "virtio-vsock: guest CID {}, socket {}",

@@ -5,8 +5,9 @@
 //! The guest: the project's kernel and busybox initramfs with the guest agent
 //! (`vmm-agent` on vsock port 52), 1 vCPU, 128 MiB, a read-only drive `data`
 //! with a known first sector, `eth0` with a static address on a TAP (and the
-//! metadata service, version 2, at 169.254.169.254 through it), and a
-//! vsock device (CID 3). It is saved at the initramfs shell, which reads
+//! metadata service, version 2, at 169.254.169.254 through it), an entropy
+//! device, a balloon (empty, statistics every second), and a vsock device
+//! (CID 3). It is saved at the initramfs shell, which reads
 //! commands from the console: a clone is given work by typing on its stdin,
 //! or through the agent over its vsock socket ([`vsock_path`]). The
 //! snapshot is built under a lock in the target's scratch directory, keyed by
@@ -282,6 +283,11 @@ fn boot_and_save(host: Host, dir: &Path, g: &Golden) -> Result<(), super::Outcom
                 r#"{{"iface_id": "eth0", "host_dev_name": "vmmtap0", "guest_mac": "{GUEST_MAC}"}}"#
             ),
         ),
+        ("/entropy".into(), "{}".into()),
+        (
+            "/balloon".into(),
+            r#"{"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1}"#.into(),
+        ),
         (
             "/mmds/config".into(),
             r#"{"network_interfaces": ["eth0"], "version": "V2"}"#.into(),
@@ -385,4 +391,33 @@ pub fn restore_cli(ns: &Netns, tap: &str, g: &Golden, name: &str) -> Running {
         .arg("--vsock-override")
         .arg(vsock_path(name));
     Running::start(cmd)
+}
+
+/// Types `cmd` on the guest's shell, which prints the marker line
+/// `<tag>-<n*11>:` followed by the command's output (the marker is computed
+/// by the shell, so the echo of the typed line does not match it); returns
+/// that output once its line is complete.
+pub fn shell(vm: &mut Running, tag: &str, n: u32, cmd: &str) -> String {
+    vm.type_on_console(&format!("echo \"{tag}-$(({n} * 11)):$({cmd})\"\n"));
+    let marker = format!("{tag}-{}:", n * 11);
+    assert!(
+        vm.wait_for(&marker, Duration::from_secs(120)),
+        "no {marker}: {}",
+        vm.stdout_now()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = vm.stdout_now();
+        if let Some(at) = out.find(&marker) {
+            let rest = &out[at + marker.len()..];
+            if let Some(end) = rest.find('\n') {
+                return rest[..end].trim().to_string();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{marker} line not ended: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
