@@ -243,7 +243,8 @@ pub struct RateLimiter {
 }
 
 impl TokenBucket {
-    fn device(&self) -> devices::rate_limiter::BucketConfig {
+    /// The bucket as the devices take it.
+    pub fn device(&self) -> devices::rate_limiter::BucketConfig {
         devices::rate_limiter::BucketConfig {
             size: self.size,
             one_time_burst: self.one_time_burst.unwrap_or(0),
@@ -609,9 +610,9 @@ pub struct VmConfig {
     /// Firecracker's `pmem` section: refused (not implemented yet).
     #[serde(default, skip_serializing)]
     pub pmem: Option<serde_json::Value>,
-    /// Firecracker's `serial` section: refused (not implemented yet).
-    #[serde(default, skip_serializing)]
-    pub serial: Option<serde_json::Value>,
+    /// Where the serial console goes, and its rate limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<SerialConfig>,
     /// Firecracker's `memory-hotplug` section: refused (not implemented yet).
     #[serde(rename = "memory-hotplug", default, skip_serializing)]
     pub memory_hotplug: Option<serde_json::Value>,
@@ -683,7 +684,6 @@ impl VmConfig {
         for (present, name) in [
             (self.cpu_config.is_some(), "cpu-config"),
             (self.pmem.is_some(), "pmem"),
-            (self.serial.is_some(), "serial"),
             (self.memory_hotplug.is_some(), "memory-hotplug"),
         ] {
             if present {
@@ -750,6 +750,18 @@ impl VmConfig {
         }
         Ok(())
     }
+}
+
+/// Firecracker's `serial` object.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    /// A file or named pipe that takes the console output instead of stdout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_out_path: Option<PathBuf>,
+    /// Bytes of output per refill period; the rest is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<TokenBucket>,
 }
 
 /// Firecracker's `balloon` object.

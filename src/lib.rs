@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod run;
 pub mod runtime;
 pub mod seccomp;
+pub mod serial;
 pub mod smoke;
 pub mod snapshot;
 pub mod terminal;

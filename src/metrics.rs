@@ -217,6 +217,7 @@ group!(SerialMetrics {
     missed_write_count: Counter,
     read_count: Counter,
     write_count: Counter,
+    rate_limiter_dropped_bytes: Counter,
 });
 group!(I8042Metrics {
     error_count: Counter,

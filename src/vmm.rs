@@ -119,6 +119,9 @@ pub enum Error {
     /// A snapshot cannot be taken or loaded.
     #[error(transparent)]
     Snapshot(#[from] snapshot::Error),
+    /// The serial output cannot be opened.
+    #[error(transparent)]
+    Serial(crate::serial::Error),
     /// The VMM thread's seccomp filter cannot be installed.
     #[error(transparent)]
     Seccomp(crate::seccomp::Error),
@@ -170,6 +173,9 @@ pub struct Vmm {
     boot_timer: bool,
     /// Something was configured (a snapshot can then no longer be loaded).
     configured: bool,
+    /// The `serial` configuration was applied to the console output (once:
+    /// a failed start may be retried).
+    serial_applied: bool,
     /// The vsock socket bound at `PUT /vsock`, for the start to use.
     vsock_backend: Option<devices::virtio::vsock::muxer::Muxer>,
     /// The metadata store (`/mmds`), served to the guest on the interfaces
@@ -200,6 +206,7 @@ impl Vmm {
             devices_paused: Arc::new(AtomicBool::new(false)),
             boot_timer: false,
             configured: false,
+            serial_applied: false,
             vsock_backend: None,
             mmds,
             started: None,
@@ -287,6 +294,11 @@ impl Vmm {
     /// Builds the VM from its configuration and starts it.
     pub fn start(&mut self, el: &mut EventLoop) -> Result<(), Error> {
         self.check(Action::Start)?;
+        if let (Some(s), false) = (&self.config.serial, self.serial_applied) {
+            let mut current = self.serial_out.0.lock().unwrap_or_else(|e| e.into_inner());
+            crate::serial::apply(s, &mut current).map_err(Error::Serial)?;
+            self.serial_applied = true;
+        }
         // A clone: a start that fails keeps the console for the next one.
         let out = Box::new(self.serial_out.clone());
         let built = builder::build_with(

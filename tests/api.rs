@@ -1070,3 +1070,91 @@ fn put_vsock_binds_its_socket_at_once_and_removes_it_at_exit() {
     vm.finish(TIMEOUT);
     assert!(!uds.exists(), "the socket goes with the VMM");
 }
+
+/// PUT /serial as Firecracker takes it: the console goes to the file (not
+/// stdout), at most at the bucket's rate; what is over it is dropped and
+/// counted in `uart.rate_limiter_dropped_bytes`; a path that cannot be
+/// opened is refused at once.
+#[test]
+fn serial_output_goes_to_its_file_at_its_rate() {
+    let out = tmp_path("api-serial.out");
+    let metrics = tmp_path("api-serial.metrics");
+    for p in [&out, &metrics] {
+        let _ = std::fs::remove_file(p);
+    }
+    let (vm, sock) = api_vmm("api-serial", &[]);
+    assert_fault(
+        curl(
+            &sock,
+            "PUT",
+            "/serial",
+            Some(r#"{"serial_out_path": "/nonexistent/dir/console"}"#),
+        ),
+        "Cannot open serial_out_path '/nonexistent/dir/console'",
+    );
+    // 200 bytes a second: about 6 of the counter guest's 34-byte lines.
+    let serial = format!(
+        r#"{{"serial_out_path": "{}", "rate_limiter": {{"size": 200, "refill_time": 1000}}}}"#,
+        out.display()
+    );
+    let calls = [
+        ("/serial", serial),
+        (
+            "/metrics",
+            format!(r#"{{"metrics_path": "{}"}}"#, metrics.display()),
+        ),
+        (
+            "/boot-source",
+            format!(
+                r#"{{"kernel_image_path": "{}"}}"#,
+                guest("counter").display()
+            ),
+        ),
+        (
+            "/actions",
+            r#"{"action_type": "InstanceStart"}"#.to_string(),
+        ),
+    ];
+    let started = std::time::Instant::now();
+    for (path, body) in &calls {
+        assert_eq!(curl(&sock, "PUT", path, Some(body)).0, 204, "PUT {path}");
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let flush = r#"{"action_type": "FlushMetrics"}"#;
+    assert_eq!(curl(&sock, "PUT", "/actions", Some(flush)).0, 204);
+    let (_, cfg) = curl(&sock, "GET", "/vm/config", None);
+    vm.signal(libc::SIGTERM);
+    let elapsed = started.elapsed().as_secs_f64();
+    let outcome = vm.finish(TIMEOUT);
+    let text = std::fs::read_to_string(&out).unwrap();
+    let dropped: u64 = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            json(l)["uart"]["rate_limiter_dropped_bytes"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .sum();
+    eprintln!(
+        "serial: {} bytes in the file after {elapsed:.2} s, {dropped} dropped",
+        text.len()
+    );
+    eprintln!("asserting: the guest's lines in the file, none on stdout, at most 200 + 200/s bytes, dropped bytes counted, GET /vm/config shows serial");
+    assert!(
+        text.starts_with("VMM-GUEST: count 0000000000000001"),
+        "{text}"
+    );
+    assert!(
+        !outcome.stdout.contains("VMM-GUEST: count"),
+        "{}",
+        outcome.stdout
+    );
+    assert!(
+        (text.len() as f64) <= 200.0 + 200.0 * elapsed + 1.0,
+        "{} bytes in {elapsed:.2} s",
+        text.len()
+    );
+    assert!(dropped > 0, "nothing was dropped");
+    assert_eq!(json(&cfg)["serial"]["rate_limiter"]["size"], 200, "{cfg}");
+}

@@ -57,7 +57,7 @@ fn count(req: &ApiRequest, failed: bool) {
         ApiRequest::GetMachineConfig => return get(&m.get_api_requests.machine_cfg_count),
         ApiRequest::GetMmds => return get(&m.get_api_requests.mmds_count),
         // Firecracker keeps no request counters for the entropy device.
-        ApiRequest::PutEntropy(_) => return,
+        ApiRequest::PutEntropy(_) | ApiRequest::PutSerial(_) => return,
         ApiRequest::PutBalloon(_)
         | ApiRequest::PatchBalloon(_)
         | ApiRequest::GetBalloon
@@ -324,6 +324,15 @@ impl Controller {
                     Ok(()) => Response::no_content(),
                     Err(e) => bad(e),
                 }
+            }
+            ApiRequest::PutSerial(s) => {
+                // The file is opened now, so a bad path fails this request.
+                if let Some(path) = &s.serial_out_path {
+                    if let Err(e) = crate::serial::open(path) {
+                        return bad(e);
+                    }
+                }
+                configure(vmm, |cfg| cfg.serial = Some(s.clone()))
             }
             ApiRequest::PutBalloon(b) => configure(vmm, |cfg| cfg.balloon = Some(b.clone())),
             ApiRequest::GetBalloon => match &vmm.config().balloon {

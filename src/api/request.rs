@@ -10,7 +10,8 @@ use serde::Deserialize;
 use super::http::{Method, Request, Response};
 use crate::config::{
     self, BalloonConfig, BootSource, Drive, EntropyConfig, LoggerConfig, MachineConfig,
-    MachineConfigUpdate, MetricsConfig, MmdsConfig, NetworkInterface, RateLimiter, VsockConfig,
+    MachineConfigUpdate, MetricsConfig, MmdsConfig, NetworkInterface, RateLimiter, SerialConfig,
+    VsockConfig,
 };
 
 /// `PATCH /drives/{id}`: a new image for a running VM.
@@ -232,6 +233,8 @@ pub enum ApiRequest {
     PutEntropy(EntropyConfig),
     /// `PUT /balloon`.
     PutBalloon(BalloonConfig),
+    /// `PUT /serial`.
+    PutSerial(SerialConfig),
     /// `PATCH /balloon`: a new target size.
     PatchBalloon(BalloonUpdate),
     /// `GET /balloon`.
@@ -274,6 +277,7 @@ impl ApiRequest {
                 | ApiRequest::PutMmdsConfig(_)
                 | ApiRequest::PutEntropy(_)
                 | ApiRequest::PutBalloon(_)
+                | ApiRequest::PutSerial(_)
                 | ApiRequest::Action(ActionType::InstanceStart)
                 | ApiRequest::LoadSnapshot(_)
         )
@@ -342,7 +346,6 @@ fn check_ids(field: &'static str, path_id: &str, body_id: &str) -> Result<(), Re
 const UNSUPPORTED: &[(&str, &str)] = &[
     ("cpu-config", "CPU configuration (/cpu-config)"),
     ("pmem", "virtio-pmem (/pmem)"),
-    ("serial", "Serial configuration (/serial)"),
     ("hotplug", "Memory hotplug (/hotplug)"),
 ];
 
@@ -447,6 +450,7 @@ pub fn parse(req: &Request) -> Result<ApiRequest, Response> {
         }
         (Method::Put, ["entropy"]) => PutEntropy(body(req)?),
         (Method::Put, ["balloon"]) => PutBalloon(body(req)?),
+        (Method::Put, ["serial"]) => PutSerial(body(req)?),
         (Method::Patch, ["balloon"]) => PatchBalloon(body(req)?),
         (Method::Get, ["balloon"]) => GetBalloon,
         (Method::Get, ["balloon", "statistics"]) => GetBalloonStats,
