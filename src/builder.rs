@@ -3,7 +3,6 @@
 //! tables → vCPUs.
 
 use std::io::Write;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -111,6 +110,9 @@ pub struct MicroVm {
     pub(crate) devices: DeviceManager,
     pub(crate) exit: Arc<ExitSignal>,
     pub(crate) started: Instant,
+    /// The userfaultfd behind guest memory restored with the Uffd backend
+    /// (kept open for the VM's life, as Firecracker keeps its copy).
+    pub(crate) uffd: Option<std::os::fd::OwnedFd>,
 }
 
 /// Builds a VM whose console output goes to `serial_out`. `started` is when the
@@ -180,6 +182,7 @@ pub fn build_with(
         devices,
         exit,
         started,
+        uffd: None,
     })
 }
 
@@ -193,7 +196,7 @@ pub fn build_with(
 pub fn build_from_snapshot(
     state: &MicrovmState,
     clock_realtime: bool,
-    mem_file: &Path,
+    mem_source: &snapshot::MemorySource,
     serial_out: Box<dyn Write + Send>,
     exit: Arc<ExitSignal>,
     started: Instant,
@@ -207,7 +210,7 @@ pub fn build_from_snapshot(
     let cpus = state.vcpus.len() as u32;
     let vm = vm::Vm::new()?;
     vm.check_vcpu_count(cpus)?;
-    let mem = snapshot::map_memory(mem_file, &state.memory)?;
+    let (mem, uffd) = snapshot::guest_memory(mem_source, &state.memory)?;
     vm.register_memory(&mem)?;
     vm.setup_irqchip()?;
     vm.restore_state(&state.vm, clock_realtime)?;
@@ -245,6 +248,7 @@ pub fn build_from_snapshot(
         devices,
         exit,
         started,
+        uffd,
     })
 }
 

@@ -174,7 +174,8 @@ fn main() {
                 vsock_override: r.vsock_override.clone(),
                 ..Default::default()
             };
-            vmm.load_snapshot(&r.snapshot, &r.mem, &options, &mut el)
+            let mem = vmm::snapshot::MemorySource::File(r.mem.clone());
+            vmm.load_snapshot(&r.snapshot, &mem, &options, &mut el)
         }
         None if boot.is_some() => vmm.start(&mut el),
         None => Ok(()),

@@ -173,6 +173,8 @@ pub struct Vmm {
     boot_timer: bool,
     /// Something was configured (a snapshot can then no longer be loaded).
     configured: bool,
+    /// The userfaultfd behind restored guest memory (Uffd backend).
+    uffd: Option<std::os::fd::OwnedFd>,
     /// The `serial` configuration was applied to the console output (once:
     /// a failed start may be retried).
     serial_applied: bool,
@@ -207,6 +209,7 @@ impl Vmm {
             boot_timer: false,
             configured: false,
             serial_applied: false,
+            uffd: None,
             vsock_backend: None,
             mmds,
             started: None,
@@ -319,13 +322,13 @@ impl Vmm {
         self.launch(built, el, false)
     }
 
-    /// Restores a VM from a snapshot's state file and memory file (only
-    /// before anything was configured, as in Firecracker), Running if
-    /// `options.resume`, else Paused.
+    /// Restores a VM from a snapshot's state file and its memory (a file, or
+    /// a page fault handler; only before anything was configured, as in
+    /// Firecracker), Running if `options.resume`, else Paused.
     pub fn load_snapshot(
         &mut self,
         snapshot: &Path,
-        mem_file: &Path,
+        mem_file: &snapshot::MemorySource,
         options: &RestoreOptions,
         el: &mut EventLoop,
     ) -> Result<(), Error> {
@@ -453,8 +456,10 @@ impl Vmm {
             vcpus,
             mut devices,
             started,
+            uffd,
             ..
         } = built;
+        self.uffd = uffd;
         if self.boot_timer {
             devices.add_boot_timer(started)?;
         }

@@ -159,11 +159,21 @@ fn assert_jailed(pid: u32, jail: &Jail, limit: &str) {
     assert_eq!((root.dev(), root.ino()), (jail_root.dev(), jail_root.ino()));
     assert!(Path::new(&format!("/proc/{pid}/root/vmm")).is_file());
     assert!(!Path::new(&format!("/proc/{pid}/root/etc")).exists());
+    // /dev/userfaultfd (a dynamic minor) as the host has it, if it does.
+    let uffd = std::fs::metadata("/dev/userfaultfd").ok().map(|m| {
+        (
+            "userfaultfd",
+            (libc::major(m.rdev()), libc::minor(m.rdev())),
+        )
+    });
     for (dev, rdev) in [
         ("kvm", (10, 232)),
         ("net/tun", (10, 200)),
         ("urandom", (1, 9)),
-    ] {
+    ]
+    .into_iter()
+    .chain(uffd)
+    {
         let m = std::fs::metadata(jail.root().join("dev").join(dev)).unwrap();
         assert_eq!((m.uid(), m.gid()), (UID, GID), "/dev/{dev}");
         let (major, minor) = (libc::major(m.rdev()), libc::minor(m.rdev()));

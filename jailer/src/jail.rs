@@ -103,11 +103,26 @@ fn remove_existing(p: &Path) -> Result<(), Error> {
     }
 }
 
+/// The host's /dev/userfaultfd (a misc device with a dynamic minor), read
+/// before the jail is entered: (major, minor), if the host has one.
+pub fn host_userfaultfd() -> Option<(u32, u32)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = fs::metadata("/dev/userfaultfd").ok()?;
+    m.file_type()
+        .is_char_device()
+        .then(|| (libc::major(m.rdev()), libc::minor(m.rdev())))
+}
+
 /// From inside the jail (after `enter`): copies the binary in from `exe`
-/// (opened on the host), makes /dev/kvm, /dev/net/tun and /dev/urandom,
+/// (opened on the host), makes /dev/kvm, /dev/net/tun, /dev/urandom and
+/// (if the host has it, for the Uffd snapshot backend) /dev/userfaultfd,
 /// and gives them and the root to uid:gid. Whatever stood at those paths is
 /// replaced; no path can lead out of the jail any more.
-pub fn furnish(exe: &mut fs::File, plan: &Plan) -> Result<(), Error> {
+pub fn furnish(
+    exe: &mut fs::File,
+    plan: &Plan,
+    userfaultfd: Option<(u32, u32)>,
+) -> Result<(), Error> {
     use std::os::unix::fs::OpenOptionsExt;
     let dest = Path::new("/").join(&plan.exec_name);
     remove_existing(&dest)?;
@@ -131,7 +146,8 @@ pub fn furnish(exe: &mut fs::File, plan: &Plan) -> Result<(), Error> {
         }
         fs::create_dir(dir).map_err(os("create the directory", dir))?;
     }
-    for (path, major, minor) in DEVICES {
+    let uffd = userfaultfd.map(|(major, minor)| ("dev/userfaultfd", major, minor));
+    for (path, major, minor) in DEVICES.into_iter().chain(uffd) {
         let node = Path::new("/").join(path);
         remove_existing(&node)?;
         let c = cstr(&node)?;

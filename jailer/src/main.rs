@@ -105,13 +105,14 @@ fn run(cli: args::Cli, start_us: u64, start_cpu_us: u64) -> Result<Infallible, E
             return Err(e);
         }
     };
+    let userfaultfd = jail::host_userfaultfd();
     if let Err(e) = jail::enter(&jail.root) {
         cgroups.remove();
         jail.remove();
         return Err(e);
     }
     // From here the host's file system is out of reach.
-    jail::furnish(&mut exe, &plan)?;
+    jail::furnish(&mut exe, &plan, userfaultfd)?;
     drop(exe);
     if let Some(fd) = &netns {
         process::join_netns(fd)?;

@@ -295,7 +295,7 @@ impl Controller {
                     vsock_override: l.vsock_override.clone(),
                     clock_realtime: l.clock_realtime,
                 };
-                let result = vmm.load_snapshot(&l.snapshot_path, &l.mem_file, &options, el);
+                let result = vmm.load_snapshot(&l.snapshot_path, &l.mem, &options, el);
                 let us = t.elapsed().as_micros() as u64;
                 METRICS.latencies_us.load_snapshot.set(us);
                 METRICS.latencies_us.vmm_load_snapshot.set(us);

@@ -13,6 +13,7 @@ use crate::config::{
     MachineConfigUpdate, MetricsConfig, MmdsConfig, NetworkInterface, RateLimiter, SerialConfig,
     VsockConfig,
 };
+use crate::snapshot::MemorySource;
 
 /// `PATCH /drives/{id}`: a new image for a running VM.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -170,8 +171,8 @@ pub struct VsockOverride {
 pub struct SnapshotLoad {
     /// The state file.
     pub snapshot_path: PathBuf,
-    /// The memory file.
-    pub mem_file: PathBuf,
+    /// The memory: a file, or a page fault handler's socket.
+    pub mem: MemorySource,
     /// Resume once loaded.
     pub resume: bool,
     /// TAP overrides.
@@ -351,20 +352,18 @@ const UNSUPPORTED: &[(&str, &str)] = &[
 
 /// Checks a snapshot load: exactly one memory source, a File backend.
 fn parse_load(p: SnapshotLoadParams) -> Result<SnapshotLoad, Response> {
-    let mem_file = match (p.mem_file_path, p.mem_backend) {
+    let mem = match (p.mem_file_path, p.mem_backend) {
         (Some(_), Some(_)) => {
             return Err(bad(
                 "Give either mem_backend or mem_file_path (deprecated), not both.",
             ))
         }
         (None, None) => return Err(bad("Give mem_backend with the memory file.")),
-        (Some(path), None) => path,
+        (Some(path), None) => MemorySource::File(path),
         (None, Some(b)) if b.backend_type == MemoryBackendType::Uffd => {
-            return Err(bad(
-                "The Uffd memory backend is not supported yet; give backend_type File.",
-            ))
+            MemorySource::Uffd(b.backend_path)
         }
-        (None, Some(b)) => b.backend_path,
+        (None, Some(b)) => MemorySource::File(b.backend_path),
     };
     if p.track_dirty_pages == Some(true) || p.enable_diff_snapshots == Some(true) {
         return Err(bad(
@@ -373,7 +372,7 @@ fn parse_load(p: SnapshotLoadParams) -> Result<SnapshotLoad, Response> {
     }
     Ok(SnapshotLoad {
         snapshot_path: p.snapshot_path,
-        mem_file,
+        mem,
         resume: p.resume_vm.unwrap_or(false),
         network_overrides: p.network_overrides.unwrap_or_default(),
         vsock_override: p.vsock_override.map(|v| v.uds_path),
@@ -743,8 +742,8 @@ mod tests {
             (
                 Put,
                 "/snapshot/load",
-                r#"{"snapshot_path": "s", "mem_backend": {"backend_type": "Uffd", "backend_path": "u"}}"#,
-                "Uffd memory backend is not supported",
+                r#"{"snapshot_path": "s", "mem_backend": {"backend_type": "Pipe", "backend_path": "u"}}"#,
+                "unknown variant `Pipe`",
             ),
             (
                 Put,
@@ -780,6 +779,17 @@ mod tests {
     }
 
     #[test]
+    fn a_uffd_backend_names_the_handler_socket() {
+        let body = r#"{"snapshot_path": "vm.snap",
+            "mem_backend": {"backend_type": "Uffd", "backend_path": "/run/uffd.sock"}}"#;
+        let Ok(ApiRequest::LoadSnapshot(l)) = parse(&req(Method::Put, "/snapshot/load", body))
+        else {
+            panic!("not a load");
+        };
+        assert_eq!(l.mem, MemorySource::Uffd("/run/uffd.sock".into()));
+    }
+
+    #[test]
     fn a_firecracker_1_16_snapshot_load_is_understood_whole() {
         let body = r#"{"snapshot_path": "vm.snap",
             "mem_backend": {"backend_type": "File", "backend_path": "vm.mem"},
@@ -794,7 +804,7 @@ mod tests {
             l,
             SnapshotLoad {
                 snapshot_path: "vm.snap".into(),
-                mem_file: "vm.mem".into(),
+                mem: MemorySource::File("vm.mem".into()),
                 resume: true,
                 network_overrides: vec![NetworkOverride {
                     iface_id: "eth0".into(),

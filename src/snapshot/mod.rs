@@ -9,6 +9,7 @@
 //! name before any vCPU runs. Not yet: diff snapshots, a userfaultfd backend.
 
 pub mod format;
+pub mod uffd;
 
 use std::path::Path;
 
@@ -433,6 +434,29 @@ fn write_sparse(file: &std::fs::File, bytes: &[u8], offset: u64) -> std::io::Res
 }
 
 /// Maps the memory file privately and lazily as the guest RAM `regions`.
+/// Where a restored VM's memory comes from (Firecracker's `mem_backend`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemorySource {
+    /// The memory file, mapped copy-on-write.
+    File(std::path::PathBuf),
+    /// A page fault handler listening on this Unix socket ([`uffd`]).
+    Uffd(std::path::PathBuf),
+}
+
+/// Guest memory from `source`, and the userfaultfd behind it if any.
+pub fn guest_memory(
+    source: &MemorySource,
+    regions: &[MemoryRegionState],
+) -> Result<(GuestMemoryMmap, Option<std::os::fd::OwnedFd>), Error> {
+    match source {
+        MemorySource::File(path) => Ok((map_memory(path, regions)?, None)),
+        MemorySource::Uffd(socket) => {
+            let (mem, fd) = uffd::guest_memory(socket, regions)?;
+            Ok((mem, Some(fd)))
+        }
+    }
+}
+
 pub fn map_memory(path: &Path, regions: &[MemoryRegionState]) -> Result<GuestMemoryMmap, Error> {
     let shown = path.display().to_string();
     let file = format::open_regular(path).map_err(|err| Error::MemoryFile {

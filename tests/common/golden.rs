@@ -348,6 +348,19 @@ pub fn restore_after(
     name: &str,
     before: &[(&str, String)],
 ) -> (Running, PathBuf) {
+    restore_from(ns, tap, g, name, before, ("File", &g.mem))
+}
+
+/// As [`restore_after`], with memory from `backend` (Firecracker's
+/// `mem_backend`: type and path).
+pub fn restore_from(
+    ns: &Netns,
+    tap: &str,
+    g: &Golden,
+    name: &str,
+    before: &[(&str, String)],
+    backend: (&str, &Path),
+) -> (Running, PathBuf) {
     let sock = super::tmp_path(&format!("{name}.sock"));
     // A socket left by an earlier run that was killed.
     let _ = std::fs::remove_file(vsock_path(name));
@@ -363,9 +376,10 @@ pub fn restore_after(
         );
     }
     let body = format!(
-        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true, "network_overrides": [{{"iface_id": "eth0", "host_dev_name": "{tap}"}}], "vsock_override": {{"uds_path": "{}"}}}}"#,
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "{}", "backend_path": "{}"}}, "resume_vm": true, "network_overrides": [{{"iface_id": "eth0", "host_dev_name": "{tap}"}}], "vsock_override": {{"uds_path": "{}"}}}}"#,
         g.snap.display(),
-        g.mem.display(),
+        backend.0,
+        backend.1.display(),
         vsock_path(name).display()
     );
     assert_eq!(

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod golden;
+pub mod uffd;
 
 use std::collections::BTreeMap;
 use std::io::Read;
