@@ -766,7 +766,11 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
     }
 
     fn queue_pending(&self, index: usize) -> bool {
-        index == TX && self.tx_more
+        // Frames of the metadata service left after a receive pass stopped
+        // at its budget: nothing else would bring the device back for them
+        // (the TAP's readiness does for its own frames).
+        let mmds_left = self.mmds_pending() && !self.rx_waiting_for_buffers;
+        (index == TX && self.tx_more) || ((index == TX || index == RX) && mmds_left)
     }
 
     fn process_backend(&mut self) -> bool {

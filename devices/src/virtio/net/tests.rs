@@ -692,3 +692,32 @@ fn frames_for_the_metadata_service_are_answered_without_reaching_the_backend() {
     assert!(h.dev.process_queue(TX));
     assert_eq!(h.peer_recv().as_deref(), Some(&other[..]));
 }
+
+#[test]
+fn metadata_frames_left_after_a_pass_budget_bring_the_device_back() {
+    use crate::mmds::stack::MmdsStack;
+    let mut h = Harness::with_queue_size(256);
+    let store = std::sync::Arc::new(std::sync::Mutex::new(crate::mmds::Mmds::new(1024)));
+    let mut stack = MmdsStack::new([169, 254, 169, 254], store);
+    // 300 SYNs to the service: 300 SYN-ACKs wait for the guest.
+    for port in 0..300u16 {
+        let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 8, 0];
+        f.extend_from_slice(&[0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 2]);
+        f.extend_from_slice(&[169, 254, 169, 254]);
+        f.extend_from_slice(&(1000 + port).to_be_bytes());
+        f.extend_from_slice(&[
+            0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0x10, 0, 0, 0, 0, 0,
+        ]);
+        assert!(stack.detour(&f));
+    }
+    h.dev.set_mmds(Some(stack));
+    for i in 0..256u64 {
+        h.add_chain(RX, &[(BUFS + i * 128, 128, true)]);
+    }
+    assert!(h.dev.process_rx());
+    assert_eq!(h.used(RX).len(), 256, "one pass's budget");
+    assert!(h.dev.queue_pending(RX), "frames are left: come back");
+    // Without buffers the device waits for the guest instead of spinning.
+    assert!(h.dev.process_queue(RX));
+    assert!(!h.dev.queue_pending(RX));
+}
