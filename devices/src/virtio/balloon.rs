@@ -32,6 +32,11 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const PAGE_SIZE: u64 = 4096;
 /// Bytes of one statistic: a 16-bit tag and a 64-bit value.
 const STAT_SIZE: usize = 10;
+/// Frame numbers one request may carry (Linux sends at most 256): a guest
+/// cannot hold the event loop with one huge request.
+pub const MAX_PFNS_PER_REQUEST: u32 = 4096;
+/// Statistics one buffer may carry (virtio defines 16 tags).
+const MAX_STATS_PER_BUFFER: usize = 64;
 
 const INFLATE: usize = 0;
 const DEFLATE: usize = 1;
@@ -164,11 +169,13 @@ impl Balloon {
                 Err(_) => return false,
             };
             let mut ok = !descs.is_empty();
+            let mut budget = MAX_PFNS_PER_REQUEST;
             for d in &descs {
-                if d.is_write_only() || d.len() % 4 != 0 {
+                if d.is_write_only() || d.len() % 4 != 0 || d.len() / 4 > budget {
                     ok = false;
-                    continue;
+                    break;
                 }
+                budget -= d.len() / 4;
                 for i in 0..d.len() / 4 {
                     let Some(at) = d.addr().checked_add(u64::from(i) * 4) else {
                         ok = false;
@@ -181,7 +188,10 @@ impl Balloon {
                             }
                         }
                         Ok(_) => {}
-                        Err(_) => ok = false,
+                        Err(_) => {
+                            ok = false;
+                            break;
+                        }
                     }
                 }
             }
@@ -234,7 +244,7 @@ impl Balloon {
                     ok = false;
                     continue;
                 }
-                let n = d.len() as usize / STAT_SIZE;
+                let n = (d.len() as usize / STAT_SIZE).min(MAX_STATS_PER_BUFFER);
                 for i in 0..n {
                     let mut raw = [0u8; STAT_SIZE];
                     let at = d.addr().checked_add((i * STAT_SIZE) as u64);
@@ -249,7 +259,10 @@ impl Balloon {
                                 self.stats.insert(tag, u64::from_le_bytes(v));
                             }
                         }
-                        _ => ok = false,
+                        _ => {
+                            ok = false;
+                            break;
+                        }
                     }
                 }
             }

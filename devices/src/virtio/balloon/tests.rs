@@ -109,3 +109,22 @@ fn statistics_are_read_held_and_handed_back_every_interval() {
     assert!(b.set_stats_interval(5).is_ok());
     assert!(Balloon::new(0, false, 0).set_stats_interval(1).is_err());
 }
+
+#[test]
+fn huge_or_unreadable_requests_end_quickly_and_are_counted() {
+    let mut b = Balloon::new(16, false, 1);
+    let mut r = started(&mut b);
+    let t = std::time::Instant::now();
+    // 4 GiB of "frame numbers" outside guest memory, then more than a
+    // request may carry inside it.
+    r.add_chain(0, &[(0x1_0000_0000, 0xffff_fffc, false)]);
+    r.add_chain(0, &[(BUFFERS, (MAX_PFNS_PER_REQUEST + 1) * 4, false)]);
+    // A statistics buffer of 4 GiB outside memory.
+    r.add_chain(2, &[(0x1_0000_0000, 0xffff_fff0, false)]);
+    assert!(b.process_queue(0));
+    assert!(b.process_queue(2));
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_eq!(r.used(0).len(), 2);
+    assert_eq!(b.counters().event_fails, 2);
+    assert_eq!(b.counters().stats_update_fails, 1);
+}
