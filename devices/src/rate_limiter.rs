@@ -172,7 +172,13 @@ impl RateLimiter {
     /// Pays for `ops` operations moving `bytes` bytes if every bucket can,
     /// else pays nothing, remembers the request for [`RateLimiter::wait`] and
     /// returns false.
-    pub fn consume(&mut self, ops: u64, bytes: u64, now: Instant) -> bool {
+    pub fn consume(&mut self, ops: u64, bytes: u64) -> bool {
+        // Without a bucket nothing is paid, and the clock is not read.
+        !self.limits() || self.consume_at(ops, bytes, Instant::now())
+    }
+
+    /// [`RateLimiter::consume`] at `now`.
+    pub fn consume_at(&mut self, ops: u64, bytes: u64, now: Instant) -> bool {
         if !self.limits() {
             return true;
         }
@@ -192,7 +198,12 @@ impl RateLimiter {
     /// Whether an operation of unknown size may start now: one operation and
     /// one byte can be paid. (A received frame is read first and paid for
     /// with [`RateLimiter::pay_after`].) Remembers a refusal like `consume`.
-    pub fn may_start(&mut self, now: Instant) -> bool {
+    pub fn may_start(&mut self) -> bool {
+        !self.limits() || self.may_start_at(Instant::now())
+    }
+
+    /// [`RateLimiter::may_start`] at `now`.
+    pub fn may_start_at(&mut self, now: Instant) -> bool {
         if !self.limits() {
             return true;
         }
@@ -209,7 +220,14 @@ impl RateLimiter {
     }
 
     /// Pays for an operation already done, even into debt.
-    pub fn pay_after(&mut self, ops: u64, bytes: u64, now: Instant) {
+    pub fn pay_after(&mut self, ops: u64, bytes: u64) {
+        if self.limits() {
+            self.pay_after_at(ops, bytes, Instant::now());
+        }
+    }
+
+    /// [`RateLimiter::pay_after`] at `now`.
+    pub fn pay_after_at(&mut self, ops: u64, bytes: u64, now: Instant) {
         if self.limits() {
             self.refill(now);
             self.pay(ops, bytes);
@@ -278,10 +296,10 @@ mod tests {
         let t0 = Instant::now();
         let mut l = RateLimiter::new(None, bucket(0, 100), t0);
         assert!(!l.limits());
-        assert!(l.consume(u64::MAX, u64::MAX, t0));
+        assert!(l.consume_at(u64::MAX, u64::MAX, t0));
         let mut l = RateLimiter::new(bucket(100, 0), None, t0);
         assert!(!l.limits());
-        assert!(l.consume(1, 1 << 40, t0));
+        assert!(l.consume_at(1, 1 << 40, t0));
         assert_eq!(l.wait(t0), None);
     }
 
@@ -291,33 +309,33 @@ mod tests {
         // 10 operations per 1000 ms.
         let mut l = RateLimiter::new(None, bucket(10, 1000), t0);
         for _ in 0..10 {
-            assert!(l.consume(1, 4096, t0));
+            assert!(l.consume_at(1, 4096, t0));
         }
-        assert!(!l.consume(1, 4096, t0));
+        assert!(!l.consume_at(1, 4096, t0));
         assert_eq!(l.throttled_events(), 1);
         // One token comes back every 100 ms.
         assert_eq!(l.wait(t0), Some(ms(100)));
-        assert!(!l.consume(1, 0, t0 + ms(99)));
-        assert!(l.consume(1, 0, t0 + ms(100)));
+        assert!(!l.consume_at(1, 0, t0 + ms(99)));
+        assert!(l.consume_at(1, 0, t0 + ms(100)));
         // After a long idle time the bucket is full, never fuller.
         let later = t0 + Duration::from_secs(60);
         for _ in 0..10 {
-            assert!(l.consume(1, 0, later));
+            assert!(l.consume_at(1, 0, later));
         }
-        assert!(!l.consume(1, 0, later));
+        assert!(!l.consume_at(1, 0, later));
     }
 
     #[test]
     fn both_buckets_must_pay_and_a_refusal_pays_nothing() {
         let t0 = Instant::now();
         let mut l = RateLimiter::new(bucket(1000, 1000), bucket(100, 1000), t0);
-        assert!(l.consume(1, 900, t0));
+        assert!(l.consume_at(1, 900, t0));
         // Bytes cannot pay 200: the operation bucket is not charged either.
-        assert!(!l.consume(1, 200, t0));
+        assert!(!l.consume_at(1, 200, t0));
         assert_eq!(l.wait(t0), Some(ms(100)));
-        assert!(l.consume(1, 100, t0));
+        assert!(l.consume_at(1, 100, t0));
         let mut ops_left = 0;
-        while l.consume(1, 0, t0) {
+        while l.consume_at(1, 0, t0) {
             ops_left += 1;
         }
         assert_eq!(ops_left, 98);
@@ -332,39 +350,39 @@ mod tests {
             refill_time_ms: 100,
         };
         let mut l = RateLimiter::new(Some(cfg), None, t0);
-        assert!(l.consume(1, 550, t0));
-        assert!(l.consume(1, 50, t0));
-        assert!(!l.consume(1, 1, t0));
+        assert!(l.consume_at(1, 550, t0));
+        assert!(l.consume_at(1, 50, t0));
+        assert!(!l.consume_at(1, 1, t0));
         // A long rest refills the bucket to its size only.
         let later = t0 + Duration::from_secs(10);
-        assert!(l.consume(1, 100, later));
-        assert!(!l.consume(1, 1, later));
+        assert!(l.consume_at(1, 100, later));
+        assert!(!l.consume_at(1, 1, later));
     }
 
     #[test]
     fn a_request_larger_than_the_bucket_needs_a_full_bucket_and_leaves_a_debt() {
         let t0 = Instant::now();
         let mut l = RateLimiter::new(bucket(1000, 100), None, t0);
-        assert!(l.consume(1, 1, t0));
-        assert!(!l.consume(1, 5000, t0));
+        assert!(l.consume_at(1, 1, t0));
+        assert!(!l.consume_at(1, 5000, t0));
         // Full again 0.1 ms after one byte was spent.
-        assert!(l.consume(1, 5000, t0 + ms(1)));
+        assert!(l.consume_at(1, 5000, t0 + ms(1)));
         // Owes 4000 bytes: nothing goes until 4000 + 1 byte refill (400.1 ms).
-        assert!(!l.consume(1, 1, t0 + ms(400)));
-        assert!(l.consume(1, 1, t0 + ms(402)));
+        assert!(!l.consume_at(1, 1, t0 + ms(400)));
+        assert!(l.consume_at(1, 1, t0 + ms(402)));
     }
 
     #[test]
     fn frames_of_unknown_size_start_when_a_token_is_there_and_are_paid_after() {
         let t0 = Instant::now();
         let mut l = RateLimiter::new(bucket(1500, 1000), None, t0);
-        assert!(l.may_start(t0));
-        l.pay_after(1, 3000, t0);
-        assert!(!l.may_start(t0));
+        assert!(l.may_start_at(t0));
+        l.pay_after_at(1, 3000, t0);
+        assert!(!l.may_start_at(t0));
         // 1500 bytes of debt and one more byte: 1000.67 ms at 1.5 bytes/ms.
         let w = l.wait(t0).expect("refused");
         assert!(w > ms(1000) && w < ms(1002), "{w:?}");
-        assert!(l.may_start(t0 + w));
+        assert!(l.may_start_at(t0 + w));
     }
 
     #[test]
@@ -376,7 +394,7 @@ mod tests {
         let mut now = t0;
         let mut moved: u64 = 0;
         while now < t0 + Duration::from_secs(5) {
-            if l.consume(1, 64 << 10, now) {
+            if l.consume_at(1, 64 << 10, now) {
                 moved += 64 << 10;
             } else {
                 now += l.wait(now).expect("refused");
@@ -391,15 +409,15 @@ mod tests {
     fn an_update_replaces_only_the_named_buckets() {
         let t0 = Instant::now();
         let mut l = RateLimiter::new(bucket(10, 1000), bucket(1, 1000), t0);
-        assert!(l.consume(1, 10, t0));
-        assert!(!l.consume(1, 1, t0));
+        assert!(l.consume_at(1, 10, t0));
+        assert!(!l.consume_at(1, 1, t0));
         // A new bandwidth bucket (full); the spent ops bucket stays.
         l.update(bucket(100, 1000), None, t0);
-        assert!(!l.consume(1, 1, t0));
+        assert!(!l.consume_at(1, 1, t0));
         // Disabling the ops bucket lets the bandwidth bucket alone decide.
         l.update(None, bucket(0, 0), t0);
-        assert!(l.consume(1, 100, t0));
-        assert!(!l.consume(1, 1, t0));
+        assert!(l.consume_at(1, 100, t0));
+        assert!(!l.consume_at(1, 1, t0));
         assert_eq!(l.throttled_events(), 3);
     }
 
@@ -407,8 +425,8 @@ mod tests {
     fn huge_settings_do_not_overflow() {
         let t0 = Instant::now();
         let mut l = RateLimiter::new(bucket(u64::MAX, u64::MAX), bucket(u64::MAX, 1), t0);
-        assert!(l.consume(u64::MAX, u64::MAX, t0));
-        assert!(l.consume(1, 1, t0 + Duration::from_secs(1 << 30)));
+        assert!(l.consume_at(u64::MAX, u64::MAX, t0));
+        assert!(l.consume_at(1, 1, t0 + Duration::from_secs(1 << 30)));
         let _ = l.wait(t0);
     }
 }

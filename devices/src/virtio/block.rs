@@ -475,8 +475,12 @@ impl Block {
                     healthy = false;
                     continue;
                 };
-                let (ops, bytes) = request_cost(&mem, &descs);
-                if !self.limiter.consume(ops, bytes, Instant::now()) {
+                // The header is read for the cost only when a bucket limits.
+                let allowed = !self.limiter.limits() || {
+                    let (ops, bytes) = request_cost(&mem, &descs);
+                    self.limiter.consume(ops, bytes)
+                };
+                if !allowed {
                     // Left in the ring: taken again when the limiter allows.
                     ring::unpop(&mut a.queue);
                     self.throttled = true;

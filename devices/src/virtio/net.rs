@@ -284,7 +284,7 @@ impl<B: NetBackend> Net<B> {
                     && descs.iter().all(|d| !d.is_write_only())
                     && (NET_HDR_SIZE..=NET_HDR_SIZE + MAX_FRAME).contains(&total);
                 let cost = (total.saturating_sub(NET_HDR_SIZE)) as u64;
-                if well_formed && !self.tx_limiter.consume(1, cost, Instant::now()) {
+                if well_formed && !self.tx_limiter.consume(1, cost) {
                     // Stays in the ring until the limiter allows it.
                     ring::unpop(q);
                     self.tx_throttled = true;
@@ -406,7 +406,7 @@ impl<B: NetBackend> Net<B> {
                 }
                 continue;
             }
-            if !self.rx_limiter.may_start(Instant::now()) {
+            if !self.rx_limiter.may_start() {
                 // The frame stays in the backend; the timer resumes reading.
                 self.rx_throttled = true;
                 break;
@@ -440,8 +440,7 @@ impl<B: NetBackend> Net<B> {
                 self.counters.rx_dropped += 1;
                 continue;
             }
-            self.rx_limiter
-                .pay_after(1, (n - NET_HDR_SIZE) as u64, Instant::now());
+            self.rx_limiter.pay_after(1, (n - NET_HDR_SIZE) as u64);
             let used = self.rx.consume(mem, n);
             if ring::add_used_all(q, mem, &used).is_err() {
                 healthy = false;
@@ -786,6 +785,10 @@ impl<B: NetBackend + 'static> VirtioDevice for Net<B> {
 
     fn throttled_for(&self) -> Option<std::time::Duration> {
         self.active.as_ref()?;
+        // Asked after every event: the clock is read only when held back.
+        if !self.rx_throttled && !self.tx_throttled {
+            return None;
+        }
         let now = Instant::now();
         let rx = self
             .rx_throttled

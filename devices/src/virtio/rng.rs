@@ -121,7 +121,7 @@ impl Rng {
             let wanted: usize = descs.iter().map(|d| d.len() as usize).sum();
             let usable = !descs.is_empty() && descs.iter().all(|d| d.is_write_only());
             let give = wanted.min(MAX_REQUEST_BYTES);
-            if usable && !self.limiter.consume(1, give as u64, Instant::now()) {
+            if usable && !self.limiter.consume(1, give as u64) {
                 ring::unpop(q);
                 self.throttled = true;
                 break;
