@@ -1127,15 +1127,7 @@ fn serial_output_goes_to_its_file_at_its_rate() {
     let elapsed = started.elapsed().as_secs_f64();
     let outcome = vm.finish(TIMEOUT);
     let text = std::fs::read_to_string(&out).unwrap();
-    let dropped: u64 = std::fs::read_to_string(&metrics)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            json(l)["uart"]["rate_limiter_dropped_bytes"]
-                .as_u64()
-                .unwrap_or(0)
-        })
-        .sum();
+    let dropped = metric_sum(&metrics, "uart", "rate_limiter_dropped_bytes");
     eprintln!(
         "serial: {} bytes in the file after {elapsed:.2} s, {dropped} dropped",
         text.len()

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::golden::{self, Netns};
-use common::{curl, host, tmp_path};
+use common::{curl, host, metric_sum, tmp_path};
 
 #[test]
 fn a_restored_guest_reads_its_entropy_device() {
@@ -45,18 +45,13 @@ fn a_restored_guest_reads_its_entropy_device() {
     let (_, cfg) = curl(&sock, "GET", "/vm/config", None);
     vm.type_on_console("poweroff -f\n");
     let outcome = vm.finish(Duration::from_secs(120));
-    let text = std::fs::read_to_string(&metrics).unwrap();
-    let bytes: u64 = text
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
-        .map(|v| v["entropy"]["entropy_bytes"].as_u64().unwrap_or(0))
-        .sum();
+    let bytes = metric_sum(&metrics, "entropy", "entropy_bytes");
     eprintln!("asserting: rng_current virtio_rng.0, 65536 bytes read, 256 distinct words in 1 KiB, entropy_bytes >= 66560, the device in GET /vm/config, exit 0");
     assert_eq!(
         (source.as_str(), count.as_str(), distinct.as_str()),
         ("virtio_rng.0", "65536", "256")
     );
-    assert!(bytes >= 65536 + 1024, "{text}");
+    assert!(bytes >= 65536 + 1024, "{bytes} entropy bytes");
     let cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
     assert!(cfg["entropy"].is_object(), "{cfg}");
     assert_eq!(outcome.code, Some(0), "{}", outcome.stderr);

@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::golden::{self, Netns};
-use common::{curl, host, tmp_path};
+use common::{curl, host, metric_sum, tmp_path};
 
 const TOKEN: &str = "printf 'PUT /latest/api/token HTTP/1.1\\r\\nX-metadata-token-ttl-seconds: 60\\r\\nConnection: close\\r\\n\\r\\n' | nc 169.254.169.254 80 | tail -n 1";
 
@@ -83,12 +83,7 @@ fn a_restored_guest_reads_the_store_with_a_session_token_and_sees_a_patch() {
     vm.type_on_console("poweroff -f\n");
     let outcome = vm.finish(Duration::from_secs(120));
     let text = std::fs::read_to_string(&metrics).unwrap();
-    let sum = |key: &str| -> u64 {
-        text.lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
-            .map(|v| v["mmds"][key].as_u64().unwrap_or(0))
-            .sum()
-    };
+    let sum = |key: &str| metric_sum(&metrics, "mmds", key);
     eprintln!("asserting: a 64-hex-digit token; ami-id and the key listing as stored; the PATCHed hostname; 404 for the removed key; 401 without a token; PUT /mmds/config refused after the start; mmds metrics; exit 0");
     assert!(
         token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()),

@@ -11,7 +11,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::golden::{self, Netns};
-use common::{curl, host, tmp_path, Running};
+use common::{curl, host, metric_sum, tmp_path, Running};
 
 /// Reads the whole 1 MiB data drive with a cold cache; the guest's seconds.
 fn read_disk(vm: &mut Running, n: u32) -> f64 {
@@ -140,12 +140,7 @@ fn patched_rate_limiters_slow_a_running_guests_disk_and_network_to_their_rate() 
     let outcome = vm.finish(Duration::from_secs(120));
 
     let text = std::fs::read_to_string(&metrics).unwrap();
-    let sum = |group: &str, key: &str| -> u64 {
-        text.lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
-            .map(|v| v[group][key].as_u64().unwrap_or(0))
-            .sum()
-    };
+    let sum = |group: &str, key: &str| metric_sum(&metrics, group, key);
     eprintln!("asserting: the limited disk read takes 6-30 s and twice the unlimited one; limited pings take >= 3.5 s and twice the unlimited ones, all replied; lifted limits are fast again; throttle metrics; GET /vm/config shows the merged limiters; exit 0");
     assert!(
         (6.0..30.0).contains(&limited) && limited > 2.0 * free,

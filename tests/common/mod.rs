@@ -73,6 +73,18 @@ pub fn tmp_path(name: &str) -> PathBuf {
     p
 }
 
+/// The sum of `group.key` over the lines of the metrics file at `path`
+/// (counters report what happened since the line before; a line without the
+/// key counts 0).
+pub fn metric_sum(path: &Path, group: &str, key: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .expect("the metrics file")
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+        .map(|v| v[group][key].as_u64().unwrap_or(0))
+        .sum()
+}
+
 /// One HTTP exchange with curl over the API socket: (status, body).
 pub fn curl(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
     let mut c = Command::new("curl");
