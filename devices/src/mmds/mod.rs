@@ -116,11 +116,6 @@ impl Mmds {
         self.imds_compat = imds_compat;
     }
 
-    /// The version the guest must speak.
-    pub fn version(&self) -> Version {
-        self.version
-    }
-
     /// Replaces the whole store.
     pub fn put(&mut self, data: Value) -> Result<(), Error> {
         self.check_size(&data)?;
@@ -144,11 +139,6 @@ impl Mmds {
     /// Whether a PUT filled the store.
     pub fn initialized(&self) -> bool {
         self.initialized
-    }
-
-    /// Sets the largest size of the store, in bytes of JSON.
-    pub fn set_limit(&mut self, limit: usize) {
-        self.limit = limit;
     }
 
     /// The store's contents (null before the first PUT).
