@@ -775,11 +775,12 @@ pub struct BalloonConfig {
     /// Seconds between statistics updates (0: no statistics).
     #[serde(default)]
     pub stats_polling_interval_s: u16,
-    /// Free page hinting (refused: not implemented).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    /// Free page hinting (refused: not implemented; shown as Firecracker
+    /// shows it).
+    #[serde(default)]
     pub free_page_hinting: bool,
     /// Free page reporting (refused: not implemented).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default)]
     pub free_page_reporting: bool,
 }
 

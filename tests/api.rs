@@ -1150,3 +1150,23 @@ fn serial_output_goes_to_its_file_at_its_rate() {
     assert!(dropped > 0, "nothing was dropped");
     assert_eq!(json(&cfg)["serial"]["rate_limiter"]["size"], 200, "{cfg}");
 }
+
+/// Answers compared with Firecracker 1.16's to the same requests: GET /mmds
+/// before any PUT is an empty object, and GET /balloon shows the hinting
+/// and reporting flags (false) beside the size.
+#[test]
+fn mmds_and_balloon_reads_answer_as_firecracker_does() {
+    let (vm, sock) = api_vmm("api-fc-answers", &[]);
+    assert_eq!(curl(&sock, "GET", "/mmds", None), (200, "{}".to_string()));
+    let balloon = r#"{"amount_mib": 16, "deflate_on_oom": true}"#;
+    assert_eq!(curl(&sock, "PUT", "/balloon", Some(balloon)).0, 204);
+    let (code, body) = curl(&sock, "GET", "/balloon", None);
+    assert_eq!(code, 200);
+    assert_eq!(
+        json(&body),
+        serde_json::json!({"amount_mib": 16, "deflate_on_oom": true, "stats_polling_interval_s": 0,
+            "free_page_hinting": false, "free_page_reporting": false})
+    );
+    vm.signal(libc::SIGTERM);
+    vm.finish(TIMEOUT);
+}

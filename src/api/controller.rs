@@ -306,10 +306,13 @@ impl Controller {
             }
             ApiRequest::GetMmds => {
                 let m = vmm.mmds().lock().unwrap_or_else(|e| e.into_inner());
-                if started && !m.initialized() {
-                    return bad(devices::mmds::Error::NotInitialized);
+                match (m.initialized(), started) {
+                    (true, _) => ok_json(m.data()),
+                    // Before any PUT: an empty store before the start (as
+                    // Firecracker answers), an error after it.
+                    (false, false) => ok_json(&json!({})),
+                    (false, true) => bad(devices::mmds::Error::NotInitialized),
                 }
-                ok_json(m.data())
             }
             ApiRequest::PutMmds(v) => {
                 let mut m = vmm.mmds().lock().unwrap_or_else(|e| e.into_inner());
