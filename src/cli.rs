@@ -76,6 +76,8 @@ pub enum Error {
 pub struct Cli {
     // --- Firecracker's process flags -------------------------------------
     /// Path of the Unix socket for the control API (Firecracker's REST API).
+    /// Without it, and without --no-api or this VMM's own VM flags (--kernel,
+    /// --restore), the API listens on /run/firecracker.socket, as Firecracker's does.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
     /// Instance ID: 1 to 64 ASCII letters, digits or '-'.
@@ -120,6 +122,9 @@ pub struct Cli {
     /// Prints the version (first line as Firecracker's, which tools parse) and exits.
     #[arg(long)]
     pub version: bool,
+    /// Prints the snapshot data format version this VMM writes and exits.
+    #[arg(long)]
+    pub snapshot_version: bool,
     /// Prints what the snapshot state file PATH holds (format version,
     /// vCPUs, memory, devices) and exits.
     #[arg(long, value_name = "PATH")]
@@ -212,14 +217,18 @@ pub struct Cli {
     pub log_level: Option<String>,
 }
 
+/// Where the API listens when no --api-sock is given (Firecracker's default).
+pub const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
+
 /// What `--version` prints. Tools that drive Firecracker (Kata Containers)
 /// read the second word of the first line as the Firecracker version they
 /// talk to: here the API level this VMM implements.
 pub fn version_text() -> String {
     format!(
-        "Firecracker v{} compatible: vmm {}\n",
+        "Firecracker v{}\n\nvmm {}: a microVM monitor that speaks Firecracker v{}'s interfaces\n",
         crate::api::controller::FIRECRACKER_API_VERSION,
-        env!("CARGO_PKG_VERSION")
+        env!("CARGO_PKG_VERSION"),
+        crate::api::controller::FIRECRACKER_API_VERSION,
     )
 }
 
@@ -274,10 +283,15 @@ impl Cli {
         if self.no_api && self.config_file.is_none() {
             return Err(Error::NoApiWithoutConfig);
         }
+        // Firecracker serves its API on a default socket unless told not
+        // to; this VMM's own ways to run a VM (--kernel, --restore) serve
+        // none unless --api-sock asks for one.
         let api_sock = if self.no_api {
             None
-        } else {
+        } else if self.api_sock.is_some() || self.kernel.is_some() || self.restore.is_some() {
             self.api_sock.clone()
+        } else {
+            Some(PathBuf::from(DEFAULT_API_SOCK))
         };
         if let Some(snapshot) = &self.restore {
             if let Some(flag) = self.vm_flag() {
@@ -732,7 +746,7 @@ mod tests {
                 &["--restore-mem", "m", "--api-sock", "s"][..],
                 Error::RestoreOptionAlone,
             ),
-            (&[][..], Error::NothingToRun),
+            (&["--memory", "1G"][..], Error::NothingToRun),
             (&["--no-api"][..], Error::NoApiWithoutConfig),
             (
                 &["--api-sock", "s", "--enable-pci"][..],
@@ -759,6 +773,22 @@ mod tests {
     }
 
     #[test]
+    fn the_api_listens_on_firecracker_s_default_socket_unless_told_otherwise() {
+        let plan = |args: &[&str]| cli(args).unwrap().plan().unwrap().api_sock;
+        assert_eq!(plan(&[]), Some(PathBuf::from("/run/firecracker.socket")));
+        assert_eq!(
+            plan(&["--api-sock", "/tmp/a.sock"]),
+            Some("/tmp/a.sock".into())
+        );
+        assert_eq!(
+            plan(&["--kernel", "k"]),
+            None,
+            "vmm's own flags serve no API"
+        );
+        assert_eq!(plan(&["--restore", "s", "--restore-mem", "m"]), None);
+    }
+
+    #[test]
     fn version_first_line_parses_as_firecracker_s() {
         let text = version_text();
         let first = text.lines().next().unwrap();
@@ -767,7 +797,8 @@ mod tests {
             word.trim_start_matches('v'),
             crate::api::controller::FIRECRACKER_API_VERSION
         );
-        assert!(first.contains(env!("CARGO_PKG_VERSION")));
+        assert_eq!(first, "Firecracker v1.16.1", "tools parse it with semver");
+        assert!(text.contains(env!("CARGO_PKG_VERSION")));
     }
 
     #[test]

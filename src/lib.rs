@@ -32,6 +32,7 @@ pub mod run;
 pub mod runtime;
 pub mod seccomp;
 pub mod serial;
+pub mod signals;
 pub mod smoke;
 pub mod snapshot;
 pub mod terminal;
@@ -46,7 +47,8 @@ pub const EXIT_VMM_ERROR: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
 /// Process exit status: the guest crashed (triple fault, KVM internal error).
 pub const EXIT_GUEST_CRASH: i32 = 3;
-/// Process exit status base for a stop by signal: 128 + the signal number.
+/// Process exit status base for a stop by signal: 128 + the signal number
+/// (Firecracker's own codes for the signals it defines: [`signals::exit_code`]).
 pub const EXIT_SIGNAL_BASE: i32 = 128;
 
 /// The process exit status for a VM outcome.
@@ -54,6 +56,6 @@ pub fn exit_status(exit: &exit::VmExit) -> i32 {
     match exit {
         exit::VmExit::PowerOff | exit::VmExit::Reset | exit::VmExit::Stopped => EXIT_OK,
         exit::VmExit::Crash(_) => EXIT_GUEST_CRASH,
-        exit::VmExit::Signal(s) => EXIT_SIGNAL_BASE + s,
+        exit::VmExit::Signal(s) => signals::exit_code(*s).unwrap_or(EXIT_SIGNAL_BASE + s),
     }
 }

@@ -115,6 +115,34 @@ pub fn init(level: LevelFilter) {
 /// Sets the instance ID written in each line of a log file.
 pub fn set_instance_id(id: &str) {
     STATE.lock().unwrap_or_else(|e| e.into_inner()).instance_id = id.to_string();
+    let _ = INSTANCE_ID.set(id.to_string());
+}
+
+/// The instance ID as first set, for writers that cannot take a lock (the
+/// signal handlers).
+pub(crate) static INSTANCE_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Whether log lines go to a file (`--log-path` or PUT /logger).
+pub fn has_file() -> bool {
+    STATE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .file
+        .is_some()
+}
+
+/// Writes `msg` to the log file only (when there is one), whatever the
+/// level: start-up failures and the exit line, which stderr shows its own way.
+pub fn to_file(level: log::Level, msg: std::fmt::Arguments) {
+    if has_file() {
+        LOGGER.log(
+            &Record::builder()
+                .args(msg)
+                .level(level)
+                .target("vmm")
+                .build(),
+        );
+    }
 }
 
 /// Parses a level: Firecracker's names (Error, Warning, Info, Debug, Trace,
@@ -219,7 +247,7 @@ fn utc_timestamp() -> String {
 }
 
 /// The calendar date of a day count since 1970-01-01 (proleptic Gregorian).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);

@@ -20,8 +20,28 @@ use vmm::vmm::{RestoreOptions, Vmm};
 use vmm::{exit_status, logger, terminal, EXIT_USAGE, EXIT_VMM_ERROR};
 
 fn usage_exit(msg: impl std::fmt::Display) -> ! {
+    exit_with_error(msg, EXIT_USAGE)
+}
+
+/// One line on stderr; in the log file (if any) the same line and
+/// Firecracker's exit line, which clients and its test framework read.
+fn exit_with_error(msg: impl std::fmt::Display, code: i32) -> ! {
     eprintln!("vmm: error: {msg}");
-    std::process::exit(EXIT_USAGE);
+    logger::to_file(log::Level::Error, format_args!("{msg}"));
+    exit_with(code)
+}
+
+/// Ends the process with `code`, after Firecracker's exit line.
+fn exit_with(code: i32) -> ! {
+    if code == 0 {
+        log::info!("Firecracker exiting successfully. exit_code=0");
+    } else {
+        logger::to_file(
+            log::Level::Error,
+            format_args!("Firecracker exiting with error. exit_code={code}"),
+        );
+    }
+    std::process::exit(code)
 }
 
 /// The metadata store as `--mmds-size-limit` (default: the API's largest
@@ -83,6 +103,10 @@ fn main() {
         print!("{}", vmm::cli::version_text());
         std::process::exit(0);
     }
+    if cli.snapshot_version {
+        println!("v{}", vmm::snapshot::format_version());
+        std::process::exit(0);
+    }
     if let Some(path) = &cli.describe_snapshot {
         match vmm::snapshot::describe(path) {
             Ok(text) => {
@@ -92,7 +116,19 @@ fn main() {
             Err(e) => usage_exit(e),
         }
     }
+    // The command line's logger first, so that start-up failures reach its file.
+    setup_logger(&cli, None);
+    log::info!(
+        "Running Firecracker v{}",
+        vmm::api::controller::FIRECRACKER_API_VERSION
+    );
+    if let Err(e) = vmm::signals::install() {
+        fail(format_args!("Cannot install the signal handlers: {e}."));
+    }
     let plan = cli.plan().unwrap_or_else(|e| usage_exit(e));
+    if plan.boot.as_ref().is_some_and(|b| b.logger.is_some()) {
+        setup_logger(&cli, plan.boot.as_ref());
+    }
     // Before any thread starts: each installs its role's filter.
     if !cli.no_seccomp {
         let filters = match &cli.seccomp_filter {
@@ -103,7 +139,6 @@ fn main() {
             .and_then(vmm::seccomp::configure)
             .unwrap_or_else(|e| usage_exit(e));
     }
-    setup_logger(&cli, plan.boot.as_ref());
     let mut controller = Controller {
         instance_id: cli.id.clone(),
         metrics: None,
@@ -145,7 +180,10 @@ fn main() {
             max_payload: cli.http_api_max_payload_size,
             ..ServerOptions::default()
         };
-        api::start(path, opts).unwrap_or_else(|e| usage_exit(e))
+        log::info!("Listening on API socket ({path:?}).");
+        let started = api::start(path, opts).unwrap_or_else(|e| usage_exit(e));
+        log::info!("API server started.");
+        started
     });
     record_startup_time(&cli, started);
     if let Some((_, endpoint)) = &api {
@@ -180,6 +218,9 @@ fn main() {
         None if boot.is_some() => vmm.start(&mut el),
         None => Ok(()),
     };
+    if started_vm.is_ok() && plan.restore.is_none() && boot.is_some() && cli.config_file.is_some() {
+        log::info!("Successfully started microvm that was configured from one single json");
+    }
     if let Err(e) = started_vm {
         // The API socket goes away with the process.
         if let Some((thread, endpoint)) = api {
@@ -230,7 +271,7 @@ fn main() {
         if let Ok(VmExit::Crash(report)) = &ended {
             eprintln!("vmm: guest crashed: {report}");
         }
-        std::process::exit(smoke.finish(&ended, status, cli.report.as_ref()));
+        exit_with(smoke.finish(&ended, status, cli.report.as_ref()));
     }
     match result {
         Ok(exit) => {
@@ -239,7 +280,7 @@ fn main() {
                 VmExit::Signal(s) => log::info!("stopped by signal {s}"),
                 other => log::info!("guest ended: {other:?}"),
             }
-            std::process::exit(exit_status(&exit));
+            exit_with(exit_status(&exit));
         }
         Err(e) => fail(e),
     }
@@ -274,11 +315,18 @@ const METRICS_PERIOD: Duration = Duration::from_secs(60);
 /// The logger as the flags and the configuration file say: `--level` (or
 /// `--log-level`/VMM_LOG), `--log-path`, `--show-level`, `--show-log-origin`.
 fn setup_logger(cli: &Cli, boot: Option<&vmm::config::VmConfig>) {
+    // Firecracker's default level for a log file is Info; on stderr this
+    // VMM shows warnings and errors unless asked for more.
+    let default = if cli.log_path.is_some() {
+        "info"
+    } else {
+        "warn"
+    };
     let level = cli
         .level
         .as_deref()
         .or(cli.log_level.as_deref())
-        .unwrap_or("warn");
+        .unwrap_or(default);
     let level = logger::parse_level(level).unwrap_or_else(|e| usage_exit(e));
     logger::init(level);
     logger::set_instance_id(&cli.id);
@@ -314,6 +362,5 @@ fn record_startup_time(cli: &Cli, started: Instant) {
 }
 
 fn fail(msg: impl std::fmt::Display) -> ! {
-    eprintln!("vmm: error: {msg}");
-    std::process::exit(EXIT_VMM_ERROR);
+    exit_with_error(msg, EXIT_VMM_ERROR)
 }

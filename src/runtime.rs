@@ -342,6 +342,7 @@ impl MutEventSubscriber for SignalWatch {
         if n as usize == size {
             if info.ssi_signo == libc::SIGHUP as u32 {
                 crate::metrics::METRICS.signals.sighup.set(1);
+                crate::signals::log_intercepted(libc::SIGHUP, info.ssi_code);
             }
             self.exit.raise(Ok(VmExit::Signal(info.ssi_signo as i32)));
         }

@@ -20,7 +20,7 @@ use crate::snapshot::BALLOON_ID;
 use crate::vmm::{RestoreOptions, Vmm};
 
 /// The API level this VMM implements, reported as Firecracker's version.
-pub const FIRECRACKER_API_VERSION: &str = "1.16.0";
+pub const FIRECRACKER_API_VERSION: &str = "1.16.1";
 
 /// What the VMM thread keeps for the API between requests.
 pub struct Controller {

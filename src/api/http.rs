@@ -696,7 +696,7 @@ fn json_string(s: &str) -> String {
 }
 
 /// The reason phrase for `status`; empty (allowed by RFC 9112) if unknown.
-fn reason(status: u16) -> &'static str {
+pub fn reason(status: u16) -> &'static str {
     match status {
         100 => "Continue",
         200 => "OK",

@@ -124,13 +124,17 @@ pub fn start(path: &Path, opts: ServerOptions) -> Result<(ApiThread, ApiEndpoint
                 return;
             }
             let mut handler = |req: http::Request| -> Response {
-                match request::parse(&req) {
+                let received = std::time::Instant::now();
+                log_request(&req);
+                let resp = match request::parse(&req) {
                     Ok(api_req) => forward(&tx, &thread_wake, api_req),
                     Err(resp) => {
                         count_parse_failure(&req);
                         resp
                     }
-                }
+                };
+                log_response(&resp, received);
+                resp
             };
             if let Err(e) = server.run(&mut handler, &thread_shutdown) {
                 log::error!("the API server stopped: {e}");
@@ -155,6 +159,46 @@ pub fn start(path: &Path, opts: ServerOptions) -> Result<(ApiThread, ApiEndpoint
         },
         ApiEndpoint { requests: rx, wake },
     ))
+}
+
+/// Logs a request as Firecracker does (clients and Firecracker's test
+/// framework read these lines): the method, the path and, except for the
+/// metadata store's contents, the body.
+fn log_request(req: &http::Request) {
+    let method = match &req.method {
+        http::Method::Get => "Get",
+        http::Method::Put => "Put",
+        http::Method::Patch => "Patch",
+        http::Method::Other(m) => m.as_str(),
+    };
+    let path = req.path.split('?').next().unwrap_or("");
+    if req.body.is_empty() || path.starts_with("/mmds") {
+        log::info!("The API server received a {method} request on {path:?}.");
+    } else {
+        let body = String::from_utf8_lossy(&req.body);
+        log::info!("The API server received a {method} request on {path:?} with body {body:?}.");
+    }
+}
+
+/// Logs how long a request took and, for a failure, its fault message.
+fn log_response(resp: &Response, received: std::time::Instant) {
+    if resp.status >= 400 {
+        let text = resp
+            .body
+            .as_deref()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+            .and_then(|v| v.get("fault_message")?.as_str().map(str::to_string))
+            .unwrap_or_default();
+        log::error!(
+            "Received Error. Status code: {} {}. Message: {text}",
+            resp.status,
+            http::reason(resp.status)
+        );
+    }
+    log::debug!(
+        "Total previous API call duration: {} us.",
+        received.elapsed().as_micros()
+    );
 }
 
 /// Hands a request to the VMM thread and waits for its answer.

@@ -187,8 +187,8 @@ pub fn install(program: &BpfProgram, role: Role) -> Result<(), Error> {
 
 /// Where the SIGSYS handler writes: the log file and the metrics file, if
 /// any (-1: none). Kept by the logger and the metrics sink.
-static LOG_FD: AtomicI32 = AtomicI32::new(-1);
-static METRICS_FD: AtomicI32 = AtomicI32::new(-1);
+pub(crate) static LOG_FD: AtomicI32 = AtomicI32::new(-1);
+pub(crate) static METRICS_FD: AtomicI32 = AtomicI32::new(-1);
 /// Faults recorded so far.
 static FAULTS: AtomicU64 = AtomicU64::new(0);
 
@@ -239,6 +239,9 @@ extern "C" fn sigsys_handler(_sig: i32, info: *mut libc::siginfo_t, _ctx: *mut l
     let nr = unsafe { *info.cast::<u8>().add(24).cast::<i32>() };
     let faults = FAULTS.fetch_add(1, Ordering::Relaxed) + 1;
     crate::metrics::METRICS.seccomp.num_faults.set(faults);
+    if code != SYS_SECCOMP {
+        crate::signals::log_intercepted(libc::SIGSYS, code);
+    }
     if code == SYS_SECCOMP {
         let role = match ROLE.with(|r| r.get()) {
             1 => "vmm",
@@ -278,7 +281,7 @@ extern "C" fn sigsys_handler(_sig: i32, info: *mut libc::siginfo_t, _ctx: *mut l
 }
 
 /// Wall-clock milliseconds (vDSO, no allocation).
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -288,32 +291,32 @@ fn now_ms() -> u64 {
     (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
 }
 
-fn raw_write(fd: i32, bytes: &[u8]) {
+pub(crate) fn raw_write(fd: i32, bytes: &[u8]) {
     // SAFETY: `bytes` is a valid slice for its length; a failed write is ignored.
     unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
 }
 
 /// A fixed line built without allocating.
-struct Line {
+pub(crate) struct Line {
     buf: [u8; 256],
     len: usize,
 }
 
 impl Line {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Line {
             buf: [0; 256],
             len: 0,
         }
     }
 
-    fn push(&mut self, s: &[u8]) {
+    pub(crate) fn push(&mut self, s: &[u8]) {
         let n = s.len().min(self.buf.len() - self.len);
         self.buf[self.len..self.len + n].copy_from_slice(&s[..n]);
         self.len += n;
     }
 
-    fn push_num(&mut self, mut v: u64) {
+    pub(crate) fn push_num(&mut self, mut v: u64) {
         let mut digits = [0u8; 20];
         let mut i = digits.len();
         loop {
@@ -327,7 +330,7 @@ impl Line {
         self.push(&digits[i..]);
     }
 
-    fn bytes(&self) -> &[u8] {
+    pub(crate) fn bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
 }

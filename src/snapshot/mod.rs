@@ -245,13 +245,21 @@ impl MicrovmState {
     }
 }
 
+/// The snapshot data format version this VMM writes, as `MAJOR.MINOR.0`
+/// (what `--snapshot-version` prints after a `v`, as Firecracker's does).
+pub fn format_version() -> String {
+    format!("{}.{}.0", format::VERSION_MAJOR, format::VERSION_MINOR)
+}
+
 /// What `vmm --describe-snapshot` prints: the container's version and what
 /// the state holds.
 pub fn describe(path: &Path) -> Result<String, Error> {
     let (header, state): (_, MicrovmState) = format::read(path)?;
     state.check()?;
     let mem: u64 = state.memory.iter().map(|r| r.size).sum();
-    let mut out = format!(
+    // First line as Firecracker's `--describe-snapshot`: the data format version.
+    let mut out = format!("v{}.{}.0\n", header.major, header.minor);
+    out += &format!(
         "vmm snapshot '{}': format {}.{}, {} bytes of state, checksum ok\n",
         path.display(),
         header.major,

@@ -1,0 +1,196 @@
+//! Fatal host signals handled as Firecracker handles them: SIGBUS, SIGSEGV,
+//! SIGXFSZ, SIGXCPU and SIGILL are logged ("Shutting down VM after
+//! intercepting signal N, code C."), counted in the `signals` metrics group
+//! (a metrics line is written at once) and end the process with Firecracker's
+//! exit code for that signal; SIGPIPE is logged ("Received signal 13") and
+//! counted, and the VMM goes on. SIGHUP is an orderly stop (runtime.rs) with
+//! the same line and exit code; SIGSYS is seccomp's (src/seccomp).
+//!
+//! The handlers only do async-signal-safe work: atomics, a stack buffer,
+//! write(2) and _exit(2).
+
+use std::sync::atomic::Ordering;
+
+use crate::metrics::METRICS;
+use crate::seccomp::{now_ms, raw_write, Line, LOG_FD, METRICS_FD};
+
+/// Firecracker's exit code for the VMM stopped by `signal` (FcExitCode).
+pub fn exit_code(signal: i32) -> Option<i32> {
+    Some(match signal {
+        libc::SIGBUS => 149,
+        libc::SIGSEGV => 150,
+        libc::SIGXFSZ => 151,
+        libc::SIGXCPU => 154,
+        libc::SIGHUP => 156,
+        libc::SIGILL => 157,
+        _ => return None,
+    })
+}
+
+/// The `signals` metrics field for `signal`.
+fn metric_name(signal: i32) -> &'static [u8] {
+    match signal {
+        libc::SIGBUS => b"sigbus",
+        libc::SIGSEGV => b"sigsegv",
+        libc::SIGXFSZ => b"sigxfsz",
+        libc::SIGXCPU => b"sigxcpu",
+        libc::SIGPIPE => b"sigpipe",
+        libc::SIGHUP => b"sighup",
+        libc::SIGILL => b"sigill",
+        _ => b"",
+    }
+}
+
+/// Installs the handlers (process-wide), before any thread starts.
+pub fn install() -> std::io::Result<()> {
+    for signal in [
+        libc::SIGBUS,
+        libc::SIGSEGV,
+        libc::SIGXFSZ,
+        libc::SIGXCPU,
+        libc::SIGILL,
+        libc::SIGPIPE,
+    ] {
+        // SAFETY: an all-zero sigaction is valid; the fields set below make
+        // it an SA_SIGINFO handler with an empty mask.
+        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+        act.sa_sigaction = handler as *const () as usize;
+        act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+        // SAFETY: `act` is a valid sigaction whose handler has the signature
+        // SA_SIGINFO expects; the old action is not asked for.
+        if unsafe { libc::sigaction(signal, &act, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+extern "C" fn handler(signal: i32, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo_t to an SA_SIGINFO handler.
+    let code = unsafe { (*info).si_code };
+    let m = &METRICS.signals;
+    if signal == libc::SIGPIPE {
+        m.sigpipe.inc();
+        let mut line = log_prefix();
+        line.push(b"Received signal 13\n");
+        write_log(&line);
+        return;
+    }
+    match signal {
+        libc::SIGBUS => m.sigbus.set(1),
+        libc::SIGSEGV => m.sigsegv.set(1),
+        libc::SIGXFSZ => m.sigxfsz.set(1),
+        libc::SIGXCPU => m.sigxcpu.set(1),
+        libc::SIGILL => m.sigill.set(1),
+        _ => {}
+    }
+    log_intercepted(signal, code);
+    write_metrics(signal);
+    // SAFETY: _exit ends the process at once, without running anything that
+    // is not async-signal-safe.
+    unsafe { libc::_exit(exit_code(signal).unwrap_or(1)) }
+}
+
+/// Logs Firecracker's line for a signal that stops the VMM.
+pub(crate) fn log_intercepted(signal: i32, code: i32) {
+    let mut line = log_prefix();
+    line.push(b"Shutting down VM after intercepting signal ");
+    line.push_num(signal as u64);
+    line.push(b", code ");
+    if code < 0 {
+        line.push(b"-");
+    }
+    line.push_num(code.unsigned_abs() as u64);
+    line.push(b".\n");
+    write_log(&line);
+}
+
+/// A metrics line with the signal's count, so the file shows why the VMM ended.
+fn write_metrics(signal: i32) {
+    let fd = METRICS_FD.load(Ordering::Relaxed);
+    if fd < 0 {
+        return;
+    }
+    let mut m = Line::new();
+    m.push(b"{\"utc_timestamp_ms\":");
+    m.push_num(now_ms());
+    m.push(b",\"signals\":{\"");
+    m.push(metric_name(signal));
+    m.push(b"\":1}}\n");
+    raw_write(fd, m.bytes());
+}
+
+/// To the log file, or to stderr without one.
+fn write_log(line: &Line) {
+    let fd = LOG_FD.load(Ordering::Relaxed);
+    raw_write(if fd >= 0 { fd } else { 2 }, line.bytes());
+}
+
+/// "YYYY-MM-DDTHH:MM:SS.NNNNNNNNN [ID:main] ", as the logger writes it.
+fn log_prefix() -> Line {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    let secs = ts.tv_sec.max(0) as u64;
+    let (y, mo, d) = crate::logger::civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    let mut line = Line::new();
+    push_padded(&mut line, y.max(0) as u64, 4);
+    line.push(b"-");
+    push_padded(&mut line, mo.into(), 2);
+    line.push(b"-");
+    push_padded(&mut line, d.into(), 2);
+    line.push(b"T");
+    push_padded(&mut line, rem / 3600, 2);
+    line.push(b":");
+    push_padded(&mut line, rem % 3600 / 60, 2);
+    line.push(b":");
+    push_padded(&mut line, rem % 60, 2);
+    line.push(b".");
+    push_padded(&mut line, ts.tv_nsec.max(0) as u64, 9);
+    line.push(b" [");
+    if let Some(id) = crate::logger::INSTANCE_ID.get() {
+        line.push(id.as_bytes());
+    }
+    line.push(b":main] ");
+    line
+}
+
+fn push_padded(line: &mut Line, v: u64, width: u32) {
+    let mut w = 1;
+    while w < width && v < 10u64.pow(w) {
+        line.push(b"0");
+        w += 1;
+    }
+    line.push_num(v);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_are_firecracker_s() {
+        assert_eq!(exit_code(libc::SIGBUS), Some(149));
+        assert_eq!(exit_code(libc::SIGSEGV), Some(150));
+        assert_eq!(exit_code(libc::SIGXFSZ), Some(151));
+        assert_eq!(exit_code(libc::SIGXCPU), Some(154));
+        assert_eq!(exit_code(libc::SIGHUP), Some(156));
+        assert_eq!(exit_code(libc::SIGILL), Some(157));
+        assert_eq!(exit_code(libc::SIGTERM), None);
+    }
+
+    #[test]
+    fn the_prefix_is_the_logger_s_shape() {
+        let line = log_prefix();
+        let text = std::str::from_utf8(line.bytes()).unwrap();
+        let (ts, rest) = text.split_once(' ').unwrap();
+        assert_eq!(ts.len(), "2026-12-07T08:45:14.532421225".len(), "{ts}");
+        assert_eq!(&ts[4..5], "-");
+        assert_eq!(&ts[10..11], "T");
+        assert!(rest.starts_with('[') && rest.ends_with(":main] "), "{rest}");
+    }
+}
