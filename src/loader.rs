@@ -290,15 +290,42 @@ pub fn load_initrd(
     Ok((addr, size))
 }
 
-/// The command line the guest gets: the user's (or the default), followed by the
-/// entries the VMM must add.
+/// The command line the guest gets: the user's (or the default), with the
+/// entries the VMM must add after the kernel's part, before a ` -- ` that
+/// starts the arguments the kernel hands to init (as Firecracker places them).
 pub fn build_cmdline(user: Option<&str>, vmm_entries: &[String]) -> String {
-    let mut line = user.unwrap_or(DEFAULT_CMDLINE).trim().to_string();
+    let user = user.unwrap_or(DEFAULT_CMDLINE).trim();
+    let (kernel, init) = if let Some(rest) = user.strip_prefix("--") {
+        if rest.is_empty() || rest.starts_with(' ') {
+            ("", Some(rest.trim()))
+        } else {
+            (user, None)
+        }
+    } else {
+        match user.split_once(" -- ") {
+            Some((k, i)) => (k.trim(), Some(i.trim())),
+            None => match user.strip_suffix(" --") {
+                Some(k) => (k.trim(), Some("")),
+                None => (user, None),
+            },
+        }
+    };
+    let mut line = kernel.to_string();
     for e in vmm_entries {
         if !line.is_empty() {
             line.push(' ');
         }
         line.push_str(e);
+    }
+    if let Some(init) = init {
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str("--");
+        if !init.is_empty() {
+            line.push(' ');
+            line.push_str(init);
+        }
     }
     line
 }
@@ -485,6 +512,28 @@ mod tests {
             "quiet root=/dev/vda"
         );
         assert_eq!(build_cmdline(Some(""), &["a=b".into()]), "a=b");
+    }
+
+    #[test]
+    fn vmm_entries_go_before_the_init_arguments() {
+        let e = ["virtio_mmio.device=4K@0xd0000000:5".to_string()];
+        assert_eq!(
+            build_cmdline(Some("console=ttyS0 init=/bin/sh -- -c ls"), &e),
+            "console=ttyS0 init=/bin/sh virtio_mmio.device=4K@0xd0000000:5 -- -c ls"
+        );
+        assert_eq!(
+            build_cmdline(Some("-- single"), &e),
+            "virtio_mmio.device=4K@0xd0000000:5 -- single"
+        );
+        assert_eq!(
+            build_cmdline(Some("quiet --"), &e),
+            format!("quiet {} --", e[0])
+        );
+        assert_eq!(
+            build_cmdline(Some("a=--b"), &e),
+            format!("a=--b {}", e[0]),
+            "only a word of its own splits"
+        );
     }
 
     #[test]
