@@ -1,17 +1,33 @@
-//! Metrics in Firecracker's shape: one JSON object per line, written to the
-//! metrics path every 60 s and on `FlushMetrics`, with Firecracker's group and
-//! key names for what this VMM has. Counters report what happened since the
+//! Metrics in Firecracker 1.16's shape: one JSON object per line, written to
+//! the metrics path (`--metrics-path` or PUT /metrics) when the instance
+//! starts, then every 60 s, on `FlushMetrics` and at exit.
+//!
+//! The line has exactly the groups and fields of Firecracker 1.16 (x86_64),
+//! in its order, and nothing else, because Firecracker's integration suite
+//! validates it strictly (tests/common/fc_metrics_schema.rs has the schema
+//! as data, and the tests hold the line to it). Fields for things this VMM
+//! does not have (pmem, memory hotplug, MSI-X, latency aggregates it does not
+//! measure, ...) are there and zero. Counters report what happened since the
 //! previous line (as Firecracker's do); stored values report their current
-//! value. Every group is present even when all its values are zero.
+//! value. Per-device groups (`block_<drive_id>`, `net_<iface_id>`) come from
+//! each device's own counters, just before their aggregate (`block`, `net`),
+//! which is their sum; the vsock, entropy and balloon devices are reported in
+//! one group each, as Firecracker reports them.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use serde_json::{Map, Value};
+use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use crate::device_manager::{DeviceManager, VirtioKind};
+
+/// How often a line is written once the instance started (Firecracker's
+/// `WRITE_METRICS_PERIOD_MS`).
+pub const PERIOD: Duration = Duration::from_secs(60);
 
 /// Errors of the metrics system.
 #[derive(Debug, thiserror::Error)]
@@ -19,8 +35,9 @@ pub enum Error {
     /// The metrics path cannot be opened.
     #[error("Cannot open the metrics path '{path}': {err}; give a writable file or named pipe.")]
     Open { path: String, err: std::io::Error },
-    /// Metrics were configured twice.
-    #[error("Reinitialization of metrics is not allowed; metrics are already written to '{0}'.")]
+    /// Metrics were configured twice (Firecracker's message, which clients
+    /// match).
+    #[error("Metrics error: Cannot initialize the metrics system due to bad user input: Reinitialization of metrics not allowed.")]
     AlreadyConfigured(String),
     /// A flush without a metrics path.
     #[error("Metrics are not configured; configure a metrics path first (PUT /metrics or --metrics-path).")]
@@ -30,7 +47,12 @@ pub enum Error {
     Write(std::io::Error),
 }
 
-/// A count of events; each flush reports the increase since the previous one.
+/// The counters whose increases a line reports, with the totals it reported
+/// them from: they count as reported once the line is written.
+type Seen<'a> = Vec<(&'a Counter, u64)>;
+
+/// A count of events; each line reports the increase since the previous one
+/// (Firecracker's `SharedIncMetric`).
 #[derive(Default)]
 pub struct Counter {
     total: AtomicU64,
@@ -63,14 +85,17 @@ impl Counter {
     }
     /// The increase since the last written line; `seen` records the total it
     /// was computed from, to be marked as written once the line is out.
-    fn delta<'a>(&'a self, seen: &mut Vec<(&'a Counter, u64)>) -> u64 {
+    fn delta<'a>(&'a self, seen: &mut Seen<'a>) -> u64 {
         let now = self.total();
         seen.push((self, now));
         now.wrapping_sub(self.flushed.load(Ordering::Relaxed))
     }
+    fn node<'a>(&'a self, seen: &mut Seen<'a>) -> Node {
+        Node::Num(self.delta(seen))
+    }
 }
 
-/// A value reported as it is.
+/// A value reported as it is (Firecracker's `SharedStoreMetric`).
 #[derive(Default)]
 pub struct Store(AtomicU64);
 
@@ -87,27 +112,97 @@ impl Store {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+    fn node(&self, _seen: &mut Seen<'_>) -> Node {
+        Node::Num(self.get())
+    }
 }
 
-/// Declares a metrics group: a struct of counters or stores, and how it
-/// becomes a JSON object.
+/// A latency aggregate (Firecracker's `LatencyAggregateMetrics`): the
+/// smallest and the largest latency recorded (stored values, 0 before the
+/// first) and the sum of the latencies since the previous line, in
+/// microseconds.
+#[derive(Default)]
+pub struct Latency {
+    min_us: Store,
+    max_us: Store,
+    sum_us: Counter,
+}
+
+impl Latency {
+    /// Nothing recorded.
+    pub const fn new() -> Self {
+        Latency {
+            min_us: Store::new(),
+            max_us: Store::new(),
+            sum_us: Counter::new(),
+        }
+    }
+    /// Records one latency of `us` microseconds.
+    pub fn record(&self, us: u64) {
+        self.sum_us.add(us);
+        let _ = self
+            .min_us
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
+                (m == 0 || us < m).then_some(us)
+            });
+        self.max_us.0.fetch_max(us, Ordering::Relaxed);
+    }
+    fn node<'a>(&'a self, seen: &mut Seen<'a>) -> Node {
+        latency_node(
+            self.min_us.get(),
+            self.max_us.get(),
+            self.sum_us.delta(seen),
+        )
+    }
+}
+
+fn latency_node(min_us: u64, max_us: u64, sum_us: u64) -> Node {
+    Node::Obj(vec![
+        ("min_us".into(), Node::Num(min_us)),
+        ("max_us".into(), Node::Num(max_us)),
+        ("sum_us".into(), Node::Num(sum_us)),
+    ])
+}
+
+/// A value of the line: a number, or an object whose keys keep their order
+/// (Firecracker's order).
+#[derive(Debug, PartialEq)]
+enum Node {
+    Num(u64),
+    Obj(Vec<(Cow<'static, str>, Node)>),
+}
+
+impl Serialize for Node {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Node::Num(n) => s.serialize_u64(*n),
+            Node::Obj(fields) => {
+                let mut m = s.serialize_map(Some(fields.len()))?;
+                for (k, v) in fields {
+                    m.serialize_entry(k.as_ref(), v)?;
+                }
+                m.end()
+            }
+        }
+    }
+}
+
+/// Declares a metrics group: a struct of counters, stores and latency
+/// aggregates, in Firecracker's field order, and how it becomes an object.
 macro_rules! group {
     ($name:ident { $($key:ident: $kind:ident),* $(,)? }) => {
-        /// A metrics group (Firecracker's keys).
+        /// A metrics group (Firecracker's fields, in its order).
         #[derive(Default)]
         #[allow(missing_docs)]
         pub struct $name { $(pub $key: $kind,)* }
         impl $name {
             const fn new() -> Self { $name { $($key: $kind::new(),)* } }
-            fn json<'a>(&'a self, seen: &mut Vec<(&'a Counter, u64)>) -> Value {
-                let mut m = Map::new();
-                $(m.insert(stringify!($key).into(), Value::from(group!(@read self.$key, $kind, seen)));)*
-                Value::Object(m)
+            fn node<'a>(&'a self, seen: &mut Seen<'a>) -> Node {
+                Node::Obj(vec![$((Cow::Borrowed(stringify!($key)), self.$key.node(seen)),)*])
             }
         }
     };
-    (@read $e:expr, Counter, $seen:ident) => { $e.delta($seen) };
-    (@read $e:expr, Store, $seen:ident) => {{ let _ = &$seen; $e.get() }};
 }
 
 group!(ApiServerMetrics {
@@ -119,6 +214,7 @@ group!(GetRequestsMetrics {
     machine_cfg_count: Counter,
     mmds_count: Counter,
     vmm_version_count: Counter,
+    hotplug_memory_count: Counter,
 });
 group!(PutRequestsMetrics {
     actions_count: Counter,
@@ -141,6 +237,12 @@ group!(PutRequestsMetrics {
     mmds_fails: Counter,
     vsock_count: Counter,
     vsock_fails: Counter,
+    pmem_count: Counter,
+    pmem_fails: Counter,
+    serial_count: Counter,
+    serial_fails: Counter,
+    hotplug_memory_count: Counter,
+    hotplug_memory_fails: Counter,
 });
 group!(PatchRequestsMetrics {
     drive_count: Counter,
@@ -151,16 +253,19 @@ group!(PatchRequestsMetrics {
     machine_cfg_fails: Counter,
     mmds_count: Counter,
     mmds_fails: Counter,
+    hotplug_memory_count: Counter,
+    hotplug_memory_fails: Counter,
+    pmem_count: Counter,
+    pmem_fails: Counter,
 });
 group!(DeprecatedApiMetrics {
     deprecated_http_api_calls: Counter,
-    deprecated_cmd_line_api_calls: Counter,
 });
 group!(LoggerSystemMetrics {
     missed_metrics_count: Counter,
     metrics_fails: Counter,
     missed_log_count: Counter,
-    log_fails: Counter,
+    rate_limited_log_count: Counter,
 });
 group!(PerformanceMetrics {
     full_create_snapshot: Store,
@@ -179,9 +284,9 @@ group!(MmdsMetrics {
     rx_accepted_err: Counter,
     rx_accepted_unusual: Counter,
     rx_bad_eth: Counter,
-    rx_count: Counter,
     rx_invalid_token: Counter,
     rx_no_token: Counter,
+    rx_count: Counter,
     tx_bytes: Counter,
     tx_count: Counter,
     tx_errors: Counter,
@@ -205,11 +310,13 @@ group!(VcpuMetrics {
     exit_mmio_read: Counter,
     exit_mmio_write: Counter,
     failures: Counter,
+    kvmclock_ctrl_fails: Counter,
+    exit_io_in_agg: Latency,
+    exit_io_out_agg: Latency,
+    exit_mmio_read_agg: Latency,
+    exit_mmio_write_agg: Latency,
 });
-group!(VmmMetrics {
-    device_events: Counter,
-    panic_count: Store,
-});
+group!(VmmMetrics { panic_count: Store });
 group!(SerialMetrics {
     error_count: Counter,
     flush_count: Counter,
@@ -227,8 +334,12 @@ group!(I8042Metrics {
     reset_count: Counter,
     write_count: Counter,
 });
+group!(InterruptMetrics {
+    triggers: Counter,
+    config_updates: Counter,
+});
 
-/// The process's metrics.
+/// The process's metrics (the groups that are not per device).
 #[allow(missing_docs)]
 pub struct Metrics {
     pub api_server: ApiServerMetrics,
@@ -245,6 +356,7 @@ pub struct Metrics {
     pub vmm: VmmMetrics,
     pub uart: SerialMetrics,
     pub i8042: I8042Metrics,
+    pub interrupts: InterruptMetrics,
 }
 
 /// The metadata store whose counters the `mmds` group reports.
@@ -272,104 +384,199 @@ pub static METRICS: Metrics = Metrics {
     vmm: VmmMetrics::new(),
     uart: SerialMetrics::new(),
     i8042: I8042Metrics::new(),
+    interrupts: InterruptMetrics::new(),
 };
 
-/// Keys of the per-device groups, as Firecracker names them; devices report
-/// the ones they keep, the others are zero.
-const BLOCK_KEYS: &[&str] = &[
-    "activate_fails",
-    "cfg_fails",
-    "no_avail_buffer",
-    "event_fails",
-    "execute_fails",
-    "invalid_reqs_count",
-    "flush_count",
-    "queue_event_count",
-    "rate_limiter_event_count",
-    "update_count",
-    "update_fails",
-    "read_bytes",
-    "write_bytes",
-    "read_count",
-    "write_count",
-    "rate_limiter_throttled_events",
+/// A field of a device group, as Firecracker names it.
+#[derive(Clone, Copy)]
+enum Key {
+    /// A counter: the device reports its running total under this name.
+    N(&'static str),
+    /// A latency aggregate: the device reports `<name>.min_us`,
+    /// `<name>.max_us` (current values) and `<name>.sum_us` (running total).
+    Agg(&'static str),
+}
+use Key::{Agg, N};
+
+/// Firecracker's block metrics, each `block_<drive_id>` and `block`.
+const BLOCK_KEYS: &[Key] = &[
+    N("activate_fails"),
+    N("cfg_fails"),
+    N("no_avail_buffer"),
+    N("event_fails"),
+    N("execute_fails"),
+    N("invalid_reqs_count"),
+    N("flush_count"),
+    N("queue_event_count"),
+    N("rate_limiter_event_count"),
+    N("update_count"),
+    N("update_fails"),
+    N("read_bytes"),
+    N("write_bytes"),
+    N("read_count"),
+    N("write_count"),
+    Agg("read_agg"),
+    Agg("write_agg"),
+    N("rate_limiter_throttled_events"),
+    N("io_engine_throttled_events"),
+    N("remaining_reqs_count"),
 ];
-const NET_KEYS: &[&str] = &[
-    "activate_fails",
-    "cfg_fails",
-    "no_rx_avail_buffer",
-    "no_tx_avail_buffer",
-    "event_fails",
-    "rx_queue_event_count",
-    "rx_tap_event_count",
-    "rx_bytes_count",
-    "rx_packets_count",
-    "rx_fails",
-    "rx_count",
-    "tap_read_fails",
-    "tap_write_fails",
-    "tx_bytes_count",
-    "tx_malformed_frames",
-    "tx_fails",
-    "tx_count",
-    "tx_packets_count",
-    "tx_queue_event_count",
-    "tx_spoofed_mac_count",
-    "rx_rate_limiter_throttled",
-    "tx_rate_limiter_throttled",
-    "rx_event_rate_limiter_count",
-    "tx_rate_limiter_event_count",
+/// Firecracker's network metrics, each `net_<iface_id>` and `net`.
+const NET_KEYS: &[Key] = &[
+    N("activate_fails"),
+    N("cfg_fails"),
+    N("mac_address_updates"),
+    N("no_rx_avail_buffer"),
+    N("no_tx_avail_buffer"),
+    N("event_fails"),
+    N("rx_queue_event_count"),
+    N("rx_event_rate_limiter_count"),
+    N("rx_rate_limiter_throttled"),
+    N("rx_tap_event_count"),
+    N("rx_bytes_count"),
+    N("rx_packets_count"),
+    N("rx_fails"),
+    N("rx_count"),
+    N("tap_read_fails"),
+    N("tap_write_fails"),
+    Agg("tap_write_agg"),
+    N("tx_bytes_count"),
+    N("tx_malformed_frames"),
+    N("tx_fails"),
+    N("tx_count"),
+    N("tx_packets_count"),
+    N("tx_queue_event_count"),
+    N("tx_rate_limiter_event_count"),
+    N("tx_rate_limiter_throttled"),
+    N("tx_spoofed_mac_count"),
+    N("tx_remaining_reqs_count"),
 ];
 /// Firecracker's vsock metrics (one group: a VM has at most one vsock).
-const VSOCK_KEYS: &[&str] = &[
-    "activate_fails",
-    "cfg_fails",
-    "rx_queue_event_fails",
-    "tx_queue_event_fails",
-    "ev_queue_event_fails",
-    "muxer_event_fails",
-    "conn_event_fails",
-    "rx_queue_event_count",
-    "tx_queue_event_count",
-    "rx_bytes_count",
-    "tx_bytes_count",
-    "rx_packets_count",
-    "tx_packets_count",
-    "conns_added",
-    "conns_killed",
-    "conns_removed",
-    "killq_resync",
-    "tx_flush_fails",
-    "tx_write_fails",
-    "rx_read_fails",
+const VSOCK_KEYS: &[Key] = &[
+    N("activate_fails"),
+    N("cfg_fails"),
+    N("rx_queue_event_fails"),
+    N("tx_queue_event_fails"),
+    N("ev_queue_event_fails"),
+    N("muxer_event_fails"),
+    N("conn_event_fails"),
+    N("rx_queue_event_count"),
+    N("tx_queue_event_count"),
+    N("rx_bytes_count"),
+    N("tx_bytes_count"),
+    N("rx_packets_count"),
+    N("tx_packets_count"),
+    N("conns_added"),
+    N("conns_killed"),
+    N("conns_removed"),
+    N("killq_resync"),
+    N("tx_flush_fails"),
+    N("tx_write_fails"),
+    N("rx_read_fails"),
 ];
-/// Device groups of Firecracker's that this VMM has no device for: present, empty.
-const ABSENT_DEVICE_GROUPS: &[&str] = &["rtc", "vhost_user_block"];
-/// Firecracker's balloon metrics.
-const BALLOON_KEYS: &[&str] = &[
-    "activate_fails",
-    "inflate_count",
-    "stats_updates_count",
-    "stats_update_fails",
-    "deflate_count",
-    "event_fails",
+/// Firecracker's balloon metrics (one group).
+const BALLOON_KEYS: &[Key] = &[
+    N("activate_fails"),
+    N("inflate_count"),
+    N("stats_updates_count"),
+    N("stats_update_fails"),
+    N("deflate_count"),
+    N("event_fails"),
+    N("free_page_report_count"),
+    N("free_page_report_freed"),
+    N("free_page_report_fails"),
+    N("free_page_hint_count"),
+    N("free_page_hint_freed"),
+    N("free_page_hint_fails"),
 ];
 /// Firecracker's entropy metrics (one group: a VM has at most one).
-const ENTROPY_KEYS: &[&str] = &[
-    "activate_fails",
-    "entropy_event_fails",
-    "entropy_event_count",
-    "entropy_bytes",
-    "host_rng_fails",
-    "entropy_rate_limiter_throttled",
-    "rate_limiter_event_count",
+const ENTROPY_KEYS: &[Key] = &[
+    N("activate_fails"),
+    N("entropy_event_fails"),
+    N("entropy_event_count"),
+    N("entropy_bytes"),
+    N("host_rng_fails"),
+    N("entropy_rate_limiter_throttled"),
+    N("rate_limiter_event_count"),
+];
+/// Firecracker's pmem metrics (this VMM has no pmem device: all zero).
+const PMEM_KEYS: &[Key] = &[
+    N("activate_fails"),
+    N("cfg_fails"),
+    N("event_fails"),
+    N("queue_event_count"),
+    N("rate_limiter_throttled_events"),
+    N("rate_limiter_event_count"),
+];
+/// Firecracker's memory hotplug metrics (this VMM has no virtio-mem: all
+/// zero).
+const MEMORY_HOTPLUG_KEYS: &[Key] = &[
+    N("activate_fails"),
+    N("queue_event_fails"),
+    N("queue_event_count"),
+    Agg("plug_agg"),
+    N("plug_count"),
+    N("plug_bytes"),
+    N("plug_fails"),
+    Agg("unplug_agg"),
+    N("unplug_count"),
+    N("unplug_bytes"),
+    N("unplug_fails"),
+    N("unplug_discard_fails"),
+    Agg("unplug_all_agg"),
+    N("unplug_all_count"),
+    N("unplug_all_fails"),
+    Agg("state_agg"),
+    N("state_count"),
+    N("state_fails"),
 ];
 
-/// Where metrics go, and the device counters already reported.
+/// One device's running totals under Firecracker's names, read from the
+/// device when a line is made.
+pub struct DeviceTotals {
+    /// What the device is.
+    pub kind: VirtioKind,
+    /// Its ID in the configuration (`drive_id`, `iface_id`).
+    pub id: String,
+    /// Its totals (`VirtioDevice::metrics`).
+    pub totals: Vec<(&'static str, u64)>,
+}
+
+impl DeviceTotals {
+    /// The totals of every virtio device of `devices`.
+    pub fn of(devices: Option<&DeviceManager>) -> Vec<DeviceTotals> {
+        devices
+            .iter()
+            .flat_map(|d| &d.virtio)
+            .map(|entry| DeviceTotals {
+                kind: entry.kind,
+                id: entry.id.clone(),
+                totals: entry
+                    .transport
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .with_device(|d| d.metrics()),
+            })
+            .collect()
+    }
+
+    fn get(&self, key: &str) -> u64 {
+        self.totals
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map_or(0, |(_, v)| *v)
+    }
+}
+
+/// Where metrics go, the device totals already reported, and when the next
+/// periodic line is due.
 pub struct MetricsSink {
     path: String,
     file: File,
-    flushed: HashMap<(String, &'static str), u64>,
+    /// (group, field) of a device counter → the total last reported.
+    flushed: HashMap<(String, String), u64>,
+    /// None until the instance started: no periodic line before.
+    next_due: Option<Instant>,
 }
 
 impl Drop for MetricsSink {
@@ -378,6 +585,14 @@ impl Drop for MetricsSink {
         // whatever reuses its number.
         crate::seccomp::forget_metrics_fd(std::os::fd::AsRawFd::as_raw_fd(&self.file));
     }
+}
+
+/// A line being made: its fields, the global counters it reports and the
+/// device totals it reports (both marked as reported once it is written).
+struct LineParts<'a> {
+    fields: Vec<(Cow<'static, str>, Node)>,
+    seen: Seen<'a>,
+    device_totals: Vec<((String, String), u64)>,
 }
 
 impl MetricsSink {
@@ -393,6 +608,7 @@ impl MetricsSink {
             path: path.display().to_string(),
             file,
             flushed: HashMap::new(),
+            next_due: None,
         })
     }
 
@@ -401,46 +617,69 @@ impl MetricsSink {
         &self.path
     }
 
+    /// The instance started (InstanceStart, a snapshot load, a boot from a
+    /// configuration file): writes the first line now and arms the periodic
+    /// ones, every [`PERIOD`] from now, as Firecracker does.
+    pub fn start(&mut self, devices: Option<&DeviceManager>) -> Result<(), Error> {
+        self.next_due = Some(Instant::now() + PERIOD);
+        self.flush(devices)
+    }
+
+    /// When the next periodic line is due (None before the instance started).
+    pub fn next_due(&self) -> Option<Instant> {
+        self.next_due
+    }
+
+    /// Writes the periodic line if it is due (never before [`start`]).
+    /// True if a line was due.
+    ///
+    /// [`start`]: MetricsSink::start
+    pub fn flush_if_due(&mut self, devices: Option<&DeviceManager>) -> Result<bool, Error> {
+        match self.next_due {
+            Some(due) if Instant::now() >= due => {
+                self.next_due = Some(Instant::now() + PERIOD);
+                self.flush(devices).map(|()| true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Writes one line: every group, counters since the previous line. A
     /// line that cannot be written is dropped whole, and its increases are
     /// reported in the next line instead.
     pub fn flush(&mut self, devices: Option<&DeviceManager>) -> Result<(), Error> {
-        let mut seen = Vec::new();
-        let mut device_totals = Vec::new();
-        let line = self.line(devices, &mut seen, &mut device_totals);
-        let mut text = line.to_string();
+        let devices = DeviceTotals::of(devices);
+        self.write_line(&devices)
+    }
+
+    fn write_line(&mut self, devices: &[DeviceTotals]) -> Result<(), Error> {
+        let parts = self.line(devices);
+        let mut text = serde_json::to_string(&Node::Obj(parts.fields))
+            .map_err(|e| Error::Write(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
         text.push('\n');
         crate::logger::write_line(&mut self.file, text.as_bytes()).map_err(|e| {
             METRICS.logger.missed_metrics_count.inc();
             METRICS.logger.metrics_fails.inc();
             Error::Write(e)
         })?;
-        for (counter, total) in seen {
+        for (counter, total) in parts.seen {
             counter.flushed.store(total, Ordering::Relaxed);
         }
-        self.flushed.extend(device_totals);
+        self.flushed.extend(parts.device_totals);
         Ok(())
     }
 
-    fn line(
-        &self,
-        devices: Option<&DeviceManager>,
-        seen: &mut Vec<(&'static Counter, u64)>,
-        device_totals: &mut Vec<((String, &'static str), u64)>,
-    ) -> Value {
+    /// The line's groups, in Firecracker's order.
+    fn line(&self, devices: &[DeviceTotals]) -> LineParts<'static> {
         let m: &'static Metrics = &METRICS;
-        let mut o = Map::new();
+        let mut p = LineParts {
+            fields: Vec::new(),
+            seen: Vec::new(),
+            device_totals: Vec::new(),
+        };
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        o.insert("utc_timestamp_ms".into(), now_ms.into());
-        o.insert("api_server".into(), m.api_server.json(seen));
-        o.insert("get_api_requests".into(), m.get_api_requests.json(seen));
-        o.insert("put_api_requests".into(), m.put_api_requests.json(seen));
-        o.insert("patch_api_requests".into(), m.patch_api_requests.json(seen));
-        o.insert("deprecated_api".into(), m.deprecated_api.json(seen));
-        o.insert("logger".into(), m.logger.json(seen));
-        o.insert("latencies_us".into(), m.latencies_us.json(seen));
         if let Some(store) = MMDS_SOURCE.get() {
             let c = store.lock().unwrap_or_else(|e| e.into_inner()).counters;
             let g = &m.mmds;
@@ -461,66 +700,172 @@ impl MetricsSink {
                 counter.set_total(total);
             }
         }
-        o.insert("mmds".into(), m.mmds.json(seen));
-        o.insert("seccomp".into(), m.seccomp.json(seen));
-        o.insert("signals".into(), m.signals.json(seen));
-        o.insert("vcpu".into(), m.vcpu.json(seen));
-        o.insert("vmm".into(), m.vmm.json(seen));
-        o.insert("uart".into(), m.uart.json(seen));
-        o.insert("i8042".into(), m.i8042.json(seen));
-        for g in ABSENT_DEVICE_GROUPS {
-            o.insert((*g).into(), Value::Object(Map::new()));
-        }
-        // Per device (`block_<drive_id>`, ...) and summed; vsock only summed,
-        // as Firecracker reports it.
-        for (kind, group, keys, per_device) in [
-            (VirtioKind::Block, "block", BLOCK_KEYS, true),
-            (VirtioKind::Net, "net", NET_KEYS, true),
-            (VirtioKind::Vsock, "vsock", VSOCK_KEYS, false),
-            (VirtioKind::Entropy, "entropy", ENTROPY_KEYS, false),
-            (VirtioKind::Balloon, "balloon", BALLOON_KEYS, false),
-        ] {
-            let mut sum: Vec<u64> = vec![0; keys.len()];
-            for entry in devices.iter().flat_map(|d| &d.virtio) {
-                if entry.kind != kind {
-                    continue;
-                }
-                let totals = entry
-                    .transport
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .with_device(|d| d.metrics());
-                let name = format!("{group}_{}", entry.id);
-                let mut obj = Map::new();
-                for (i, key) in keys.iter().enumerate() {
-                    let total = totals.iter().find(|(k, _)| k == key).map_or(0, |(_, v)| *v);
-                    let last = self
-                        .flushed
-                        .get(&(name.clone(), *key))
-                        .copied()
-                        .unwrap_or(0);
-                    device_totals.push(((name.clone(), *key), total));
-                    let delta = total.wrapping_sub(last);
-                    sum[i] += delta;
-                    obj.insert((*key).into(), delta.into());
-                }
-                if per_device {
-                    o.insert(name, Value::Object(obj));
-                }
+        m.interrupts
+            .triggers
+            .set_total(devices::virtio::interrupt_triggers());
+
+        p.fields
+            .push(("utc_timestamp_ms".into(), Node::Num(now_ms)));
+        let node = m.api_server.node(&mut p.seen);
+        p.fields.push(("api_server".into(), node));
+        self.devices(
+            &mut p,
+            devices,
+            Some(VirtioKind::Balloon),
+            "balloon",
+            BALLOON_KEYS,
+            false,
+        );
+        self.devices(
+            &mut p,
+            devices,
+            Some(VirtioKind::Block),
+            "block",
+            BLOCK_KEYS,
+            true,
+        );
+        let node = m.deprecated_api.node(&mut p.seen);
+        p.fields.push(("deprecated_api".into(), node));
+        let node = m.get_api_requests.node(&mut p.seen);
+        p.fields.push(("get_api_requests".into(), node));
+        let node = m.i8042.node(&mut p.seen);
+        p.fields.push(("i8042".into(), node));
+        let node = m.uart.node(&mut p.seen);
+        p.fields.push(("uart".into(), node));
+        let node = m.latencies_us.node(&mut p.seen);
+        p.fields.push(("latencies_us".into(), node));
+        let node = m.logger.node(&mut p.seen);
+        p.fields.push(("logger".into(), node));
+        let node = m.mmds.node(&mut p.seen);
+        p.fields.push(("mmds".into(), node));
+        self.devices(
+            &mut p,
+            devices,
+            Some(VirtioKind::Net),
+            "net",
+            NET_KEYS,
+            true,
+        );
+        let node = m.patch_api_requests.node(&mut p.seen);
+        p.fields.push(("patch_api_requests".into(), node));
+        let node = m.put_api_requests.node(&mut p.seen);
+        p.fields.push(("put_api_requests".into(), node));
+        let node = m.seccomp.node(&mut p.seen);
+        p.fields.push(("seccomp".into(), node));
+        let node = m.vcpu.node(&mut p.seen);
+        p.fields.push(("vcpu".into(), node));
+        let node = m.vmm.node(&mut p.seen);
+        p.fields.push(("vmm".into(), node));
+        let node = m.signals.node(&mut p.seen);
+        p.fields.push(("signals".into(), node));
+        self.devices(
+            &mut p,
+            devices,
+            Some(VirtioKind::Vsock),
+            "vsock",
+            VSOCK_KEYS,
+            false,
+        );
+        self.devices(
+            &mut p,
+            devices,
+            Some(VirtioKind::Entropy),
+            "entropy",
+            ENTROPY_KEYS,
+            false,
+        );
+        self.devices(&mut p, devices, None, "pmem", PMEM_KEYS, false);
+        let node = m.interrupts.node(&mut p.seen);
+        p.fields.push(("interrupts".into(), node));
+        self.devices(
+            &mut p,
+            devices,
+            None,
+            "memory_hotplug",
+            MEMORY_HOTPLUG_KEYS,
+            false,
+        );
+        p
+    }
+
+    /// The increase of a device's running total since the line before (a
+    /// total that went back, a device that started over, counts from 0).
+    fn device_delta(&self, p: &mut LineParts<'_>, group: &str, key: String, total: u64) -> u64 {
+        let id = (group.to_string(), key);
+        let last = self.flushed.get(&id).copied().unwrap_or(0);
+        p.device_totals.push((id, total));
+        total.checked_sub(last).unwrap_or(total)
+    }
+
+    /// The groups of the devices of `kind` (None: a kind this VMM does not
+    /// have): `<group>_<id>` for each device when `per_device`, then
+    /// `<group>`, their sum (for a latency aggregate, the sum of `sum_us`,
+    /// `min_us` and `max_us` 0, as Firecracker aggregates them).
+    fn devices(
+        &self,
+        p: &mut LineParts<'_>,
+        devices: &[DeviceTotals],
+        kind: Option<VirtioKind>,
+        group: &'static str,
+        keys: &'static [Key],
+        per_device: bool,
+    ) {
+        let mut sum = vec![0u64; keys.len()];
+        for dev in devices.iter().filter(|d| Some(d.kind) == kind) {
+            let name = format!("{group}_{}", dev.id);
+            let mut obj = Vec::with_capacity(keys.len());
+            for (i, key) in keys.iter().enumerate() {
+                let node = match *key {
+                    N(k) => {
+                        let d = self.device_delta(p, &name, k.to_string(), dev.get(k));
+                        sum[i] = sum[i].wrapping_add(d);
+                        (Cow::Borrowed(k), Node::Num(d))
+                    }
+                    Agg(k) => {
+                        let total = dev.get(&format!("{k}.sum_us"));
+                        let d = self.device_delta(p, &name, format!("{k}.sum_us"), total);
+                        sum[i] = sum[i].wrapping_add(d);
+                        let min = dev.get(&format!("{k}.min_us"));
+                        let max = dev.get(&format!("{k}.max_us"));
+                        (Cow::Borrowed(k), latency_node(min, max, d))
+                    }
+                };
+                obj.push(node);
             }
-            let agg: Map<String, Value> = keys
-                .iter()
-                .zip(sum)
-                .map(|(k, v)| ((*k).to_string(), Value::from(v)))
-                .collect();
-            o.insert(group.into(), Value::Object(agg));
+            if per_device {
+                p.fields.push((name.into(), Node::Obj(obj)));
+            }
         }
-        Value::Object(o)
+        let aggregate = keys
+            .iter()
+            .zip(sum)
+            .map(|(key, v)| match *key {
+                N(k) => (Cow::Borrowed(k), Node::Num(v)),
+                Agg(k) => (Cow::Borrowed(k), latency_node(0, 0, v)),
+            })
+            .collect();
+        p.fields.push((group.into(), Node::Obj(aggregate)));
+    }
+}
+
+/// The instance started: `sink` (if metrics are configured) writes its
+/// first line and arms its periodic ones (see [`MetricsSink::start`]). A
+/// line that cannot be written is logged; its counts go in the next one.
+pub fn instance_started(sink: Option<&mut MetricsSink>, devices: Option<&DeviceManager>) {
+    if let Some(sink) = sink {
+        if let Err(e) = sink.start(devices) {
+            log::warn!("{e}");
+        }
     }
 }
 
 #[cfg(test)]
+#[path = "../tests/common/fc_metrics_schema.rs"]
+mod fc_metrics_schema;
+
+#[cfg(test)]
 mod tests {
+    use super::fc_metrics_schema as schema;
     use super::*;
 
     #[test]
@@ -539,65 +884,289 @@ mod tests {
         assert_eq!((c.delta(&mut seen), c.total()), (1, 6));
     }
 
+    #[test]
+    fn a_latency_aggregate_keeps_min_and_max_and_reports_the_sum_since_the_last_line() {
+        let l = Latency::new();
+        let mut seen = Vec::new();
+        assert_eq!(l.node(&mut seen), latency_node(0, 0, 0));
+        for us in [30, 10, 20] {
+            l.record(us);
+        }
+        assert_eq!(l.node(&mut seen), latency_node(10, 30, 60));
+        for (counter, total) in seen.drain(..) {
+            counter.flushed.store(total, Ordering::Relaxed);
+        }
+        l.record(5);
+        assert_eq!(l.node(&mut seen), latency_node(5, 30, 5));
+    }
+
     /// Flushing consumes the global counters' increases: one test at a time.
     static FLUSHES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// A sink writing to a file of its own, and the lines written there.
+    struct TestSink {
+        sink: MetricsSink,
+        path: std::path::PathBuf,
+    }
+
+    impl TestSink {
+        fn new(name: &str) -> Self {
+            let path =
+                std::env::temp_dir().join(format!("vmm-metrics-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_file(&path);
+            TestSink {
+                sink: MetricsSink::open(&path).unwrap(),
+                path,
+            }
+        }
+        fn lines(&self) -> Vec<String> {
+            std::fs::read_to_string(&self.path)
+                .unwrap()
+                .lines()
+                .map(str::to_string)
+                .collect()
+        }
+    }
+
+    impl Drop for TestSink {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    fn device(kind: VirtioKind, id: &str, totals: &[(&'static str, u64)]) -> DeviceTotals {
+        DeviceTotals {
+            kind,
+            id: id.into(),
+            totals: totals.to_vec(),
+        }
+    }
+
+    fn now_ms() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    }
 
     #[test]
     fn a_line_that_cannot_be_written_loses_no_count() {
         let _one = FLUSHES.lock().unwrap_or_else(|e| e.into_inner());
-        let c = &METRICS.deprecated_api.deprecated_cmd_line_api_calls;
+        let c = &METRICS.deprecated_api.deprecated_http_api_calls;
         c.add(3);
         let mut full = MetricsSink::open(Path::new("/dev/full")).unwrap();
         assert!(full.flush(None).is_err());
-        let path = std::env::temp_dir().join(format!("vmm-metrics-lost-{}", std::process::id()));
-        let mut sink = MetricsSink::open(&path).unwrap();
-        sink.flush(None).unwrap();
-        sink.flush(None).unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        std::fs::remove_file(&path).unwrap();
-        let lines: Vec<Value> = text
+        let mut t = TestSink::new("lost");
+        t.sink.flush(None).unwrap();
+        t.sink.flush(None).unwrap();
+        let lines: Vec<_> = t
             .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
+            .iter()
+            .map(|l| schema::parse(l).unwrap())
             .collect();
         assert_eq!(
-            lines[0]["deprecated_api"]["deprecated_cmd_line_api_calls"],
-            3
+            lines[0].num("deprecated_api", "deprecated_http_api_calls"),
+            Some(3)
         );
         assert_eq!(
-            lines[1]["deprecated_api"]["deprecated_cmd_line_api_calls"],
-            0
+            lines[1].num("deprecated_api", "deprecated_http_api_calls"),
+            Some(0)
         );
     }
 
     #[test]
-    fn a_line_has_every_group_even_without_devices() {
+    fn a_line_without_devices_is_firecracker_1_16s_schema() {
         let _one = FLUSHES.lock().unwrap_or_else(|e| e.into_inner());
-        let dir = std::env::temp_dir().join(format!("vmm-metrics-{}", std::process::id()));
-        let mut sink = MetricsSink::open(&dir).unwrap();
+        let mut t = TestSink::new("bare");
         METRICS.put_api_requests.drive_count.inc();
-        sink.flush(None).unwrap();
-        let text = std::fs::read_to_string(&dir).unwrap();
-        std::fs::remove_file(&dir).unwrap();
-        let v: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-        for g in [
-            "api_server",
-            "block",
-            "net",
-            "vcpu",
-            "vmm",
-            "uart",
-            "i8042",
-            "signals",
-            "latencies_us",
-            "get_api_requests",
-            "put_api_requests",
-            "patch_api_requests",
-            "balloon",
-            "vsock",
-        ] {
-            assert!(v.get(g).is_some_and(Value::is_object), "{g} missing: {v}");
+        t.sink.flush(None).unwrap();
+        let lines = t.lines();
+        assert_eq!(lines.len(), 1);
+        let line = schema::parse(&lines[0]).unwrap();
+        schema::validate(&line).unwrap_or_else(|e| panic!("{e}\n{}", lines[0]));
+        let Some(schema::Tree::Num(ts)) = line.get("utc_timestamp_ms") else {
+            panic!("no timestamp: {}", lines[0]);
+        };
+        assert!(now_ms().abs_diff(*ts) < 1000, "{ts}");
+        assert!(line.num("put_api_requests", "drive_count") >= Some(1));
+        assert_eq!(line.num("block", "read_count"), Some(0));
+        for group in ["rtc", "vhost_user_block", "block_", "net_"] {
+            assert!(
+                !line.keys().iter().any(|k| k.starts_with(group)),
+                "{group}: {}",
+                lines[0]
+            );
         }
-        assert!(v["put_api_requests"]["drive_count"].as_u64().unwrap() >= 1);
-        assert_eq!(v["block"]["read_count"], 0);
+    }
+
+    #[test]
+    fn a_line_with_devices_is_firecracker_1_16s_schema_and_aggregates_them() {
+        let _one = FLUSHES.lock().unwrap_or_else(|e| e.into_inner());
+        let mut t = TestSink::new("devices");
+        let mut devs = vec![
+            device(
+                VirtioKind::Block,
+                "rootfs",
+                &[
+                    ("read_count", 10),
+                    ("read_bytes", 4096),
+                    ("read_agg.min_us", 3),
+                    ("read_agg.max_us", 9),
+                    ("read_agg.sum_us", 50),
+                ],
+            ),
+            device(
+                VirtioKind::Block,
+                "scratch",
+                &[("write_count", 2), ("read_count", 1)],
+            ),
+            device(VirtioKind::Net, "eth0", &[("tx_packets_count", 7)]),
+            device(VirtioKind::Net, "eth1", &[("rx_packets_count", 4)]),
+            device(VirtioKind::Vsock, "vsock", &[("conns_added", 1)]),
+            device(VirtioKind::Entropy, "rng", &[("entropy_bytes", 64)]),
+            device(VirtioKind::Balloon, "balloon", &[("inflate_count", 2)]),
+        ];
+        t.sink.write_line(&devs).unwrap();
+        devs[0].totals[0].1 = 15;
+        devs[0].totals[4].1 = 80;
+        t.sink.write_line(&devs).unwrap();
+        let lines = t.lines();
+        let first = schema::parse(&lines[0]).unwrap();
+        let second = schema::parse(&lines[1]).unwrap();
+        for (line, text) in [(&first, &lines[0]), (&second, &lines[1])] {
+            schema::validate(line).unwrap_or_else(|e| panic!("{e}\n{text}"));
+            schema::check_aggregate(line, "block", 2).unwrap_or_else(|e| panic!("{e}\n{text}"));
+            schema::check_aggregate(line, "net", 2).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        }
+        // Counters since the line before; latency extremes as they are.
+        assert_eq!(first.num("block_rootfs", "read_count"), Some(10));
+        assert_eq!(first.num("block", "read_count"), Some(11));
+        assert_eq!(second.num("block_rootfs", "read_count"), Some(5));
+        assert_eq!(second.num("block", "read_count"), Some(5));
+        let agg = |line: &schema::Tree, group: &str| -> Vec<Option<u64>> {
+            ["min_us", "max_us", "sum_us"]
+                .iter()
+                .map(|k| match line.get(group)?.get("read_agg")?.get(k)? {
+                    schema::Tree::Num(n) => Some(*n),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(agg(&first, "block_rootfs"), [Some(3), Some(9), Some(50)]);
+        assert_eq!(agg(&first, "block"), [Some(0), Some(0), Some(50)]);
+        assert_eq!(agg(&second, "block_rootfs"), [Some(3), Some(9), Some(30)]);
+        // One group each for the vsock, entropy and balloon devices.
+        assert_eq!(first.num("vsock", "conns_added"), Some(1));
+        assert_eq!(first.num("entropy", "entropy_bytes"), Some(64));
+        assert_eq!(first.num("balloon", "inflate_count"), Some(2));
+        for prefix in ["vsock_", "entropy_", "balloon_"] {
+            assert!(!first.keys().iter().any(|k| k.starts_with(prefix)));
+        }
+    }
+
+    #[test]
+    fn device_ids_are_escaped_in_group_names() {
+        let _one = FLUSHES.lock().unwrap_or_else(|e| e.into_inner());
+        let mut t = TestSink::new("escape");
+        let devs = [device(VirtioKind::Block, "a\"b\\c", &[("read_count", 1)])];
+        t.sink.write_line(&devs).unwrap();
+        let line = schema::parse(&t.lines()[0]).unwrap();
+        assert_eq!(line.num("block_a\"b\\c", "read_count"), Some(1));
+    }
+
+    #[test]
+    fn the_first_line_comes_at_the_start_and_the_periodic_ones_a_period_later() {
+        let _one = FLUSHES.lock().unwrap_or_else(|e| e.into_inner());
+        let mut t = TestSink::new("periodic");
+        // Before the start: nothing is due.
+        assert!(!t.sink.flush_if_due(None).unwrap());
+        assert_eq!(t.sink.next_due(), None);
+        let before = Instant::now();
+        instance_started(Some(&mut t.sink), None);
+        assert_eq!(t.lines().len(), 1);
+        let due = t.sink.next_due().unwrap();
+        assert!(due >= before + PERIOD && due <= Instant::now() + PERIOD);
+        assert!(!t.sink.flush_if_due(None).unwrap());
+        t.sink.next_due = Some(Instant::now());
+        assert!(t.sink.flush_if_due(None).unwrap());
+        assert_eq!(t.lines().len(), 2);
+        assert!(t.sink.next_due().unwrap() > Instant::now() + PERIOD - Duration::from_secs(5));
+        // Without metrics, nothing happens.
+        instance_started(None, None);
+    }
+
+    /// A line Firecracker 1.16.1 wrote at InstanceStart (one drive `data`,
+    /// one interface `eth0`, vsock, entropy and balloon devices).
+    const FIRECRACKER_LINE: &str =
+        include_str!("../tests/common/firecracker-1.16.1-metrics-line.json");
+
+    #[test]
+    fn the_schema_accepts_firecrackers_own_line_and_nothing_else() {
+        let fc = schema::parse(FIRECRACKER_LINE.trim_end()).unwrap();
+        schema::validate(&fc).unwrap();
+        schema::check_aggregate(&fc, "block", 1).unwrap();
+        schema::check_aggregate(&fc, "net", 1).unwrap();
+        // Each change of Firecracker's line is refused (by the suite's
+        // checks alone: serde_json sorts the keys, which only the order
+        // check minds).
+        let mut v: serde_json::Value = serde_json::from_str(FIRECRACKER_LINE).unwrap();
+        let mut vmm = v["vmm"].clone();
+        vmm["device_events"] = 0.into();
+        let mut logger = v["logger"].clone();
+        logger
+            .as_object_mut()
+            .unwrap()
+            .remove("rate_limited_log_count");
+        let mut block = v["block_data"].clone();
+        block["read_agg"] = serde_json::json!({"min_us": 0, "sum_us": 0});
+        let broken = [
+            (
+                "an extra group",
+                "rtc",
+                serde_json::json!({"error_count": 0}),
+            ),
+            ("an extra field", "vmm", vmm),
+            ("a missing field", "logger", logger),
+            ("a short aggregate", "block_data", block),
+            ("a float", "seccomp", serde_json::json!({"num_faults": 0.5})),
+            (
+                "a negative number",
+                "seccomp",
+                serde_json::json!({"num_faults": -1}),
+            ),
+            ("a string", "utc_timestamp_ms", serde_json::json!("now")),
+            (
+                "an empty device group",
+                "vhost_user_block",
+                serde_json::json!({}),
+            ),
+        ];
+        let sorted = schema::parse(&v.to_string()).unwrap();
+        schema::check_schema(&sorted).unwrap();
+        for (what, key, value) in broken {
+            let mut line = v.clone();
+            line[key] = value;
+            let text = line.to_string();
+            let parsed = schema::parse(&text).unwrap();
+            assert!(
+                schema::check_schema(&parsed).is_err(),
+                "{what} passed: {text}"
+            );
+        }
+        // Firecracker's order is checked too: the same line, keys sorted.
+        v["utc_timestamp_ms"] = 1.into();
+        let sorted = schema::parse(&v.to_string()).unwrap();
+        let e = schema::validate(&sorted).unwrap_err();
+        assert!(e.contains("order"), "{e}");
+    }
+
+    #[test]
+    fn reinitialization_is_refused_with_firecrackers_message() {
+        // Firecracker's suite matches "Reinitialization of metrics not allowed."
+        let e = Error::AlreadyConfigured("/x".into()).to_string();
+        assert!(
+            e.contains("Reinitialization of metrics not allowed."),
+            "{e}"
+        );
     }
 }
