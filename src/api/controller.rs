@@ -251,7 +251,10 @@ impl Controller {
                     return bad("Cannot start microvm without kernel configuration.");
                 }
                 match vmm.start(el) {
-                    Ok(()) => Response::no_content(),
+                    Ok(()) => {
+                        crate::metrics::instance_started(self.metrics.as_mut(), vmm.devices());
+                        Response::no_content()
+                    }
                     Err(e) => bad(e),
                 }
             }
@@ -300,7 +303,10 @@ impl Controller {
                 METRICS.latencies_us.load_snapshot.set(us);
                 METRICS.latencies_us.vmm_load_snapshot.set(us);
                 match result {
-                    Ok(()) => Response::no_content(),
+                    Ok(()) => {
+                        crate::metrics::instance_started(self.metrics.as_mut(), vmm.devices());
+                        Response::no_content()
+                    }
                     Err(e) => bad(e),
                 }
             }
