@@ -683,7 +683,6 @@ mod tests {
             ("tap=", "the TAP name is empty"),
             ("mac=02:00:00:00:00:01", "no tap= given"),
             ("tap=t,mac=02:00:00:00:00", "not six hex bytes"),
-            ("tap=t,mac=01:00:00:00:00:01", "multicast"),
             ("tap=t,mtu=20", "between 68 and 65535"),
             ("tap=t,mrg_rxbuf=yes", "not on or off"),
             ("tap=t,queues=4", "unknown key 'queues'"),

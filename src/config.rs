@@ -32,10 +32,10 @@ pub enum Error {
     #[error("balloon amount_mib {amount_mib} is more than the guest's {mem_size_mib} MiB of memory; give at most {mem_size_mib}.")]
     BalloonTooLarge { amount_mib: u32, mem_size_mib: u64 },
     /// mmds-config without interfaces.
-    #[error("mmds-config network_interfaces is empty; name the iface_id of at least one network interface.")]
+    #[error("The list of network interface IDs that allow forwarding MMDS requests is empty; name the iface_id of at least one network interface.")]
     MmdsNoInterface,
     /// mmds-config names an interface that is not configured.
-    #[error("mmds-config names network interface '{0}', which is not configured; PUT /network-interfaces/{0} first.")]
+    #[error("The list of network interface IDs provided contains at least one ID that does not correspond to any existing network interface: '{0}'; PUT /network-interfaces/{0} first.")]
     MmdsInterface(String),
     /// An address outside the usable link-local range.
     #[error("mmds-config ipv4_address {0} is not a valid link-local address; give one from 169.254.1.0 to 169.254.254.255.")]
@@ -59,7 +59,7 @@ pub enum Error {
     #[error("{field} '{id}' is used twice; give each device its own ID.")]
     DuplicateId { field: &'static str, id: String },
     /// Two root drives.
-    #[error("drives '{0}' and '{1}' are both root devices; mark only one is_root_device.")]
+    #[error("A root block device already exists: drives '{0}' and '{1}' are both root devices; mark only one is_root_device.")]
     TwoRoots(String, String),
     /// More devices than the MMIO window and interrupt lines allow.
     #[error("{0} virtio devices are more than the {max} the VMM can attach; configure fewer drives and network interfaces.", max = MAX_VIRTIO_DEVICES)]
@@ -80,6 +80,14 @@ pub enum Error {
         mac: String,
         reason: &'static str,
     },
+    /// Two interfaces with one MAC address.
+    #[error(
+        "The MAC address is already in use: {0}; give each network interface its own guest_mac."
+    )]
+    MacInUse(String),
+    /// Two interfaces on one TAP device.
+    #[error("Could not create the network device: TAP '{tap}' is already used by network interface '{iface}'; give each interface its own TAP.")]
+    TapInUse { tap: String, iface: String },
     /// MTU out of range.
     #[error("network interface '{0}': mtu {1} is out of range; give between 68 and 65535.")]
     Mtu(String, u32),
@@ -406,9 +414,8 @@ impl MacAddr {
             }
             *m = u8::from_str_radix(p, 16).map_err(|_| "is not six hex bytes separated by ':'")?;
         }
-        if mac[0] & 1 != 0 {
-            return Err("is a multicast address");
-        }
+        // Any address is taken, multicast and locally administered ones
+        // too, as Firecracker takes them: the guest's driver decides.
         Ok(MacAddr(mac))
     }
 }
@@ -618,6 +625,16 @@ pub struct VmConfig {
     pub memory_hotplug: Option<serde_json::Value>,
 }
 
+/// Whether an optional section was given with something in it (Firecracker
+/// writes empty device lists, `"pmem": []`, in its configurations).
+fn present(section: &Option<serde_json::Value>) -> bool {
+    match section {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Array(a)) => !a.is_empty(),
+        Some(_) => true,
+    }
+}
+
 impl VmConfig {
     /// A configuration booting `kernel` with the defaults: 1 vCPU, 128 MiB,
     /// the default command line.
@@ -682,9 +699,9 @@ impl VmConfig {
     /// are checked when the VM is built).
     pub fn validate(&self) -> Result<(), Error> {
         for (present, name) in [
-            (self.cpu_config.is_some(), "cpu-config"),
-            (self.pmem.is_some(), "pmem"),
-            (self.memory_hotplug.is_some(), "memory-hotplug"),
+            (present(&self.cpu_config), "cpu-config"),
+            (present(&self.pmem), "pmem"),
+            (present(&self.memory_hotplug), "memory-hotplug"),
         ] {
             if present {
                 return Err(Error::Unsupported(name));
@@ -720,14 +737,28 @@ impl VmConfig {
         }
         for (i, n) in self.network_interfaces.iter().enumerate() {
             n.validate()?;
-            if self.network_interfaces[..i]
-                .iter()
-                .any(|o| o.iface_id == n.iface_id)
-            {
+            let earlier = &self.network_interfaces[..i];
+            if earlier.iter().any(|o| o.iface_id == n.iface_id) {
                 return Err(Error::DuplicateId {
                     field: "iface_id",
                     id: n.iface_id.clone(),
                 });
+            }
+            if let Some(o) = earlier.iter().find(|o| o.host_dev_name == n.host_dev_name) {
+                return Err(Error::TapInUse {
+                    tap: n.host_dev_name.clone(),
+                    iface: o.iface_id.clone(),
+                });
+            }
+            if let Some(mac) = &n.guest_mac {
+                let same = |o: &NetworkInterface| {
+                    o.guest_mac
+                        .as_deref()
+                        .is_some_and(|m| m.eq_ignore_ascii_case(mac))
+                };
+                if earlier.iter().any(same) {
+                    return Err(Error::MacInUse(mac.clone()));
+                }
             }
         }
         if let Some(m) = &self.mmds_config {
@@ -1032,7 +1063,10 @@ mod tests {
         assert_eq!(m.0[0] & 3, 2);
         assert_ne!(m, derived_mac("tap1"));
         assert_eq!(MacAddr::parse(&m.to_string()), Ok(m));
-        assert!(MacAddr::parse("01:00:00:00:00:01").is_err());
+        assert!(
+            MacAddr::parse("01:00:00:00:00:01").is_ok(),
+            "multicast, as Firecracker takes it"
+        );
     }
 
     #[test]

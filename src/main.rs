@@ -54,21 +54,26 @@ fn metadata_store(cli: &Cli) -> Mmds {
     let Some(path) = &cli.metadata else {
         return store;
     };
+    // Firecracker's wording for each failure, which its clients look for.
     let text = std::fs::read(path).unwrap_or_else(|e| {
         usage_exit(format!(
-            "Cannot read the metadata file '{}': {e}; give a JSON file.",
+            "Unable to open or read from the mmds content file '{}': {e}; give a JSON file.",
             path.display()
         ))
     });
     let value: serde_json::Value = serde_json::from_slice(&text).unwrap_or_else(|e| {
         usage_exit(format!(
-            "The metadata file '{}' is not JSON: {e}; give a JSON file.",
+            "MMDS error: metadata provided not valid json: {e} (in '{}'); give a JSON file.",
             path.display()
         ))
     });
     if let Err(e) = store.put(value) {
-        usage_exit(format!("--metadata '{}': {e}", path.display()));
+        usage_exit(format!(
+            "Populating MMDS from file failed: {e} (--metadata '{}')",
+            path.display()
+        ));
     }
+    log::info!("Successfully added metadata to mmds from file");
     store
 }
 
@@ -125,7 +130,13 @@ fn main() {
     if let Err(e) = vmm::signals::install() {
         fail(format_args!("Cannot install the signal handlers: {e}."));
     }
-    let plan = cli.plan().unwrap_or_else(|e| usage_exit(e));
+    let plan = cli.plan().unwrap_or_else(|e| match e {
+        // Firecracker's words for a configuration file that cannot be used.
+        vmm::cli::Error::ConfigFile { .. } | vmm::cli::Error::ConfigFileRead { .. } => usage_exit(
+            format_args!("Configuration for VMM from one single json failed: {e}"),
+        ),
+        e => usage_exit(e),
+    });
     if plan.boot.as_ref().is_some_and(|b| b.logger.is_some()) {
         setup_logger(&cli, plan.boot.as_ref());
     }

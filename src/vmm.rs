@@ -257,6 +257,13 @@ impl Vmm {
         Ok(&mut self.config)
     }
 
+    /// Whether a snapshot load would be tried now (nothing started, no boot
+    /// resource configured): one that then fails ends the VMM, as in
+    /// Firecracker, since it may have left the VM half built.
+    pub fn snapshot_loadable(&self) -> bool {
+        self.state == VmState::NotStarted && !self.configured
+    }
+
     /// Records that a boot resource (boot source, machine, drive, network
     /// interface) was configured: a snapshot can no longer be loaded, as in
     /// Firecracker. Logger and metrics do not count.
@@ -335,8 +342,16 @@ impl Vmm {
         self.check(Action::Start)?;
         let refuse = |why: String| Err(Error::Snapshot(snapshot::Error::State(why)));
         if self.configured {
-            return refuse("A snapshot can only be loaded before anything is configured; start a fresh vmm to load it.".into());
+            return refuse("Loading a microVM snapshot not allowed after configuring boot-specific resources; start a fresh vmm to load it.".into());
         }
+        // The console as PUT /serial set it (the one setting a snapshot
+        // load keeps from before it, as in Firecracker).
+        if let (Some(s), false) = (&self.config.serial, self.serial_applied) {
+            let mut current = self.serial_out.0.lock().unwrap_or_else(|e| e.into_inner());
+            crate::serial::apply(s, &mut current).map_err(Error::Serial)?;
+            self.serial_applied = true;
+        }
+        let serial = self.config.serial.clone();
         let (_, mut state): (_, MicrovmState) =
             snapshot::format::read(snapshot).map_err(snapshot::Error::from)?;
         for (iface, tap) in &options.network_overrides {
@@ -355,7 +370,7 @@ impl Vmm {
         if let Some(path) = &options.vsock_override {
             let Some(v) = state.config.vsock.as_mut() else {
                 return refuse(
-                    "The snapshot has no vsock device; vsock_override only renames the socket of one."
+                    "Unknown Vsock Device: the snapshot has no vsock device; vsock_override only renames the socket of one."
                         .into(),
                 );
             };
@@ -372,6 +387,9 @@ impl Vmm {
             &self.mmds,
         )?;
         self.config = state.config;
+        if serial.is_some() {
+            self.config.serial = serial;
+        }
         self.launch(built, el, !options.resume)?;
         if let Some(s) = &self.started {
             s.devices.kick_restored();
@@ -389,7 +407,7 @@ impl Vmm {
     pub fn create_snapshot(&self, snapshot_path: &Path, mem_file: &Path) -> Result<(), Error> {
         if self.state != VmState::Paused {
             return Err(Error::Snapshot(snapshot::Error::State(
-                "The microVM must be paused to take a snapshot; PATCH /vm {\"state\": \"Paused\"} first.".into(),
+                "Operation not allowed: save/restore unavailable while running; pause the microVM first (PATCH /vm {\"state\": \"Paused\"}).".into(),
             )));
         }
         let Some(s) = &self.started else {

@@ -447,7 +447,7 @@ fn bad_process_flags_and_files_are_one_line_errors() {
             "--metadata",
             "/nonexistent/m.json",
         ],
-        "Cannot read the metadata file '/nonexistent/m.json'",
+        "Unable to open or read from the mmds content file '/nonexistent/m.json'",
     );
     assert_refused(
         &["--api-sock", "/tmp/x.sock", "--enable-pci"],
@@ -459,7 +459,10 @@ fn bad_process_flags_and_files_are_one_line_errors() {
     );
     let taken = tmp_path("api-taken.sock");
     std::fs::write(&taken, b"not a socket").unwrap();
-    assert_refused(&["--api-sock", taken.to_str().unwrap()], "already exists");
+    assert_refused(
+        &["--api-sock", taken.to_str().unwrap()],
+        "Failed to open the API socket at",
+    );
     assert_eq!(
         std::fs::read(&taken).unwrap(),
         b"not a socket",

@@ -56,7 +56,8 @@ fn counter_snapshot(name: &str) -> (std::path::PathBuf, std::path::PathBuf, Stri
     );
     let create = create_body(&snap, &mem);
     // Firecracker's rule: only a paused VM.
-    assert!(fault(curl(&sock, "PUT", "/snapshot/create", Some(&create))).contains("must be paused"));
+    assert!(fault(curl(&sock, "PUT", "/snapshot/create", Some(&create)))
+        .contains("save/restore unavailable while running"));
     assert_eq!(
         curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0,
         204

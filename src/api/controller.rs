@@ -62,7 +62,8 @@ fn count(req: &ApiRequest, failed: bool) {
         | ApiRequest::PatchBalloon(_)
         | ApiRequest::GetBalloon
         | ApiRequest::GetBalloonStats
-        | ApiRequest::PatchBalloonStats(_) => return,
+        | ApiRequest::PatchBalloonStats(_)
+        | ApiRequest::PatchPmem => return,
         ApiRequest::GetVmConfig => return,
         // Firecracker reports snapshots through latencies_us only.
         ApiRequest::CreateSnapshot(_) | ApiRequest::LoadSnapshot(_) => return,
@@ -154,8 +155,8 @@ impl Controller {
             })),
             ApiRequest::GetVersion => ok_json(&json!({
                 "firecracker_version": FIRECRACKER_API_VERSION,
-                "vmm_version": env!("CARGO_PKG_VERSION"),
             })),
+            ApiRequest::PatchPmem => bad("virtio-pmem (/pmem) is not supported by this VMM yet."),
             ApiRequest::GetVmConfig => ok_json(vmm.config()),
             ApiRequest::GetMachineConfig => ok_json(&vmm.config().machine_config),
             ApiRequest::PutMachineConfig(m) => configure(vmm, |c| c.machine_config = m.clone()),
@@ -168,10 +169,11 @@ impl Controller {
                 {
                     match std::fs::metadata(path) {
                         Err(e) => {
+                            let file = if what == "initrd" { "initrd" } else { "kernel" };
                             return bad(format!(
-                                "Cannot open the {what} '{}': {e}; give an existing file.",
+                                "Boot source error: The {file} file cannot be opened: {e}; give an existing file ('{}').",
                                 path.display()
-                            ))
+                            ));
                         }
                         Ok(m) if !m.is_file() => {
                             return bad(format!(
@@ -298,6 +300,7 @@ impl Controller {
                     vsock_override: l.vsock_override.clone(),
                     clock_realtime: l.clock_realtime,
                 };
+                let loadable = vmm.snapshot_loadable();
                 let result = vmm.load_snapshot(&l.snapshot_path, &l.mem, &options, el);
                 let us = t.elapsed().as_micros() as u64;
                 METRICS.latencies_us.load_snapshot.set(us);
@@ -306,6 +309,15 @@ impl Controller {
                     Ok(()) => {
                         crate::metrics::instance_started(self.metrics.as_mut(), vmm.devices());
                         Response::no_content()
+                    }
+                    Err(e) if loadable => {
+                        // As Firecracker: a load that was tried and failed
+                        // ends the process (after this answer).
+                        let msg =
+                            format!("Load snapshot error: Failed to restore from snapshot: {e}");
+                        log::error!("{msg}");
+                        vmm.exit_signal().raise(Err(msg.clone()));
+                        bad(msg)
                     }
                     Err(e) => bad(e),
                 }
@@ -324,14 +336,14 @@ impl Controller {
                 let mut m = vmm.mmds().lock().unwrap_or_else(|e| e.into_inner());
                 match m.put(v.clone()) {
                     Ok(()) => Response::no_content(),
-                    Err(e) => bad(e),
+                    Err(e) => mmds_fault(e),
                 }
             }
             ApiRequest::PatchMmds(v) => {
                 let mut m = vmm.mmds().lock().unwrap_or_else(|e| e.into_inner());
                 match m.patch(v) {
                     Ok(()) => Response::no_content(),
-                    Err(e) => bad(e),
+                    Err(e) => mmds_fault(e),
                 }
             }
             ApiRequest::PutSerial(s) => {
@@ -341,7 +353,8 @@ impl Controller {
                         return bad(e);
                     }
                 }
-                configure(vmm, |cfg| cfg.serial = Some(s.clone()))
+                // Not a boot resource: a snapshot can still be loaded.
+                configure_as(vmm, false, |cfg| cfg.serial = Some(s.clone()))
             }
             ApiRequest::PutBalloon(b) => configure(vmm, |cfg| cfg.balloon = Some(b.clone())),
             ApiRequest::GetBalloon => match &vmm.config().balloon {
@@ -426,6 +439,15 @@ impl Controller {
 /// Applies a pre-boot change to the configuration; the whole configuration
 /// must still be valid, or nothing changes. A successful change of a boot
 /// resource rules out loading a snapshot afterwards.
+/// A refused metadata store change: 413 when it does not fit, as Firecracker
+/// answers.
+fn mmds_fault(e: devices::mmds::Error) -> Response {
+    match e {
+        devices::mmds::Error::TooLarge { .. } => Response::fault(413, &e.to_string()),
+        e => bad(e),
+    }
+}
+
 fn configure(vmm: &mut Vmm, change: impl FnOnce(&mut VmConfig)) -> Response {
     configure_as(vmm, true, change)
 }

@@ -44,7 +44,7 @@ const NO_CHUNKED: &str = "chunked transfer encoding is not supported; send Conte
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The socket path is taken; the server never removes what it did not create.
-    #[error("The API socket path {} already exists; remove it or choose another path.", .0.display())]
+    #[error("Failed to open the API socket at: {}. Check that it is not already used; remove it or choose another path.", .0.display())]
     PathExists(PathBuf),
     /// Creating or configuring the listening socket failed.
     #[error("Could not create the API socket {}: {source}.", path.display())]
@@ -90,6 +90,9 @@ pub struct Response {
     pub status: u16,
     /// A JSON body. Never sent with status 204.
     pub body: Option<Vec<u8>>,
+    /// Sends `Deprecation: true`: the request used a deprecated field or
+    /// endpoint (as Firecracker marks them).
+    pub deprecation: bool,
 }
 
 impl Response {
@@ -98,6 +101,7 @@ impl Response {
         Response {
             status: 204,
             body: None,
+            deprecation: false,
         }
     }
 
@@ -106,6 +110,7 @@ impl Response {
         Response {
             status,
             body: Some(body),
+            deprecation: false,
         }
     }
 
@@ -736,6 +741,9 @@ fn serialize(response: &Response, keep_alive: bool, out: &mut Vec<u8>) {
     } else {
         response.body.as_deref()
     };
+    if response.deprecation {
+        head.push_str("Deprecation: true\r\n");
+    }
     if let Some(body) = body {
         head.push_str("Content-Type: application/json\r\n");
         head.push_str(&format!("Content-Length: {}\r\n", body.len()));
@@ -925,7 +933,8 @@ mod tests {
             Response::no_content(),
             Response {
                 status: 204,
-                body: None
+                body: None,
+                deprecation: false,
             }
         );
     }

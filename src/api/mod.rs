@@ -126,13 +126,18 @@ pub fn start(path: &Path, opts: ServerOptions) -> Result<(ApiThread, ApiEndpoint
             let mut handler = |req: http::Request| -> Response {
                 let received = std::time::Instant::now();
                 log_request(&req);
-                let resp = match request::parse(&req) {
+                let deprecated = request::deprecated(&req);
+                if let Some(warning) = &deprecated {
+                    log::warn!("{warning}");
+                }
+                let mut resp = match request::parse(&req) {
                     Ok(api_req) => forward(&tx, &thread_wake, api_req),
                     Err(resp) => {
                         count_parse_failure(&req);
                         resp
                     }
                 };
+                resp.deprecation = deprecated.is_some();
                 log_response(&resp, received);
                 resp
             };

@@ -244,6 +244,10 @@ pub enum ApiRequest {
     GetBalloonStats,
     /// `PATCH /balloon/statistics`.
     PatchBalloonStats(BalloonStatsUpdate),
+    /// `PATCH /pmem/{id}`: a running VM's virtio-pmem device (which this VMM
+    /// does not have yet; refused after the start, and before it as
+    /// Firecracker refuses any PATCH then).
+    PatchPmem,
 }
 
 /// `PATCH /balloon`.
@@ -296,6 +300,7 @@ impl ApiRequest {
                 | ApiRequest::PatchBalloon(_)
                 | ApiRequest::GetBalloonStats
                 | ApiRequest::PatchBalloonStats(_)
+                | ApiRequest::PatchPmem
         )
     }
 }
@@ -310,8 +315,11 @@ fn body<T: DeserializeOwned>(req: &Request) -> Result<T, Response> {
     if req.body.is_empty() {
         return Err(bad("The request needs a JSON body; none was sent."));
     }
-    serde_json::from_slice(&req.body)
-        .map_err(|e| bad(format!("The request body is not valid: {e}.")))
+    serde_json::from_slice(&req.body).map_err(|e| {
+        bad(format!(
+            "An error occurred when deserializing the json body of a request: {e}."
+        ))
+    })
 }
 
 fn invalid_path(req: &Request) -> Response {
@@ -355,10 +363,14 @@ fn parse_load(p: SnapshotLoadParams) -> Result<SnapshotLoad, Response> {
     let mem = match (p.mem_file_path, p.mem_backend) {
         (Some(_), Some(_)) => {
             return Err(bad(
-                "Give either mem_backend or mem_file_path (deprecated), not both.",
+                "too many fields: either `mem_backend` or `mem_file_path` exclusively is required.",
             ))
         }
-        (None, None) => return Err(bad("Give mem_backend with the memory file.")),
+        (None, None) => {
+            return Err(bad(
+                "missing field: either `mem_backend` or `mem_file_path` is required; give mem_backend with the memory file.",
+            ))
+        }
         (Some(path), None) => MemorySource::File(path),
         (None, Some(b)) if b.backend_type == MemoryBackendType::Uffd => {
             MemorySource::Uffd(b.backend_path)
@@ -380,6 +392,23 @@ fn parse_load(p: SnapshotLoadParams) -> Result<SnapshotLoad, Response> {
     })
 }
 
+/// The deprecated field a request uses, as Firecracker's warning names it
+/// ("PUT /machine-config: cpu_template field is deprecated."); such requests
+/// are still served, with a `Deprecation: true` header.
+pub fn deprecated(req: &Request) -> Option<String> {
+    let path = req.path.split('?').next().unwrap_or("");
+    let (method, fields): (&str, &[&str]) = match (&req.method, path.trim_end_matches('/')) {
+        (Method::Put, "/machine-config") => ("PUT", &["cpu_template"]),
+        (Method::Patch, "/machine-config") => ("PATCH", &["cpu_template"]),
+        (Method::Put, "/vsock") => ("PUT", &["vsock_id"]),
+        (Method::Put, "/snapshot/load") => ("PUT", &["mem_file_path", "enable_diff_snapshots"]),
+        _ => return None,
+    };
+    let body: serde_json::Value = serde_json::from_slice(&req.body).ok()?;
+    let field = fields.iter().find(|f| body.get(**f).is_some())?;
+    Some(format!("{method} {path}: {field} field is deprecated."))
+}
+
 /// Routes and parses one request.
 pub fn parse(req: &Request) -> Result<ApiRequest, Response> {
     // A query string is not part of Firecracker's API: ignored.
@@ -390,6 +419,9 @@ pub fn parse(req: &Request) -> Result<ApiRequest, Response> {
         path
     };
     let parts: Vec<&str> = path.split('/').skip(1).collect();
+    if let (Method::Patch, ["pmem", _]) = (&req.method, parts.as_slice()) {
+        return Ok(ApiRequest::PatchPmem);
+    }
     if let Some((_, name)) = UNSUPPORTED.iter().find(|(p, _)| parts.first() == Some(p)) {
         return Err(bad(format!("{name} is not supported by this VMM yet.")));
     }
@@ -594,10 +626,49 @@ mod tests {
     }
 
     #[test]
+    fn deprecated_fields_are_named_as_firecracker_names_them() {
+        use Method::*;
+        let d = |m: Method, p: &str, b: &str| deprecated(&req(m, p, b));
+        assert_eq!(
+            d(
+                Put,
+                "/machine-config",
+                r#"{"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "None"}"#
+            ),
+            Some("PUT /machine-config: cpu_template field is deprecated.".into())
+        );
+        assert_eq!(
+            d(Patch, "/machine-config", r#"{"cpu_template": "None"}"#),
+            Some("PATCH /machine-config: cpu_template field is deprecated.".into())
+        );
+        assert!(d(
+            Put,
+            "/vsock",
+            r#"{"vsock_id": "v", "guest_cid": 3, "uds_path": "v"}"#
+        )
+        .is_some());
+        assert!(d(
+            Put,
+            "/snapshot/load",
+            r#"{"snapshot_path": "s", "mem_file_path": "m"}"#
+        )
+        .is_some());
+        assert_eq!(
+            d(
+                Put,
+                "/machine-config",
+                r#"{"vcpu_count": 1, "mem_size_mib": 128}"#
+            ),
+            None
+        );
+        assert_eq!(d(Put, "/vsock", "{"), None);
+    }
+
+    #[test]
     fn bad_requests_get_a_fault_message_naming_the_problem() {
         use Method::*;
         for (m, p, b, want) in [
-            (Put, "/machine-config", "{", "not valid"),
+            (Put, "/machine-config", "{", "deserializing the json body"),
             (Put, "/machine-config", "", "needs a JSON body"),
             (
                 Put,
@@ -671,7 +742,12 @@ mod tests {
                 r#"{"action_type": "Reboot"}"#,
                 "unknown variant `Reboot`",
             ),
-            (Put, "/actions", r#"{"action_type": 7}"#, "not valid"),
+            (
+                Put,
+                "/actions",
+                r#"{"action_type": 7}"#,
+                "deserializing the json body",
+            ),
             (
                 Patch,
                 "/vm",
@@ -685,7 +761,12 @@ mod tests {
                 "kernel_image_path is empty",
             ),
             (Put, "/logger", r#"{"level": "Loud"}"#, "'Loud'"),
-            (Put, "/boot-source", "\u{0}\u{1}garbage", "not valid"),
+            (
+                Put,
+                "/boot-source",
+                "\u{0}\u{1}garbage",
+                "deserializing the json body",
+            ),
             (
                 Get,
                 "/nope",
@@ -694,12 +775,17 @@ mod tests {
             ),
             (Put, "/", "{}", "Invalid request method and/or path: PUT /."),
             (Other("POST".into()), "/actions", "{}", "POST /actions"),
-            (Put, "/mmds", "{", "not valid"),
+            (
+                Put,
+                "/mmds",
+                "{",
+                "An error occurred when deserializing the json body of a request: EOF",
+            ),
             (
                 Put,
                 "/mmds/config",
                 r#"{"network_interfaces": []}"#,
-                "network_interfaces is empty",
+                "forwarding MMDS requests is empty",
             ),
             (
                 Put,
@@ -731,13 +817,13 @@ mod tests {
                 Put,
                 "/snapshot/load",
                 r#"{"snapshot_path": "s"}"#,
-                "Give mem_backend",
+                "either `mem_backend` or `mem_file_path` is required",
             ),
             (
                 Put,
                 "/snapshot/load",
                 r#"{"snapshot_path": "s", "mem_file_path": "m", "mem_backend": {"backend_type": "File", "backend_path": "m"}}"#,
-                "not both",
+                "exclusively is required",
             ),
             (
                 Put,
@@ -775,7 +861,7 @@ mod tests {
             path: "/actions".into(),
             body: vec![0xff, 0xfe, b'{'],
         }));
-        assert!(f.contains("not valid"), "{f}");
+        assert!(f.contains("deserializing the json body"), "{f}");
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub enum Error {
     /// The filter file cannot be read.
     #[error("Cannot read the seccomp filter file '{path}': {err}.")]
     Read { path: String, err: std::io::Error },
+    /// A compiled (BPF) filter file that does not decode.
+    #[error("Seccomp error: Filter deserialization failed: '{path}': {why}; give a file compiled by seccompiler-bin, or a JSON filter (docs/SECCOMP.md).")]
+    Deserialize { path: String, why: String },
     /// The filter file does not compile.
     #[error("The seccomp filter file '{path}' is not a valid seccompiler JSON filter: {err}; see docs/SECCOMP.md for the format.")]
     Compile { path: String, err: String },
@@ -104,14 +107,35 @@ impl Filters {
         Ok(Filters { programs })
     }
 
-    /// The filters of a seccompiler JSON file with a `vmm`, an `api` and a
-    /// `vcpu` filter.
+    /// The filters of a file with a `vmm`, an `api` and a `vcpu` filter:
+    /// seccompiler's JSON (compiled here), or the BPF file Firecracker's
+    /// seccompiler-bin writes (what Firecracker's `--seccomp-filter` takes).
     pub fn from_file(path: &Path) -> Result<Filters, Error> {
         let text = std::fs::read(path).map_err(|err| Error::Read {
             path: path.display().to_string(),
             err,
         })?;
-        Self::compile(&text, &path.display().to_string())
+        let shown = path.display().to_string();
+        let is_json = text
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|b| *b == b'{');
+        if is_json {
+            return Self::compile(&text, &shown);
+        }
+        let mut map = decode_bpf(&text).map_err(|why| Error::Deserialize {
+            path: shown.clone(),
+            why,
+        })?;
+        let mut programs = HashMap::new();
+        for role in Role::ALL {
+            let program = map.remove(role.name()).ok_or(Error::MissingRole {
+                path: shown.clone(),
+                role: role.name(),
+            })?;
+            programs.insert(role.name(), program);
+        }
+        Ok(Filters { programs })
     }
 
     fn compile(json: &[u8], path: &str) -> Result<Filters, Error> {
@@ -183,6 +207,80 @@ pub fn install(program: &BpfProgram, role: Role) -> Result<(), Error> {
         role: role.name(),
         err: e.to_string(),
     })
+}
+
+/// Most instructions a BPF program may have (the kernel's BPF_MAXINSNS).
+const BPF_MAX_INSNS: u64 = 4096;
+
+/// Decodes seccompiler-bin's output: a map from thread category to BPF
+/// program, serialized with bincode's fixed-width little-endian integers
+/// (u64 map length; per entry a u64-length string, then a u64 count of
+/// 8-byte instructions {u16 code, u8 jt, u8 jf, u32 k}). Every length is
+/// checked against what is left of the file, so a hostile file cannot make
+/// it allocate more than the file holds.
+fn decode_bpf(bytes: &[u8]) -> Result<HashMap<String, BpfProgram>, String> {
+    let mut r = Cursor { bytes, at: 0 };
+    let entries = r.u64()?;
+    if entries > 16 {
+        return Err(format!("it announces {entries} filters"));
+    }
+    let mut map = HashMap::new();
+    for _ in 0..entries {
+        let len = r.u64()?;
+        if len > 64 {
+            return Err(format!("a filter name of {len} bytes"));
+        }
+        let name = std::str::from_utf8(r.take(len as usize)?)
+            .map_err(|_| "a filter name is not UTF-8".to_string())?
+            .to_string();
+        let count = r.u64()?;
+        if count == 0 || count > BPF_MAX_INSNS {
+            return Err(format!("filter '{name}' has {count} instructions"));
+        }
+        let program = r
+            .take(count as usize * 8)?
+            .chunks_exact(8)
+            .map(|i| seccompiler::sock_filter {
+                code: u16::from_le_bytes([i[0], i[1]]),
+                jt: i[2],
+                jf: i[3],
+                k: u32::from_le_bytes([i[4], i[5], i[6], i[7]]),
+            })
+            .collect();
+        map.insert(name, program);
+    }
+    if r.at != bytes.len() {
+        return Err(format!(
+            "{} bytes follow the last filter",
+            bytes.len() - r.at
+        ));
+    }
+    Ok(map)
+}
+
+/// Reads a byte slice front to back, every length checked.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|e| *e <= self.bytes.len())
+            .ok_or_else(|| format!("the file ends at byte {} inside a field", self.bytes.len()))?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
 }
 
 /// Where the SIGSYS handler writes: the log file and the metrics file, if

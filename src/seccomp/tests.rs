@@ -195,3 +195,53 @@ fn the_handler_formats_numbers_without_allocating() {
     l.push_num(18_446_744_073_709_551_615);
     assert_eq!(l.bytes(), b"n=0,18446744073709551615");
 }
+
+/// seccompiler-bin's layout, written by hand: the three roles' programs.
+fn bpf_file(roles: &[(&str, &[(u16, u8, u8, u32)])]) -> Vec<u8> {
+    let mut out = (roles.len() as u64).to_le_bytes().to_vec();
+    for (name, insns) in roles {
+        out.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&(insns.len() as u64).to_le_bytes());
+        for (code, jt, jf, k) in insns.iter() {
+            out.extend_from_slice(&code.to_le_bytes());
+            out.extend_from_slice(&[*jt, *jf]);
+            out.extend_from_slice(&k.to_le_bytes());
+        }
+    }
+    out
+}
+
+#[test]
+fn a_compiled_bpf_file_loads_as_firecracker_s_does() {
+    // BPF_RET | BPF_K, SECCOMP_RET_ALLOW: allow everything.
+    let allow: &[(u16, u8, u8, u32)] = &[(0x06, 0, 0, 0x7fff_0000)];
+    let file = bpf_file(&[("vmm", allow), ("api", allow), ("vcpu", allow)]);
+    let path = std::env::temp_dir().join(format!("vmm-bpf-{}.bpf", std::process::id()));
+    std::fs::write(&path, &file).unwrap();
+    let filters = Filters::from_file(&path).unwrap();
+    assert_eq!(filters.program(Role::Vcpu).len(), 1);
+    assert_eq!(filters.program(Role::Api)[0].k, 0x7fff_0000);
+
+    // Firecracker's own test writes these bytes and looks for this line.
+    std::fs::write(&path, b"Invalid BPF!").unwrap();
+    let e = Filters::from_file(&path).err().unwrap().to_string();
+    assert!(
+        e.starts_with("Seccomp error: Filter deserialization failed"),
+        "{e}"
+    );
+
+    // Hostile lengths fail without allocating what they announce.
+    let mut huge = file.clone();
+    huge[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(decode_bpf(&huge).is_err());
+    assert!(decode_bpf(&file[..file.len() - 1]).is_err(), "truncated");
+    let mut trailing = file.clone();
+    trailing.push(0);
+    assert!(decode_bpf(&trailing).is_err(), "trailing bytes");
+    let missing = bpf_file(&[("vmm", allow), ("api", allow)]);
+    std::fs::write(&path, &missing).unwrap();
+    let e = Filters::from_file(&path).err().unwrap().to_string();
+    assert!(e.contains("'vcpu'"), "{e}");
+    std::fs::remove_file(&path).unwrap();
+}

@@ -48,7 +48,7 @@ pub enum Error {
         err: std::io::Error,
     },
     /// Too short for what its header announces.
-    #[error("The snapshot file '{0}' is truncated; take the snapshot again.")]
+    #[error("IO Error: File too short to contain CRC: the snapshot file '{0}' is truncated; take the snapshot again.")]
     Truncated(String),
     /// Not a snapshot of this VMM.
     #[error("'{0}' is not a vmm snapshot file (bad magic); give a file written by PUT /snapshot/create.")]

@@ -22,7 +22,7 @@ use serde_json::Value;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
     /// A PUT or PATCH would make the store larger than its limit.
-    #[error("The MMDS data store would be {size} bytes, over its limit of {limit} bytes; store less, or raise --mmds-size-limit.")]
+    #[error("The MMDS patch request doesn't fit. The data store would be {size} bytes, over its limit of {limit} bytes; store less, or raise --mmds-size-limit.")]
     TooLarge {
         /// Bytes the store would take, as JSON.
         size: usize,
