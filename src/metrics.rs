@@ -93,6 +93,13 @@ impl Counter {
     fn node<'a>(&'a self, seen: &mut Seen<'a>) -> Node {
         Node::Num(self.delta(seen))
     }
+    /// The increase since the last written line, left unreported.
+    fn raw(&self, w: &mut RawLine) {
+        w.num(
+            self.total()
+                .wrapping_sub(self.flushed.load(Ordering::Relaxed)),
+        );
+    }
 }
 
 /// A value reported as it is (Firecracker's `SharedStoreMetric`).
@@ -114,6 +121,9 @@ impl Store {
     }
     fn node(&self, _seen: &mut Seen<'_>) -> Node {
         Node::Num(self.get())
+    }
+    fn raw(&self, w: &mut RawLine) {
+        w.num(self.get());
     }
 }
 
@@ -155,6 +165,16 @@ impl Latency {
             self.sum_us.delta(seen),
         )
     }
+    fn raw(&self, w: &mut RawLine) {
+        w.open();
+        w.key("min_us");
+        self.min_us.raw(w);
+        w.key("max_us");
+        self.max_us.raw(w);
+        w.key("sum_us");
+        self.sum_us.raw(w);
+        w.close();
+    }
 }
 
 fn latency_node(min_us: u64, max_us: u64, sum_us: u64) -> Node {
@@ -188,6 +208,13 @@ impl Serialize for Node {
     }
 }
 
+/// A group of the process's metrics: its object in a line, and the same
+/// written without allocating (for [`write_last_line`]).
+trait Group: Sync {
+    fn node<'a>(&'a self, seen: &mut Seen<'a>) -> Node;
+    fn raw(&self, w: &mut RawLine);
+}
+
 /// Declares a metrics group: a struct of counters, stores and latency
 /// aggregates, in Firecracker's field order, and how it becomes an object.
 macro_rules! group {
@@ -198,8 +225,15 @@ macro_rules! group {
         pub struct $name { $(pub $key: $kind,)* }
         impl $name {
             const fn new() -> Self { $name { $($key: $kind::new(),)* } }
+        }
+        impl Group for $name {
             fn node<'a>(&'a self, seen: &mut Seen<'a>) -> Node {
                 Node::Obj(vec![$((Cow::Borrowed(stringify!($key)), self.$key.node(seen)),)*])
+            }
+            fn raw(&self, w: &mut RawLine) {
+                w.open();
+                $(w.key(stringify!($key)); self.$key.raw(w);)*
+                w.close();
             }
         }
     };
@@ -568,6 +602,284 @@ impl DeviceTotals {
     }
 }
 
+/// One part of a line, in Firecracker's order.
+enum Part {
+    /// `utc_timestamp_ms`.
+    Timestamp,
+    /// A group of the process's metrics.
+    Global(&'static str, &'static dyn Group),
+    /// The groups of the devices of `kind` (None: a kind this VMM does not
+    /// have, all zero): `<group>_<id>` for each when `per_device`, then
+    /// `<group>`, their sum.
+    Devices {
+        kind: Option<VirtioKind>,
+        group: &'static str,
+        keys: &'static [Key],
+        per_device: bool,
+    },
+}
+
+/// A line's parts in Firecracker 1.16's order.
+fn layout(m: &'static Metrics) -> [Part; 23] {
+    let devices = |kind, group, keys, per_device| Part::Devices {
+        kind,
+        group,
+        keys,
+        per_device,
+    };
+    [
+        Part::Timestamp,
+        Part::Global("api_server", &m.api_server),
+        devices(Some(VirtioKind::Balloon), "balloon", BALLOON_KEYS, false),
+        devices(Some(VirtioKind::Block), "block", BLOCK_KEYS, true),
+        Part::Global("deprecated_api", &m.deprecated_api),
+        Part::Global("get_api_requests", &m.get_api_requests),
+        Part::Global("i8042", &m.i8042),
+        Part::Global("uart", &m.uart),
+        Part::Global("latencies_us", &m.latencies_us),
+        Part::Global("logger", &m.logger),
+        Part::Global("mmds", &m.mmds),
+        devices(Some(VirtioKind::Net), "net", NET_KEYS, true),
+        Part::Global("patch_api_requests", &m.patch_api_requests),
+        Part::Global("put_api_requests", &m.put_api_requests),
+        Part::Global("seccomp", &m.seccomp),
+        Part::Global("vcpu", &m.vcpu),
+        Part::Global("vmm", &m.vmm),
+        Part::Global("signals", &m.signals),
+        devices(Some(VirtioKind::Vsock), "vsock", VSOCK_KEYS, false),
+        devices(Some(VirtioKind::Entropy), "entropy", ENTROPY_KEYS, false),
+        devices(None, "pmem", PMEM_KEYS, false),
+        Part::Global("interrupts", &m.interrupts),
+        devices(None, "memory_hotplug", MEMORY_HOTPLUG_KEYS, false),
+    ]
+}
+
+/// Wall-clock milliseconds since the epoch (no allocation).
+fn utc_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Brings the counters whose totals are kept elsewhere (the metadata
+/// store's, the interrupt count) up to date.
+fn take_totals_kept_elsewhere() {
+    let m = &METRICS;
+    if let Some(store) = MMDS_SOURCE.get() {
+        let c = store.lock().unwrap_or_else(|e| e.into_inner()).counters;
+        let g = &m.mmds;
+        for (counter, total) in [
+            (&g.rx_accepted, c.rx_accepted),
+            (&g.rx_accepted_err, c.rx_accepted_err),
+            (&g.rx_accepted_unusual, c.rx_accepted_unusual),
+            (&g.rx_count, c.rx_count),
+            (&g.rx_invalid_token, c.rx_invalid_token),
+            (&g.rx_no_token, c.rx_no_token),
+            (&g.tx_bytes, c.tx_bytes),
+            (&g.tx_count, c.tx_count),
+            (&g.tx_errors, c.tx_errors),
+            (&g.tx_frames, c.tx_frames),
+            (&g.connections_created, c.connections_created),
+            (&g.connections_destroyed, c.connections_destroyed),
+        ] {
+            counter.set_total(total);
+        }
+    }
+    m.interrupts
+        .triggers
+        .set_total(devices::virtio::interrupt_triggers());
+}
+
+/// A line written without allocating or locking, into a fixed buffer.
+pub struct RawLine {
+    buf: &'static mut [u8],
+    len: usize,
+    /// A value came last: the next key needs a comma.
+    comma: bool,
+    /// Something did not fit: the line is not written.
+    overflow: bool,
+}
+
+impl RawLine {
+    fn push(&mut self, bytes: &[u8]) {
+        match self.buf.get_mut(self.len..self.len + bytes.len()) {
+            Some(dst) => {
+                dst.copy_from_slice(bytes);
+                self.len += bytes.len();
+            }
+            None => self.overflow = true,
+        }
+    }
+    fn open(&mut self) {
+        self.push(b"{");
+        self.comma = false;
+    }
+    fn close(&mut self) {
+        self.push(b"}");
+        self.comma = true;
+    }
+    /// A key already in JSON (quoted and escaped).
+    fn json_key(&mut self, quoted: &str) {
+        if self.comma {
+            self.push(b",");
+        }
+        self.push(quoted.as_bytes());
+        self.push(b":");
+        self.comma = false;
+    }
+    /// A key of Firecracker's (plain ASCII, nothing to escape).
+    fn key(&mut self, key: &str) {
+        if self.comma {
+            self.push(b",");
+        }
+        self.push(b"\"");
+        self.push(key.as_bytes());
+        self.push(b"\":");
+        self.comma = false;
+    }
+    fn num(&mut self, mut v: u64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..]);
+        self.comma = true;
+    }
+    /// Zeros for `keys` (latency aggregates included).
+    fn zeros(&mut self, keys: &[Key]) {
+        self.open();
+        for key in keys {
+            match *key {
+                N(k) => {
+                    self.key(k);
+                    self.num(0);
+                }
+                Agg(k) => {
+                    self.key(k);
+                    self.open();
+                    for sub in ["min_us", "max_us", "sum_us"] {
+                        self.key(sub);
+                        self.num(0);
+                    }
+                    self.close();
+                }
+            }
+        }
+        self.close();
+    }
+}
+
+/// The per-device groups' names of the started instance (`block_<id>`,
+/// `net_<id>`), quoted and escaped for JSON, for [`write_last_line`].
+static DEVICE_GROUPS: std::sync::OnceLock<Vec<(VirtioKind, String)>> = std::sync::OnceLock::new();
+
+/// The buffer of [`write_last_line`], and whether it is in use.
+struct LastLineBuffer {
+    busy: std::sync::atomic::AtomicBool,
+    buf: std::cell::UnsafeCell<[u8; LAST_LINE_CAP]>,
+}
+
+/// Room for the last line: the groups of Firecracker 1.16 take about 6 KB,
+/// each drive or interface under 1 KB more.
+const LAST_LINE_CAP: usize = 128 * 1024;
+
+// SAFETY: `buf` is only reached through `busy`: whoever sets it from false to
+// true has the buffer alone until it sets it back.
+unsafe impl Sync for LastLineBuffer {}
+
+static LAST_LINE: LastLineBuffer = LastLineBuffer {
+    busy: std::sync::atomic::AtomicBool::new(false),
+    buf: std::cell::UnsafeCell::new([0; LAST_LINE_CAP]),
+};
+
+/// Renders a whole line of Firecracker 1.16's schema without allocating or
+/// locking, and hands it to `out`: the process's counters as they are (what
+/// they gained since the last line, not marked as reported), the devices'
+/// groups at 0 (their counters are behind locks) and the metadata store's
+/// as of the last line. False if another call has the buffer, or the line
+/// does not fit.
+fn render_last_line(out: impl FnOnce(&[u8])) -> bool {
+    if LAST_LINE.busy.swap(true, Ordering::Acquire) {
+        return false;
+    }
+    // SAFETY: `busy` was false and is now ours: nothing else uses the buffer
+    // until it is released below.
+    let buf: &'static mut [u8] = unsafe { &mut *LAST_LINE.buf.get() };
+    let mut w = RawLine {
+        buf,
+        len: 0,
+        comma: false,
+        overflow: false,
+    };
+    METRICS
+        .interrupts
+        .triggers
+        .set_total(devices::virtio::interrupt_triggers());
+    let names = DEVICE_GROUPS.get().map_or(&[][..], Vec::as_slice);
+    w.open();
+    for part in layout(&METRICS) {
+        match part {
+            Part::Timestamp => {
+                w.key("utc_timestamp_ms");
+                w.num(utc_ms());
+            }
+            Part::Global(name, group) => {
+                w.key(name);
+                group.raw(&mut w);
+            }
+            Part::Devices {
+                kind,
+                group,
+                keys,
+                per_device,
+            } => {
+                if per_device {
+                    for (_, name) in names.iter().filter(|(k, _)| Some(*k) == kind) {
+                        w.json_key(name);
+                        w.zeros(keys);
+                    }
+                }
+                w.key(group);
+                w.zeros(keys);
+            }
+        }
+    }
+    w.close();
+    w.push(b"\n");
+    let written = !w.overflow;
+    if written {
+        out(&w.buf[..w.len]);
+    }
+    LAST_LINE.busy.store(false, Ordering::Release);
+    written
+}
+
+/// Writes a last metrics line to `fd` from a signal handler (a fatal signal,
+/// a seccomp fault): a whole line of Firecracker 1.16's schema, as
+/// Firecracker writes one there, where the regular line cannot be made (it
+/// allocates and takes locks). Async-signal-safe: atomics, a static buffer,
+/// clock_gettime and write(2) only. The devices' groups are 0.
+pub fn write_last_line(fd: std::os::fd::RawFd) -> bool {
+    render_last_line(|line| {
+        let mut rest = line;
+        while !rest.is_empty() {
+            // SAFETY: `rest` is a valid slice for its length; write(2) only
+            // reads it.
+            let n = unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) };
+            if n <= 0 {
+                break;
+            }
+            rest = &rest[n as usize..];
+        }
+    })
+}
+
 /// Where metrics go, the device totals already reported, and when the next
 /// periodic line is due.
 pub struct MetricsSink {
@@ -622,7 +934,9 @@ impl MetricsSink {
     /// ones, every [`PERIOD`] from now, as Firecracker does.
     pub fn start(&mut self, devices: Option<&DeviceManager>) -> Result<(), Error> {
         self.next_due = Some(Instant::now() + PERIOD);
-        self.flush(devices)
+        let devices = DeviceTotals::of(devices);
+        remember_device_groups(&devices);
+        self.write_line(&devices)
     }
 
     /// When the next periodic line is due (None before the instance started).
@@ -671,120 +985,29 @@ impl MetricsSink {
 
     /// The line's groups, in Firecracker's order.
     fn line(&self, devices: &[DeviceTotals]) -> LineParts<'static> {
-        let m: &'static Metrics = &METRICS;
         let mut p = LineParts {
             fields: Vec::new(),
             seen: Vec::new(),
             device_totals: Vec::new(),
         };
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        if let Some(store) = MMDS_SOURCE.get() {
-            let c = store.lock().unwrap_or_else(|e| e.into_inner()).counters;
-            let g = &m.mmds;
-            for (counter, total) in [
-                (&g.rx_accepted, c.rx_accepted),
-                (&g.rx_accepted_err, c.rx_accepted_err),
-                (&g.rx_accepted_unusual, c.rx_accepted_unusual),
-                (&g.rx_count, c.rx_count),
-                (&g.rx_invalid_token, c.rx_invalid_token),
-                (&g.rx_no_token, c.rx_no_token),
-                (&g.tx_bytes, c.tx_bytes),
-                (&g.tx_count, c.tx_count),
-                (&g.tx_errors, c.tx_errors),
-                (&g.tx_frames, c.tx_frames),
-                (&g.connections_created, c.connections_created),
-                (&g.connections_destroyed, c.connections_destroyed),
-            ] {
-                counter.set_total(total);
+        take_totals_kept_elsewhere();
+        for part in layout(&METRICS) {
+            match part {
+                Part::Timestamp => p
+                    .fields
+                    .push(("utc_timestamp_ms".into(), Node::Num(utc_ms()))),
+                Part::Global(name, group) => {
+                    let node = group.node(&mut p.seen);
+                    p.fields.push((name.into(), node));
+                }
+                Part::Devices {
+                    kind,
+                    group,
+                    keys,
+                    per_device,
+                } => self.devices(&mut p, devices, kind, group, keys, per_device),
             }
         }
-        m.interrupts
-            .triggers
-            .set_total(devices::virtio::interrupt_triggers());
-
-        p.fields
-            .push(("utc_timestamp_ms".into(), Node::Num(now_ms)));
-        let node = m.api_server.node(&mut p.seen);
-        p.fields.push(("api_server".into(), node));
-        self.devices(
-            &mut p,
-            devices,
-            Some(VirtioKind::Balloon),
-            "balloon",
-            BALLOON_KEYS,
-            false,
-        );
-        self.devices(
-            &mut p,
-            devices,
-            Some(VirtioKind::Block),
-            "block",
-            BLOCK_KEYS,
-            true,
-        );
-        let node = m.deprecated_api.node(&mut p.seen);
-        p.fields.push(("deprecated_api".into(), node));
-        let node = m.get_api_requests.node(&mut p.seen);
-        p.fields.push(("get_api_requests".into(), node));
-        let node = m.i8042.node(&mut p.seen);
-        p.fields.push(("i8042".into(), node));
-        let node = m.uart.node(&mut p.seen);
-        p.fields.push(("uart".into(), node));
-        let node = m.latencies_us.node(&mut p.seen);
-        p.fields.push(("latencies_us".into(), node));
-        let node = m.logger.node(&mut p.seen);
-        p.fields.push(("logger".into(), node));
-        let node = m.mmds.node(&mut p.seen);
-        p.fields.push(("mmds".into(), node));
-        self.devices(
-            &mut p,
-            devices,
-            Some(VirtioKind::Net),
-            "net",
-            NET_KEYS,
-            true,
-        );
-        let node = m.patch_api_requests.node(&mut p.seen);
-        p.fields.push(("patch_api_requests".into(), node));
-        let node = m.put_api_requests.node(&mut p.seen);
-        p.fields.push(("put_api_requests".into(), node));
-        let node = m.seccomp.node(&mut p.seen);
-        p.fields.push(("seccomp".into(), node));
-        let node = m.vcpu.node(&mut p.seen);
-        p.fields.push(("vcpu".into(), node));
-        let node = m.vmm.node(&mut p.seen);
-        p.fields.push(("vmm".into(), node));
-        let node = m.signals.node(&mut p.seen);
-        p.fields.push(("signals".into(), node));
-        self.devices(
-            &mut p,
-            devices,
-            Some(VirtioKind::Vsock),
-            "vsock",
-            VSOCK_KEYS,
-            false,
-        );
-        self.devices(
-            &mut p,
-            devices,
-            Some(VirtioKind::Entropy),
-            "entropy",
-            ENTROPY_KEYS,
-            false,
-        );
-        self.devices(&mut p, devices, None, "pmem", PMEM_KEYS, false);
-        let node = m.interrupts.node(&mut p.seen);
-        p.fields.push(("interrupts".into(), node));
-        self.devices(
-            &mut p,
-            devices,
-            None,
-            "memory_hotplug",
-            MEMORY_HOTPLUG_KEYS,
-            false,
-        );
         p
     }
 
@@ -846,6 +1069,31 @@ impl MetricsSink {
             .collect();
         p.fields.push((group.into(), Node::Obj(aggregate)));
     }
+}
+
+/// Keeps the per-device groups' names for [`write_last_line`] (the first
+/// instance with drives or interfaces: one per process).
+fn remember_device_groups(devices: &[DeviceTotals]) {
+    if !devices
+        .iter()
+        .any(|d| matches!(d.kind, VirtioKind::Block | VirtioKind::Net))
+    {
+        return;
+    }
+    let _ = DEVICE_GROUPS.get_or_init(|| {
+        devices
+            .iter()
+            .filter_map(|d| {
+                let group = match d.kind {
+                    VirtioKind::Block => "block",
+                    VirtioKind::Net => "net",
+                    _ => return None,
+                };
+                let name = serde_json::to_string(&format!("{group}_{}", d.id)).ok()?;
+                Some((d.kind, name))
+            })
+            .collect()
+    });
 }
 
 /// The instance started: `sink` (if metrics are configured) writes its
@@ -1158,6 +1406,51 @@ mod tests {
         let sorted = schema::parse(&v.to_string()).unwrap();
         let e = schema::validate(&sorted).unwrap_err();
         assert!(e.contains("order"), "{e}");
+    }
+
+    #[test]
+    fn the_last_line_from_a_signal_handler_is_a_whole_line_and_reports_nothing_away() {
+        let _one = FLUSHES.lock().unwrap_or_else(|e| e.into_inner());
+        let mut t = TestSink::new("last");
+        remember_device_groups(&[
+            device(VirtioKind::Block, "rootfs", &[]),
+            device(VirtioKind::Block, "odd\"id", &[]),
+            device(VirtioKind::Net, "eth0", &[]),
+            device(VirtioKind::Entropy, "rng", &[]),
+        ]);
+        t.sink.flush(None).unwrap();
+        METRICS.signals.sigpipe.inc();
+        METRICS.vcpu.exit_io_in_agg.record(7);
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&t.path)
+            .unwrap();
+        assert!(write_last_line(std::os::fd::AsRawFd::as_raw_fd(&file)));
+        t.sink.flush(None).unwrap();
+        let lines = t.lines();
+        assert_eq!(lines.len(), 3);
+        let last = schema::parse(&lines[1]).unwrap();
+        schema::validate(&last).unwrap_or_else(|e| panic!("{e}\n{}", lines[1]));
+        schema::check_aggregate(&last, "block", 2).unwrap();
+        schema::check_aggregate(&last, "net", 1).unwrap();
+        assert!(last.get("block_odd\"id").is_some(), "{}", lines[1]);
+        assert_eq!(last.num("signals", "sigpipe"), Some(1));
+        let agg = last.get("vcpu").and_then(|v| v.get("exit_io_in_agg"));
+        assert!(
+            matches!(
+                agg.and_then(|a| a.get("sum_us")),
+                Some(schema::Tree::Num(7))
+            ),
+            "{}",
+            lines[1]
+        );
+        // Not marked as reported: the next regular line has them again.
+        let next = schema::parse(&lines[2]).unwrap();
+        assert_eq!(next.num("signals", "sigpipe"), Some(1));
+        // One call at a time: a busy buffer writes nothing.
+        LAST_LINE.busy.store(true, Ordering::SeqCst);
+        assert!(!render_last_line(|_| panic!("written while busy")));
+        LAST_LINE.busy.store(false, Ordering::SeqCst);
     }
 
     #[test]
