@@ -143,6 +143,7 @@ pub fn build_with(
     mmds: &SharedMmds,
 ) -> Result<MicroVm, Error> {
     config.validate()?;
+    config.machine_config.check_buildable()?;
     let boot = config
         .boot_source
         .as_ref()

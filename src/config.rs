@@ -18,6 +18,8 @@ pub const MIN_MEM_MIB: u64 = 16;
 pub const MAX_MEM_MIB: u64 = 1 << 20;
 /// Most virtio devices the VMM attaches (one interrupt line each, IRQ 5..=23).
 pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// Firecracker's static CPU template names (its `CpuTemplate` enum).
+pub const CPU_TEMPLATES: &[&str] = &["None", "C3", "T2", "T2S", "T2CL", "T2A"];
 /// Longest device ID accepted (Firecracker's limit).
 pub const MAX_ID_LEN: usize = 64;
 /// Longest disk serial a guest can read (virtio-blk GET_ID).
@@ -52,6 +54,9 @@ pub enum Error {
     /// A feature of Firecracker's machine configuration this VMM does not have.
     #[error("machine-config {field} '{value}' is not supported; give \"None\" or leave it out.")]
     MachineFeature { field: &'static str, value: String },
+    /// A CPU template name Firecracker does not have.
+    #[error("machine-config cpu_template '{0}' is not a CPU template; give one of None, C3, T2, T2S, T2CL, T2A.")]
+    CpuTemplate(String),
     /// An ID with characters or a length Firecracker would refuse.
     #[error("{field} '{id}' is invalid; use 1 to {MAX_ID_LEN} ASCII letters, digits or '_'.")]
     Id { field: &'static str, id: String },
@@ -201,16 +206,29 @@ impl MachineConfig {
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_size_mib) {
             return Err(Error::MemSize(self.mem_size_mib));
         }
-        if let Some(t) = self.cpu_template.as_deref().filter(|t| *t != "None") {
-            return Err(Error::MachineFeature {
-                field: "cpu_template",
-                value: t.into(),
-            });
+        // Firecracker's static templates are taken here (it checks them
+        // against the host at the start); anything else is refused.
+        if let Some(t) = self.cpu_template.as_deref() {
+            if !CPU_TEMPLATES.contains(&t) {
+                return Err(Error::CpuTemplate(t.into()));
+            }
         }
         if self.huge_pages != "None" {
             return Err(Error::MachineFeature {
                 field: "huge_pages",
                 value: self.huge_pages.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// What a build needs beyond [`Self::validate`]: a CPU template this VMM
+    /// applies (none yet: only "None").
+    pub fn check_buildable(&self) -> Result<(), Error> {
+        if let Some(t) = self.cpu_template.as_deref().filter(|t| *t != "None") {
+            return Err(Error::MachineFeature {
+                field: "cpu_template",
+                value: t.into(),
             });
         }
         Ok(())
@@ -925,11 +943,22 @@ mod tests {
             .contains("mem_size_mib 8"));
         m.mem_size_mib = 128;
         m.cpu_template = Some("T2".into());
+        assert_eq!(
+            m.validate(),
+            Ok(()),
+            "a template is taken as Firecracker takes it"
+        );
+        assert!(m
+            .check_buildable()
+            .unwrap_err()
+            .to_string()
+            .contains("cpu_template 'T2'"));
+        m.cpu_template = Some("Z9".into());
         assert!(m
             .validate()
             .unwrap_err()
             .to_string()
-            .contains("cpu_template 'T2'"));
+            .contains("one of None, C3"));
     }
 
     #[test]

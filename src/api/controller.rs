@@ -157,7 +157,7 @@ impl Controller {
                 "firecracker_version": FIRECRACKER_API_VERSION,
             })),
             ApiRequest::PatchPmem => bad("virtio-pmem (/pmem) is not supported by this VMM yet."),
-            ApiRequest::GetVmConfig => ok_json(vmm.config()),
+            ApiRequest::GetVmConfig => ok_json(&full_vm_config(vmm.config())),
             ApiRequest::GetMachineConfig => ok_json(&vmm.config().machine_config),
             ApiRequest::PutMachineConfig(m) => configure(vmm, |c| c.machine_config = m.clone()),
             ApiRequest::PatchMachineConfig(u) => configure(vmm, |c| {
@@ -204,10 +204,28 @@ impl Controller {
             ApiRequest::PutNetworkInterface(n) => {
                 // Attached once to check it (as Firecracker does at this call);
                 // the device attaches it again at InstanceStart.
-                if let Err(e) = devices::virtio::tap::Tap::open(&n.host_dev_name) {
-                    return bad(e);
+                let created = match devices::virtio::tap::Tap::open(&n.host_dev_name) {
+                    Err(e) => bad(format!("Could not create the network device: {e}")),
+                    Ok(_) => configure(vmm, |c| c.upsert_interface(n.clone())),
+                };
+                // Firecracker drops an interface's old device before it
+                // makes the new one: when that fails, the ID is gone.
+                let failed_creation = created.status >= 400
+                    && created.body.as_deref().is_some_and(|b| {
+                        String::from_utf8_lossy(b).contains("Could not create the network device")
+                    });
+                if failed_creation
+                    && vmm
+                        .config()
+                        .network_interfaces
+                        .iter()
+                        .any(|o| o.iface_id == n.iface_id)
+                {
+                    let _ = configure(vmm, |c| {
+                        c.network_interfaces.retain(|o| o.iface_id != n.iface_id)
+                    });
                 }
-                configure(vmm, |c| c.upsert_interface(n.clone()))
+                created
             }
             ApiRequest::PutVsock(v) => {
                 // Bound now, as Firecracker does; a path that exists already
@@ -439,6 +457,34 @@ impl Controller {
 /// Applies a pre-boot change to the configuration; the whole configuration
 /// must still be valid, or nothing changes. A successful change of a boot
 /// resource rules out loading a snapshot afterwards.
+/// GET /vm/config as Firecracker answers it: every section of its
+/// FullVmConfiguration, null (or an empty list) when not configured, and
+/// nothing else (the serial console is not part of it).
+fn full_vm_config(config: &VmConfig) -> serde_json::Value {
+    let mut v = serde_json::to_value(config).unwrap_or_else(|_| json!({}));
+    if let Some(map) = v.as_object_mut() {
+        map.remove("serial");
+        for key in [
+            "balloon",
+            "boot-source",
+            "cpu-config",
+            "logger",
+            "machine-config",
+            "metrics",
+            "mmds-config",
+            "vsock",
+            "entropy",
+            "memory-hotplug",
+        ] {
+            map.entry(key).or_insert(serde_json::Value::Null);
+        }
+        for key in ["drives", "network-interfaces", "pmem"] {
+            map.entry(key).or_insert_with(|| json!([]));
+        }
+    }
+    v
+}
+
 /// A refused metadata store change: 413 when it does not fit, as Firecracker
 /// answers.
 fn mmds_fault(e: devices::mmds::Error) -> Response {

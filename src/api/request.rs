@@ -697,8 +697,8 @@ mod tests {
             (
                 Put,
                 "/machine-config",
-                r#"{"vcpu_count": 1, "mem_size_mib": 256, "cpu_template": "T2"}"#,
-                "cpu_template 'T2'",
+                r#"{"vcpu_count": 1, "mem_size_mib": 256, "cpu_template": "Z9"}"#,
+                "cpu_template 'Z9'",
             ),
             (
                 Put,
