@@ -691,7 +691,7 @@ fn take_totals_kept_elsewhere() {
 }
 
 /// A line written without allocating or locking, into a fixed buffer.
-pub struct RawLine {
+struct RawLine {
     buf: &'static mut [u8],
     len: usize,
     /// A value came last: the next key needs a comma.
