@@ -232,6 +232,10 @@ fn main() {
     if started_vm.is_ok() && plan.restore.is_none() && boot.is_some() && cli.config_file.is_some() {
         log::info!("Successfully started microvm that was configured from one single json");
     }
+    if started_vm.is_ok() && (boot.is_some() || plan.restore.is_some()) {
+        // The first metrics line, as at InstanceStart over the API.
+        vmm::metrics::instance_started(controller.metrics.as_mut(), vmm.devices());
+    }
     if let Err(e) = started_vm {
         // The API socket goes away with the process.
         if let Some((thread, endpoint)) = api {
@@ -245,17 +249,14 @@ fn main() {
             e => fail(e),
         }
     }
-    let mut next_metrics = Instant::now() + METRICS_PERIOD;
     let result = runtime::run(&mut vmm, &mut el, |vmm, el| {
         if let Some((_, endpoint)) = &api {
             endpoint.serve(|req| controller.handle(vmm, el, req));
         }
-        if Instant::now() >= next_metrics {
-            next_metrics = Instant::now() + METRICS_PERIOD;
-            if let Some(sink) = &mut controller.metrics {
-                if let Err(e) = sink.flush(vmm.devices()) {
-                    log::warn!("{e}");
-                }
+        // Periodic lines, from the instance's start on (Firecracker's period).
+        if let Some(sink) = &mut controller.metrics {
+            if let Err(e) = sink.flush_if_due(vmm.devices()) {
+                log::warn!("{e}");
             }
         }
     });
@@ -320,8 +321,9 @@ fn smoke_mode(cli: &Cli, started: Instant, exit: &Arc<ExitSignal>) -> Option<vmm
     Some(smoke)
 }
 
-/// How often metrics are written.
-const METRICS_PERIOD: Duration = Duration::from_secs(60);
+/// How often the loop looks whether a metrics line is due (lines are
+/// written every metrics::PERIOD from the instance's start).
+const METRICS_PERIOD: Duration = Duration::from_secs(5);
 
 /// The logger as the flags and the configuration file say: `--level` (or
 /// `--log-level`/VMM_LOG), `--log-path`, `--show-level`, `--show-log-origin`.

@@ -12,7 +12,7 @@
 use std::sync::atomic::Ordering;
 
 use crate::metrics::METRICS;
-use crate::seccomp::{now_ms, raw_write, Line, LOG_FD, METRICS_FD};
+use crate::seccomp::{raw_write, Line, LOG_FD, METRICS_FD};
 
 /// Firecracker's exit code for the VMM stopped by `signal` (FcExitCode).
 pub fn exit_code(signal: i32) -> Option<i32> {
@@ -25,20 +25,6 @@ pub fn exit_code(signal: i32) -> Option<i32> {
         libc::SIGILL => 157,
         _ => return None,
     })
-}
-
-/// The `signals` metrics field for `signal`.
-fn metric_name(signal: i32) -> &'static [u8] {
-    match signal {
-        libc::SIGBUS => b"sigbus",
-        libc::SIGSEGV => b"sigsegv",
-        libc::SIGXFSZ => b"sigxfsz",
-        libc::SIGXCPU => b"sigxcpu",
-        libc::SIGPIPE => b"sigpipe",
-        libc::SIGHUP => b"sighup",
-        libc::SIGILL => b"sigill",
-        _ => b"",
-    }
 }
 
 /// Installs the handlers (process-wide), before any thread starts.
@@ -55,7 +41,9 @@ pub fn install() -> std::io::Result<()> {
         // it an SA_SIGINFO handler with an empty mask.
         let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
         act.sa_sigaction = handler as *const () as usize;
-        act.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+        // On the thread's own stack, not the small alternate one Rust sets up:
+        // the handler renders a whole metrics line.
+        act.sa_flags = libc::SA_SIGINFO;
         // SAFETY: `act` is a valid sigaction whose handler has the signature
         // SA_SIGINFO expects; the old action is not asked for.
         if unsafe { libc::sigaction(signal, &act, std::ptr::null_mut()) } != 0 {
@@ -85,7 +73,7 @@ extern "C" fn handler(signal: i32, info: *mut libc::siginfo_t, _ctx: *mut libc::
         _ => {}
     }
     log_intercepted(signal, code);
-    write_metrics(signal);
+    write_metrics();
     // SAFETY: _exit ends the process at once, without running anything that
     // is not async-signal-safe.
     unsafe { libc::_exit(exit_code(signal).unwrap_or(1)) }
@@ -105,19 +93,13 @@ pub(crate) fn log_intercepted(signal: i32, code: i32) {
     write_log(&line);
 }
 
-/// A metrics line with the signal's count, so the file shows why the VMM ended.
-fn write_metrics(signal: i32) {
+/// A whole metrics line (Firecracker's schema) with the signal's count, so
+/// the file shows why the VMM ended.
+fn write_metrics() {
     let fd = METRICS_FD.load(Ordering::Relaxed);
-    if fd < 0 {
-        return;
+    if fd >= 0 {
+        crate::metrics::write_last_line(fd);
     }
-    let mut m = Line::new();
-    m.push(b"{\"utc_timestamp_ms\":");
-    m.push_num(now_ms());
-    m.push(b",\"signals\":{\"");
-    m.push(metric_name(signal));
-    m.push(b"\":1}}\n");
-    raw_write(fd, m.bytes());
 }
 
 /// To the log file, or to stderr without one.

@@ -235,7 +235,7 @@ fn calls_out_of_order_are_refused_with_firecracker_s_rules() {
             "/actions",
             Some(r#"{"action_type": "FlushMetrics"}"#),
         ),
-        "Metrics are not configured",
+        "not supported before starting",
     );
     assert_fault(
         curl(
@@ -284,7 +284,7 @@ fn calls_out_of_order_are_refused_with_firecracker_s_rules() {
             "/mmds/config",
             Some(r#"{"network_interfaces": ["eth9"]}"#),
         ),
-        "network interface 'eth9', which is not configured",
+        "does not correspond to any existing network interface: 'eth9'",
     );
     assert_fault(
         curl(&sock, "GET", "/balloon", None),
@@ -1151,7 +1151,10 @@ fn serial_output_goes_to_its_file_at_its_rate() {
         text.len()
     );
     assert!(dropped > 0, "nothing was dropped");
-    assert_eq!(json(&cfg)["serial"]["rate_limiter"]["size"], 200, "{cfg}");
+    assert!(
+        json(&cfg).get("serial").is_none(),
+        "Firecracker's FullVmConfiguration has no serial section: {cfg}"
+    );
 }
 
 /// Answers compared with Firecracker 1.16's to the same requests: GET /mmds

@@ -296,6 +296,7 @@ impl ApiRequest {
                 | ApiRequest::PatchNetworkInterface(_)
                 | ApiRequest::PatchVm(_)
                 | ApiRequest::Action(ActionType::SendCtrlAltDel)
+                | ApiRequest::Action(ActionType::FlushMetrics)
                 | ApiRequest::CreateSnapshot(_)
                 | ApiRequest::PatchBalloon(_)
                 | ApiRequest::GetBalloonStats

@@ -315,7 +315,9 @@ pub fn install_sigsys_handler() -> std::io::Result<()> {
     // SA_SIGINFO handler with an empty mask.
     let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
     act.sa_sigaction = sigsys_handler as *const () as usize;
-    act.sa_flags = libc::SA_SIGINFO | libc::SA_RESETHAND | libc::SA_ONSTACK;
+    // On the thread's own stack, not the small alternate one Rust sets up:
+    // the handler renders a whole metrics line.
+    act.sa_flags = libc::SA_SIGINFO | libc::SA_RESETHAND;
     // SAFETY: `act` is a valid sigaction whose handler has the signature
     // SA_SIGINFO expects; the old action is not asked for.
     if unsafe { libc::sigaction(libc::SIGSYS, &act, std::ptr::null_mut()) } != 0 {
@@ -338,7 +340,15 @@ extern "C" fn sigsys_handler(_sig: i32, info: *mut libc::siginfo_t, _ctx: *mut l
     let faults = FAULTS.fetch_add(1, Ordering::Relaxed) + 1;
     crate::metrics::METRICS.seccomp.num_faults.set(faults);
     if code != SYS_SECCOMP {
+        // Sent by a process (kill): Firecracker's line, a metrics line, and
+        // its exit code for SIGSYS (BadSyscall).
         crate::signals::log_intercepted(libc::SIGSYS, code);
+        let metrics = METRICS_FD.load(Ordering::Relaxed);
+        if metrics >= 0 {
+            crate::metrics::write_last_line(metrics);
+        }
+        // SAFETY: _exit ends the process at once; it is async-signal-safe.
+        unsafe { libc::_exit(148) }
     }
     if code == SYS_SECCOMP {
         let role = match ROLE.with(|r| r.get()) {
@@ -360,13 +370,7 @@ extern "C" fn sigsys_handler(_sig: i32, info: *mut libc::siginfo_t, _ctx: *mut l
         }
         let metrics = METRICS_FD.load(Ordering::Relaxed);
         if metrics >= 0 {
-            let mut m = Line::new();
-            m.push(b"{\"utc_timestamp_ms\":");
-            m.push_num(now_ms());
-            m.push(b",\"seccomp\":{\"num_faults\":");
-            m.push_num(faults);
-            m.push(b"}}\n");
-            raw_write(metrics, m.bytes());
+            crate::metrics::write_last_line(metrics);
         }
     }
     // SAFETY: getpid, gettid and tgkill have no memory arguments; the filters
@@ -376,17 +380,6 @@ extern "C" fn sigsys_handler(_sig: i32, info: *mut libc::siginfo_t, _ctx: *mut l
         let tid = libc::syscall(libc::SYS_gettid) as libc::pid_t;
         libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGSYS);
     }
-}
-
-/// Wall-clock milliseconds (vDSO, no allocation).
-pub(crate) fn now_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec, which `ts` is.
-    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-    (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
 }
 
 pub(crate) fn raw_write(fd: i32, bytes: &[u8]) {

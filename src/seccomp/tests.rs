@@ -196,8 +196,11 @@ fn the_handler_formats_numbers_without_allocating() {
     assert_eq!(l.bytes(), b"n=0,18446744073709551615");
 }
 
+/// One BPF instruction: code, jt, jf, k.
+type Insn = (u16, u8, u8, u32);
+
 /// seccompiler-bin's layout, written by hand: the three roles' programs.
-fn bpf_file(roles: &[(&str, &[(u16, u8, u8, u32)])]) -> Vec<u8> {
+fn bpf_file(roles: &[(&str, &[Insn])]) -> Vec<u8> {
     let mut out = (roles.len() as u64).to_le_bytes().to_vec();
     for (name, insns) in roles {
         out.extend_from_slice(&(name.len() as u64).to_le_bytes());
@@ -215,7 +218,7 @@ fn bpf_file(roles: &[(&str, &[(u16, u8, u8, u32)])]) -> Vec<u8> {
 #[test]
 fn a_compiled_bpf_file_loads_as_firecracker_s_does() {
     // BPF_RET | BPF_K, SECCOMP_RET_ALLOW: allow everything.
-    let allow: &[(u16, u8, u8, u32)] = &[(0x06, 0, 0, 0x7fff_0000)];
+    let allow: &[Insn] = &[(0x06, 0, 0, 0x7fff_0000)];
     let file = bpf_file(&[("vmm", allow), ("api", allow), ("vcpu", allow)]);
     let path = std::env::temp_dir().join(format!("vmm-bpf-{}.bpf", std::process::id()));
     std::fs::write(&path, &file).unwrap();
