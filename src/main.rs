@@ -46,35 +46,34 @@ fn exit_with(code: i32) -> ! {
 
 /// The metadata store as `--mmds-size-limit` (default: the API's largest
 /// body, as in Firecracker) and `--metadata` make it; a file that cannot be
-/// read or parsed or is too large ends the start with one line, before
-/// anything (the API socket) is made.
-fn metadata_store(cli: &Cli) -> Mmds {
+/// read or parsed or is too large ends the start with one line.
+fn metadata_store(cli: &Cli) -> Result<Mmds, String> {
     let limit = cli.mmds_size_limit.unwrap_or(cli.http_api_max_payload_size);
     let mut store = Mmds::new(limit);
     let Some(path) = &cli.metadata else {
-        return store;
+        return Ok(store);
     };
     // Firecracker's wording for each failure, which its clients look for.
-    let text = std::fs::read(path).unwrap_or_else(|e| {
-        usage_exit(format!(
+    let text = std::fs::read(path).map_err(|e| {
+        format!(
             "Unable to open or read from the mmds content file '{}': {e}; give a JSON file.",
             path.display()
-        ))
-    });
-    let value: serde_json::Value = serde_json::from_slice(&text).unwrap_or_else(|e| {
-        usage_exit(format!(
+        )
+    })?;
+    let value: serde_json::Value = serde_json::from_slice(&text).map_err(|e| {
+        format!(
             "MMDS error: metadata provided not valid json: {e} (in '{}'); give a JSON file.",
             path.display()
-        ))
-    });
-    if let Err(e) = store.put(value) {
-        usage_exit(format!(
+        )
+    })?;
+    store.put(value).map_err(|e| {
+        format!(
             "Populating MMDS from file failed: {e} (--metadata '{}')",
             path.display()
-        ));
-    }
+        )
+    })?;
     log::info!("Successfully added metadata to mmds from file");
-    store
+    Ok(store)
 }
 
 fn main() {
@@ -171,7 +170,6 @@ fn main() {
 
     // Raw mode only while the guest runs; the guard restores the terminal on
     // every return path below.
-    let metadata = metadata_store(&cli);
     let raw = match terminal::RawMode::enable(libc::STDIN_FILENO) {
         Ok(r) => r,
         Err(e) => {
@@ -197,6 +195,19 @@ fn main() {
         started
     });
     record_startup_time(&cli, started);
+    // After the API started, as Firecracker fills the store (a client sees
+    // the API come up, then the failure in the log).
+    let metadata = match metadata_store(&cli) {
+        Ok(m) => m,
+        Err(msg) => {
+            if let Some((thread, endpoint)) = api {
+                drop(endpoint);
+                thread.stop();
+            }
+            drop(raw);
+            usage_exit(msg)
+        }
+    };
     if let Some((_, endpoint)) = &api {
         el.add(Arc::new(Mutex::new(endpoint.waker())));
     }
@@ -243,6 +254,17 @@ fn main() {
             thread.stop();
         }
         drop(raw);
+        if cli.config_file.is_some() {
+            // Firecracker's words for a configuration file's VM that cannot start.
+            let code = match &e {
+                vmm::vmm::Error::Build(b) if b.is_usage_error() => EXIT_USAGE,
+                _ => EXIT_VMM_ERROR,
+            };
+            exit_with_error(
+                format_args!("Could not Start MicroVM from one single json: {e}"),
+                code,
+            );
+        }
         match e {
             vmm::vmm::Error::Build(e) if e.is_usage_error() => usage_exit(e),
             e @ vmm::vmm::Error::Snapshot(_) => usage_exit(e),

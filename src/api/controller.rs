@@ -481,6 +481,23 @@ fn full_vm_config(config: &VmConfig) -> serde_json::Value {
         for key in ["drives", "network-interfaces", "pmem"] {
             map.entry(key).or_insert_with(|| json!([]));
         }
+        // Optional fields Firecracker writes as null.
+        let nulls: [(&str, &[&str]); 2] = [
+            ("drives", &["partuuid", "rate_limiter", "socket"]),
+            (
+                "network-interfaces",
+                &["guest_mac", "rx_rate_limiter", "tx_rate_limiter"],
+            ),
+        ];
+        for (list, fields) in nulls {
+            if let Some(items) = map.get_mut(list).and_then(|l| l.as_array_mut()) {
+                for item in items.iter_mut().filter_map(|i| i.as_object_mut()) {
+                    for f in fields {
+                        item.entry(*f).or_insert(serde_json::Value::Null);
+                    }
+                }
+            }
+        }
     }
     v
 }
