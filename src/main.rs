@@ -20,7 +20,61 @@ use vmm::vmm::{RestoreOptions, Vmm};
 use vmm::{exit_status, logger, terminal, EXIT_USAGE, EXIT_VMM_ERROR};
 
 fn usage_exit(msg: impl std::fmt::Display) -> ! {
-    exit_with_error(msg, EXIT_USAGE)
+    exit_with_error(msg, usage_code(FcExit::Generic))
+}
+
+/// Firecracker's exit codes for bad input (FcExitCode), used when the
+/// command line holds only Firecracker's flags: a Firecracker client reads
+/// them. With any of this VMM's own flags, bad input exits 2.
+#[derive(Clone, Copy)]
+enum FcExit {
+    /// GenericError.
+    Generic = 1,
+    /// BadConfiguration (an invalid log level).
+    BadConfiguration = 152,
+    /// ArgParsing.
+    ArgParsing = 153,
+}
+
+/// Whether the command line holds only Firecracker's flags.
+static FIRECRACKER_MODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The exit code for bad input of kind `kind`.
+fn usage_code(kind: FcExit) -> i32 {
+    if FIRECRACKER_MODE.load(std::sync::atomic::Ordering::Relaxed) {
+        kind as i32
+    } else {
+        EXIT_USAGE
+    }
+}
+
+/// Flags of this VMM's own (not Firecracker's).
+const OWN_FLAGS: &[&str] = &[
+    "--kernel",
+    "--initrd",
+    "--cmdline",
+    "--cpus",
+    "--memory",
+    "--rootfs",
+    "--disk",
+    "--net",
+    "--vsock",
+    "--log-level",
+    "--restore",
+    "--restore-mem",
+    "--net-override",
+    "--vsock-override",
+    "--expect",
+    "--timeout",
+    "--console-log",
+    "--report",
+];
+
+fn firecracker_mode(args: &[String]) -> bool {
+    !args.iter().skip(1).any(|a| {
+        let flag = a.split('=').next().unwrap_or("");
+        OWN_FLAGS.contains(&flag)
+    })
 }
 
 /// One line on stderr; in the log file (if any) the same line and
@@ -83,6 +137,10 @@ fn main() {
     if args.get(1).map(String::as_str) == Some("run") {
         vmm::run::main(args[2..].to_vec());
     }
+    FIRECRACKER_MODE.store(
+        firecracker_mode(&args),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -100,7 +158,10 @@ fn main() {
                 .collect();
             let first = first.join(" ");
             let first = first.trim_start_matches("error: ");
-            usage_exit(format_args!("{first}; run 'vmm --help' for usage."));
+            exit_with_error(
+                format_args!("{first}; run 'vmm --help' for usage."),
+                usage_code(FcExit::ArgParsing),
+            );
         }
     };
     if cli.version {
@@ -134,6 +195,9 @@ fn main() {
         vmm::cli::Error::ConfigFile { .. } | vmm::cli::Error::ConfigFileRead { .. } => usage_exit(
             format_args!("Configuration for VMM from one single json failed: {e}"),
         ),
+        e @ (vmm::cli::Error::NoApiWithoutConfig | vmm::cli::Error::InstanceId(_)) => {
+            exit_with_error(e, usage_code(FcExit::ArgParsing))
+        }
         e => usage_exit(e),
     });
     if plan.boot.as_ref().is_some_and(|b| b.logger.is_some()) {
@@ -257,7 +321,7 @@ fn main() {
         if cli.config_file.is_some() {
             // Firecracker's words for a configuration file's VM that cannot start.
             let code = match &e {
-                vmm::vmm::Error::Build(b) if b.is_usage_error() => EXIT_USAGE,
+                vmm::vmm::Error::Build(b) if b.is_usage_error() => usage_code(FcExit::Generic),
                 _ => EXIT_VMM_ERROR,
             };
             exit_with_error(
@@ -362,7 +426,8 @@ fn setup_logger(cli: &Cli, boot: Option<&vmm::config::VmConfig>) {
         .as_deref()
         .or(cli.log_level.as_deref())
         .unwrap_or(default);
-    let level = logger::parse_level(level).unwrap_or_else(|e| usage_exit(e));
+    let level = logger::parse_level(level)
+        .unwrap_or_else(|e| exit_with_error(e, usage_code(FcExit::BadConfiguration)));
     logger::init(level);
     logger::set_instance_id(&cli.id);
     let from_file = boot.and_then(|c| c.logger.clone()).unwrap_or_default();

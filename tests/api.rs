@@ -398,7 +398,11 @@ fn config_file_boots_with_and_without_the_api() {
 }
 
 /// Runs `vmm args`, expects exit 2 with one line naming `want`.
-fn assert_refused(args: &[&str], want: &str) {
+/// Firecracker's exit codes for bad input (only Firecracker's flags given).
+const FC_GENERIC: i32 = 1;
+const FC_ARG_PARSING: i32 = 153;
+
+fn assert_refused(args: &[&str], want: &str, code: i32) {
     let out = run(
         {
             let mut c = vmm();
@@ -407,7 +411,7 @@ fn assert_refused(args: &[&str], want: &str) {
         },
         TIMEOUT,
     );
-    assert_eq!(out.code, Some(2), "{args:?}: {}", out.stderr);
+    assert_eq!(out.code, Some(code), "{args:?}: {}", out.stderr);
     let lines: Vec<&str> = out.stderr.lines().collect();
     assert_eq!(lines.len(), 1, "{args:?}: {}", out.stderr);
     assert!(lines[0].contains(want), "{args:?}: {}", out.stderr);
@@ -416,10 +420,15 @@ fn assert_refused(args: &[&str], want: &str) {
 
 #[test]
 fn bad_process_flags_and_files_are_one_line_errors() {
-    assert_refused(&["--no-api"], "--no-api needs --config-file");
+    assert_refused(
+        &["--no-api"],
+        "--no-api needs --config-file",
+        FC_ARG_PARSING,
+    );
     assert_refused(
         &["--no-api", "--config-file", "/nonexistent/vm.json"],
         "'/nonexistent/vm.json' cannot be read",
+        FC_GENERIC,
     );
     let bad = tmp_path("api-bad-config.json");
     std::fs::write(
@@ -430,6 +439,7 @@ fn bad_process_flags_and_files_are_one_line_errors() {
     assert_refused(
         &["--no-api", "--config-file", bad.to_str().unwrap()],
         "balloon amount_mib 65 is more than the guest's 64 MiB of memory",
+        FC_GENERIC,
     );
     std::fs::write(
         &bad,
@@ -439,6 +449,7 @@ fn bad_process_flags_and_files_are_one_line_errors() {
     assert_refused(
         &["--no-api", "--config-file", bad.to_str().unwrap()],
         "unknown field `bogus`",
+        FC_GENERIC,
     );
     assert_refused(
         &[
@@ -448,20 +459,24 @@ fn bad_process_flags_and_files_are_one_line_errors() {
             "/nonexistent/m.json",
         ],
         "Unable to open or read from the mmds content file '/nonexistent/m.json'",
+        FC_GENERIC,
     );
     assert_refused(
         &["--api-sock", "/tmp/x.sock", "--enable-pci"],
         "--enable-pci",
+        FC_GENERIC,
     );
     assert_refused(
         &["--api-sock", "/tmp/x.sock", "--id", "bad id"],
         "--id 'bad id'",
+        FC_ARG_PARSING,
     );
     let taken = tmp_path("api-taken.sock");
     std::fs::write(&taken, b"not a socket").unwrap();
     assert_refused(
         &["--api-sock", taken.to_str().unwrap()],
         "Failed to open the API socket at",
+        FC_GENERIC,
     );
     assert_eq!(
         std::fs::read(&taken).unwrap(),
@@ -874,7 +889,7 @@ fn a_config_file_that_fails_to_boot_leaves_no_socket_behind() {
         .arg("--config-file")
         .arg(&cfg);
     let out = run(cmd, TIMEOUT);
-    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert_eq!(out.code, Some(FC_GENERIC), "{}", out.stderr);
     assert!(
         out.stderr.contains("/nonexistent/disk.img"),
         "{}",
@@ -903,6 +918,7 @@ fn socket_paths_up_to_107_bytes_work_and_longer_ones_are_refused() {
     assert_refused(
         &["--api-sock", too_long.to_str().unwrap()],
         "at most 107 bytes",
+        FC_GENERIC,
     );
 }
 

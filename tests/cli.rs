@@ -127,8 +127,22 @@ fn cmdline_longer_than_the_kernel_accepts() {
 
 #[test]
 fn unknown_or_missing_arguments() {
-    assert_usage_error(&[], &["--kernel"]);
+    // Without arguments vmm serves Firecracker's API on its default socket;
+    // VM flags without a kernel are a usage error.
+    assert_usage_error(&["--memory", "1G"], &["--kernel"]);
     assert_usage_error(&["--kernel", "x", "--bogus"], &["--bogus"]);
+    // Firecracker's flags only: Firecracker's exit code for argument parsing.
+    let out = run(
+        {
+            let mut c = vmm();
+            c.arg("--bogus");
+            c
+        },
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.code, Some(153), "{out:#?}");
+    assert_eq!(out.stderr.lines().count(), 1, "{out:#?}");
+    assert!(out.stderr.contains("--bogus"), "{out:#?}");
 }
 
 #[test]
@@ -193,5 +207,6 @@ fn version_prints_a_firecracker_shaped_first_line() {
         .collect();
     assert_eq!(v.len(), 3, "{text}");
     assert!(v[0] >= 1, "{text}");
-    assert!(first.contains("vmm"), "{text}");
+    assert_eq!(first, "Firecracker v1.16.1", "{text}");
+    assert!(text.contains("vmm"), "{text}");
 }
