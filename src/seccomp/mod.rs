@@ -209,6 +209,10 @@ pub fn install(program: &BpfProgram, role: Role) -> Result<(), Error> {
     })
 }
 
+/// Largest compiled filter file read (Firecracker's limit: a few threads'
+/// programs of at most 4096 instructions each fit).
+const MAX_BPF_FILE: usize = 100_000;
+
 /// Most instructions a BPF program may have (the kernel's BPF_MAXINSNS).
 const BPF_MAX_INSNS: u64 = 4096;
 
@@ -219,6 +223,12 @@ const BPF_MAX_INSNS: u64 = 4096;
 /// checked against what is left of the file, so a hostile file cannot make
 /// it allocate more than the file holds.
 fn decode_bpf(bytes: &[u8]) -> Result<HashMap<String, BpfProgram>, String> {
+    if bytes.len() > MAX_BPF_FILE {
+        return Err(format!(
+            "the file has {} bytes, more than the {MAX_BPF_FILE} a filter file can need",
+            bytes.len()
+        ));
+    }
     let mut r = Cursor { bytes, at: 0 };
     let entries = r.u64()?;
     if entries > 16 {
@@ -249,12 +259,7 @@ fn decode_bpf(bytes: &[u8]) -> Result<HashMap<String, BpfProgram>, String> {
             .collect();
         map.insert(name, program);
     }
-    if r.at != bytes.len() {
-        return Err(format!(
-            "{} bytes follow the last filter",
-            bytes.len() - r.at
-        ));
-    }
+    // Bytes after the last filter are ignored, as Firecracker's reader does.
     Ok(map)
 }
 

@@ -241,7 +241,14 @@ fn a_compiled_bpf_file_loads_as_firecracker_s_does() {
     assert!(decode_bpf(&file[..file.len() - 1]).is_err(), "truncated");
     let mut trailing = file.clone();
     trailing.push(0);
-    assert!(decode_bpf(&trailing).is_err(), "trailing bytes");
+    assert!(
+        decode_bpf(&trailing).is_ok(),
+        "trailing bytes are ignored, as Firecracker"
+    );
+    assert!(
+        decode_bpf(&vec![0u8; 100_001]).is_err(),
+        "over Firecracker's size limit"
+    );
     let missing = bpf_file(&[("vmm", allow), ("api", allow)]);
     std::fs::write(&path, &missing).unwrap();
     let e = Filters::from_file(&path).err().unwrap().to_string();
