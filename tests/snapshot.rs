@@ -124,31 +124,34 @@ fn a_counting_guest_continues_where_it_stopped_three_times_from_one_snapshot() {
 
 #[test]
 fn bad_snapshots_and_late_loads_are_refused_and_nothing_starts() {
-    let (vm, sock) = api_vmm("snap-bad");
     let junk = tmp_path("junk.snap");
     std::fs::write(&junk, b"VMMSNAP\0\x01\x00\x00\x00").unwrap();
     let mem = tmp_path("junk.mem");
     std::fs::write(&mem, vec![0u8; 4096]).unwrap();
-    let msg = fault(curl(
-        &sock,
-        "PUT",
-        "/snapshot/load",
-        Some(&load_body(&junk, &mem, true)),
-    ));
-    assert!(
-        msg.contains("truncated") || msg.contains("corrupt"),
-        "{msg}"
-    );
-    let msg = fault(curl(
-        &sock,
-        "PUT",
-        "/snapshot/load",
-        Some(&load_body(&tmp_path("none.snap"), &mem, true)),
-    ));
-    assert!(msg.contains("none.snap"), "{msg}");
-    let (_, info) = curl(&sock, "GET", "/", None);
-    assert!(info.contains("Not started"), "{info}");
-    // Firecracker's rule: no load once something was configured.
+    // A load that is tried and fails ends the VMM, as Firecracker's: the VM
+    // may be half built. Each bad file gets a fresh VMM.
+    for (state, want) in [
+        (junk.clone(), "truncated"),
+        (tmp_path("none.snap"), "none.snap"),
+    ] {
+        let (vm, sock) = api_vmm("snap-bad");
+        let msg = fault(curl(
+            &sock,
+            "PUT",
+            "/snapshot/load",
+            Some(&load_body(&state, &mem, true)),
+        ));
+        assert!(msg.contains(want), "{msg}");
+        assert!(msg.starts_with("Load snapshot error: "), "{msg}");
+        let out = vm.finish(TIMEOUT);
+        eprintln!("asserting: the failed load ended the VMM with status 1, no guest output");
+        assert_eq!(out.code, Some(1), "{}", out.stderr);
+        assert!(out.stdout.is_empty(), "{}", out.stdout);
+        assert!(!sock.exists(), "the socket is removed");
+    }
+    // Firecracker's rule: no load once a boot resource was configured; that
+    // refusal leaves the VMM as it was.
+    let (vm, sock) = api_vmm("snap-late");
     assert_eq!(
         curl(
             &sock,
@@ -165,7 +168,12 @@ fn bad_snapshots_and_late_loads_are_refused_and_nothing_starts() {
         "/snapshot/load",
         Some(&load_body(&junk, &mem, true)),
     ));
-    assert!(msg.contains("before anything is configured"), "{msg}");
+    assert!(
+        msg.contains("not allowed after configuring boot-specific resources"),
+        "{msg}"
+    );
+    let (_, info) = curl(&sock, "GET", "/", None);
+    assert!(info.contains("Not started"), "{info}");
     drop(vm);
 }
 
@@ -181,10 +189,9 @@ fn vsock_override_and_clock_realtime_are_checked_against_the_snapshot() {
         r#""vsock_override": {"uds_path": "/tmp/v.sock"}, "resume_vm""#,
     );
     let msg = fault(curl(&sock, "PUT", "/snapshot/load", Some(&body)));
-    assert!(msg.contains("no vsock device"), "{msg}");
-    let (_, info) = curl(&sock, "GET", "/", None);
-    assert!(info.contains("Not started"), "{info}");
-    drop(vm);
+    assert!(msg.contains("Unknown Vsock Device"), "{msg}");
+    // A failed load ends the VMM, as Firecracker's.
+    assert_eq!(vm.finish(TIMEOUT).code, Some(1));
 
     let described = vmm()
         .arg("--describe-snapshot")
@@ -450,14 +457,14 @@ fn a_virtio_blk_guest_snapshotted_between_requests_completes_them_after_restore(
         (204, String::new())
     );
     // The disk is reopened by path and locked: a second clone of a VM with
-    // a writable disk is refused while the first runs, and nothing starts.
+    // a writable disk is refused while the first runs, and nothing starts:
+    // the failed load ends that VMM (as Firecracker's), without guest output.
     let (second, sock2) = api_vmm("blk-seq-second");
     let refused = fault(load_snapshot(&sock2, &snap, &mem, true));
     assert!(refused.contains("in use by another process"), "{refused}");
-    let (_, info) = curl(&sock2, "GET", "/", None);
-    assert!(info.contains(r#""state":"Not started""#), "{info}");
-    second.signal(libc::SIGTERM);
-    drop(second);
+    let out = second.finish(TIMEOUT);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
 
     assert_seq_completes(clone, &original);
     assert!(
@@ -557,8 +564,9 @@ fn a_snapshot_needing_what_this_host_lacks_is_refused_naming_it() {
             msg.contains("This host's KVM lacks") && msg.contains(&want),
             "{msg}"
         );
-        let (_, info) = curl(&sock, "GET", "/", None);
-        assert!(info.contains("Not started"), "{info}");
-        drop(vm);
+        // Nothing ran; the failed load ended the VMM, as Firecracker's.
+        let out = vm.finish(TIMEOUT);
+        assert_eq!(out.code, Some(1), "{}", out.stderr);
+        assert!(out.stdout.is_empty(), "{}", out.stdout);
     }
 }
