@@ -72,7 +72,11 @@ pub enum Error {
 
 /// Boots a Linux kernel in a KVM microVM. Speaks Firecracker's API and configuration file.
 #[derive(Parser, Debug, Default)]
-#[command(name = "vmm", disable_version_flag = true)]
+#[command(
+    name = "vmm",
+    disable_version_flag = true,
+    after_help = "Commands:\n  vmm run [OPTIONS] -- CMD [ARGS]...  Runs a command in a fresh microVM and exits with its status (vmm run --help)\n\nWithout --api-sock, --no-api or --kernel, the API listens on /run/firecracker.socket, as Firecracker's does."
+)]
 pub struct Cli {
     // --- Firecracker's process flags -------------------------------------
     /// Path of the Unix socket for the control API (Firecracker's REST API).
@@ -92,7 +96,8 @@ pub struct Cli {
     /// Writes the log to this file or named pipe instead of stderr.
     #[arg(long, value_name = "PATH")]
     pub log_path: Option<PathBuf>,
-    /// Log level: Error, Warning, Info, Debug, Trace or Off (any case).
+    /// Log level: Error, Warning, Info, Debug, Trace or Off (any case; also
+    /// VMM_LOG). Default: Warning on stderr, Info with --log-path.
     #[arg(long, value_name = "LEVEL")]
     pub level: Option<String>,
     /// Prints the level in each log line.
@@ -211,14 +216,52 @@ pub struct Cli {
     /// Guest memory, with unit K, M or G (a bare number is MiB), rounded up to whole MiB [default: 128M].
     #[arg(long, value_name = "SIZE")]
     pub memory: Option<String>,
-    /// Log level: error, warn, info, debug or trace (also VMM_LOG).
-    #[arg(long, value_name = "LEVEL", env = "VMM_LOG",
+    /// The same as --level (kept as a hidden alias; also VMM_LOG).
+    #[arg(long, value_name = "LEVEL", env = "VMM_LOG", hide = true,
           value_parser = clap::builder::PossibleValuesParser::new(["off", "error", "warn", "info", "debug", "trace"]))]
     pub log_level: Option<String>,
 }
 
 /// Where the API listens when no --api-sock is given (Firecracker's default).
 pub const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
+
+/// A clap error as one line in this VMM's style: clap's first paragraph
+/// (which names the bad input and any suggestion), then where usage is.
+pub fn one_line_error(e: &clap::Error, command: &str) -> String {
+    let text = e.to_string();
+    let first: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let first = first.join(" ");
+    let first = first.trim_start_matches("error: ");
+    format!("{first}; run '{command} --help' for usage.")
+}
+
+/// What a misspelt command word probably meant: `vmm rn` is `vmm run`.
+pub fn command_suggestion(word: &str) -> Option<&'static str> {
+    if word.starts_with('-') || word == "run" {
+        return None;
+    }
+    (edit_distance(word, "run") <= 2 && word.len() <= 5).then_some("run")
+}
+
+/// Levenshtein distance, for short words.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
 
 /// What `--version` prints. Tools that drive Firecracker (Kata Containers)
 /// read the second word of the first line as the Firecracker version they
@@ -785,6 +828,16 @@ mod tests {
             "vmm's own flags serve no API"
         );
         assert_eq!(plan(&["--restore", "s", "--restore-mem", "m"]), None);
+    }
+
+    #[test]
+    fn misspelt_commands_are_suggested() {
+        assert_eq!(command_suggestion("rn"), Some("run"));
+        assert_eq!(command_suggestion("rnu"), Some("run"));
+        assert_eq!(command_suggestion("runn"), Some("run"));
+        assert_eq!(command_suggestion("run"), None);
+        assert_eq!(command_suggestion("--run"), None);
+        assert_eq!(command_suggestion("restore"), None);
     }
 
     #[test]

@@ -149,17 +149,18 @@ fn main() {
                 let _ = e.print();
                 std::process::exit(0);
             }
+            if let Some(run) = args.get(1).and_then(|w| vmm::cli::command_suggestion(w)) {
+                exit_with_error(
+                    format_args!(
+                        "'{}' is not a command; did you mean 'vmm {run}'? Run 'vmm --help' for usage.",
+                        args[1]
+                    ),
+                    usage_code(FcExit::ArgParsing),
+                );
+            }
             // clap's first line names the bad input; the rest is usage.
-            let text = e.to_string();
-            let first: Vec<&str> = text
-                .lines()
-                .take_while(|l| !l.trim().is_empty())
-                .map(str::trim)
-                .collect();
-            let first = first.join(" ");
-            let first = first.trim_start_matches("error: ");
             exit_with_error(
-                format_args!("{first}; run 'vmm --help' for usage."),
+                vmm::cli::one_line_error(&e, "vmm"),
                 usage_code(FcExit::ArgParsing),
             );
         }

@@ -42,8 +42,9 @@ pub struct RunCli {
     /// vCPUs of the VM.
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,
-    /// Guest memory in MiB (a trailing M is accepted).
-    #[arg(long, default_value = "128")]
+    /// Guest memory, with unit K, M or G (a bare number is MiB), as vmm's
+    /// own --memory.
+    #[arg(long, default_value = "128M")]
     pub memory: String,
     /// Ends the run after SECONDS: the VM is killed, the exit status is 124.
     #[arg(long, value_name = "SECONDS")]
@@ -123,13 +124,16 @@ pub fn main(args: Vec<String>) -> ! {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
-            let code = if matches!(e.kind(), ErrorKind::DisplayHelp) {
-                0
-            } else {
-                crate::EXIT_USAGE
-            };
-            let _ = e.print();
-            std::process::exit(code);
+            if matches!(e.kind(), ErrorKind::DisplayHelp) {
+                let _ = e.print();
+                std::process::exit(0);
+            }
+            // One line, in the style of every other error of vmm.
+            eprintln!(
+                "vmm run: error: {}",
+                crate::cli::one_line_error(&e, "vmm run")
+            );
+            std::process::exit(crate::EXIT_USAGE);
         }
     };
     match run(&cli) {
@@ -191,16 +195,9 @@ fn image(flag: &str, path: &Path) -> Result<PathBuf, Error> {
 }
 
 fn run(cli: &RunCli) -> Result<i32, Error> {
-    let mem_mib: u64 = cli
-        .memory
-        .trim_end_matches(['M', 'm'])
-        .parse()
-        .map_err(|_| {
-            Error::Usage(format!(
-                "--memory '{}' is not a size in MiB; give e.g. 256M.",
-                cli.memory
-            ))
-        })?;
+    let mem_mib: u64 = crate::cli::parse_memory(&cli.memory)
+        .map_err(|e| Error::Usage(e.to_string()))?
+        / crate::config::MIB;
     let env = cli
         .env
         .iter()

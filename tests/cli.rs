@@ -210,3 +210,71 @@ fn version_prints_a_firecracker_shaped_first_line() {
     assert_eq!(first, "Firecracker v1.16.1", "{text}");
     assert!(text.contains("vmm"), "{text}");
 }
+
+#[test]
+fn help_lists_run_and_misspelt_commands_are_suggested() {
+    let out = run(
+        {
+            let mut c = vmm();
+            c.arg("--help");
+            c
+        },
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.code, Some(0));
+    assert!(
+        out.stdout.contains("vmm run [OPTIONS] -- CMD"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        !out.stdout.contains("--log-level"),
+        "one log-level flag shown"
+    );
+    let out = run(
+        {
+            let mut c = vmm();
+            c.arg("rn");
+            c
+        },
+        Duration::from_secs(30),
+    );
+    assert_ne!(out.code, Some(0));
+    assert_eq!(out.stderr.lines().count(), 1, "{out:#?}");
+    assert!(out.stderr.contains("did you mean 'vmm run'?"), "{out:#?}");
+}
+
+#[test]
+fn vmm_run_errors_are_one_line_and_memory_takes_units() {
+    for (args, want) in [
+        (
+            &["run", "--bogus", "--", "true"][..],
+            "unexpected argument '--bogus'",
+        ),
+        (
+            &["run", "--memory", "1X", "--", "true"][..],
+            "--memory '1X' is not a size",
+        ),
+        (
+            &["run", "--memory", "8M", "--", "true"][..],
+            "--memory 8M is out of range",
+        ),
+    ] {
+        let out = run(
+            {
+                let mut c = vmm();
+                c.args(args);
+                c
+            },
+            Duration::from_secs(30),
+        );
+        assert_eq!(out.code, Some(EXIT_USAGE), "{args:?}: {out:#?}");
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {out:#?}");
+        assert!(
+            lines[0].starts_with("vmm run: error: "),
+            "{args:?}: {out:#?}"
+        );
+        assert!(lines[0].contains(want), "{args:?}: {:?}", lines[0]);
+    }
+}
