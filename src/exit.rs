@@ -66,6 +66,57 @@ impl std::fmt::Display for CrashReport {
     }
 }
 
+impl CrashReport {
+    /// What the host may have to do with it: on PVM (a software KVM, see
+    /// docs/TESTING-ON-PVM.md) an emulation failure is the host's emulator
+    /// lacking an instruction, which kernel parameters avoid.
+    pub fn host_hint(&self) -> Option<&'static str> {
+        let emulation = self.kind == CrashKind::InternalError { suberror: 1 };
+        (emulation && std::path::Path::new("/sys/module/kvm_pvm").exists()).then_some(
+            "this host's /dev/kvm is PVM, a software KVM whose instruction emulator lacks some instructions; \
+             boot the guest with the kernel parameters in docs/TESTING-ON-PVM.md (noxsave nofsgsbase clearcpuid=...)",
+        )
+    }
+
+    /// The report as data (smoke mode's `guest_exit`).
+    pub fn to_json(&self) -> serde_json::Value {
+        let kind = match &self.kind {
+            CrashKind::TripleFault => "triple_fault".to_string(),
+            CrashKind::InternalError { suberror: 1 } => "emulation_failure".to_string(),
+            CrashKind::InternalError { suberror } => format!("internal_error_{suberror}"),
+            CrashKind::EntryFailure(_) => "entry_failure".to_string(),
+            CrashKind::GuestReported => "guest_reported".to_string(),
+        };
+        let bytes: Vec<String> = self
+            .instruction
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        serde_json::json!({
+            "kind": "crash",
+            "crash": kind,
+            "vcpu": self.cpu,
+            "rip": self.rip.map(|r| format!("{r:#x}")),
+            "instruction": (!bytes.is_empty()).then(|| bytes.join(" ")),
+            "message": self.to_string(),
+        })
+    }
+}
+
+impl VmExit {
+    /// The outcome as data: `{"kind": "power_off" | "reset" | "signal" |
+    /// "stopped" | "crash", ...}` (smoke mode's report).
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            VmExit::PowerOff => serde_json::json!({"kind": "power_off"}),
+            VmExit::Reset => serde_json::json!({"kind": "reset"}),
+            VmExit::Stopped => serde_json::json!({"kind": "stopped"}),
+            VmExit::Signal(s) => serde_json::json!({"kind": "signal", "signal": s}),
+            VmExit::Crash(r) => r.to_json(),
+        }
+    }
+}
+
 /// How a VM run ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmExit {
@@ -146,6 +197,34 @@ impl ExitRequester for ExitSignal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_crash_is_reported_as_data_with_the_rip_in_hex() {
+        let r = CrashReport {
+            kind: CrashKind::InternalError { suberror: 1 },
+            cpu: 1,
+            rip: Some(0xffff_ffff_8100_0000),
+            instruction: vec![0x0f, 0xae],
+        };
+        let v = VmExit::Crash(r.clone()).to_json();
+        assert_eq!(v["kind"], "crash");
+        assert_eq!(v["crash"], "emulation_failure");
+        assert_eq!(v["vcpu"], 1);
+        assert_eq!(v["rip"], "0xffffffff81000000");
+        assert_eq!(v["instruction"], "0f ae");
+        assert_eq!(VmExit::PowerOff.to_json()["kind"], "power_off");
+        let on_pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+        assert_eq!(
+            r.host_hint().is_some(),
+            on_pvm,
+            "the hint names PVM only on PVM"
+        );
+        let triple = CrashReport {
+            kind: CrashKind::TripleFault,
+            ..r
+        };
+        assert_eq!(triple.host_hint(), None);
+    }
 
     #[test]
     fn first_outcome_wins() {

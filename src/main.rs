@@ -368,14 +368,14 @@ fn main() {
             Err(e) => (Err(e.to_string()), EXIT_VMM_ERROR),
         };
         if let Ok(VmExit::Crash(report)) = &ended {
-            eprintln!("vmm: guest crashed: {report}");
+            eprintln!("vmm: guest crashed: {}", crash_line(report));
         }
         exit_with(smoke.finish(&ended, status, cli.report.as_ref()));
     }
     match result {
         Ok(exit) => {
             match &exit {
-                VmExit::Crash(report) => eprintln!("vmm: guest crashed: {report}"),
+                VmExit::Crash(report) => eprintln!("vmm: guest crashed: {}", crash_line(report)),
                 VmExit::Signal(s) => log::info!("stopped by signal {s}"),
                 other => log::info!("guest ended: {other:?}"),
             }
@@ -459,6 +459,14 @@ fn record_startup_time(cli: &Cli, started: Instant) {
         let cpu_us = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000;
         let parent = cli.parent_cpu_time_us.unwrap_or(0);
         m.process_startup_time_cpu_us.set(cpu_us + parent);
+    }
+}
+
+/// A crash report with what the host may have to do about it.
+fn crash_line(report: &vmm::exit::CrashReport) -> String {
+    match report.host_hint() {
+        Some(hint) => format!("{report}; {hint}"),
+        None => report.to_string(),
     }
 }
 

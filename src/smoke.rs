@@ -227,8 +227,8 @@ impl Smoke {
                 "vmm_start_to_first_kvm_run_ms": (first_run > 0).then(|| first_run as f64 / 1000.0),
                 "first_console_byte_ms": ms(s.first_byte),
                 "guest_exit": match ended {
-                    Ok(e) => format!("{e:?}"),
-                    Err(e) => e.clone(),
+                    Ok(e) => e.to_json(),
+                    Err(e) => serde_json::json!({"kind": "vmm_error", "message": e}),
                 },
                 "exit_status": code,
             });

@@ -111,7 +111,7 @@ fn a_guest_that_ends_first_or_crashes_fails_with_its_own_status() {
     let out = run(cmd, Duration::from_secs(60));
     assert_eq!(out.code, Some(vmm::smoke::EXIT_NOT_SEEN), "{}", out.stderr);
     assert_eq!(report(&rep)["verdict"], "pattern-missing");
-    assert_eq!(report(&rep)["guest_exit"], "PowerOff");
+    assert_eq!(report(&rep)["guest_exit"]["kind"], "power_off");
 
     let rep = tmp_path("smoke-crash.json");
     let mut cmd = vmm();
@@ -125,7 +125,14 @@ fn a_guest_that_ends_first_or_crashes_fails_with_its_own_status() {
         "asserting: a powered-off guest exits 4, a crashed one 3, each verdict in the report"
     );
     assert_eq!(out.code, Some(vmm::EXIT_GUEST_CRASH), "{}", out.stderr);
-    assert_eq!(report(&rep)["verdict"], "crash");
+    let r = report(&rep);
+    assert_eq!(r["verdict"], "crash");
+    let exit = &r["guest_exit"];
+    assert_eq!(exit["kind"], "crash", "{exit}");
+    assert_eq!(exit["crash"], "triple_fault", "{exit}");
+    assert_eq!(exit["vcpu"], 0, "{exit}");
+    let rip = exit["rip"].as_str().unwrap_or_default();
+    assert!(rip.starts_with("0x"), "RIP in hex: {exit}");
 }
 
 #[test]
