@@ -113,8 +113,11 @@ pub enum Error {
     /// Bad flags.
     #[error("{0}")]
     Usage(String),
+    /// /dev/kvm cannot be used.
+    #[error("Cannot open /dev/kvm: {0}; check that KVM is enabled and that you may use it (the kvm group or root).")]
+    Kvm(std::io::Error),
     /// The cache directory cannot be used.
-    #[error("Cannot use the cache directory '{path}': {err}.")]
+    #[error("Cannot use the cache directory '{path}': {err}; set VMM_CACHE_DIR to a writable directory.")]
     Cache { path: String, err: std::io::Error },
 }
 
@@ -414,6 +417,9 @@ impl Sandbox {
     /// default guest first).
     pub fn start(config: &SandboxConfig) -> Result<Sandbox, Error> {
         let vmm = config.vmm.clone().unwrap_or_else(vmm_exe);
+        // What every run needs, before anything is built: the cause of a
+        // failure named, not a builder's or a child's symptom.
+        preflight(&vmm, config.initrd.is_none())?;
         // The user's images first: a bad path fails before any build.
         let rootfs = config
             .rootfs
@@ -600,6 +606,32 @@ fn vmm_exe() -> PathBuf {
         .into_iter()
         .find(|p| p.is_file())
         .unwrap_or_else(|| PathBuf::from("vmm"))
+}
+
+/// Checks what every run needs: /dev/kvm, a writable cache directory, and
+/// (for the default guest) the agent next to `vmm`.
+fn preflight(vmm: &Path, default_guest: bool) -> Result<(), Error> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(Error::Kvm)?;
+    let cache = cache_root();
+    let cache_err = |err| Error::Cache {
+        path: cache.display().to_string(),
+        err,
+    };
+    std::fs::create_dir_all(&cache).map_err(cache_err)?;
+    let probe = cache.join(format!(".write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(cache_err)?;
+    let _ = std::fs::remove_file(&probe);
+    if default_guest {
+        let agent = vmm.with_file_name("vmm-agent");
+        if !agent.is_file() {
+            return Err(Error::NoAgent(agent));
+        }
+    }
+    Ok(())
 }
 
 /// Where run caches its guests and snapshots.

@@ -278,3 +278,43 @@ fn vmm_run_errors_are_one_line_and_memory_takes_units() {
         assert!(lines[0].contains(want), "{args:?}: {:?}", lines[0]);
     }
 }
+
+/// `vmm run`'s set-up failures name their cause before anything is built.
+#[test]
+fn vmm_run_names_a_missing_kvm_cache_or_agent() {
+    let one_line = |mut c: std::process::Command, want: &str| {
+        c.args(["run", "--", "true"])
+            .stdin(std::process::Stdio::null());
+        let out = c.output().expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{err}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "{err}");
+        assert!(
+            lines[0].starts_with("vmm run: error: ") && lines[0].contains(want),
+            "{err}"
+        );
+    };
+    let vmm_exe = env!("CARGO_BIN_EXE_vmm");
+    // Another user, without access to /dev/kvm (root only here).
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "env"])
+            .arg(format!("VMM_CACHE_DIR={}", env!("CARGO_TARGET_TMPDIR")))
+            .arg(vmm_exe);
+        one_line(c, "Cannot open /dev/kvm: Permission denied");
+    } else {
+        eprintln!("not root: the /dev/kvm case is not asserted");
+    }
+    let mut c = std::process::Command::new(vmm_exe);
+    c.env("VMM_CACHE_DIR", "/proc/no-such-dir");
+    one_line(c, "Cannot use the cache directory '/proc/no-such-dir'");
+    // A vmm without its agent beside it.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("lonely-vmm");
+    std::fs::create_dir_all(&dir).unwrap();
+    let lonely = dir.join("vmm");
+    std::fs::copy(vmm_exe, &lonely).unwrap();
+    let c = std::process::Command::new(&lonely);
+    one_line(c, "The guest agent");
+}
