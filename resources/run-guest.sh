@@ -8,8 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash resources/setup-host.sh
+echo "run-guest: building vmm, vmm-agent and vmm-jailer (release; a few minutes the first time)" >&2
 cargo build --release --workspace --quiet  # vmm, vmm-agent, vmm-jailer (static)
+echo "run-guest: the guest kernel (built once and cached; ~5 minutes on 2 cores, more on a busy machine)" >&2
 kdir=$(bash resources/build-kernel.sh | tail -n 1)
+echo "run-guest: the busybox root disk" >&2
 image=$(bash resources/build-rootfs.sh | tail -n 1)
 disk="${VMM_CACHE_DIR:-$HOME/.cache/vmm}/guest-disk.ext4"
 [[ -f "$disk" ]] || cp "$image" "$disk"
