@@ -1,6 +1,8 @@
 //! `vmm-jailer` with the real vmm binary: the jailed VMM runs as the uid and
 //! gid asked for, with no capabilities and no_new_privs, in its chroot and
-//! cgroup; --daemonize and --new-pid-ns; and a jailed Linux boots to user
+//! cgroup; the jail's modes and owners, the pid file and the resource
+//! limits as Firecracker 1.16.1's jailer makes them (compared side by
+//! side); --daemonize and --new-pid-ns; and a jailed Linux boots to user
 //! space with a disk and a TAP in a network namespace.
 
 mod common;
@@ -52,6 +54,8 @@ impl Jail {
         let id = format!("{tag}-{}", std::process::id());
         let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("jails-{id}"));
         let _ = std::fs::remove_dir_all(&base);
+        // The chroot base must exist, as with Firecracker's jailer.
+        std::fs::create_dir_all(&base).unwrap();
         Jail {
             parent_cgroup: format!("{}/vmm-jailer-test-{id}", own_memory_cgroup()),
             id,
@@ -86,9 +90,30 @@ impl Jail {
         c
     }
 
+    /// The VMM's pid, from `<root>/vmm.pid` (written in every mode, with no
+    /// newline, as Firecracker's jailer writes it). After --daemonize the
+    /// jailer exits before its grandchild writes it: this waits for it, as
+    /// Firecracker's suite does.
+    fn pid_from_file(&self) -> i32 {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(self.root().join("vmm.pid"));
+            match text.as_deref().map(str::parse) {
+                Ok(Ok(pid)) => return pid,
+                _ if Instant::now() < until => std::thread::sleep(Duration::from_millis(20)),
+                _ => panic!("vmm.pid holds {text:?}"),
+            }
+        }
+    }
+
     /// Waits for the API socket in the jail and a 200 on GET /.
     fn api_answers(&self) -> String {
-        let sock = self.root().join("api.sock");
+        self.api_answers_at("api.sock")
+    }
+
+    /// Waits for the API socket `name` in the jail and a 200 on GET /.
+    fn api_answers_at(&self, name: &str) -> String {
+        let sock = self.root().join(name);
         let until = Instant::now() + Duration::from_secs(20);
         loop {
             if sock.exists() {
@@ -207,47 +232,67 @@ fn the_jailed_vmm_is_unprivileged_in_its_root_and_cgroup() {
     assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
 }
 
+/// This process's umask (which the jailer inherits), read without
+/// changing it.
+fn umask() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let field = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .unwrap();
+    u32::from_str_radix(field.trim(), 8).unwrap()
+}
+
+/// Fields 4-7 of /proc/PID/stat: ppid, pgrp, session, tty_nr.
+fn stat_ids(pid: u32) -> Vec<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm = stat.rsplit_once(')').unwrap().1;
+    after_comm
+        .split_whitespace()
+        .skip(1)
+        .take(4)
+        .map(str::to_string)
+        .collect()
+}
+
+/// --daemonize as Firecracker's jailer does it: the jailer exits 0 at once
+/// (a fork), the VMM (a second fork, after setsid) runs in a session it
+/// does not lead, with no terminal and 0-2 on /dev/null; its pid is in the
+/// pid file.
 #[test]
 fn daemonize_detaches_and_the_api_in_the_jail_works() {
     if !needs_root_and_cgroups() {
         return;
     }
     let mut jail = Jail::new("daemon");
-    let mut child = jail
+    let started = Instant::now();
+    let out = jail
         .command(&["--daemonize"], &["--api-sock", "/api.sock"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+        .output()
         .unwrap();
-    let pid = child.id();
-    jail.pids.push(pid as i32);
+    eprintln!("asserting: the jailer exits 0 with nothing on its pipes; the VMM is detached");
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
     let body = jail.api_answers();
+    let pid = jail.pid_from_file();
+    jail.pids.push(pid);
     assert!(body.contains(&format!("\"id\":\"{}\"", jail.id)), "{body}");
-    // Its own session, no terminal, standard I/O on /dev/null (so the pipes
-    // the test gave it see end of file at once).
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after_comm = stat.rsplit_once(')').unwrap().1;
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    assert_eq!(fields[3], pid.to_string(), "session id: {stat}");
-    assert_eq!(fields[4], "0", "controlling terminal: {stat}");
+    let pid = pid as u32;
+    let ids = stat_ids(pid);
+    let (ppid, pgrp, session, tty) = (&ids[0], &ids[1], &ids[2], &ids[3]);
+    // SAFETY: getsid(0) only reads this process's session id.
+    let own_session = unsafe { libc::getsid(0) }.to_string();
+    assert_ne!(session, &own_session, "still in the test's session");
+    assert_ne!(session, &pid.to_string(), "the VMM leads its session");
+    assert_eq!(pgrp, session);
+    assert_ne!(ppid, &std::process::id().to_string());
+    assert_eq!(tty, "0", "controlling terminal");
     for fd in 0..3 {
         let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
         assert_eq!(target, Path::new("/dev/null"), "fd {fd}");
     }
-    let mut out = String::new();
-    use std::io::Read;
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    assert_eq!(out, "");
-    // SAFETY: kill on the pid this test started.
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let st = child.wait().unwrap();
-    jail.pids.clear();
-    assert!(st.code().is_some(), "{st:?}");
+    assert_eq!(status_field(pid, "Uid"), format!("{UID} {UID} {UID} {UID}"));
 }
 
 #[test]
@@ -267,12 +312,7 @@ fn new_pid_ns_makes_the_vmm_pid_1_of_its_namespace() {
         st.success(),
         "the jailer's parent exits 0 once the child runs: {st:?}"
     );
-    let pid_file = jail.root().join("vmm.pid");
-    let pid: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = jail.pid_from_file();
     jail.pids.push(pid);
     jail.api_answers();
     let nspid = status_field(pid as u32, "NSpid");
@@ -281,6 +321,157 @@ fn new_pid_ns_makes_the_vmm_pid_1_of_its_namespace() {
         status_field(pid as u32, "Uid"),
         format!("{UID} {UID} {UID} {UID}")
     );
+}
+
+/// --new-pid-ns without --daemonize from a jailer that leads its session
+/// (as under screen, which Firecracker's suite uses): the VMM starts a
+/// session of its own, as with Firecracker's jailer, so the jailer's exit
+/// cannot hang it up; it outlives the jailer.
+#[test]
+fn new_pid_ns_from_a_session_leader_gets_its_own_session() {
+    if !needs_root_and_cgroups() {
+        return;
+    }
+    let mut jail = Jail::new("pidl");
+    let mut cmd = jail.command(&["--new-pid-ns"], &["--api-sock", "/api.sock"]);
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe and touches nothing of the
+    // parent's memory; the child is not a group leader, so it succeeds.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    // The VMM keeps the jailer's standard I/O (no --daemonize).
+    let st = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "{st:?}");
+    let pid = jail.pid_from_file();
+    jail.pids.push(pid);
+    jail.api_answers();
+    eprintln!("asserting: pid {pid} is PID 1 of its namespace and leads a session of its own");
+    assert_eq!(status_field(pid as u32, "NSpid"), format!("{pid} 1"));
+    let ids = stat_ids(pid as u32);
+    assert_eq!(ids[2], pid.to_string(), "session of {pid}: {ids:?}");
+}
+
+/// test_default_chroot_hierarchy (Firecracker's modes exactly) and
+/// `<exec file name>.pid` without --new-pid-ns or --daemonize: the jail's
+/// root, dev, dev/net and run are directories 0700 owned by the jail's
+/// user, the device nodes 0600 likewise, the binary's copy is owned by that
+/// user with the exec file's permission bits (less the umask), and the VMM,
+/// given no --api-sock, listens on /run/firecracker.socket in the jail.
+#[test]
+fn the_jail_has_firecracker_s_hierarchy_modes_and_owners_and_a_pid_file() {
+    if !needs_root_and_cgroups() {
+        return;
+    }
+    use std::os::unix::fs::FileTypeExt;
+    let mut jail = Jail::new("fh");
+    let vm = Running::start(jail.command(&[], &[]));
+    let pid = vm.child.id();
+    jail.pids.push(pid as i32);
+    let body = jail.api_answers_at("run/firecracker.socket");
+    assert!(body.contains(&format!("\"id\":\"{}\"", jail.id)), "{body}");
+    eprintln!("asserting: modes and owners in the jail, the pid file holding {pid}");
+    let root = jail.root();
+    let stat = |rel: &str| std::fs::symlink_metadata(root.join(rel)).unwrap();
+    for dir in ["", "dev", "dev/net", "run"] {
+        let m = stat(dir);
+        assert!(m.is_dir(), "/{dir}");
+        assert_eq!(
+            (m.mode() & 0o7777, m.uid(), m.gid()),
+            (0o700, UID, GID),
+            "/{dir}"
+        );
+    }
+    for dev in ["dev/kvm", "dev/net/tun", "dev/urandom"] {
+        let m = stat(dev);
+        assert!(m.file_type().is_char_device(), "/{dev}");
+        assert_eq!(
+            (m.mode() & 0o7777, m.uid(), m.gid()),
+            (0o600, UID, GID),
+            "/{dev}"
+        );
+    }
+    let umask = umask();
+    let source = std::fs::metadata(env!("CARGO_BIN_EXE_vmm")).unwrap();
+    let exe = stat("vmm");
+    assert!(exe.is_file());
+    assert_eq!(
+        (exe.mode() & 0o7777, exe.uid(), exe.gid()),
+        (source.mode() & 0o777 & !umask, UID, GID),
+        "/vmm"
+    );
+    assert_eq!(exe.len(), source.len());
+    let sock = stat("run/firecracker.socket");
+    assert!(sock.file_type().is_socket());
+    assert_eq!((sock.uid(), sock.gid()), (UID, GID));
+    // Written by the jailer (as root) before it became the VMM.
+    let pid_file = stat("vmm.pid");
+    assert_eq!(
+        (pid_file.mode() & 0o7777, pid_file.uid()),
+        (0o666 & !umask, 0)
+    );
+    assert_eq!(jail.pid_from_file(), pid as i32);
+    vm.signal(libc::SIGTERM);
+    let _ = vm.finish(Duration::from_secs(10));
+    jail.pids.clear();
+}
+
+/// test_positive_file_size_limit's premise, test_args_resource_limits'
+/// values: the limits are set after the binary is copied, so an fsize
+/// smaller than the binary neither kills the jailer nor truncates the copy,
+/// and the VMM runs under both limits.
+#[test]
+fn resource_limits_apply_after_the_copy() {
+    if !needs_root_and_cgroups() {
+        return;
+    }
+    let mut jail = Jail::new("limits");
+    let source = std::fs::read(env!("CARGO_BIN_EXE_vmm")).unwrap();
+    let fsize = 65536;
+    assert!(source.len() > fsize);
+    let vm = Running::start(jail.command(
+        &[
+            "--resource-limit",
+            &format!("fsize={fsize}"),
+            "--resource-limit",
+            "no-file=1024",
+        ],
+        &["--api-sock", "/api.sock"],
+    ));
+    let pid = vm.child.id();
+    jail.pids.push(pid as i32);
+    jail.api_answers();
+    eprintln!("asserting: the whole binary in the jail; pid {pid} runs with fsize {fsize} and no-file 1024");
+    assert!(
+        std::fs::read(jail.root().join("vmm")).unwrap() == source,
+        "the copy differs from the exec file"
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let row = |name: &str| {
+        limits
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap()
+            .split_whitespace()
+            .skip(name.split_whitespace().count())
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(row("Max file size"), format!("{fsize} {fsize}"), "{limits}");
+    assert_eq!(row("Max open files"), "1024 1024", "{limits}");
+    vm.signal(libc::SIGTERM);
+    let _ = vm.finish(Duration::from_secs(10));
+    jail.pids.clear();
 }
 
 #[test]
@@ -477,25 +668,42 @@ fn cgroup_v2_makes_the_cgroup_in_the_unified_hierarchy() {
     assert!(!dir.exists(), "{} could not be removed", dir.display());
 }
 
-/// A jail root reused after a (compromised) VMM left symlinks in it, which
-/// it could (the root is its own): the jailer writes nothing through them.
+/// A jail root reused after a (compromised) VMM left things in it, which it
+/// could (the root is its own): a `dev` symlink to a host directory, stale
+/// device nodes, pid file and binary. The jailer writes nothing through
+/// the symlink (it makes the directories from inside the jail, as
+/// Firecracker's does), replaces the rest and overwrites the binary's copy
+/// whole. (A symlink or hard link in the binary's place is refused:
+/// jailer/tests/bad_input.rs.)
 #[test]
-fn symlinks_left_in_a_reused_jail_lead_nowhere() {
+fn a_reused_jail_is_refurnished_without_following_its_links() {
     if !needs_root_and_cgroups() {
         return;
     }
-    let mut jail = Jail::new("links");
+    let mut jail = Jail::new("reuse");
     let outside = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("outside-{}", jail.id));
     let _ = std::fs::remove_dir_all(&outside);
     std::fs::create_dir_all(&outside).unwrap();
     std::fs::write(outside.join("victim"), b"host file").unwrap();
-    std::fs::create_dir_all(jail.root()).unwrap();
-    std::os::unix::fs::symlink(&outside, jail.root().join("dev")).unwrap();
-    std::os::unix::fs::symlink(outside.join("victim"), jail.root().join("vmm")).unwrap();
+    let root = jail.root();
+    std::fs::create_dir_all(&root).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("dev")).unwrap();
+    std::fs::create_dir(root.join("run")).unwrap();
+    std::fs::write(root.join("run/stale"), b"x").unwrap();
+    std::fs::write(root.join("vmm.pid"), b"999999").unwrap();
+    // A stale binary, longer than any vmm, mode 0777.
+    std::fs::write(root.join("vmm"), vec![0u8; 64 << 20]).unwrap();
+    std::fs::set_permissions(
+        root.join("vmm"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
     let vm = Running::start(jail.command(&[], &["--api-sock", "/api.sock"]));
     jail.pids.push(vm.child.id() as i32);
     jail.api_answers();
-    eprintln!("asserting: the host file and directory behind the symlinks are untouched");
+    eprintln!(
+        "asserting: the host directory behind the symlink is untouched; the jail is furnished anew"
+    );
     assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"host file");
     let entries: Vec<_> = std::fs::read_dir(&outside)
         .unwrap()
@@ -503,10 +711,19 @@ fn symlinks_left_in_a_reused_jail_lead_nowhere() {
         .map(|e| e.file_name())
         .collect();
     assert_eq!(entries, vec![std::ffi::OsString::from("victim")]);
-    // The jail got a real binary and real device nodes instead.
-    let exe = std::fs::symlink_metadata(jail.root().join("vmm")).unwrap();
-    assert!(exe.file_type().is_file());
-    assert!(std::fs::symlink_metadata(jail.root().join("dev/kvm")).is_ok());
+    let dev = std::fs::symlink_metadata(root.join("dev")).unwrap();
+    assert!(dev.is_dir() && dev.mode() & 0o7777 == 0o700);
+    assert!(std::fs::symlink_metadata(root.join("dev/kvm")).is_ok());
+    assert_eq!(std::fs::read(root.join("run/stale")).unwrap(), b"x");
+    assert_eq!(jail.pid_from_file(), vm.child.id() as i32);
+    let source = std::fs::metadata(env!("CARGO_BIN_EXE_vmm")).unwrap();
+    let exe = std::fs::metadata(root.join("vmm")).unwrap();
+    assert_eq!(
+        exe.len(),
+        source.len(),
+        "the stale binary was not replaced whole"
+    );
+    assert_eq!(exe.mode() & 0o7777, source.mode() & 0o777 & !umask());
     drop(vm);
     jail.pids.clear();
     let _ = std::fs::remove_dir_all(&outside);

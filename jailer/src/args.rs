@@ -98,138 +98,145 @@ pub struct Plan {
     pub extra: Vec<String>,
 }
 
-/// Checks an id as Firecracker does: 1 to 64 letters, digits and '-'.
+/// Checks an id as Firecracker does: 1 to 64 letters, digits and '-', with
+/// Firecracker's messages.
 pub fn check_id(id: &str) -> Result<(), Error> {
-    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    if id.is_empty() || id.len() > 64 {
+        return Err(Error::Usage(format!(
+            "Invalid instance ID: Invalid len ({});  the length must be between 1 and 64",
+            id.len()
+        )));
+    }
+    if let Some((at, c)) = id
+        .chars()
+        .enumerate()
+        .find(|(_, c)| !(c.is_ascii_alphanumeric() || *c == '-'))
     {
         return Err(Error::Usage(format!(
-            "--id '{id}' is not 1 to 64 letters, digits and '-'; give e.g. --id vm-1."
+            "Invalid instance ID: Invalid char ({c}) at position {at}"
         )));
     }
     Ok(())
 }
 
 fn parse_id_number(flag: &str, v: &str) -> Result<u32, Error> {
-    v.parse::<u32>().map_err(|_| {
-        Error::Usage(format!(
-            "--{flag} '{v}' is not a number from 0 to 4294967295; give a numeric {flag}."
-        ))
-    })
+    v.parse::<u32>()
+        .map_err(|_| Error::Usage(format!("Invalid {flag}: {v}")))
 }
 
-/// Parses FILE=VALUE.
+/// Parses FILE=VALUE (Firecracker's messages).
 pub fn parse_cgroup(spec: &str) -> Result<CgroupSetting, Error> {
-    let bad = || {
-        Error::Usage(format!(
-            "--cgroup '{spec}' is not FILE=VALUE with FILE named CONTROLLER.SETTING; give e.g. cpuset.cpus=0."
-        ))
-    };
-    let (file, value) = spec.split_once('=').ok_or_else(bad)?;
-    let (controller, setting) = file.split_once('.').ok_or_else(bad)?;
+    let (file, value) = spec
+        .split_once('=')
+        .filter(|(_, v)| !v.is_empty() && !v.contains('\n'))
+        .ok_or_else(|| Error::Usage(format!("Invalid format for cgroups: {spec}")))?;
     let name_ok = |s: &str| {
         !s.is_empty()
             && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
     };
-    if !name_ok(controller) || !name_ok(setting) || value.is_empty() || value.contains('\n') {
-        return Err(bad());
+    match file.split_once('.') {
+        Some((controller, setting)) if name_ok(controller) && name_ok(setting) => {
+            Ok(CgroupSetting {
+                controller: controller.to_string(),
+                file: file.to_string(),
+                value: value.to_string(),
+            })
+        }
+        _ => Err(Error::Usage(format!("Cgroup invalid file: {file}"))),
     }
-    Ok(CgroupSetting {
-        controller: controller.to_string(),
-        file: file.to_string(),
-        value: value.to_string(),
+}
+
+/// Parses RESOURCE=VALUE (Firecracker's messages).
+pub fn parse_limit(spec: &str) -> Result<Limit, Error> {
+    let (name, value) = spec
+        .split_once('=')
+        .ok_or_else(|| Error::Usage(format!("Invalid format for resources limits: {spec}")))?;
+    let limit: fn(u64) -> Limit = match name {
+        "fsize" => Limit::Fsize,
+        "no-file" => Limit::NoFile,
+        _ => return Err(Error::Usage(format!("Invalid resource argument: {name}"))),
+    };
+    value
+        .parse()
+        .map(limit)
+        .map_err(|e| Error::Usage(format!("Invalid limit value for resource: {value}: {e}")))
+}
+
+/// A relative cgroup path without '..' or '.' (it goes under each
+/// hierarchy), as Firecracker checks it; returned with its components
+/// joined by '/'.
+fn check_parent_cgroup(p: &str) -> Result<String, Error> {
+    use std::path::Component;
+    let path = Path::new(p);
+    let parts: Vec<&str> = path
+        .components()
+        .map(|c| match c {
+            Component::Normal(n) => n.to_str().filter(|n| !n.contains('\n')),
+            _ => None,
+        })
+        .collect::<Option<_>>()
+        .unwrap_or_default();
+    if parts.is_empty() {
+        return Err(Error::Usage(
+            "Parent cgroup path is invalid. Path should not be absolute or contain '..' or '.'"
+                .into(),
+        ));
+    }
+    Ok(parts.join("/"))
+}
+
+/// `path` with every symlink resolved, as Firecracker's jailer wants its
+/// exec file and chroot base (with its message when it does not exist).
+fn canonical(path: &Path) -> Result<PathBuf, Error> {
+    std::fs::canonicalize(path).map_err(|e| {
+        Error::Usage(format!(
+            "Failed to canonicalize path {}: {e}",
+            path.display()
+        ))
     })
 }
 
-/// Parses RESOURCE=VALUE.
-pub fn parse_limit(spec: &str) -> Result<Limit, Error> {
-    let bad = || {
-        Error::Usage(format!(
-            "--resource-limit '{spec}' is not fsize=BYTES or no-file=N; give e.g. no-file=1024."
-        ))
-    };
-    let (name, value) = spec.split_once('=').ok_or_else(bad)?;
-    let value: u64 = value.parse().map_err(|_| bad())?;
-    match name {
-        "fsize" => Ok(Limit::Fsize(value)),
-        "no-file" => Ok(Limit::NoFile(value)),
-        _ => Err(bad()),
-    }
-}
-
-/// A relative cgroup path without '..' (it goes under each hierarchy).
-fn check_parent_cgroup(p: &str) -> Result<String, Error> {
-    let trimmed = p.trim_matches('/');
-    if trimmed.is_empty()
-        || trimmed
-            .split('/')
-            .any(|c| c.is_empty() || c == "." || c == ".." || c.contains('\n'))
-    {
-        return Err(Error::Usage(format!(
-            "--parent-cgroup '{p}' is not a path of names inside the cgroup hierarchy; give e.g. vmm/tenants."
-        )));
-    }
-    Ok(trimmed.to_string())
-}
-
 impl Cli {
-    /// Validates every flag; touches nothing.
+    /// Validates every flag, in Firecracker's order and with its messages;
+    /// touches nothing.
     pub fn plan(self) -> Result<Plan, Error> {
         check_id(&self.id)?;
-        let meta = std::fs::metadata(&self.exec_file).map_err(|e| {
-            Error::Usage(format!(
-                "--exec-file '{}': {e}; give the path of the vmm binary.",
-                self.exec_file.display()
-            ))
-        })?;
-        if !meta.is_file() {
+        let exec_file = canonical(&self.exec_file)?;
+        if !exec_file.is_file() {
             return Err(Error::Usage(format!(
-                "--exec-file '{}' is not a regular file; give the path of the vmm binary.",
-                self.exec_file.display()
+                "{} is not a file",
+                exec_file.display()
             )));
         }
-        let exec_name = self
-            .exec_file
+        // The name of the file itself (a symlink's target), as Firecracker.
+        let exec_name = exec_file
             .file_name()
             .and_then(|n| n.to_str())
-            .filter(|n| !n.is_empty())
             .map(str::to_string)
             .ok_or_else(|| {
                 Error::Usage(format!(
-                    "--exec-file '{}' has no usable file name.",
-                    self.exec_file.display()
+                    "Failed to extract filename from path {}",
+                    exec_file.display()
                 ))
             })?;
-        let uid = parse_id_number("uid", &self.uid)?;
-        let gid = parse_id_number("gid", &self.gid)?;
-        if let Ok(m) = std::fs::metadata(&self.chroot_base_dir) {
-            if !m.is_dir() {
-                return Err(Error::Usage(format!(
-                    "--chroot-base-dir '{}' exists and is not a directory; give a directory.",
-                    self.chroot_base_dir.display()
-                )));
-            }
-        }
-        if !self.chroot_base_dir.is_absolute() {
+        let chroot_base = canonical(&self.chroot_base_dir)?;
+        if !chroot_base.is_dir() {
             return Err(Error::Usage(format!(
-                "--chroot-base-dir '{}' is not an absolute path; give one.",
-                self.chroot_base_dir.display()
+                "{} is not a directory",
+                chroot_base.display()
             )));
         }
-        if let Some(ns) = &self.netns {
-            std::fs::metadata(ns).map_err(|e| {
-                Error::Usage(format!(
-                    "--netns '{}': {e}; give a network namespace file such as /var/run/netns/NAME.",
-                    ns.display()
-                ))
-            })?;
-        }
+        let uid = parse_id_number("uid", &self.uid)?;
+        let gid = parse_id_number("gid", &self.gid)?;
+        let parent_cgroup =
+            check_parent_cgroup(self.parent_cgroup.as_deref().unwrap_or(&exec_name))?;
         let cgroup_version = match self.cgroup_version.as_str() {
             "1" => 1,
             "2" => 2,
             v => {
                 return Err(Error::Usage(format!(
-                    "--cgroup-version '{v}' is not 1 or 2."
+                    "{v} is an invalid cgroup version specifier"
                 )))
             }
         };
@@ -238,20 +245,24 @@ impl Cli {
             .iter()
             .map(|c| parse_cgroup(c))
             .collect::<Result<Vec<_>, _>>()?;
-        let parent_cgroup =
-            check_parent_cgroup(self.parent_cgroup.as_deref().unwrap_or(&exec_name))?;
         let limits = self
             .resource_limit
             .iter()
             .map(|l| parse_limit(l))
             .collect::<Result<Vec<_>, _>>()?;
+        // Firecracker's jailer opens it only when it joins it; this checks
+        // it before anything is made.
+        if let Some(ns) = &self.netns {
+            std::fs::File::open(ns)
+                .map_err(|e| Error::Usage(format!("Failed to open file {}: {e}", ns.display())))?;
+        }
         Ok(Plan {
             id: self.id,
-            exec_file: self.exec_file,
+            exec_file,
             exec_name,
             uid,
             gid,
-            chroot_base: self.chroot_base_dir,
+            chroot_base,
             netns: self.netns,
             daemonize: self.daemonize,
             new_pid_ns: self.new_pid_ns,
@@ -283,79 +294,187 @@ pub fn exists(p: &Path) -> bool {
 mod tests {
     use super::*;
 
-    fn cli(args: &[&str]) -> Result<Plan, Error> {
-        let mut v = vec!["vmm-jailer"];
-        v.extend_from_slice(args);
-        Cli::try_parse_from(v)
-            .map_err(|e| Error::Usage(e.to_string()))?
-            .plan()
+    /// A scratch directory holding an exec file named `firecracker-x`
+    /// (through a symlink `link`), removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let d =
+                std::env::temp_dir().join(format!("vmm-jailer-args-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(d.join("base")).unwrap();
+            std::fs::write(d.join("firecracker-x"), b"binary").unwrap();
+            std::os::unix::fs::symlink(d.join("firecracker-x"), d.join("link")).unwrap();
+            Scratch(d)
+        }
+
+        fn path(&self, name: &str) -> String {
+            self.0.join(name).to_str().unwrap().to_string()
+        }
+
+        /// Plans with the common flags (`--exec-file link`), those in
+        /// `set` replacing them, then `extra`.
+        fn plan_with(&self, set: &[(&str, &str)], extra: &[&str]) -> Result<Plan, Error> {
+            let (exec, base) = (self.path("link"), self.path("base"));
+            let mut flags = vec![
+                ("--id", "vm-1"),
+                ("--exec-file", exec.as_str()),
+                ("--uid", "123"),
+                ("--gid", "456"),
+                ("--chroot-base-dir", base.as_str()),
+            ];
+            for (flag, value) in set {
+                flags.iter_mut().find(|(f, _)| f == flag).unwrap().1 = value;
+            }
+            let mut v = vec!["vmm-jailer"];
+            for (flag, value) in flags {
+                v.extend([flag, value]);
+            }
+            v.extend_from_slice(extra);
+            Cli::try_parse_from(v)
+                .map_err(|e| Error::Usage(e.to_string()))?
+                .plan()
+        }
+
+        fn plan(&self, extra: &[&str]) -> Result<Plan, Error> {
+            self.plan_with(&[], extra)
+        }
     }
 
-    const OK: [&str; 8] = [
-        "--id",
-        "vm-1",
-        "--exec-file",
-        "/bin/sh",
-        "--uid",
-        "123",
-        "--gid",
-        "456",
-    ];
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 
     #[test]
     fn a_good_command_line_plans_the_jail() {
-        let mut args = OK.to_vec();
-        args.extend([
-            "--cgroup",
-            "cpuset.cpus=0",
-            "--resource-limit",
-            "no-file=100",
-            "--",
-            "--level",
-            "Debug",
-        ]);
-        let p = cli(&args).unwrap();
-        assert_eq!((p.uid, p.gid, p.exec_name.as_str()), (123, 456, "sh"));
-        assert_eq!(p.jail_root(), Path::new("/srv/jailer/sh/vm-1/root"));
-        assert_eq!(p.parent_cgroup, "sh");
+        let s = Scratch::new("good");
+        let p = s
+            .plan(&[
+                "--cgroup",
+                "cpuset.cpus=0",
+                "--resource-limit",
+                "no-file=100",
+                "--",
+                "--level",
+                "Debug",
+            ])
+            .unwrap();
+        // The exec file's own name (the symlink resolved), as Firecracker.
+        assert_eq!(
+            (p.uid, p.gid, p.exec_name.as_str()),
+            (123, 456, "firecracker-x")
+        );
+        let base = std::fs::canonicalize(s.path("base")).unwrap();
+        assert_eq!(p.jail_root(), base.join("firecracker-x/vm-1/root"));
+        assert_eq!(p.parent_cgroup, "firecracker-x");
         assert_eq!(p.limits, vec![Limit::NoFile(100)]);
         assert_eq!(p.cgroups[0].controller, "cpuset");
         assert_eq!(p.extra, vec!["--level", "Debug"]);
     }
 
+    /// Firecracker's messages, compared with its jailer on the same flags.
     #[test]
-    fn bad_ids_numbers_and_specs_are_refused() {
-        for (flag_at, bad) in [
-            (1, "a/b"),
-            (1, ""),
-            (1, "x".repeat(65).leak() as &str),
-            (1, "a_b"),
-            (5, "4294967296"),
-            (5, "-1"),
-            (7, "abc"),
-            (3, "/nonexistent/vmm"),
-            (3, "/"),
+    fn bad_flags_get_firecracker_s_messages() {
+        let s = Scratch::new("bad");
+        let err = |extra: &[&str]| s.plan(extra).err().unwrap().to_string();
+        let err_with = |flag: &str, value: &str| {
+            s.plan_with(&[(flag, value)], &[])
+                .err()
+                .unwrap()
+                .to_string()
+        };
+        for (flag, value, want) in [
+            (
+                "--id",
+                "",
+                "Invalid instance ID: Invalid len (0);  the length must be between 1 and 64",
+            ),
+            (
+                "--id",
+                &"x".repeat(65),
+                "Invalid instance ID: Invalid len (65);  the length must be between 1 and 64",
+            ),
+            (
+                "--id",
+                "a/b",
+                "Invalid instance ID: Invalid char (/) at position 1",
+            ),
+            (
+                "--id",
+                "a_b",
+                "Invalid instance ID: Invalid char (_) at position 1",
+            ),
+            ("--uid", "4294967296", "Invalid uid: 4294967296"),
+            ("--gid", "-1", "Invalid gid: -1"),
+            (
+                "--chroot-base-dir",
+                "/nonexistent/base",
+                "Failed to canonicalize path /nonexistent/base: No such file or directory (os error 2)",
+            ),
+            (
+                "--chroot-base-dir",
+                "/etc/hostname",
+                "/etc/hostname is not a directory",
+            ),
         ] {
-            let mut args = OK.to_vec();
-            args[flag_at] = bad;
-            let e = cli(&args).err().unwrap().to_string();
-            assert!(!e.contains('\n'), "{bad}: {e}");
+            assert_eq!(err_with(flag, value), want, "{flag} {value}");
         }
-        for (flag, bad) in [
-            ("--cgroup", "nodot=1"),
-            ("--cgroup", "memory.limit_in_bytes"),
-            ("--cgroup", "../x.y=1"),
-            ("--resource-limit", "nproc=1"),
-            ("--resource-limit", "fsize=big"),
-            ("--cgroup-version", "3"),
-            ("--parent-cgroup", "../up"),
-            ("--chroot-base-dir", "relative/dir"),
-            ("--chroot-base-dir", "/etc/hostname"),
-            ("--netns", "/nonexistent/netns"),
+        let missing = s.path("nonexistent");
+        assert_eq!(
+            err_with("--exec-file", &missing),
+            format!(
+                "Failed to canonicalize path {missing}: No such file or directory (os error 2)"
+            )
+        );
+        // The path resolved, as Firecracker's message gives it.
+        let dir = std::fs::canonicalize(s.path("base")).unwrap();
+        assert_eq!(
+            err_with("--exec-file", &s.path("base")),
+            format!("{} is not a file", dir.display())
+        );
+        for (extra, want) in [
+            (&["--cgroup", "nodot=1"][..], "Cgroup invalid file: nodot"),
+            (&["--cgroup", "=1"], "Cgroup invalid file: "),
+            (
+                &["--cgroup", "memory.limit_in_bytes"],
+                "Invalid format for cgroups: memory.limit_in_bytes",
+            ),
+            (
+                &["--cgroup", "cpu.shares="],
+                "Invalid format for cgroups: cpu.shares=",
+            ),
+            (
+                &["--resource-limit", "nproc=1"],
+                "Invalid resource argument: nproc",
+            ),
+            (
+                &["--resource-limit", "fsize=big"],
+                "Invalid limit value for resource: big: invalid digit found in string",
+            ),
+            (
+                &["--resource-limit", "fsize"],
+                "Invalid format for resources limits: fsize",
+            ),
+            (
+                &["--cgroup-version", "3"],
+                "3 is an invalid cgroup version specifier",
+            ),
+            (
+                &["--netns", "/nonexistent/netns"],
+                "Failed to open file /nonexistent/netns: No such file or directory (os error 2)",
+            ),
         ] {
-            let mut args = OK.to_vec();
-            args.extend([flag, bad]);
-            assert!(cli(&args).is_err(), "{flag} {bad} accepted");
+            assert_eq!(err(extra), want, "{extra:?}");
+        }
+        for parent in ["../up", "/abs", "./a", "a/../b", ""] {
+            assert_eq!(
+                err(&["--parent-cgroup", parent]),
+                "Parent cgroup path is invalid. Path should not be absolute or contain '..' or '.'",
+                "{parent}"
+            );
         }
     }
 
@@ -370,6 +489,10 @@ mod tests {
             }
         );
         assert_eq!(parse_limit("fsize=10").unwrap(), Limit::Fsize(10));
-        assert_eq!(check_parent_cgroup("/a/b/").unwrap(), "a/b");
+        assert_eq!(parse_limit("no-file=3").unwrap(), Limit::NoFile(3));
+        assert_eq!(check_parent_cgroup("a/b/").unwrap(), "a/b");
+        // As Firecracker (Path::components): inner '.' and '//' vanish.
+        assert_eq!(check_parent_cgroup("a/./b").unwrap(), "a/b");
+        assert_eq!(check_parent_cgroup("a//b").unwrap(), "a/b");
     }
 }

@@ -76,13 +76,110 @@ fn write(path: &Path, value: &str) -> Result<(), Error> {
         .map_err(|e| Error::Cgroup(format!("cannot write '{value}' to {}: {e}", path.display())))
 }
 
-/// Sets up the cgroups `plan` asks for and moves process `pid` into them.
-/// On failure, everything created is removed again before the error returns.
-pub fn setup(plan: &Plan, pid: u32) -> Result<Created, Error> {
+fn unavailable(controller: &str, why: &str) -> Error {
+    Error::Cgroup(format!("Controller {controller} is unavailable ({why})"))
+}
+
+/// Where the jail's cgroups go, found (and every controller checked) before
+/// anything is created, as Firecracker's jailer does.
+pub enum Hierarchies {
+    /// cgroup v1 and no --cgroup: nothing to do.
+    None,
+    /// cgroup v1: each hierarchy the settings need (controllers can share
+    /// one), whether it has cpuset, and its settings.
+    V1(Vec<(PathBuf, bool, Vec<CgroupSetting>)>),
+    /// cgroup v2: the unified hierarchy's root.
+    V2(PathBuf),
+}
+
+/// Finds the hierarchies `plan` needs; an unknown controller is refused.
+pub fn find(plan: &Plan) -> Result<Hierarchies, Error> {
+    if plan.cgroup_version == 2 {
+        return find_v2(plan);
+    }
+    if plan.cgroups.is_empty() {
+        return Ok(Hierarchies::None);
+    }
+    let all = mounts("cgroup")?;
+    let mut targets: Vec<(PathBuf, bool, Vec<CgroupSetting>)> = Vec::new();
+    for s in &plan.cgroups {
+        let m = all
+            .iter()
+            .find(|m| m.controllers.contains(&s.controller))
+            .ok_or_else(|| {
+                unavailable(
+                    &s.controller,
+                    "no cgroup v1 hierarchy has it; use a mounted controller or --cgroup-version 2",
+                )
+            })?;
+        match targets.iter_mut().find(|(path, ..)| *path == m.path) {
+            Some((.., list)) => list.push(s.clone()),
+            None => targets.push((
+                m.path.clone(),
+                m.controllers.iter().any(|c| c == "cpuset"),
+                vec![s.clone()],
+            )),
+        }
+    }
+    Ok(Hierarchies::V1(targets))
+}
+
+fn find_v2(plan: &Plan) -> Result<Hierarchies, Error> {
+    let root = mounts("cgroup2")?
+        .into_iter()
+        .next()
+        .map(|m| m.path)
+        .ok_or_else(|| {
+            Error::Cgroup(
+                "no cgroup v2 hierarchy is mounted; mount one or use --cgroup-version 1".into(),
+            )
+        })?;
+    let available = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+    for c in controllers_v2(plan) {
+        if !available.split_whitespace().any(|a| a == c) {
+            return Err(unavailable(
+                c,
+                &format!("not in {}", root.join("cgroup.controllers").display()),
+            ));
+        }
+    }
+    Ok(Hierarchies::V2(root))
+}
+
+/// The v2 controllers the settings need, each once ("cgroup.*" files
+/// belong to no controller).
+fn controllers_v2(plan: &Plan) -> Vec<&str> {
+    let mut list: Vec<&str> = Vec::new();
+    for s in &plan.cgroups {
+        if s.controller != "cgroup" && !list.contains(&s.controller.as_str()) {
+            list.push(&s.controller);
+        }
+    }
+    list
+}
+
+/// An existing cgroup `dir` is reused, as Firecracker's jailer does (one a
+/// crashed microVM left, say), unless a process is in it (`procs_file`
+/// lists one): then another microVM uses the id.
+fn refuse_busy(dir: &Path, procs_file: &str) -> Result<(), Error> {
+    match fs::read_to_string(dir.join(procs_file)) {
+        Ok(procs) if !procs.trim().is_empty() => Err(Error::Cgroup(format!(
+            "the cgroup {} exists and has processes in it; give an --id no other microVM uses",
+            dir.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Sets up the cgroups `plan` asks for in `hierarchies` and moves process
+/// `pid` into them. On failure, everything created is removed again
+/// before the error returns.
+pub fn setup(plan: &Plan, hierarchies: &Hierarchies, pid: u32) -> Result<Created, Error> {
     let mut created = Created::default();
-    let result = match plan.cgroup_version {
-        1 => setup_v1(plan, pid, &mut created),
-        _ => setup_v2(plan, pid, &mut created),
+    let result = match hierarchies {
+        Hierarchies::None => Ok(()),
+        Hierarchies::V1(targets) => setup_v1(plan, targets, pid, &mut created),
+        Hierarchies::V2(root) => setup_v2(plan, root, pid, &mut created),
     };
     if let Err(e) = result {
         created.remove();
@@ -91,36 +188,18 @@ pub fn setup(plan: &Plan, pid: u32) -> Result<Created, Error> {
     Ok(created)
 }
 
-fn setup_v1(plan: &Plan, pid: u32, created: &mut Created) -> Result<(), Error> {
-    let all = mounts("cgroup")?;
-    // The hierarchies the settings need (controllers can share one).
-    let mut targets: Vec<(&Mount, Vec<&CgroupSetting>)> = Vec::new();
-    for s in &plan.cgroups {
-        let m = all
-            .iter()
-            .find(|m| m.controllers.contains(&s.controller))
-            .ok_or_else(|| {
-                Error::Cgroup(format!(
-                    "no cgroup v1 hierarchy has the '{}' controller (for --cgroup {}); use a mounted controller or --cgroup-version 2",
-                    s.controller, s.file
-                ))
-            })?;
-        match targets.iter_mut().find(|(t, _)| t.path == m.path) {
-            Some((_, list)) => list.push(s),
-            None => targets.push((m, vec![s])),
-        }
-    }
-    for (m, settings) in targets {
-        let dir = m.path.join(&plan.parent_cgroup).join(&plan.id);
-        if dir.exists() {
-            return Err(Error::Cgroup(format!(
-                "the cgroup {} exists already; give an --id no other microVM uses",
-                dir.display()
-            )));
-        }
+fn setup_v1(
+    plan: &Plan,
+    targets: &[(PathBuf, bool, Vec<CgroupSetting>)],
+    pid: u32,
+    created: &mut Created,
+) -> Result<(), Error> {
+    for (mount, cpuset, settings) in targets {
+        let dir = mount.join(&plan.parent_cgroup).join(&plan.id);
+        refuse_busy(&dir, "tasks")?;
         created.create_all(&dir)?;
-        if m.controllers.iter().any(|c| c == "cpuset") {
-            inherit_cpuset(&m.path, created)?;
+        if *cpuset {
+            inherit_cpuset(mount, created)?;
         }
         for s in settings {
             write(&dir.join(&s.file), &s.value)?;
@@ -145,44 +224,29 @@ fn inherit_cpuset(root: &Path, created: &Created) -> Result<(), Error> {
     Ok(())
 }
 
-fn setup_v2(plan: &Plan, pid: u32, created: &mut Created) -> Result<(), Error> {
-    let root = mounts("cgroup2")?
-        .into_iter()
-        .next()
-        .map(|m| m.path)
-        .ok_or_else(|| {
-            Error::Cgroup(
-                "no cgroup v2 hierarchy is mounted; mount one or use --cgroup-version 1".into(),
-            )
-        })?;
+fn setup_v2(plan: &Plan, root: &Path, pid: u32, created: &mut Created) -> Result<(), Error> {
     let parent = root.join(&plan.parent_cgroup);
     if plan.cgroups.is_empty() {
         // Firecracker's rule: no settings, no new cgroup; join the parent
         // cgroup if it exists.
         if parent.is_dir() {
-            write(&parent.join("cgroup.procs"), &pid.to_string())?;
+            // Firecracker's message (and its errno: EBUSY when the parent
+            // has domain controllers enabled for its children).
+            fs::write(parent.join("cgroup.procs"), pid.to_string()).map_err(|e| {
+                Error::Cgroup(format!(
+                    "Failed to move process to cgroup ({}): {e}; to create a child cgroup under it instead, give any --cgroup",
+                    parent.display()
+                ))
+            })?;
         }
         return Ok(());
     }
     let dir = parent.join(&plan.id);
-    if dir.exists() {
-        return Err(Error::Cgroup(format!(
-            "the cgroup {} exists already; give an --id no other microVM uses",
-            dir.display()
-        )));
-    }
+    refuse_busy(&dir, "cgroup.procs")?;
     created.create_all(&dir)?;
-    // Controllers the settings need, enabled from the root down to the
-    // parent ("cgroup.*" files belong to no controller).
-    let mut controllers: Vec<&str> = plan
-        .cgroups
-        .iter()
-        .map(|s| s.controller.as_str())
-        .filter(|c| *c != "cgroup")
-        .collect();
-    controllers.dedup();
-    for c in controllers {
-        let mut level = root.clone();
+    // The controllers, enabled from the root down to the parent.
+    for c in controllers_v2(plan) {
+        let mut level = root.to_path_buf();
         for part in Path::new(&plan.parent_cgroup).components() {
             write(&level.join("cgroup.subtree_control"), &format!("+{c}"))?;
             level = level.join(part);

@@ -1,10 +1,12 @@
 //! `vmm-jailer`: starts the vmm binary in a jail with Firecracker's jailer
-//! flags and semantics (docs/JAILER.md). It checks every flag first, then
-//! drops inherited descriptors and the environment, builds
-//! `<base>/<exec name>/<id>/root` with a copy of the binary and its device
-//! nodes, sets resource limits and cgroups, enters a mount namespace whose
-//! root is the jail, joins the network namespace, detaches or enters a PID
-//! namespace if asked, gives up every privilege and execs the binary with
+//! flags and semantics (docs/JAILER.md), in the order Firecracker's jailer
+//! works: it checks every flag, drops inherited descriptors and the
+//! environment, builds `<base>/<exec name>/<id>/root` and copies the binary
+//! in, joins the network namespace, sets the resource limits (after the
+//! copy, so that `fsize` cannot cut it short) and the cgroups, enters a
+//! mount namespace whose root is the jail, makes its directories and device
+//! nodes, detaches and/or enters a PID namespace if asked, writes
+//! `<exec name>.pid`, gives up every privilege and execs the binary with
 //! `--id`. A failure before the jail is entered removes what was created.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -24,17 +26,17 @@ use clap::Parser;
 /// Why the jail could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A bad flag.
+    /// A bad flag (Firecracker's message).
     #[error("{0}")]
     Usage(String),
     /// A cgroup could not be set up.
     #[error("Cannot set up the cgroups: {0}.")]
     Cgroup(String),
     /// The jail's file system could not be built or entered.
-    #[error("Cannot build the jail: {0}.")]
+    #[error("{0}")]
     Jail(String),
     /// A process attribute could not be set.
-    #[error("Cannot prepare the process: {0}.")]
+    #[error("{0}")]
     Process(String),
     /// The binary could not be executed.
     #[error("Cannot execute /{name} in the jail: {err}; is it statically linked?")]
@@ -52,23 +54,23 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
+            // clap's message without its usage part, on one line.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("bad arguments");
+            let what = text.split("\n\n").next().unwrap_or("bad arguments");
+            let what: Vec<&str> = what.split_whitespace().collect();
             eprintln!(
-                "vmm-jailer: {}; run 'vmm-jailer --help' for usage.",
-                first.trim_start_matches("error: ")
+                "vmm-jailer: error: Failed to parse arguments: {}; run 'vmm-jailer --help' for usage.",
+                what.join(" ").trim_start_matches("error: ")
             );
-            return ExitCode::from(2);
+            // Firecracker's jailer exits 1 on every error.
+            return ExitCode::from(1);
         }
     };
     match run(cli, start_us, start_cpu_us) {
         Ok(never) => match never {},
         Err(e) => {
             eprintln!("vmm-jailer: error: {e}");
-            ExitCode::from(match e {
-                Error::Usage(_) => 2,
-                _ => 1,
-            })
+            ExitCode::from(1)
         }
     }
 }
@@ -77,55 +79,57 @@ fn run(cli: args::Cli, start_us: u64, start_cpu_us: u64) -> Result<Infallible, E
     let plan = cli.plan()?;
     process::close_inherited_fds()?;
     process::clear_env();
-    // What the jail cannot reach later: the binary, the netns file and
-    // /dev/null.
-    let mut exe = std::fs::File::open(&plan.exec_file).map_err(|e| {
-        Error::Usage(format!(
-            "--exec-file '{}': {e}; give a readable file.",
-            plan.exec_file.display()
-        ))
-    })?;
-    let netns = plan.netns.as_deref().map(process::open_netns).transpose()?;
-    let null: Option<OwnedFd> = if plan.daemonize {
-        Some(
-            std::fs::File::open("/dev/null")
-                .map_err(|e| Error::Process(format!("cannot open /dev/null: {e}")))?
-                .into(),
-        )
-    } else {
-        None
-    };
+    let userfaultfd = jail::host_userfaultfd();
+    let hierarchies = cgroup::find(&plan)?;
     let mut jail = jail::Jail::create(&plan)?;
-    let prepared =
-        process::set_limits(&plan.limits).and_then(|()| cgroup::setup(&plan, std::process::id()));
-    let mut cgroups = match prepared {
+    // On the host, in Firecracker's order; the limits come after the copy
+    // (a small fsize would cut the binary short) and apply to the jailer's
+    // remaining work too (a tiny no-file makes it fail, as Firecracker's).
+    let host_side = jail
+        .copy_exec(&plan)
+        .and_then(|()| plan.netns.as_deref().map_or(Ok(()), process::join_netns))
+        .and_then(|()| process::set_limits(&plan.limits));
+    if let Err(e) = host_side {
+        jail.remove();
+        return Err(e);
+    }
+    let mut cgroups = match cgroup::setup(&plan, &hierarchies, std::process::id()) {
         Ok(c) => c,
         Err(e) => {
             jail.remove();
             return Err(e);
         }
     };
-    let userfaultfd = jail::host_userfaultfd();
-    if let Err(e) = jail::enter(&jail.root) {
-        cgroups.remove();
-        jail.remove();
-        return Err(e);
-    }
+    // /dev/null, which the jail lacks, for --daemonize.
+    let null: Result<Option<OwnedFd>, Error> = match plan.daemonize {
+        true => std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .map(|f| Some(f.into()))
+            .map_err(|e| Error::Process(format!("Failed to open /dev/null: {e}"))),
+        false => Ok(None),
+    };
+    let entered = null.and_then(|null| jail::enter(&jail.root).map(|()| null));
+    let null = match entered {
+        Ok(null) => null,
+        Err(e) => {
+            cgroups.remove();
+            jail.remove();
+            return Err(e);
+        }
+    };
     // From here the host's file system is out of reach.
-    jail::furnish(&mut exe, &plan, userfaultfd)?;
-    drop(exe);
-    if let Some(fd) = &netns {
-        process::join_netns(fd)?;
-    }
-    drop(netns);
+    jail::furnish(&plan, userfaultfd)?;
     if let Some(null) = &null {
         process::daemonize(null)?;
     }
     drop(null);
+    let pid_file = std::path::Path::new("/").join(format!("{}.pid", plan.exec_name));
     if plan.new_pid_ns {
-        process::enter_pid_namespace(
-            &std::path::Path::new("/").join(format!("{}.pid", plan.exec_name)),
-        )?;
+        process::enter_pid_namespace(&pid_file)?;
+    } else {
+        jail::write_pid_file(&pid_file, std::process::id())?;
     }
     process::drop_privileges(plan.uid, plan.gid)?;
     let parent_cpu_us =

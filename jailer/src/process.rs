@@ -1,6 +1,6 @@
 //! What the jailer does to its own process before it becomes the VMM:
-//! inherited descriptors and environment dropped, resource limits, the
-//! network namespace, detaching, a PID namespace, and giving up every
+//! inherited descriptors and environment dropped, the network namespace,
+//! resource limits, detaching, a PID namespace, and giving up every
 //! privilege (uid/gid, supplementary groups, capabilities, no_new_privs).
 
 use std::fs::File;
@@ -12,7 +12,7 @@ use crate::Error;
 
 fn os_err(what: &str) -> Error {
     Error::Process(format!(
-        "cannot {what}: {}",
+        "Failed to {what}: {}",
         std::io::Error::last_os_error()
     ))
 }
@@ -20,7 +20,7 @@ fn os_err(what: &str) -> Error {
 /// Closes every descriptor above 2 that the jailer inherited.
 pub fn close_inherited_fds() -> Result<(), Error> {
     let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
-        .map_err(|e| Error::Process(format!("cannot list /proc/self/fd: {e}")))?
+        .map_err(|e| Error::Process(format!("Failed to list /proc/self/fd: {e}")))?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .filter(|fd| *fd > 2)
         .collect();
@@ -62,44 +62,41 @@ pub fn set_limits(limits: &[Limit]) -> Result<(), Error> {
     Ok(())
 }
 
-/// Opens the network namespace file (before the host's files are gone).
-pub fn open_netns(path: &Path) -> Result<OwnedFd, Error> {
-    File::open(path).map(OwnedFd::from).map_err(|e| {
-        Error::Process(format!(
-            "cannot open the network namespace {}: {e}",
-            path.display()
-        ))
-    })
-}
-
-/// Joins the network namespace `fd`.
-pub fn join_netns(fd: &OwnedFd) -> Result<(), Error> {
+/// Joins the network namespace at `path` (on the host, before the jail is
+/// entered, as Firecracker's jailer does).
+pub fn join_netns(path: &Path) -> Result<(), Error> {
+    let ns = File::open(path)
+        .map_err(|e| Error::Process(format!("Failed to open file {}: {e}", path.display())))?;
     // SAFETY: setns on a descriptor this process owns, of a network namespace.
-    if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(os_err("join the network namespace"));
     }
     Ok(())
 }
 
-/// A new session, standard input and output on `null` (/dev/null opened
-/// before the host's files were gone).
-pub fn daemonize(null: &OwnedFd) -> Result<(), Error> {
-    // SAFETY: setsid has no arguments. A process group leader cannot start a
-    // session: then a child does, and this process exits.
-    if unsafe { libc::setsid() } < 0 {
-        // SAFETY: the jailer is single-threaded, so fork is safe here.
-        match unsafe { libc::fork() } {
-            -1 => return Err(os_err("fork to detach")),
-            0 => {
-                // SAFETY: setsid has no arguments; the child is not a group leader.
-                if unsafe { libc::setsid() } < 0 {
-                    return Err(os_err("start a new session"));
-                }
-            }
-            // SAFETY: the parent has nothing to clean up; the child runs on.
-            _ => unsafe { libc::_exit(0) },
-        }
+/// Forks; the parent exits 0 at once and the child returns.
+fn fork_and_leave(what: &str) -> Result<(), Error> {
+    // SAFETY: the jailer is single-threaded, so fork is safe here.
+    match unsafe { libc::fork() } {
+        -1 => Err(os_err(what)),
+        0 => Ok(()),
+        // SAFETY: the parent has nothing to clean up; the child runs on.
+        _ => unsafe { libc::_exit(0) },
     }
+}
+
+/// Detaches as Firecracker's jailer does: forks (the jailer's own process
+/// exits 0, so whoever started it goes on), starts a new session, forks
+/// again (so the VMM leads no session and can never get a controlling
+/// terminal) and puts standard input, output and error on `null`
+/// (/dev/null, opened before the host's files were gone).
+pub fn daemonize(null: &OwnedFd) -> Result<(), Error> {
+    fork_and_leave("fork to detach")?;
+    // SAFETY: setsid has no arguments; a forked child leads no group.
+    if unsafe { libc::setsid() } < 0 {
+        return Err(os_err("start a new session"));
+    }
+    fork_and_leave("fork to detach")?;
     for fd in 0..3 {
         // SAFETY: dup2 of a descriptor this process owns onto 0-2.
         if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
@@ -110,8 +107,13 @@ pub fn daemonize(null: &OwnedFd) -> Result<(), Error> {
 }
 
 /// Forks into a new PID namespace: returns in the child (PID 1 there); the
-/// parent writes the child's pid to `pid_file` and exits.
+/// parent writes the child's pid (as the host sees it) to `pid_file` and
+/// exits 0. If the jailer leads its session (e.g. started by screen), the
+/// child starts a session of its own, as with Firecracker's jailer, so
+/// that the jailer's exit does not hang it up.
 pub fn enter_pid_namespace(pid_file: &Path) -> Result<(), Error> {
+    // SAFETY: getsid and getpid only read this process's ids.
+    let leader = unsafe { libc::getsid(0) == libc::getpid() };
     // SAFETY: unshare with a flag constant; the next child is PID 1 of a new
     // PID namespace.
     if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
@@ -120,15 +122,21 @@ pub fn enter_pid_namespace(pid_file: &Path) -> Result<(), Error> {
     // SAFETY: the jailer is single-threaded, so fork is safe here.
     match unsafe { libc::fork() } {
         -1 => Err(os_err("fork into the PID namespace")),
-        0 => Ok(()),
+        0 => {
+            // SAFETY: setsid has no arguments; the child leads no group.
+            if leader && unsafe { libc::setsid() } < 0 {
+                return Err(os_err("start a new session"));
+            }
+            Ok(())
+        }
         child => {
-            let code = match std::fs::write(pid_file, format!("{child}\n")) {
+            let code = match crate::jail::write_pid_file(pid_file, child as u32) {
                 Ok(()) => 0,
                 Err(e) => {
-                    eprintln!(
-                        "vmm-jailer: error: cannot write {}: {e}",
-                        pid_file.display()
-                    );
+                    eprintln!("vmm-jailer: error: {e}");
+                    // A VMM nobody could find by its pid file does not run.
+                    // SAFETY: kill on the child this process just forked.
+                    unsafe { libc::kill(child, libc::SIGKILL) };
                     1
                 }
             };
