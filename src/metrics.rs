@@ -737,18 +737,9 @@ impl RawLine {
         self.push(b"\":");
         self.comma = false;
     }
-    fn num(&mut self, mut v: u64) {
+    fn num(&mut self, v: u64) {
         let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        self.push(&digits[i..]);
+        self.push(crate::seccomp::decimal(v, &mut digits));
         self.comma = true;
     }
     /// Zeros for `keys` (latency aggregates included).

@@ -123,14 +123,19 @@ impl Filters {
         if is_json {
             return Self::compile(&text, &shown);
         }
-        let mut map = decode_bpf(&text).map_err(|why| Error::Deserialize {
+        let map = decode_bpf(&text).map_err(|why| Error::Deserialize {
             path: shown.clone(),
             why,
         })?;
+        Self::from_map(map, &shown)
+    }
+
+    /// The three roles' programs out of a file's map (others are ignored).
+    fn from_map(mut map: HashMap<String, BpfProgram>, path: &str) -> Result<Filters, Error> {
         let mut programs = HashMap::new();
         for role in Role::ALL {
             let program = map.remove(role.name()).ok_or(Error::MissingRole {
-                path: shown.clone(),
+                path: path.to_string(),
                 role: role.name(),
             })?;
             programs.insert(role.name(), program);
@@ -139,21 +144,13 @@ impl Filters {
     }
 
     fn compile(json: &[u8], path: &str) -> Result<Filters, Error> {
-        let mut map = seccompiler::compile_from_json(json, TargetArch::x86_64).map_err(|e| {
+        let map = seccompiler::compile_from_json(json, TargetArch::x86_64).map_err(|e| {
             Error::Compile {
                 path: path.to_string(),
                 err: e.to_string(),
             }
         })?;
-        let mut programs = HashMap::new();
-        for role in Role::ALL {
-            let program = map.remove(role.name()).ok_or(Error::MissingRole {
-                path: path.to_string(),
-                role: role.name(),
-            })?;
-            programs.insert(role.name(), program);
-        }
-        Ok(Filters { programs })
+        Self::from_map(map, path)
     }
 
     /// The role's BPF program.
@@ -392,6 +389,20 @@ pub(crate) fn raw_write(fd: i32, bytes: &[u8]) {
     unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
 }
 
+/// `v` in decimal, written into `buf` without allocating (signal handlers).
+pub(crate) fn decimal(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
 /// A fixed line built without allocating.
 pub(crate) struct Line {
     buf: [u8; 256],
@@ -412,18 +423,9 @@ impl Line {
         self.len += n;
     }
 
-    pub(crate) fn push_num(&mut self, mut v: u64) {
+    pub(crate) fn push_num(&mut self, v: u64) {
         let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        self.push(&digits[i..]);
+        self.push(decimal(v, &mut digits));
     }
 
     pub(crate) fn bytes(&self) -> &[u8] {
