@@ -1,5 +1,5 @@
 //! The `vmm` command: parse the command line, run the VM, map the outcome to an
-//! exit status. See the README for the exit statuses.
+//! exit status. See docs/CLI.md for the exit statuses.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
