@@ -236,7 +236,14 @@ pub fn one_line_error(e: &clap::Error, command: &str) -> String {
         .collect();
     let first = first.join(" ");
     let first = first.trim_start_matches("error: ");
-    format!("{first}; run '{command} --help' for usage.")
+    // clap's suggestion for a misspelt flag, in the same line.
+    let tip = text
+        .lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix("tip: "))
+        .map(|t| format!(" ({t})"))
+        .unwrap_or_default();
+    format!("{first}{tip}; run '{command} --help' for usage.")
 }
 
 /// What a misspelt command word probably meant: `vmm rn` is `vmm run`.

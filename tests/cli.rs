@@ -131,6 +131,10 @@ fn unknown_or_missing_arguments() {
     // VM flags without a kernel are a usage error.
     assert_usage_error(&["--memory", "1G"], &["--kernel"]);
     assert_usage_error(&["--kernel", "x", "--bogus"], &["--bogus"]);
+    assert_usage_error(
+        &["--kernel", "x", "--rootf", "d"],
+        &["a similar argument exists: '--rootfs'"],
+    );
     // Firecracker's flags only: Firecracker's exit code for argument parsing.
     let out = run(
         {
@@ -252,6 +256,10 @@ fn vmm_run_errors_are_one_line_and_memory_takes_units() {
             "unexpected argument '--bogus'",
         ),
         (
+            &["run", "--memry", "1G", "--", "true"][..],
+            "a similar argument exists: '--memory'",
+        ),
+        (
             &["run", "--memory", "1X", "--", "true"][..],
             "--memory '1X' is not a size",
         ),
@@ -314,7 +322,15 @@ fn vmm_run_names_a_missing_kvm_cache_or_agent() {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("lonely-vmm");
     std::fs::create_dir_all(&dir).unwrap();
     let lonely = dir.join("vmm");
-    std::fs::copy(vmm_exe, &lonely).unwrap();
+    // Copied by another process: a descriptor of ours open for writing could
+    // leak into a child another test thread forks, and exec would fail
+    // with ETXTBSY.
+    let copied = std::process::Command::new("cp")
+        .arg(vmm_exe)
+        .arg(&lonely)
+        .status()
+        .unwrap();
+    assert!(copied.success());
     let c = std::process::Command::new(&lonely);
     one_line(c, "The guest agent");
 }
