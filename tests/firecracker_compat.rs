@@ -347,3 +347,35 @@ fn a_configuration_file_with_empty_device_lists_boots_and_says_so() {
         "{text}"
     );
 }
+
+/// Without arguments the API listens on Firecracker's default socket; run in
+/// a mount namespace of its own with a fresh /run, so that no other process
+/// of this host sees (or holds) the path.
+#[test]
+fn without_arguments_the_api_listens_on_firecracker_s_default_socket() {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: a mount namespace cannot be made; not asserted");
+        return;
+    }
+    let script = format!(
+        "mount -t tmpfs tmpfs /run && \
+         {vmm} & pid=$!; \
+         for i in $(seq 100); do [ -S /run/firecracker.socket ] && break; sleep 0.05; done; \
+         curl -s --unix-socket /run/firecracker.socket http://localhost/version; \
+         kill $pid; wait $pid",
+        vmm = env!("CARGO_BIN_EXE_vmm")
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("unshare (util-linux) runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("asserting: GET /version answered on /run/firecracker.socket");
+    assert!(
+        stdout.contains(r#"{"firecracker_version":"1.16.1"}"#),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
