@@ -44,16 +44,22 @@ pub fn pop_chain<'a>(
     q: &mut Queue,
     mem: &'a GuestMemoryMmap,
 ) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, Error> {
-    if let Some(chain) = q.pop_descriptor_chain(mem) {
-        return Ok(Some(chain));
-    }
-    match q.avail_idx(mem, Ordering::Acquire) {
-        Ok(avail) if avail.0 == q.next_avail() => Ok(None),
-        _ => {
-            crate::guest_warn!("virtio: {}", Error::Unreadable);
-            Err(Error::Unreadable)
+    // The driver may post a chain between the pop's read of the available
+    // index and the check below (a vCPU runs beside the device): then the
+    // index has moved and the pop is tried once more before the queue is
+    // called unusable.
+    for attempt in 0..2 {
+        if let Some(chain) = q.pop_descriptor_chain(mem) {
+            return Ok(Some(chain));
+        }
+        match q.avail_idx(mem, Ordering::Acquire) {
+            Ok(avail) if avail.0 == q.next_avail() => return Ok(None),
+            Ok(_) if attempt == 0 => continue,
+            _ => break,
         }
     }
+    crate::guest_warn!("virtio: {}", Error::Unreadable);
+    Err(Error::Unreadable)
 }
 
 /// The next chain of `q` as its head index and descriptors (empty if the
