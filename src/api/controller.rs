@@ -204,28 +204,25 @@ impl Controller {
             ApiRequest::PutNetworkInterface(n) => {
                 // Attached once to check it (as Firecracker does at this call);
                 // the device attaches it again at InstanceStart.
-                let created = match devices::virtio::tap::Tap::open(&n.host_dev_name) {
-                    Err(e) => bad(format!("Could not create the network device: {e}")),
-                    Ok(_) => configure(vmm, |c| c.upsert_interface(n.clone())),
-                };
+                let opened = devices::virtio::tap::Tap::open(&n.host_dev_name);
+                let tap_taken = vmm
+                    .config()
+                    .network_interfaces
+                    .iter()
+                    .any(|o| o.iface_id != n.iface_id && o.host_dev_name == n.host_dev_name);
                 // Firecracker drops an interface's old device before it
                 // makes the new one: when that fails, the ID is gone.
-                let failed_creation = created.status >= 400
-                    && created.body.as_deref().is_some_and(|b| {
-                        String::from_utf8_lossy(b).contains("Could not create the network device")
-                    });
-                if failed_creation
-                    && vmm
-                        .config()
-                        .network_interfaces
-                        .iter()
-                        .any(|o| o.iface_id == n.iface_id)
-                {
+                if opened.is_err() || tap_taken {
                     let _ = configure(vmm, |c| {
                         c.network_interfaces.retain(|o| o.iface_id != n.iface_id)
                     });
                 }
-                created
+                match opened {
+                    Err(e) => bad(format!("Could not create the network device: {e}")),
+                    // A TAP another interface has is refused by the check
+                    // (config::Error::TapInUse).
+                    Ok(_) => configure(vmm, |c| c.upsert_interface(n.clone())),
+                }
             }
             ApiRequest::PutVsock(v) => {
                 // Bound now, as Firecracker does; a path that exists already
