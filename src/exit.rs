@@ -53,26 +53,30 @@ impl std::fmt::Display for CrashReport {
             Some(rip) => write!(f, ", RIP {rip:#x}")?,
             None => write!(f, ", RIP unknown")?,
         }
-        if self.instruction.is_empty() {
-            write!(f, ", instruction bytes unavailable")
-        } else {
-            let hex: Vec<String> = self
-                .instruction
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            write!(f, ", instruction bytes {}", hex.join(" "))
+        match self.instruction_hex() {
+            Some(hex) => write!(f, ", instruction bytes {hex}"),
+            None => write!(f, ", instruction bytes unavailable"),
         }
     }
 }
 
 impl CrashReport {
+    /// The instruction bytes as hex pairs ("0f 01 ca"), if any were read.
+    fn instruction_hex(&self) -> Option<String> {
+        let hex: Vec<String> = self
+            .instruction
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        (!hex.is_empty()).then(|| hex.join(" "))
+    }
+
     /// What the host may have to do with it: on PVM (a software KVM, see
     /// docs/TESTING-ON-PVM.md) an emulation failure is the host's emulator
     /// lacking an instruction, which kernel parameters avoid.
     pub fn host_hint(&self) -> Option<&'static str> {
         let emulation = self.kind == CrashKind::InternalError { suberror: 1 };
-        (emulation && std::path::Path::new("/sys/module/kvm_pvm").exists()).then_some(
+        (emulation && crate::pvm_host()).then_some(
             "this host's /dev/kvm is PVM, a software KVM whose instruction emulator lacks some instructions; \
              boot the guest with the kernel parameters in docs/TESTING-ON-PVM.md (noxsave nofsgsbase clearcpuid=...)",
         )
@@ -87,17 +91,12 @@ impl CrashReport {
             CrashKind::EntryFailure(_) => "entry_failure".to_string(),
             CrashKind::GuestReported => "guest_reported".to_string(),
         };
-        let bytes: Vec<String> = self
-            .instruction
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
         serde_json::json!({
             "kind": "crash",
             "crash": kind,
             "vcpu": self.cpu,
             "rip": self.rip.map(|r| format!("{r:#x}")),
-            "instruction": (!bytes.is_empty()).then(|| bytes.join(" ")),
+            "instruction": self.instruction_hex(),
             "message": self.to_string(),
         })
     }
@@ -213,7 +212,7 @@ mod tests {
         assert_eq!(v["rip"], "0xffffffff81000000");
         assert_eq!(v["instruction"], "0f ae");
         assert_eq!(VmExit::PowerOff.to_json()["kind"], "power_off");
-        let on_pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+        let on_pvm = crate::pvm_host();
         assert_eq!(
             r.host_hint().is_some(),
             on_pvm,

@@ -51,6 +51,12 @@ pub const EXIT_GUEST_CRASH: i32 = 3;
 /// (Firecracker's own codes for the signals it defines: [`signals::exit_code`]).
 pub const EXIT_SIGNAL_BASE: i32 = 128;
 
+/// Whether this host's /dev/kvm is PVM, a software KVM whose instruction
+/// emulator guests must be steered around (docs/TESTING-ON-PVM.md).
+pub fn pvm_host() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
 /// The process exit status for a VM outcome.
 pub fn exit_status(exit: &exit::VmExit) -> i32 {
     match exit {

@@ -854,7 +854,7 @@ fn boot_and_save(vmm: &Path, shape: &Shape, dir: &Path) -> Result<(), Error> {
             std::thread::sleep(Duration::from_millis(2));
         }
         let mut args = String::from("console=ttyS0 reboot=k panic=-1 quiet vmm.test=wait");
-        if Path::new("/sys/module/kvm_pvm").exists() {
+        if crate::pvm_host() {
             args = format!("{args} {PVM_PARAMS}");
         }
         if shape.rootfs.is_some() {
