@@ -36,12 +36,11 @@ enum FcExit {
     ArgParsing = 153,
 }
 
-/// Whether the command line holds only Firecracker's flags.
-static FIRECRACKER_MODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// The exit code for bad input of kind `kind`.
+/// The exit code for bad input of kind `kind` (worked out from the command
+/// line when an error needs it: nothing is spent on a good start).
 fn usage_code(kind: FcExit) -> i32 {
-    if FIRECRACKER_MODE.load(std::sync::atomic::Ordering::Relaxed) {
+    let args: Vec<String> = std::env::args().collect();
+    if firecracker_mode(&args) {
         kind as i32
     } else {
         EXIT_USAGE
@@ -137,10 +136,6 @@ fn main() {
     if args.get(1).map(String::as_str) == Some("run") {
         vmm::run::main(args[2..].to_vec());
     }
-    FIRECRACKER_MODE.store(
-        firecracker_mode(&args),
-        std::sync::atomic::Ordering::Relaxed,
-    );
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -183,7 +178,7 @@ fn main() {
         }
     }
     // The command line's logger first, so that start-up failures reach its file.
-    setup_logger(&cli, None);
+    setup_logger(&cli);
     log::info!(
         "Running Firecracker v{}",
         vmm::api::controller::FIRECRACKER_API_VERSION
@@ -201,8 +196,8 @@ fn main() {
         }
         e => usage_exit(e),
     });
-    if plan.boot.as_ref().is_some_and(|b| b.logger.is_some()) {
-        setup_logger(&cli, plan.boot.as_ref());
+    if let Some(from_file) = plan.boot.as_ref().and_then(|b| b.logger.as_ref()) {
+        apply_file_logger(&cli, from_file);
     }
     // Before any thread starts: each installs its role's filter.
     if !cli.no_seccomp {
@@ -305,7 +300,8 @@ fn main() {
         None if boot.is_some() => vmm.start(&mut el),
         None => Ok(()),
     };
-    if started_vm.is_ok() && plan.restore.is_none() && boot.is_some() && cli.config_file.is_some() {
+    // A configuration file cannot come with --restore (cli.rs refuses it).
+    if started_vm.is_ok() && cli.config_file.is_some() {
         log::info!("Successfully started microvm that was configured from one single json");
     }
     if started_vm.is_ok() && (boot.is_some() || plan.restore.is_some()) {
@@ -412,9 +408,9 @@ fn smoke_mode(cli: &Cli, started: Instant, exit: &Arc<ExitSignal>) -> Option<vmm
 /// written every metrics::PERIOD from the instance's start).
 const METRICS_PERIOD: Duration = Duration::from_secs(5);
 
-/// The logger as the flags and the configuration file say: `--level` (or
-/// `--log-level`/VMM_LOG), `--log-path`, `--show-level`, `--show-log-origin`.
-fn setup_logger(cli: &Cli, boot: Option<&vmm::config::VmConfig>) {
+/// The logger as the command line says: `--level` (or `--log-level`/VMM_LOG),
+/// `--log-path`, `--show-level`, `--show-log-origin`.
+fn setup_logger(cli: &Cli) {
     // Firecracker's default level for a log file is Info; on stderr this
     // VMM shows warnings and errors unless asked for more.
     let default = if cli.log_path.is_some() {
@@ -431,15 +427,28 @@ fn setup_logger(cli: &Cli, boot: Option<&vmm::config::VmConfig>) {
         .unwrap_or_else(|e| exit_with_error(e, usage_code(FcExit::BadConfiguration)));
     logger::init(level);
     logger::set_instance_id(&cli.id);
-    let from_file = boot.and_then(|c| c.logger.clone()).unwrap_or_default();
     let config = LoggerConfig {
-        log_path: cli.log_path.clone().or(from_file.log_path),
-        level: cli.level.clone().or(from_file.level),
-        show_level: Some(cli.show_level).filter(|b| *b).or(from_file.show_level),
-        show_log_origin: Some(cli.show_log_origin)
-            .filter(|b| *b)
-            .or(from_file.show_log_origin),
-        module: from_file.module,
+        log_path: cli.log_path.clone(),
+        level: cli.level.clone(),
+        show_level: Some(cli.show_level).filter(|b| *b),
+        show_log_origin: Some(cli.show_log_origin).filter(|b| *b),
+        module: None,
+    };
+    logger::configure(&config).unwrap_or_else(|e| usage_exit(e));
+}
+
+/// A configuration file's `logger` section, for what the command line left
+/// unset (its flags win; a log file it opened is not opened again).
+fn apply_file_logger(cli: &Cli, from_file: &LoggerConfig) {
+    let config = LoggerConfig {
+        log_path: from_file
+            .log_path
+            .clone()
+            .filter(|_| cli.log_path.is_none()),
+        level: from_file.level.clone().filter(|_| cli.level.is_none()),
+        show_level: from_file.show_level.filter(|_| !cli.show_level),
+        show_log_origin: from_file.show_log_origin.filter(|_| !cli.show_log_origin),
+        module: from_file.module.clone(),
     };
     logger::configure(&config).unwrap_or_else(|e| usage_exit(e));
 }
