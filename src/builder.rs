@@ -573,6 +573,11 @@ fn load_boot_images(
             entries.push(if root.is_read_only { "ro" } else { "rw" }.into());
         }
     }
+    if boot.boot_args.is_none() && crate::pvm_host() {
+        log::info!(
+            "PVM host: the default kernel command line adds the parameters this host's instruction emulator needs (docs/TESTING-ON-PVM.md)"
+        );
+    }
     let cmdline = loader::build_cmdline(boot.boot_args.as_deref(), &entries);
     let cmdline = loader::write_cmdline(mem, &cmdline, kernel.cmdline_max)?;
     let info = bootparams::BootInfo {

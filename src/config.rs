@@ -24,8 +24,6 @@ pub const CPU_TEMPLATES: &[&str] = &["None", "C3", "T2", "T2S", "T2CL", "T2A"];
 pub const MAX_ID_LEN: usize = 64;
 /// Longest disk serial a guest can read (virtio-blk GET_ID).
 pub const MAX_SERIAL_LEN: usize = 20;
-/// The kernel command line used when none is given.
-pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=-1";
 
 /// Errors in a configuration; each names the field and the fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -116,7 +114,7 @@ pub enum Error {
 pub struct BootSource {
     /// ELF vmlinux (64-bit or PVH entry) or bzImage.
     pub kernel_image_path: PathBuf,
-    /// Kernel command line; `None` means [`DEFAULT_BOOT_ARGS`].
+    /// Kernel command line; `None` means [`crate::loader::default_cmdline`].
     #[serde(default)]
     pub boot_args: Option<String>,
     /// Optional initial ramdisk.
@@ -675,11 +673,15 @@ impl VmConfig {
     }
 
     /// The kernel command line the user gave, or the default.
-    pub fn boot_args(&self) -> &str {
-        self.boot_source
+    pub fn boot_args(&self) -> std::borrow::Cow<'_, str> {
+        match self
+            .boot_source
             .as_ref()
             .and_then(|b| b.boot_args.as_deref())
-            .unwrap_or(DEFAULT_BOOT_ARGS)
+        {
+            Some(args) => args.into(),
+            None => crate::loader::default_cmdline(),
+        }
     }
 
     /// Drives in attachment order: the root device first, then the others as given.

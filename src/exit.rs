@@ -78,7 +78,8 @@ impl CrashReport {
         let emulation = self.kind == CrashKind::InternalError { suberror: 1 };
         (emulation && crate::pvm_host()).then_some(
             "this host's /dev/kvm is PVM, a software KVM whose instruction emulator lacks some instructions; \
-             boot the guest with the kernel parameters in docs/TESTING-ON-PVM.md (noxsave nofsgsbase clearcpuid=...)",
+             boot the guest with the kernel parameters in docs/TESTING-ON-PVM.md (noxsave nofsgsbase clearcpuid=...), \
+             which vmm's default command line has and a command line given is used without",
         )
     }
 

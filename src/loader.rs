@@ -16,6 +16,21 @@ use crate::arch::x86_64::regs::EntryProtocol;
 /// The command line the VMM uses when the user gives none: console on COM1, and
 /// guest reboots and panics end the VMM through the i8042 reset line.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+/// Kernel parameters that keep a 6.1 kernel clear of the instructions the
+/// PVM host's emulator cannot run (docs/TESTING-ON-PVM.md).
+pub const PVM_PARAMS: &str = "noxsave nofsgsbase clearcpuid=cx16,popcnt,xsave,smap,bmi1,bmi2,abm,movbe,fsgsbase,rdrand,rdseed,rdpid,invpcid,aes,pclmulqdq,sha_ni,sse4_2,adx,clflushopt,clwb";
+
+/// The command line for a guest whose user gave none: [`DEFAULT_CMDLINE`],
+/// plus [`PVM_PARAMS`] on a PVM host (detected, see [`crate::pvm_host`]), so
+/// that the default boots there too. A command line the user gives is used
+/// as given.
+pub fn default_cmdline() -> std::borrow::Cow<'static, str> {
+    if crate::pvm_host() {
+        format!("{DEFAULT_CMDLINE} {PVM_PARAMS}").into()
+    } else {
+        DEFAULT_CMDLINE.into()
+    }
+}
 /// x86 `COMMAND_LINE_SIZE` including the NUL: the limit when the image does not say.
 const DEFAULT_CMDLINE_LIMIT: usize = 2048;
 /// Boot protocol 2.03+ kernels name their highest initrd address; older ones 0x37ffffff.
@@ -294,7 +309,8 @@ pub fn load_initrd(
 /// entries the VMM must add after the kernel's part, before a ` -- ` that
 /// starts the arguments the kernel hands to init (as Firecracker places them).
 pub fn build_cmdline(user: Option<&str>, vmm_entries: &[String]) -> String {
-    let user = user.unwrap_or(DEFAULT_CMDLINE).trim();
+    let default = default_cmdline();
+    let user = user.unwrap_or(&default).trim();
     let (kernel, init) = if let Some(rest) = user.strip_prefix("--") {
         if rest.is_empty() || rest.starts_with(' ') {
             ("", Some(rest.trim()))
@@ -506,7 +522,12 @@ mod tests {
 
     #[test]
     fn cmdline_appends_vmm_entries_to_the_users() {
-        assert_eq!(build_cmdline(None, &[]), DEFAULT_CMDLINE);
+        assert_eq!(build_cmdline(None, &[]), default_cmdline());
+        assert_eq!(
+            default_cmdline().contains(PVM_PARAMS),
+            crate::pvm_host(),
+            "the PVM parameters are in the default exactly on a PVM host"
+        );
         assert_eq!(
             build_cmdline(Some(" quiet "), &["root=/dev/vda".into()]),
             "quiet root=/dev/vda"

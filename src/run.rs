@@ -31,9 +31,7 @@ const AGENT_PORT: u32 = 52;
 pub const EXIT_TIMEOUT: i32 = 124;
 /// Exit status when the VM could not be set up or the agent not reached.
 pub const EXIT_RUN_ERROR: i32 = 125;
-/// Kernel parameters that keep a 6.1 kernel clear of the instructions the
-/// PVM host's emulator cannot run (docs/TESTING-ON-PVM.md); added on PVM only.
-pub const PVM_PARAMS: &str = "noxsave nofsgsbase clearcpuid=cx16,popcnt,xsave,smap,bmi1,bmi2,abm,movbe,fsgsbase,rdrand,rdseed,rdpid,invpcid,aes,pclmulqdq,sha_ni,sse4_2,adx,clflushopt,clwb";
+pub use crate::loader::PVM_PARAMS;
 
 /// Runs a command in a fresh microVM and exits with its status.
 #[derive(Parser, Debug)]
@@ -211,9 +209,6 @@ fn run(cli: &RunCli) -> Result<i32, Error> {
                 .ok_or_else(|| Error::Usage(format!("--env '{kv}' is not K=V.")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let deadline = cli
-        .timeout
-        .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
     let disks = cli
         .disk
         .iter()
@@ -230,9 +225,22 @@ fn run(cli: &RunCli) -> Result<i32, Error> {
         net,
         vmm: None,
     };
+    let timeout = cli
+        .timeout
+        .map(|s| {
+            Duration::try_from_secs_f64(s.max(0.0)).map_err(|_| {
+                Error::Usage(format!(
+                    "--timeout {s} is not a number of seconds; give e.g. --timeout 30."
+                ))
+            })
+        })
+        .transpose()?;
     let mut sandbox = Sandbox::start(&config)?;
-    if let Some(d) = deadline {
-        watchdog(sandbox.child.id(), d);
+    // The timeout is the command's: it starts once the VM is up, so the
+    // first run of a shape (which boots and saves the template) has as long
+    // as a later one that restores it.
+    if let Some(t) = timeout {
+        watchdog(sandbox.child.id(), Instant::now() + t);
     }
     let mut req = ExecRequest::new(cli.command.iter().cloned()).with_stdin(true);
     for (k, v) in env {

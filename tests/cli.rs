@@ -267,6 +267,10 @@ fn vmm_run_errors_are_one_line_and_memory_takes_units() {
             &["run", "--memory", "8M", "--", "true"][..],
             "--memory 8M is out of range",
         ),
+        (
+            &["run", "--timeout", "inf", "--", "true"][..],
+            "--timeout inf is not a number of seconds",
+        ),
     ] {
         let out = run(
             {
