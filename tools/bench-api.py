@@ -20,6 +20,7 @@ Needs: cargo build --release; curl not needed (Python's http.client over AF_UNIX
 """
 import argparse, json, os, select, statistics, subprocess, sys, tempfile, time
 
+import benchlib
 from benchlib import ROOT, VMM, PVM_PARAMS, build_guest, guest_kernel, guest_ram_rss_kib, host_line, on_pvm, \
     status_kib, stop, wait_for, UnixHTTP
 
@@ -200,7 +201,7 @@ def main():
     ap.add_argument("--milestone", default="VMM-TEST: waiting")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--skip-linux", action="store_true")
-    a = ap.parse_args()
+    a = benchlib.parse_args(ap)
     if not os.path.exists(VMM):
         sys.exit("build first: cargo build --release")
     print(host_line())

@@ -17,6 +17,7 @@ Usage: tools/bench-blk.py [--runs 5]   (after cargo build --release)
 """
 import argparse, os, select, statistics, subprocess, tempfile, time
 
+import benchlib
 from benchlib import build_guest, cpu_ns, host_line, qemu_cmd, VMM
 
 RANDOM_READS = 20000
@@ -61,7 +62,7 @@ def run_once(cmd):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
-    a = ap.parse_args()
+    a = benchlib.parse_args(ap)
     with tempfile.TemporaryDirectory() as tmp:
         elf = build_guest("pvh_blk_bench", tmp)
         image = os.path.join(tmp, "bench.img")

@@ -16,6 +16,7 @@ build-initramfs.sh (cached).
 """
 import argparse, os, re, select, statistics, subprocess, sys, tempfile, time
 
+import benchlib
 from benchlib import ROOT, VMM, PVM_PARAMS, build_guest, guest_kernel, guest_ram_rss_kib, host_line, on_pvm, \
     qemu_cmd, status_kib, stop, wait_for
 
@@ -111,7 +112,7 @@ def main():
     ap.add_argument("--milestone", default="VMM-TEST: userspace up")
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--skip-linux", action="store_true")
-    a = ap.parse_args()
+    a = benchlib.parse_args(ap)
     if not os.path.exists(VMM):
         sys.exit("build first: cargo build --release")
     print(host_line() + "\n")

@@ -18,6 +18,7 @@ Needs: cargo build --release --workspace (vmm and vmm-jailer); root.
 """
 import argparse, json, os, re, select, shutil, statistics, subprocess, sys, tempfile, time
 
+import benchlib
 from benchlib import ROOT, VMM, build_guest, host_line, status_kib
 
 JAILER = os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/vmm-jailer")
@@ -89,7 +90,7 @@ def main():
     fcj = os.path.join(PEERS, "jailer")
     ap.add_argument("--firecracker", default=fc if os.path.exists(fc) else None)
     ap.add_argument("--fc-jailer", default=fcj if os.path.exists(fcj) else None)
-    a = ap.parse_args()
+    a = benchlib.parse_args(ap)
     for b in (VMM, JAILER):
         if not os.path.exists(b):
             sys.exit(f"{b} is missing: cargo build --release --workspace")

@@ -27,6 +27,7 @@ iproute2, iputils-ping, qemu-system-x86, and the kernel from resources/)
 """
 import argparse, os, re, statistics, subprocess, sys, tempfile, time
 
+import benchlib
 from benchlib import VMM, PVM_PARAMS, cpu_ns, guest_kernel, guest_ram_rss_kib, host_line, on_pvm, qemu_cmd, \
     status_kib, stop, wait_for
 
@@ -105,7 +106,7 @@ def measure(name, cmd, ns, tmp):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
-    a = ap.parse_args()
+    a = benchlib.parse_args(ap)
     if os.geteuid() != 0:
         sys.exit("run as root: the benchmark creates a network namespace and a TAP device")
     if not os.path.exists(VMM):

@@ -17,6 +17,7 @@ Usage: tools/bench-run.py [--runs 20] [--cold-runs 5] [--vmm PATH]   (cargo buil
 """
 import argparse, glob, json, os, shutil, statistics, subprocess, sys, tempfile, time
 
+import benchlib
 from benchlib import ROOT, host_line, restore_clone
 
 VMM = os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/vmm")
@@ -70,7 +71,7 @@ def main():
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--cold-runs", type=int, default=5)
     ap.add_argument("--vmm", default=VMM)
-    a = ap.parse_args()
+    a = benchlib.parse_args(ap)
     if not os.path.exists(a.vmm):
         sys.exit(f"{a.vmm} is missing: cargo build --release --workspace")
     cache = os.environ.get("VMM_CACHE_DIR", os.path.expanduser("~/.cache/vmm"))

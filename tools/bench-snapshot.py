@@ -33,6 +33,7 @@ build-initramfs.sh (run by the script; cached).
 """
 import argparse, json, os, shutil, signal, statistics, subprocess, sys, tempfile, time
 
+import benchlib
 from benchlib import ROOT, VMM, PVM_PARAMS, UnixHTTP, guest_kernel, host_line, on_pvm, wait_for
 
 DEFAULT_FC = os.path.normpath(os.path.join(ROOT, "..", "shared", "peers", "firecracker"))
@@ -384,7 +385,7 @@ def main():
     ap.add_argument("--settle", type=float, default=3.0, help="seconds clones run before their memory is read")
     ap.add_argument("--timeout", type=int, default=300, help="seconds a boot may take to reach the marker")
     ap.add_argument("--keep-tmp", action="store_true")
-    a = ap.parse_args()
+    a = benchlib.parse_args(ap)
     sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
     if not os.path.exists(a.vmm):
         sys.exit(f"{a.vmm} does not exist: cargo build --release, or give --vmm")

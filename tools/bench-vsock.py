@@ -16,6 +16,7 @@ Usage: tools/bench-vsock.py [--mib 1] [--vmm PATH]
 """
 import argparse, glob, json, os, struct, sys, tempfile, threading, time
 
+import benchlib
 from benchlib import ROOT, cpu_ns, host_line, restore_clone
 
 VMM = os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/vmm")
@@ -75,7 +76,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=float, default=1.0)
     ap.add_argument("--vmm", default=VMM)
-    a = ap.parse_args()
+    a = benchlib.parse_args(ap)
     cache = os.environ.get("VMM_CACHE_DIR", os.path.expanduser("~/.cache/vmm"))
     snaps = sorted(glob.glob(os.path.join(cache, "run-*")), key=os.path.getmtime)
     if not snaps:

@@ -9,6 +9,18 @@ PVM_PARAMS = ("noxsave nofsgsbase clearcpuid=cx16,popcnt,xsave,smap,bmi1,bmi2,ab
               "fsgsbase,rdrand,rdseed,rdpid,invpcid,aes,pclmulqdq,sha_ni,sse4_2,adx,clflushopt,clwb")
 
 
+def parse_args(ap):
+    """Parses the benchmark's arguments; with VMM_BENCH_DRY_RUN=1 in the
+    environment it stops there, after saying what it would run (the docs'
+    example runner, tests/docs_examples.rs, checks every benchmark command the
+    docs show this way: a full run takes minutes to hours with its peers)."""
+    a = ap.parse_args()
+    if os.environ.get("VMM_BENCH_DRY_RUN") == "1":
+        print(f"dry run: {os.path.basename(ap.prog)} {vars(a)}")
+        raise SystemExit(0)
+    return a
+
+
 def on_pvm():
     return os.path.isdir("/sys/module/kvm_pvm")
 
