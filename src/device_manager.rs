@@ -19,7 +19,7 @@ use devices::virtio::mmio::{
 use devices::virtio::net::Net;
 use devices::virtio::tap::Tap;
 use devices::virtio::vsock::Vsock;
-use devices::virtio::{Interrupt, VirtioDevice};
+use devices::virtio::VirtioDevice;
 use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -198,14 +198,14 @@ impl DeviceManager {
         };
         let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(virtio_err)?;
         vm.register_irqfd(&irq_evt, irq)?;
-        let interrupt = Interrupt::new(Arc::new(irq_evt));
+        let line: Arc<dyn devices::InterruptLine> = Arc::new(irq_evt);
         let transport = match saved {
-            Some((state, _, _)) => MmioTransport::restore((device, mem.clone(), interrupt), state)
+            Some((state, _, _)) => MmioTransport::restore((device, mem.clone(), line), state)
                 .map_err(|err| Error::Restore {
                     id: id.clone(),
                     err,
                 })?,
-            None => MmioTransport::new(device, mem.clone(), interrupt).map_err(virtio_err)?,
+            None => MmioTransport::new(device, mem.clone(), line).map_err(virtio_err)?,
         };
         for (queue, evt) in transport.queue_evts().iter().enumerate() {
             vm.fd()

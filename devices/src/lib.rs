@@ -72,14 +72,23 @@ pub(crate) mod test_util {
         }
     }
 
-    /// An interrupt line that counts how often it was raised.
+    /// An interrupt line that counts how often it was raised; as a device's
+    /// virtio interrupt it also keeps what each raise was for.
     #[derive(Default)]
-    pub struct CountingIrq(std::sync::atomic::AtomicUsize);
+    pub struct CountingIrq(
+        std::sync::atomic::AtomicUsize,
+        Mutex<Vec<crate::virtio::InterruptCause>>,
+    );
 
     impl CountingIrq {
         /// Times the line was raised so far.
         pub fn count(&self) -> usize {
             self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+
+        /// What the device raised its interrupt for so far, in order.
+        pub fn causes(&self) -> Vec<crate::virtio::InterruptCause> {
+            self.1.lock().unwrap().clone()
         }
     }
 
@@ -87,6 +96,13 @@ pub(crate) mod test_util {
         fn trigger(&self) -> std::io::Result<()> {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Ok(())
+        }
+    }
+
+    impl crate::virtio::VirtioInterrupt for CountingIrq {
+        fn trigger(&self, cause: crate::virtio::InterruptCause) -> std::io::Result<()> {
+            self.1.lock().unwrap().push(cause);
+            InterruptLine::trigger(self)
         }
     }
 

@@ -16,9 +16,7 @@ use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::{
-    ring, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, VIRTIO_F_VERSION_1,
-};
+use super::{ring, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Virtio device ID of a memory balloon.
 pub const VIRTIO_ID_BALLOON: u32 = 5;
@@ -212,7 +210,7 @@ impl Balloon {
             used += 1;
         }
         if used > 0 {
-            interrupt.raise(INTERRUPT_USED_BUFFER);
+            interrupt.signal_used(index);
         }
         true
     }
@@ -288,7 +286,7 @@ impl Balloon {
         if queues[STATS].add_used(&*mem, head, 0).is_err() {
             return false;
         }
-        interrupt.raise(INTERRUPT_USED_BUFFER);
+        interrupt.signal_used(STATS);
         true
     }
 

@@ -18,8 +18,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use crate::rate_limiter::{BucketConfig, RateLimiter};
 
 use super::{
-    ring, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    ring, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 /// Virtio device ID of a block device.
@@ -525,7 +525,7 @@ impl Block {
             }
         }
         if done > 0 && a.queue.needs_notification(&mem).unwrap_or(true) {
-            a.interrupt.raise(INTERRUPT_USED_BUFFER);
+            a.interrupt.signal_used(0);
         }
         healthy
     }

@@ -13,11 +13,12 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::{
-    status, ActivateError, Interrupt, QueueSnapshot, VirtioDevice, INTERRUPT_CONFIG_CHANGE,
+    status, ActivateError, Interrupt, LineInterrupt, QueueSnapshot, VirtioDevice,
     VIRTIO_F_VERSION_1,
 };
 use crate::bus::BusDevice;
 use crate::persist::Persist;
+use crate::InterruptLine;
 
 const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -75,7 +76,9 @@ pub struct MmioTransport {
     pending: Option<Vec<Queue>>,
     activate_evt: EventFd,
     mem: GuestMemoryMmap,
-    interrupt: Interrupt,
+    /// The device's interrupt line and the status register behind
+    /// InterruptStatus and InterruptACK.
+    interrupt: Arc<LineInterrupt>,
     /// Signalled when the guest writes a queue's index to QueueNotify without an
     /// ioeventfd in between (the VMM registers ioeventfds for the same effect).
     queue_evts: Vec<EventFd>,
@@ -94,11 +97,11 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
-    /// A transport for `device`, raising `interrupt`, with access to guest memory.
+    /// A transport for `device`, raising `line`, with access to guest memory.
     pub fn new(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
-        interrupt: Interrupt,
+        line: Arc<dyn InterruptLine>,
     ) -> std::io::Result<Self> {
         let queues = device
             .queue_max_sizes()
@@ -117,7 +120,7 @@ impl MmioTransport {
             pending: None,
             activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             mem,
-            interrupt,
+            interrupt: Arc::new(LineInterrupt::new(line)),
             queue_evts,
             bad_config: vec![false; queues.len()],
             queues,
@@ -166,7 +169,7 @@ impl MmioTransport {
             return false;
         };
         let result =
-            self.with_device(|d| d.activate(self.mem.clone(), queues, self.interrupt.clone()));
+            self.with_device(|d| d.activate(self.mem.clone(), queues, self.device_interrupt()));
         match result {
             Ok(()) => {
                 self.activated = true;
@@ -187,8 +190,13 @@ impl MmioTransport {
     pub fn config_changed(&mut self) {
         self.config_generation = self.config_generation.wrapping_add(1);
         if self.status & status::DRIVER_OK != 0 {
-            self.interrupt.raise(INTERRUPT_CONFIG_CHANGE);
+            self.device_interrupt().signal_config();
         }
+    }
+
+    /// The handle a device raises this transport's interrupt with.
+    fn device_interrupt(&self) -> Interrupt {
+        Interrupt::new(self.interrupt.clone())
     }
 
     /// Whether the device runs: activated and not broken. A device that needs
@@ -238,7 +246,7 @@ impl MmioTransport {
         if self.status & status::DEVICE_NEEDS_RESET == 0 {
             self.status |= status::DEVICE_NEEDS_RESET;
             if self.status & status::DRIVER_OK != 0 {
-                self.interrupt.raise(INTERRUPT_CONFIG_CHANGE);
+                self.device_interrupt().signal_config();
             }
         }
     }
@@ -574,7 +582,11 @@ impl MmioTransport {
 
 impl Persist for MmioTransport {
     type State = MmioTransportState;
-    type Resources = (Box<dyn VirtioDevice>, GuestMemoryMmap, Interrupt);
+    type Resources = (
+        Box<dyn VirtioDevice>,
+        GuestMemoryMmap,
+        Arc<dyn InterruptLine>,
+    );
     type Error = RestoreError;
 
     fn save(&self) -> MmioTransportState {
@@ -608,10 +620,10 @@ impl Persist for MmioTransport {
     /// device is started again with its saved queues, here, before any vCPU
     /// runs; a device that needed a reset still needs one.
     fn restore(
-        (device, mem, interrupt): Self::Resources,
+        (device, mem, line): Self::Resources,
         state: &MmioTransportState,
     ) -> Result<Self, RestoreError> {
-        let mut t = MmioTransport::new(device, mem, interrupt)?;
+        let mut t = MmioTransport::new(device, mem, line)?;
         if state.device_type != t.device_type {
             return Err(RestoreError::DeviceType {
                 saved: state.device_type,
@@ -676,7 +688,7 @@ impl Persist for MmioTransport {
                 why: "not ready, or outside guest memory".into(),
             });
         }
-        let (mem, interrupt) = (t.mem.clone(), t.interrupt.clone());
+        let (mem, interrupt) = (t.mem.clone(), t.device_interrupt());
         t.with_device(|d| d.activate(mem, queues, interrupt))?;
         t.running.store(true, Ordering::SeqCst);
         Ok(t)
@@ -965,6 +977,7 @@ mod tests {
     use super::*;
     use crate::test_util::CountingIrq;
     use crate::virtio::block::Block;
+    use crate::virtio::INTERRUPT_CONFIG_CHANGE;
     use std::io::Write;
     use vm_memory::GuestAddress;
 
@@ -976,12 +989,7 @@ mod tests {
             .unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
         let dev = Block::open(&path, false, None).unwrap();
-        let t = MmioTransport::new(
-            Box::new(dev),
-            mem,
-            Interrupt::new(Arc::new(CountingIrq::default())),
-        )
-        .unwrap();
+        let t = MmioTransport::new(Box::new(dev), mem, Arc::new(CountingIrq::default())).unwrap();
         (t, path)
     }
 
@@ -1231,12 +1239,8 @@ mod tests {
             backend: std::fs::File::open("/dev/null").unwrap(),
         };
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
-        let mut t = MmioTransport::new(
-            Box::new(dev),
-            mem,
-            Interrupt::new(Arc::new(CountingIrq::default())),
-        )
-        .unwrap();
+        let mut t =
+            MmioTransport::new(Box::new(dev), mem, Arc::new(CountingIrq::default())).unwrap();
         negotiate(&mut t);
         setup_queue(&mut t, 16);
         w(&mut t, REG_STATUS, RUNNING);
@@ -1298,11 +1302,7 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
         let dev = Block::open(path, false, None).unwrap();
         MmioTransport::restore(
-            (
-                Box::new(dev),
-                mem,
-                Interrupt::new(Arc::new(CountingIrq::default())),
-            ),
+            (Box::new(dev), mem, Arc::new(CountingIrq::default())),
             saved,
         )
     }

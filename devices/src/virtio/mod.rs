@@ -56,29 +56,66 @@ pub fn interrupt_triggers() -> u64 {
     TRIGGERS.load(Ordering::Relaxed)
 }
 
-/// The device's interrupt: the status register the transport exposes plus the
-/// line that raises it in the guest.
+/// What an interrupt tells the driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterruptCause {
+    /// Queue `n` has new used buffers.
+    Queue(usize),
+    /// The device's configuration (or its status) changed.
+    Config,
+}
+
+/// How a transport delivers a device's interrupts to the guest: one line
+/// with a status register the driver reads (virtio-mmio, PCI INTx, see
+/// [`LineInterrupt`]), or a vector per queue and one for configuration
+/// changes (PCI MSI-X). Devices say which queue they used; the transport
+/// decides what the guest sees.
+pub trait VirtioInterrupt: Send + Sync {
+    /// Interrupts the driver for `cause`.
+    fn trigger(&self, cause: InterruptCause) -> std::io::Result<()>;
+}
+
+/// A device's handle on its interrupt, given at activation (cheap to clone).
 #[derive(Clone)]
-pub struct Interrupt {
-    status: Arc<AtomicU32>,
+pub struct Interrupt(Arc<dyn VirtioInterrupt>);
+
+impl Interrupt {
+    /// A handle on `transport`'s interrupt.
+    pub fn new(transport: Arc<dyn VirtioInterrupt>) -> Self {
+        Interrupt(transport)
+    }
+
+    /// Tells the driver that queue `index` has new used buffers.
+    pub fn signal_used(&self, index: usize) {
+        self.signal(InterruptCause::Queue(index));
+    }
+
+    /// Tells the driver that the device configuration changed.
+    pub fn signal_config(&self) {
+        self.signal(InterruptCause::Config);
+    }
+
+    fn signal(&self, cause: InterruptCause) {
+        TRIGGERS.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.0.trigger(cause) {
+            log::warn!("virtio: cannot raise the device interrupt ({cause:?}): {e}");
+        }
+    }
+}
+
+/// One interrupt line and the interrupt status register the driver reads
+/// and acknowledges: the virtio-mmio transport's interrupt.
+pub struct LineInterrupt {
+    status: AtomicU32,
     line: Arc<dyn InterruptLine>,
 }
 
-impl Interrupt {
-    /// An interrupt raising `line`.
+impl LineInterrupt {
+    /// An interrupt raising `line`, with nothing pending.
     pub fn new(line: Arc<dyn InterruptLine>) -> Self {
-        Interrupt {
-            status: Arc::new(AtomicU32::new(0)),
+        LineInterrupt {
+            status: AtomicU32::new(0),
             line,
-        }
-    }
-
-    /// Sets `bits` in the interrupt status and raises the line.
-    pub fn raise(&self, bits: u32) {
-        self.status.fetch_or(bits, Ordering::SeqCst);
-        TRIGGERS.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.line.trigger() {
-            log::warn!("virtio: cannot raise the device interrupt: {e}");
         }
     }
 
@@ -108,6 +145,17 @@ impl Interrupt {
     /// Clears the acknowledged `bits`.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+impl VirtioInterrupt for LineInterrupt {
+    fn trigger(&self, cause: InterruptCause) -> std::io::Result<()> {
+        let bit = match cause {
+            InterruptCause::Queue(_) => INTERRUPT_USED_BUFFER,
+            InterruptCause::Config => INTERRUPT_CONFIG_CHANGE,
+        };
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        self.line.trigger()
     }
 }
 
@@ -287,15 +335,20 @@ mod interrupt_tests {
     #[test]
     fn every_raise_and_retrigger_counts_in_the_process_wide_triggers() {
         let irq = Arc::new(CountingIrq::default());
-        let interrupt = Interrupt::new(irq.clone());
+        let line = Arc::new(LineInterrupt::new(irq.clone()));
+        let interrupt = Interrupt::new(line.clone());
         // Other tests raise interrupts too, at the same time: at least ours.
         let before = interrupt_triggers();
-        interrupt.raise(INTERRUPT_USED_BUFFER);
-        interrupt.retrigger();
-        interrupt.ack(INTERRUPT_USED_BUFFER);
+        interrupt.signal_used(1);
+        assert_eq!(line.status(), INTERRUPT_USED_BUFFER);
+        line.retrigger();
+        line.ack(INTERRUPT_USED_BUFFER);
         // Nothing pending: no retrigger, nothing counted by it.
-        interrupt.retrigger();
+        line.retrigger();
         assert_eq!(irq.count(), 2);
         assert!(interrupt_triggers() - before >= 2);
+        interrupt.signal_config();
+        assert_eq!(line.status(), INTERRUPT_CONFIG_CHANGE);
+        assert_eq!(irq.count(), 3);
     }
 }

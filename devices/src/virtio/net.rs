@@ -18,8 +18,8 @@ use crate::mmds::stack::MmdsStack;
 use crate::rate_limiter::{earliest, BucketConfig, RateLimiter};
 
 use super::{
-    ring, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    ring, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 /// Virtio device ID of a network device.
@@ -334,7 +334,7 @@ impl<B: NetBackend> Net<B> {
             }
         }
         if used > 0 && q.needs_notification(&*mem).unwrap_or(true) {
-            interrupt.raise(INTERRUPT_USED_BUFFER);
+            interrupt.signal_used(TX);
         }
         true
     }
@@ -450,7 +450,7 @@ impl<B: NetBackend> Net<B> {
             self.counters.rx_bytes += (n - NET_HDR_SIZE) as u64;
         }
         if q.next_used() != since && ring::needs_interrupt_since(q, mem, since) {
-            interrupt.raise(INTERRUPT_USED_BUFFER);
+            interrupt.signal_used(RX);
         }
         healthy
     }

@@ -11,9 +11,7 @@ use std::time::Instant;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::{
-    ring, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, VIRTIO_F_VERSION_1,
-};
+use super::{ring, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::rate_limiter::{BucketConfig, RateLimiter};
 
 /// Virtio device ID of an entropy source.
@@ -164,7 +162,7 @@ impl Rng {
             self.more = true;
         }
         if used > 0 {
-            interrupt.raise(INTERRUPT_USED_BUFFER);
+            interrupt.signal_used(0);
         }
         healthy
     }

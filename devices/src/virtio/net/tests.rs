@@ -8,6 +8,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
 use crate::test_util::CountingIrq;
+use crate::virtio::InterruptCause;
 
 const MEM_SIZE: usize = 0x100000;
 const QSIZE: u16 = 16;
@@ -214,7 +215,11 @@ fn guest_frame_reaches_the_backend_byte_exact() {
     assert_eq!(h.used(TX), [(0, 0)]);
     let c = h.dev.counters();
     assert_eq!((c.tx_packets, c.tx_bytes, c.tx_dropped), (1, 60, 0));
-    assert_eq!(h.irq.count(), 1);
+    assert_eq!(
+        h.irq.causes(),
+        [InterruptCause::Queue(TX)],
+        "the transmit queue's interrupt"
+    );
 }
 
 #[test]
@@ -236,6 +241,11 @@ fn backend_frame_fills_a_guest_receive_buffer() {
     assert_eq!(got[12..], f[12..]);
     let c = h.dev.counters();
     assert_eq!((c.rx_packets, c.rx_bytes), (1, 100));
+    assert_eq!(
+        h.irq.causes(),
+        [InterruptCause::Queue(RX)],
+        "the receive queue's interrupt"
+    );
 }
 
 #[test]

@@ -14,8 +14,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use super::{
-    ring, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_BUFFER, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_INDIRECT_DESC,
+    ring, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use muxer::Muxer;
 use packet::{Header, HDR_SIZE};
@@ -126,7 +125,7 @@ impl Vsock {
         if q.add_used(&*mem, head, written).is_err() {
             return false;
         }
-        interrupt.raise(INTERRUPT_USED_BUFFER);
+        interrupt.signal_used(EVT);
         self.evt_avail_at_reset = q
             .avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
             .map_or(0, |w| w.0);
@@ -179,7 +178,7 @@ impl Vsock {
         }
         self.tx_more = used >= ring::BUDGET;
         if used > 0 {
-            interrupt.raise(INTERRUPT_USED_BUFFER);
+            interrupt.signal_used(TX);
         }
         true
     }
@@ -233,7 +232,7 @@ impl Vsock {
             used += 1;
         }
         if used > 0 {
-            interrupt.raise(INTERRUPT_USED_BUFFER);
+            interrupt.signal_used(RX);
         }
         true
     }
