@@ -141,11 +141,11 @@ fn log_prefix() -> Line {
     line
 }
 
+/// `v` in decimal, zero-padded on the left to `width` digits.
 fn push_padded(line: &mut Line, v: u64, width: u32) {
-    let mut w = 1;
-    while w < width && v < 10u64.pow(w) {
+    let digits = v.checked_ilog10().map_or(1, |d| d + 1);
+    for _ in digits..width {
         line.push(b"0");
-        w += 1;
     }
     line.push_num(v);
 }
@@ -163,6 +163,24 @@ mod tests {
         assert_eq!(exit_code(libc::SIGHUP), Some(156));
         assert_eq!(exit_code(libc::SIGILL), Some(157));
         assert_eq!(exit_code(libc::SIGTERM), None);
+    }
+
+    #[test]
+    fn numbers_are_padded_to_their_width() {
+        // Seen in CI: a nanosecond count below 10^8 came out with 8 digits.
+        for (v, width, want) in [
+            (84_359_958u64, 9, "084359958"),
+            (5, 2, "05"),
+            (0, 9, "000000000"),
+            (59, 2, "59"),
+            (2026, 4, "2026"),
+            (123_456_789, 9, "123456789"),
+            (7, 1, "7"),
+        ] {
+            let mut line = Line::new();
+            push_padded(&mut line, v, width);
+            assert_eq!(std::str::from_utf8(line.bytes()).unwrap(), want);
+        }
     }
 
     #[test]
