@@ -302,6 +302,7 @@ pub fn describe(path: &Path) -> Result<String, Error> {
     for v in &state.virtio {
         let t = &v.transport;
         let queues = t
+            .core
             .queues
             .iter()
             .map(|q| format!("size {} next {}/{}", q.size, q.next_avail, q.next_used))
@@ -355,8 +356,8 @@ pub fn describe(path: &Path) -> Result<String, Error> {
             "{what}; at {:#x} IRQ {}, status {:#x}, {}; queues: {queues}\n",
             v.mmio_base,
             v.irq,
-            t.status,
-            if t.activated {
+            t.core.status,
+            if t.core.activated {
                 "started"
             } else {
                 "not started"
@@ -519,6 +520,7 @@ pub fn map_memory(path: &Path, regions: &[MemoryRegionState]) -> Result<GuestMem
 #[cfg(test)]
 mod tests {
     use super::*;
+    use devices::virtio::transport::CoreState;
     use vm_memory::Bytes;
 
     /// A state with every part present (default KVM structures).
@@ -587,17 +589,19 @@ mod tests {
                 mmio_base: 0xd000_0000,
                 irq: 5,
                 transport: MmioTransportState {
-                    device_type: 2,
-                    status: 15,
-                    device_features_sel: 1,
-                    driver_features_sel: 1,
-                    driver_features: 1 << 32,
-                    queue_sel: 0,
-                    config_generation: 0,
+                    core: CoreState {
+                        device_type: 2,
+                        status: 15,
+                        device_features_sel: 1,
+                        driver_features_sel: 1,
+                        driver_features: 1 << 32,
+                        queue_sel: 0,
+                        config_generation: 0,
+                        activated: true,
+                        queues: vec![queue],
+                        bad_config: vec![false],
+                    },
                     interrupt_status: 1,
-                    activated: true,
-                    queues: vec![queue],
-                    bad_config: vec![false],
                 },
                 device: VirtioDeviceState::Block(BlockState {
                     path: "/r.img".into(),

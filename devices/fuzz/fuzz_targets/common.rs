@@ -31,6 +31,11 @@ impl InterruptLine for NoIrq {
         Ok(())
     }
 }
+impl devices::virtio::VirtioInterrupt for NoIrq {
+    fn trigger(&self, _: devices::virtio::InterruptCause) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// A ready queue of `size` entries: descriptor table at `base`, available ring
 /// at `base + 0x1000`, used ring at `base + 0x2000`.

@@ -11,14 +11,14 @@ use common::NoIrq;
 use devices::bus::BusDevice;
 use devices::virtio::block::Block;
 use devices::virtio::mmio::MmioTransport;
-use devices::virtio::Interrupt;
+use devices::virtio::transport::VirtioTransport;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
     let dev = Block::open(common::image("mmio", 0, 16), true, None).unwrap();
-    let mut t = MmioTransport::new(Box::new(dev), mem, Interrupt::new(Arc::new(NoIrq))).unwrap();
+    let mut t = MmioTransport::new(Box::new(dev), mem, Arc::new(NoIrq)).unwrap();
     // Each operation: 1 byte kind/width, 2 bytes offset, 4 bytes value.
     for op in data.chunks_exact(7) {
         let offset = u64::from(u16::from_le_bytes([op[1], op[2]])) % 0x1000;
@@ -33,8 +33,8 @@ fuzz_target!(|data: &[u8]| {
             2 => {
                 // What the event loop does: activate a device DRIVER_OK left
                 // waiting, then serve the notified queue.
-                t.complete_activation();
-                let _ = t.notify_queue(usize::from(op[1]));
+                t.core_mut().complete_activation();
+                let _ = t.core_mut().notify_queue(usize::from(op[1]));
             }
             _ => t.write(0x070, &u32::from(op[3]).to_le_bytes()),
         }

@@ -15,7 +15,7 @@ use devices::bus::BusDevice;
 use devices::persist::Persist;
 use devices::virtio::block::Block;
 use devices::virtio::mmio::{MmioTransport, MmioTransportState};
-use devices::virtio::Interrupt;
+use devices::virtio::transport::VirtioTransport;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
     let dev = Block::open(common::image("restore", 0, 16), true, None).unwrap();
     let Ok(mut t) = MmioTransport::restore(
-        (Box::new(dev), mem, Interrupt::new(Arc::new(NoIrq))),
+        (Box::new(dev), mem, Arc::new(NoIrq)),
         &state,
     ) else {
         return;
@@ -47,8 +47,8 @@ fuzz_target!(|data: &[u8]| {
                 t.read(offset, &mut buf);
             }
             _ => {
-                t.complete_activation();
-                let _ = t.notify_queue(usize::from(op[1]));
+                t.core_mut().complete_activation();
+                let _ = t.core_mut().notify_queue(usize::from(op[1]));
             }
         }
     }

@@ -1,4 +1,4 @@
-//! Virtio devices (virtio 1.2) and their MMIO transport.
+//! Virtio devices (virtio 1.2), what their transports share, and the MMIO transport.
 
 pub mod balloon;
 pub mod block;
@@ -7,6 +7,7 @@ pub mod net;
 pub mod ring;
 pub mod rng;
 pub mod tap;
+pub mod transport;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
