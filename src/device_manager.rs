@@ -127,7 +127,7 @@ impl DeviceManager {
         serial_out: Box<dyn Write + Send>,
         saved: Option<(&SerialDeviceState, &I8042State)>,
     ) -> Result<Self, Error> {
-        let mut pio = Bus::new();
+        let pio = Bus::new();
         let serial_irq = irq_line(vm, SERIAL_IRQ)?;
         let kbd_irq = irq_line(vm, I8042_KBD_IRQ)?;
         let (serial, i8042) = match saved {

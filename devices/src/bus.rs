@@ -1,7 +1,7 @@
 //! An address bus (port I/O or MMIO) that routes accesses to devices by range.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A device that answers register accesses. `offset` is relative to the start of the
 /// range the device was inserted at; `data.len()` is the access width (1, 2, 4 or 8).
@@ -32,11 +32,13 @@ struct Range {
 /// A shared device on a bus.
 pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
-/// Maps non-overlapping address ranges to devices. Cloning is cheap and every vCPU
-/// thread holds its own clone.
+/// Maps non-overlapping address ranges to devices. Cloning is cheap and
+/// every vCPU thread holds its own clone; all clones share one map, so a
+/// device inserted or removed while the vCPUs run (hotplug) is seen by every
+/// one of them from its next access.
 #[derive(Clone, Default)]
 pub struct Bus {
-    devices: BTreeMap<Range, SharedDevice>,
+    devices: Arc<RwLock<BTreeMap<Range, SharedDevice>>>,
 }
 
 impl Bus {
@@ -45,26 +47,41 @@ impl Bus {
         Self::default()
     }
 
+    fn map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<Range, SharedDevice>> {
+        // The map is only changed whole (one insert or remove under the
+        // lock): a poisoned lock still holds a consistent map.
+        self.devices.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Places `device` at `base..base+len`.
-    pub fn insert(&mut self, device: SharedDevice, base: u64, len: u64) -> Result<(), Error> {
+    pub fn insert(&self, device: SharedDevice, base: u64, len: u64) -> Result<(), Error> {
         if len == 0 || base.checked_add(len - 1).is_none() {
             return Err(Error::InvalidRange { base, len });
         }
         let last = base + (len - 1);
-        let overlaps = self
-            .devices
+        let mut devices = self.devices.write().unwrap_or_else(|e| e.into_inner());
+        let overlaps = devices
             .keys()
             .any(|r| base <= r.base + (r.len - 1) && r.base <= last);
         if overlaps {
             return Err(Error::Overlap { base, len });
         }
-        self.devices.insert(Range { base, len }, device);
+        devices.insert(Range { base, len }, device);
         Ok(())
     }
 
-    fn find(&self, addr: u64, size: usize) -> Option<(u64, &SharedDevice)> {
-        let (range, dev) = self
-            .devices
+    /// Takes the device placed at exactly `base` off the bus.
+    pub fn remove(&self, base: u64) -> Option<SharedDevice> {
+        let mut devices = self.devices.write().unwrap_or_else(|e| e.into_inner());
+        let range = *devices.keys().find(|r| r.base == base)?;
+        devices.remove(&range)
+    }
+
+    /// The device covering `addr..addr+size` and the offset of `addr` in it.
+    /// The bus lock is released before the device is used.
+    fn find(&self, addr: u64, size: usize) -> Option<(u64, SharedDevice)> {
+        let map = self.map();
+        let (range, dev) = map
             .range(
                 ..=Range {
                     base: addr,
@@ -75,7 +92,7 @@ impl Bus {
         let offset = addr - range.base;
         // The whole access must fall inside the device's range.
         let end = offset.checked_add(size as u64)?;
-        (end <= range.len).then_some((offset, dev))
+        (end <= range.len).then(|| (offset, dev.clone()))
     }
 
     /// Routes a read to the device at `addr`. Returns false, leaving `data` as it was,
@@ -127,7 +144,7 @@ mod tests {
 
     #[test]
     fn routes_by_offset_inside_range() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         let dev = Arc::new(Mutex::new(Echo::default()));
         bus.insert(dev.clone(), 0x3f8, 8).unwrap();
         let mut b = [0u8; 1];
@@ -139,7 +156,7 @@ mod tests {
 
     #[test]
     fn access_outside_or_straddling_range_is_unhandled() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(Arc::new(Mutex::new(Echo::default())), 0x100, 4)
             .unwrap();
         let mut b = [0xaau8; 2];
@@ -152,7 +169,7 @@ mod tests {
 
     #[test]
     fn overlapping_and_empty_ranges_are_rejected() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(Arc::new(Mutex::new(Echo::default())), 0x100, 0x10)
             .unwrap();
         let d = || Arc::new(Mutex::new(Echo::default()));
@@ -174,5 +191,24 @@ mod tests {
         ));
         bus.insert(d(), 0x110, 1).unwrap();
         bus.insert(d(), u64::MAX, 1).unwrap();
+    }
+
+    #[test]
+    fn every_clone_sees_a_device_inserted_or_removed_later() {
+        let bus = Bus::new();
+        // A vCPU's clone, taken before the device exists (hotplug).
+        let vcpu = bus.clone();
+        let mut b = [0u8; 1];
+        assert!(!vcpu.read(0x1003, &mut b));
+        let dev = Arc::new(Mutex::new(Echo::default()));
+        bus.insert(dev.clone(), 0x1000, 0x10).unwrap();
+        assert!(vcpu.read(0x1003, &mut b));
+        assert_eq!(b[0], 3);
+        assert!(vcpu.write(0x1001, &[9]));
+        assert_eq!(dev.lock().unwrap().last_write, Some((1, vec![9])));
+        assert!(bus.remove(0x1001).is_none(), "only the exact base removes");
+        assert!(bus.remove(0x1000).is_some());
+        assert!(!vcpu.read(0x1003, &mut b), "gone for every clone");
+        assert!(bus.remove(0x1000).is_none());
     }
 }
