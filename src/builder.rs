@@ -95,7 +95,7 @@ impl Error {
                 | Error::Vm(vm::Error::TooManyCpus { .. })
                 | Error::Vm(vm::Error::NoRealtimeClock)
                 | Error::Devices(
-                    device_manager::Error::Restore { .. } | device_manager::Error::Layout { .. }
+                    device_manager::Error::Restore { .. } | device_manager::Error::Placement { .. }
                 )
         )
     }

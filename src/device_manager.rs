@@ -24,9 +24,9 @@ use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::allocator::{Placement, ResourceAllocator};
 use crate::arch::x86_64::acpi::VirtioMmioDeviceInfo;
 use crate::arch::x86_64::layout::*;
-use crate::config::MAX_VIRTIO_DEVICES;
 use crate::exit::ExitSignal;
 use crate::snapshot::{VirtioDeviceState, VirtioEntryState};
 use crate::vstate::vm;
@@ -43,24 +43,18 @@ pub enum Error {
     /// KVM refused an interrupt line.
     #[error(transparent)]
     Vm(#[from] vm::Error),
-    /// No MMIO window or interrupt line is left.
-    #[error("No room for virtio device '{0}': at most {MAX_VIRTIO_DEVICES} virtio devices fit.")]
-    Full(String),
+    /// No MMIO window or interrupt line is left, or the one a snapshot names is taken.
+    #[error("Cannot place virtio device '{id}': {err}")]
+    Placement {
+        id: String,
+        err: crate::allocator::Error,
+    },
     /// A virtio device cannot be set up.
     #[error("Cannot set up virtio device '{id}': {err}.")]
     Virtio { id: String, err: std::io::Error },
     /// A saved transport cannot be restored.
     #[error("Cannot restore virtio device '{id}': {err}")]
     Restore { id: String, err: RestoreError },
-    /// A saved device is not where the snapshot says it was.
-    #[error("Virtio device '{id}' was saved at {saved:#x} IRQ {saved_irq}, and would be placed at {base:#x} IRQ {irq}; the snapshot does not match this VMM's device layout.")]
-    Layout {
-        id: String,
-        saved: u64,
-        saved_irq: u32,
-        base: u64,
-        irq: u32,
-    },
     /// A queue notification cannot be connected to KVM.
     #[error("KVM could not connect a queue notification of virtio device '{id}': {err}.")]
     IoEvent { id: String, err: kvm_ioctls::Error },
@@ -107,6 +101,8 @@ pub struct DeviceManager {
     pub i8042: Arc<Mutex<I8042>>,
     /// The virtio devices, in attachment order.
     pub virtio: Vec<VirtioEntry>,
+    /// Free register pages and interrupt lines.
+    allocator: ResourceAllocator,
 }
 
 impl DeviceManager {
@@ -159,6 +155,7 @@ impl DeviceManager {
             serial,
             i8042,
             virtio: Vec::new(),
+            allocator: ResourceAllocator::new(),
         })
     }
 
@@ -175,23 +172,37 @@ impl DeviceManager {
         device: Box<dyn VirtioDevice>,
         saved: Option<(&MmioTransportState, u64, u32)>,
     ) -> Result<(), Error> {
-        let index = self.virtio.len();
-        if index >= MAX_VIRTIO_DEVICES {
-            return Err(Error::Full(id));
-        }
-        let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
-        let irq = VIRTIO_IRQ_START + index as u32;
-        if let Some((_, saved_base, saved_irq)) = saved {
-            if (saved_base, saved_irq) != (base, irq) {
-                return Err(Error::Layout {
-                    id,
-                    saved: saved_base,
-                    saved_irq,
-                    base,
-                    irq,
-                });
+        let placement = match saved {
+            Some((_, base, irq)) => {
+                let want = Placement { base, irq };
+                self.allocator.claim(want).map_err(|err| Error::Placement {
+                    id: id.clone(),
+                    err,
+                })?;
+                want
             }
+            None => self.allocator.place().map_err(|err| Error::Placement {
+                id: id.clone(),
+                err,
+            })?,
+        };
+        let attached = self.place_virtio(vm, mem, (id, kind, label), device, saved, placement);
+        if attached.is_err() {
+            self.allocator.release(placement);
         }
+        attached
+    }
+
+    /// The rest of [`Self::attach_virtio`], at `placement`.
+    fn place_virtio(
+        &mut self,
+        vm: &vm::Vm,
+        mem: &GuestMemoryMmap,
+        (id, kind, label): (String, VirtioKind, String),
+        device: Box<dyn VirtioDevice>,
+        saved: Option<(&MmioTransportState, u64, u32)>,
+        Placement { base, irq }: Placement,
+    ) -> Result<(), Error> {
         let virtio_err = |err| Error::Virtio {
             id: id.clone(),
             err,

@@ -18,6 +18,7 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod allocator;
 pub mod api;
 pub mod arch;
 pub mod builder;

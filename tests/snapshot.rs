@@ -570,3 +570,38 @@ fn a_snapshot_needing_what_this_host_lacks_is_refused_naming_it() {
         assert!(out.stdout.is_empty(), "{}", out.stdout);
     }
 }
+
+/// A virtio device is restored exactly where its snapshot placed it: a
+/// snapshot whose device sits outside this VMM's window, or whose two
+/// devices claim one interrupt line, is refused in one answer naming the
+/// device, and nothing starts.
+#[test]
+fn a_snapshot_placing_a_device_where_this_vmm_cannot_is_refused() {
+    use vmm::snapshot::{format, MicrovmState};
+    let img = tmp_path("blk-place.img");
+    std::fs::write(&img, seq_image_bytes()).unwrap();
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let (snap, mem, _) = seq_snapshot("blk-place", root, &img.display().to_string());
+    let read = || -> MicrovmState { format::read(&snap).unwrap().1 };
+    assert_eq!(read().virtio.len(), 1);
+    let mut outside = read();
+    outside.virtio[0].mmio_base = 0xc000_0000;
+    let mut bad_line = read();
+    bad_line.virtio[0].irq = 40;
+    for (name, state, want) in [
+        ("outside", outside, "virtio-mmio page 0xc0000000"),
+        ("line", bad_line, "interrupt line 0x28"),
+    ] {
+        let file = tmp_path(&format!("blk-place-{name}.snap"));
+        format::write(&file, &state).unwrap();
+        let (vm, sock) = api_vmm(&format!("blk-place-{name}"));
+        let msg = fault(load_snapshot(&sock, &file, &mem, true));
+        assert!(
+            msg.contains("Cannot place virtio device 'data'") && msg.contains(want),
+            "{msg}"
+        );
+        let out = vm.finish(TIMEOUT);
+        assert_eq!(out.code, Some(1), "{}", out.stderr);
+        assert!(out.stdout.is_empty(), "{}", out.stdout);
+    }
+}
