@@ -84,7 +84,7 @@ impl MmioTransport {
     }
 
     /// The eventfds signalled by queue notifications, one per queue.
-    pub fn queue_evts(&self) -> &[vmm_sys_util::eventfd::EventFd] {
+    pub fn queue_evts(&self) -> &[Arc<vmm_sys_util::eventfd::EventFd>] {
         self.core.queue_evts()
     }
 
@@ -293,9 +293,10 @@ mod tests {
     use super::*;
     use crate::test_util::CountingIrq;
     use crate::virtio::block::Block;
-    use crate::virtio::Interrupt;
     use crate::virtio::INTERRUPT_CONFIG_CHANGE;
+    use crate::virtio::{Interrupt, InterruptCause};
     use std::io::Write;
+    use std::sync::Mutex;
     use virtio_queue::Queue;
     use vm_memory::GuestAddress;
 
@@ -498,10 +499,12 @@ mod tests {
     }
 
     /// A device whose queue processing always fails, with a backend descriptor
-    /// it always wants watched; counts the calls it gets.
+    /// it always wants watched; counts the calls it gets, and keeps what its
+    /// activation handed it (as a device served elsewhere, vhost-user, would).
     struct Failing {
         calls: Arc<std::sync::atomic::AtomicUsize>,
         backend: std::fs::File,
+        activation: Arc<Mutex<Option<crate::virtio::Activation>>>,
     }
     impl VirtioDevice for Failing {
         fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
@@ -525,6 +528,13 @@ mod tests {
             _: Vec<Queue>,
             _: Interrupt,
         ) -> Result<(), super::super::ActivateError> {
+            unreachable!("the transport starts a device through activate_with")
+        }
+        fn activate_with(
+            &mut self,
+            a: crate::virtio::Activation,
+        ) -> Result<(), super::super::ActivateError> {
+            *self.activation.lock().unwrap() = Some(a);
             Ok(())
         }
         fn process_queue(&mut self, _: usize) -> bool {
@@ -547,6 +557,18 @@ mod tests {
         }
     }
 
+    /// A transport for `dev` whose driver started it with one queue.
+    fn started(dev: Failing) -> MmioTransport {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+        let mut t =
+            MmioTransport::new(Box::new(dev), mem, Arc::new(CountingIrq::default())).unwrap();
+        negotiate(&mut t);
+        setup_queue(&mut t, 16);
+        w(&mut t, REG_STATUS, RUNNING);
+        assert!(t.core.complete_activation());
+        t
+    }
+
     #[test]
     fn a_broken_device_is_not_called_again_and_its_backend_not_watched() {
         // Found in review: a device that failed kept its (readable) backend in
@@ -555,14 +577,9 @@ mod tests {
         let dev = Failing {
             calls: calls.clone(),
             backend: std::fs::File::open("/dev/null").unwrap(),
+            activation: Arc::default(),
         };
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
-        let mut t =
-            MmioTransport::new(Box::new(dev), mem, Arc::new(CountingIrq::default())).unwrap();
-        negotiate(&mut t);
-        setup_queue(&mut t, 16);
-        w(&mut t, REG_STATUS, RUNNING);
-        assert!(t.core.complete_activation());
+        let mut t = started(dev);
         assert!(t.core.wants_backend_events());
         assert!(!t.core.notify_queue(0));
         assert_ne!(r(&mut t, REG_STATUS) & status::DEVICE_NEEDS_RESET, 0);
@@ -584,6 +601,23 @@ mod tests {
         );
         assert!(t.core.complete_activation());
         assert!(t.core.wants_backend_events());
+    }
+
+    #[test]
+    fn activation_hands_a_device_each_queue_s_notification_eventfd() {
+        let got = Arc::new(Mutex::new(None));
+        let mut t = started(Failing {
+            calls: Arc::default(),
+            backend: std::fs::File::open("/dev/null").unwrap(),
+            activation: got.clone(),
+        });
+        let a = got.lock().unwrap().take().expect("activated");
+        assert_eq!((a.queues.len(), a.queue_evts.len()), (1, 1));
+        // The driver's notification of queue 0 is what the device waits on.
+        w(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert_eq!(a.queue_evts[0].read().unwrap(), 1);
+        // virtio-mmio has no interrupt eventfd a backend could write alone.
+        assert!(a.interrupt.notifier(InterruptCause::Queue(0)).is_none());
     }
 
     #[test]

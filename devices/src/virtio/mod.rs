@@ -16,6 +16,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::InterruptLine;
 
@@ -74,6 +75,14 @@ pub enum InterruptCause {
 pub trait VirtioInterrupt: Send + Sync {
     /// Interrupts the driver for `cause`.
     fn trigger(&self, cause: InterruptCause) -> std::io::Result<()>;
+    /// An eventfd that interrupts the driver for `cause` when written, with
+    /// nothing else to do (an MSI-X vector's irqfd), for a backend in
+    /// another process (vhost-user) to raise it directly. None where the
+    /// transport must do more than raise a line (virtio-mmio's status
+    /// register): the VMM relays for such a backend.
+    fn notifier(&self, _cause: InterruptCause) -> Option<std::io::Result<EventFd>> {
+        None
+    }
 }
 
 /// A device's handle on its interrupt, given at activation (cheap to clone).
@@ -94,6 +103,11 @@ impl Interrupt {
     /// Tells the driver that the device configuration changed.
     pub fn signal_config(&self) {
         self.signal(InterruptCause::Config);
+    }
+
+    /// See [`VirtioInterrupt::notifier`].
+    pub fn notifier(&self, cause: InterruptCause) -> Option<std::io::Result<EventFd>> {
+        self.0.notifier(cause)
     }
 
     fn signal(&self, cause: InterruptCause) {
@@ -254,6 +268,20 @@ impl ActivateError {
     }
 }
 
+/// What a device is given when its driver starts it.
+pub struct Activation {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The queues the driver set up, checked by the transport.
+    pub queues: Vec<Queue>,
+    /// Per queue, the eventfd the driver's notifications signal (a KVM
+    /// ioeventfd, or the transport itself): what a backend in another
+    /// process (vhost-user) waits on.
+    pub queue_evts: Vec<Arc<EventFd>>,
+    /// The device's interrupt.
+    pub interrupt: Interrupt,
+}
+
 /// A virtio device behind a transport.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (2 = block, 1 = net).
@@ -275,6 +303,13 @@ pub trait VirtioDevice: Send {
         queues: Vec<Queue>,
         interrupt: Interrupt,
     ) -> Result<(), ActivateError>;
+    /// What the transport calls at the start: devices served in this
+    /// process take their queues through [`VirtioDevice::activate`] (their
+    /// notifications come through [`VirtioDevice::process_queue`]); a device
+    /// served by another process overrides this to hand it the eventfds.
+    fn activate_with(&mut self, a: Activation) -> Result<(), ActivateError> {
+        self.activate(a.mem, a.queues, a.interrupt)
+    }
     /// Processes the requests the driver made available on queue `index`.
     /// Returns false if the device found the queue unusable and needs a reset.
     fn process_queue(&mut self, index: usize) -> bool;

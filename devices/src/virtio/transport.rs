@@ -52,7 +52,7 @@ pub struct VirtioCore {
     pub(crate) interrupt: Arc<dyn VirtioInterrupt>,
     /// Signalled when the guest notifies a queue without an ioeventfd in
     /// between (the VMM registers ioeventfds for the same effect).
-    pub(crate) queue_evts: Vec<EventFd>,
+    pub(crate) queue_evts: Vec<Arc<EventFd>>,
     pub(crate) queues: Vec<Queue>,
     /// Queues given a size (zero, too big, not a power of two) or a ring address
     /// (misaligned) that the Queue rejected: it keeps the old value, so the
@@ -81,7 +81,7 @@ impl VirtioCore {
             .collect::<std::io::Result<Vec<_>>>()?;
         let queue_evts = queues
             .iter()
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map(Arc::new))
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(VirtioCore {
             device_type: device.device_type(),
@@ -106,7 +106,7 @@ impl VirtioCore {
     }
 
     /// The eventfds signalled by queue notifications, one per queue.
-    pub fn queue_evts(&self) -> &[EventFd] {
+    pub fn queue_evts(&self) -> &[Arc<EventFd>] {
         &self.queue_evts
     }
 
@@ -139,8 +139,8 @@ impl VirtioCore {
         let Some(queues) = self.pending.take() else {
             return false;
         };
-        let result =
-            self.with_device(|d| d.activate(self.mem.clone(), queues, self.device_interrupt()));
+        let activation = self.activation(queues);
+        let result = self.with_device(|d| d.activate_with(activation));
         match result {
             Ok(()) => {
                 self.activated = true;
@@ -162,6 +162,19 @@ impl VirtioCore {
         self.config_generation = self.config_generation.wrapping_add(1);
         if self.status & status::DRIVER_OK != 0 {
             self.device_interrupt().signal_config();
+        }
+    }
+
+    /// What the device is started with: `queues`, guest memory, a copy of
+    /// each queue's notification eventfd, the interrupt.
+    fn activation(&self, queues: Vec<Queue>) -> super::Activation {
+        super::Activation {
+            mem: self.mem.clone(),
+            queues,
+            // Shared, not duplicated: activation runs under the seccomp
+            // filter, which allows no new descriptors.
+            queue_evts: self.queue_evts.clone(),
+            interrupt: self.device_interrupt(),
         }
     }
 
@@ -500,8 +513,8 @@ impl VirtioCore {
                 why: "not ready, or outside guest memory".into(),
             });
         }
-        let (mem, interrupt) = (t.mem.clone(), t.device_interrupt());
-        t.with_device(|d| d.activate(mem, queues, interrupt))?;
+        let activation = t.activation(queues);
+        t.with_device(|d| d.activate_with(activation))?;
         t.running.store(true, Ordering::SeqCst);
         Ok(t)
     }
@@ -647,7 +660,7 @@ impl QueueEvents {
         let evts = t
             .queue_evts()
             .iter()
-            .map(EventFd::try_clone)
+            .map(|e| e.try_clone())
             .collect::<std::io::Result<Vec<_>>>()?;
         let activate_evt = t.activate_evt.try_clone()?;
         let backend = t.backend_fd();
