@@ -6,21 +6,16 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
-use devices::mmds::stack::MmdsStack;
 use devices::mmds::{Mmds, SharedMmds};
-use devices::virtio::block::Block;
-use devices::virtio::net::Net;
-use devices::virtio::tap::Tap;
 use devices::virtio::vsock::muxer::Muxer;
-use devices::virtio::vsock::Vsock;
-use devices::virtio::VirtioDevice;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::x86_64::layout::*;
 use crate::arch::x86_64::regs::EntryProtocol;
 use crate::arch::x86_64::{acpi, bootparams, gdt, mptable, paging};
 use crate::config::{BootSource, VmConfig};
-use crate::device_manager::{self, DeviceManager, VirtioKind};
+use crate::device_kinds;
+use crate::device_manager::{self, DeviceManager};
 use crate::exit::ExitSignal;
 use crate::loader::{self, LoadedKernel};
 use crate::snapshot::{self, MicrovmState};
@@ -66,31 +61,25 @@ pub enum Error {
     /// The GDT cannot be written.
     #[error("Cannot write the boot GDT into guest memory.")]
     Gdt,
-    /// A disk image cannot be used.
+    /// A device's host side cannot be opened.
     #[error(transparent)]
-    Disk(#[from] devices::virtio::block::Error),
+    Device(#[from] device_kinds::Error),
     /// A snapshot cannot be restored.
     #[error(transparent)]
     Snapshot(#[from] snapshot::Error),
-    /// A TAP device cannot be used.
-    #[error(transparent)]
-    Tap(#[from] devices::virtio::tap::Error),
-    /// The vsock socket cannot be set up.
-    #[error(transparent)]
-    Vsock(#[from] devices::virtio::vsock::muxer::Error),
 }
 
 impl Error {
     /// Whether the error is in what the user gave (as opposed to a host or VMM failure).
     pub fn is_usage_error(&self) -> bool {
+        if let Error::Device(e) = self {
+            return e.is_usage_error();
+        }
         matches!(
             self,
             Error::Config(_)
                 | Error::Loader(_)
                 | Error::Memory(_)
-                | Error::Disk(_)
-                | Error::Tap(_)
-                | Error::Vsock(devices::virtio::vsock::muxer::Error::Bind { .. })
                 | Error::Snapshot(_)
                 | Error::Vm(vm::Error::TooManyCpus { .. })
                 | Error::Vm(vm::Error::NoRealtimeClock)
@@ -168,7 +157,12 @@ pub fn build_with(
     vm.setup_irqchip()?;
 
     let mut devices = DeviceManager::new(&vm, exit.clone(), serial_out)?;
-    for (names, device) in open_devices(config, vsock, mmds)? {
+    let mut opening = device_kinds::Opening {
+        config,
+        mmds,
+        vsock,
+    };
+    for (names, device) in device_kinds::open_all(&mut opening)? {
         devices.attach_virtio(&vm, &mem, names, device, None)?;
     }
     let virtio_info = devices.virtio_info();
@@ -207,7 +201,7 @@ pub fn build_from_snapshot(
     // the same checks as one given over the API.
     state.config.validate()?;
     state.check()?;
-    let reopened = reopen_devices(state, mmds)?;
+    let reopened = device_kinds::reopen_all(&device_kinds::Reopening { state, mmds })?;
     let cpus = state.vcpus.len() as u32;
     let vm = vm::Vm::new()?;
     vm.check_vcpu_count(cpus)?;
@@ -294,239 +288,8 @@ fn check_host_supports(vm: &vm::Vm, state: &MicrovmState, probe: &Vcpu) -> Resul
     Ok(())
 }
 
-/// A virtio device with its ID, kind and log label.
-type NamedDevice = ((String, VirtioKind, String), Box<dyn VirtioDevice>);
-
-/// Reopens the host side of every saved virtio device: its disk image (by
-/// path, locked as at boot: a writable image another VM holds is refused) or
-/// its TAP (by the configured name, after `network_overrides`). Each comes
-/// with whether a disk's size changed since the snapshot.
-fn reopen_devices(
-    state: &MicrovmState,
-    mmds: &SharedMmds,
-) -> Result<Vec<(NamedDevice, bool)>, Error> {
-    use devices::persist::Persist;
-    use snapshot::VirtioDeviceState;
-    let mut out: Vec<(NamedDevice, bool)> = Vec::new();
-    for v in &state.virtio {
-        match &v.device {
-            VirtioDeviceState::Block(b) => {
-                let mut block = Block::restore((), b)?;
-                if let Some(d) = state.config.drives.iter().find(|d| d.drive_id == v.id) {
-                    limit_block(&mut block, d);
-                }
-                let resized = block.capacity() != b.capacity;
-                let label = format!("disk {} ({})", v.id, b.path.display());
-                out.push((
-                    ((v.id.clone(), VirtioKind::Block, label), Box::new(block)),
-                    resized,
-                ));
-            }
-            VirtioDeviceState::Net(n) => {
-                // check() matched every saved device with a configured one.
-                let Some(iface) = state
-                    .config
-                    .network_interfaces
-                    .iter()
-                    .find(|i| i.iface_id == v.id)
-                else {
-                    return Err(Error::Snapshot(snapshot::Error::State(format!(
-                        "The snapshot has no configuration for network interface '{}'.",
-                        v.id
-                    ))));
-                };
-                let Ok(mut net) = Net::restore(Tap::open(&iface.host_dev_name)?, n);
-                limit_net(&mut net, iface);
-                attach_mmds(&mut net, &state.config, &v.id, mmds);
-                let label = format!("net {} ({})", v.id, iface.host_dev_name);
-                out.push((
-                    ((v.id.clone(), VirtioKind::Net, label), Box::new(net)),
-                    false,
-                ));
-            }
-            VirtioDeviceState::Balloon(b) => {
-                let balloon = devices::virtio::balloon::Balloon::restore(b);
-                out.push((
-                    (
-                        (v.id.clone(), VirtioKind::Balloon, "balloon".to_string()),
-                        Box::new(balloon),
-                    ),
-                    false,
-                ));
-            }
-            VirtioDeviceState::Entropy => {
-                let Some(e) = &state.config.entropy else {
-                    return Err(Error::Snapshot(snapshot::Error::State(
-                        "The snapshot has no configuration for its entropy device.".into(),
-                    )));
-                };
-                out.push((
-                    (
-                        (v.id.clone(), VirtioKind::Entropy, "entropy".to_string()),
-                        Box::new(entropy_device(e)),
-                    ),
-                    false,
-                ));
-            }
-            VirtioDeviceState::Vsock(vs) => {
-                let Some(cfg) = &state.config.vsock else {
-                    return Err(Error::Snapshot(snapshot::Error::State(
-                        "The snapshot has no configuration for its vsock device.".into(),
-                    )));
-                };
-                let muxer = Muxer::new(vs.guest_cid, &cfg.uds_path)?;
-                let Ok(vsock) = Vsock::restore(muxer, vs);
-                out.push((
-                    (
-                        (v.id.clone(), VirtioKind::Vsock, vsock_label(cfg)),
-                        Box::new(vsock),
-                    ),
-                    false,
-                ));
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Opens (and locks) every disk image and attaches every TAP device before
-/// anything is placed, so bad input fails the start without side effects. Disks
-/// come first, the root device before the others (vda, vdb, ...), then network
-/// interfaces (eth0, ...).
-fn open_devices(
-    config: &VmConfig,
-    bound: Option<Muxer>,
-    mmds: &SharedMmds,
-) -> Result<Vec<NamedDevice>, Error> {
-    let mut devices: Vec<NamedDevice> = Vec::new();
-    for d in config.ordered_drives() {
-        log_not_enforced(&d.drive_id, d);
-        let mut block = Block::open(&d.path_on_host, d.is_read_only, Some(d.effective_serial()))?;
-        limit_block(&mut block, d);
-        let label = format!("disk {} ({})", d.drive_id, d.path_on_host.display());
-        devices.push((
-            (d.drive_id.clone(), VirtioKind::Block, label),
-            Box::new(block),
-        ));
-    }
-    for n in &config.network_interfaces {
-        let mut net =
-            Net::new(Tap::open(&n.host_dev_name)?, n.mac()?.0).with_mrg_rxbuf(n.mrg_rxbuf);
-        if let Some(mtu) = n.mtu {
-            // Validated: 68..=65535.
-            net = net.with_mtu(mtu as u16);
-        }
-        limit_net(&mut net, n);
-        attach_mmds(&mut net, config, &n.iface_id, mmds);
-        let label = format!("net {} ({})", n.iface_id, n.host_dev_name);
-        devices.push(((n.iface_id.clone(), VirtioKind::Net, label), Box::new(net)));
-    }
-    if let Some(v) = &config.vsock {
-        let cid = u64::from(v.guest_cid);
-        let muxer = match bound {
-            Some(m) if m.bound_to() == (cid, v.uds_path.as_path()) => m,
-            _ => Muxer::new(cid, &v.uds_path)?,
-        };
-        devices.push((
-            (
-                snapshot::VSOCK_ID.to_string(),
-                VirtioKind::Vsock,
-                vsock_label(v),
-            ),
-            Box::new(Vsock::new(muxer)),
-        ));
-    }
-    if let Some(e) = &config.entropy {
-        devices.push((
-            (
-                snapshot::ENTROPY_ID.to_string(),
-                VirtioKind::Entropy,
-                "entropy".to_string(),
-            ),
-            Box::new(entropy_device(e)),
-        ));
-    }
-    if let Some(b) = &config.balloon {
-        let balloon = devices::virtio::balloon::Balloon::new(
-            b.amount_mib.saturating_mul(MIB_PAGES),
-            b.deflate_on_oom,
-            b.stats_polling_interval_s,
-        );
-        devices.push((
-            (
-                snapshot::BALLOON_ID.to_string(),
-                VirtioKind::Balloon,
-                "balloon".to_string(),
-            ),
-            Box::new(balloon),
-        ));
-    }
-    Ok(devices)
-}
-
-/// How the log names the vsock device.
-fn vsock_label(v: &crate::config::VsockConfig) -> String {
-    format!("vsock cid {} ({})", v.guest_cid, v.uds_path.display())
-}
-
 /// Balloon pages (4 KiB) in a MiB.
-pub const MIB_PAGES: u32 = 256;
-
-/// The entropy device as configured.
-fn entropy_device(e: &crate::config::EntropyConfig) -> devices::virtio::rng::Rng {
-    let (bandwidth, ops) = e
-        .rate_limiter
-        .as_ref()
-        .map(|l| l.buckets())
-        .unwrap_or_default();
-    devices::virtio::rng::Rng::new().with_rate_limiter(bandwidth, ops)
-}
-
-/// Applies a drive's configured rate limiter to its device.
-fn limit_block(block: &mut Block, d: &crate::config::Drive) {
-    if let Some(l) = &d.rate_limiter {
-        let (bandwidth, ops) = l.buckets();
-        block.update_rate_limiter(bandwidth, ops);
-    }
-}
-
-/// Puts the metadata service in front of interface `id`'s TAP if the
-/// configuration routes the service through it, and sets the store's version.
-fn attach_mmds<B: devices::virtio::net::NetBackend>(
-    net: &mut Net<B>,
-    config: &VmConfig,
-    id: &str,
-    mmds: &SharedMmds,
-) {
-    let Some(m) = &config.mmds_config else { return };
-    if m.network_interfaces.iter().any(|i| i == id) {
-        mmds.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .configure(m.version, m.imds_compat);
-        net.set_mmds(Some(MmdsStack::new(m.ipv4_address.octets(), mmds.clone())));
-    }
-}
-
-/// Applies an interface's configured rate limiters to its device.
-fn limit_net<B: devices::virtio::net::NetBackend>(
-    net: &mut Net<B>,
-    n: &crate::config::NetworkInterface,
-) {
-    net.update_rate_limiters(
-        n.rx_rate_limiter.as_ref().map(|l| l.buckets()),
-        n.tx_rate_limiter.as_ref().map(|l| l.buckets()),
-    );
-}
-
-/// Logs, once per drive, the accepted fields that change nothing yet.
-fn log_not_enforced(id: &str, d: &crate::config::Drive) {
-    if d.io_engine == crate::config::IoEngine::Async {
-        log::warn!("drive '{id}': io_engine Async is stored; I/O is served synchronously");
-    }
-    if d.cache_type == crate::config::CacheType::Writeback {
-        log::info!("drive '{id}': cache_type Writeback: flushes are honoured, as always");
-    }
-}
+pub use crate::device_kinds::balloon::MIB_PAGES;
 
 /// Command-line entries announcing virtio-mmio devices to kernels that find them
 /// there (ACPI kernels find them in the DSDT).

@@ -12,13 +12,9 @@ use devices::bus::Bus;
 use devices::legacy::i8042::{I8042State, I8042};
 use devices::legacy::serial::{SerialDevice, SerialDeviceState};
 use devices::persist::Persist;
-use devices::virtio::block::Block;
 use devices::virtio::mmio::{
     MmioTransport, MmioTransportState, RestoreError, MMIO_WINDOW_SIZE, REG_QUEUE_NOTIFY,
 };
-use devices::virtio::net::Net;
-use devices::virtio::tap::Tap;
-use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
 use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
@@ -28,7 +24,7 @@ use crate::allocator::{Placement, ResourceAllocator};
 use crate::arch::x86_64::acpi::VirtioMmioDeviceInfo;
 use crate::arch::x86_64::layout::*;
 use crate::exit::ExitSignal;
-use crate::snapshot::{VirtioDeviceState, VirtioEntryState};
+use crate::snapshot::VirtioEntryState;
 use crate::vstate::vm;
 
 /// Errors placing devices.
@@ -272,28 +268,7 @@ impl DeviceManager {
             .iter()
             .map(|e| {
                 let t = e.transport.lock().unwrap_or_else(|e| e.into_inner());
-                let device = t.with_device(|d| match e.kind {
-                    VirtioKind::Block => d
-                        .as_any_mut()
-                        .downcast_mut::<Block>()
-                        .map(|b| VirtioDeviceState::Block(b.save())),
-                    VirtioKind::Net => d
-                        .as_any_mut()
-                        .downcast_mut::<Net<Tap>>()
-                        .map(|n| VirtioDeviceState::Net(n.save())),
-                    VirtioKind::Vsock => d
-                        .as_any_mut()
-                        .downcast_mut::<Vsock>()
-                        .map(|v| VirtioDeviceState::Vsock(v.save())),
-                    VirtioKind::Entropy => d
-                        .as_any_mut()
-                        .downcast_mut::<devices::virtio::rng::Rng>()
-                        .map(|_| VirtioDeviceState::Entropy),
-                    VirtioKind::Balloon => d
-                        .as_any_mut()
-                        .downcast_mut::<devices::virtio::balloon::Balloon>()
-                        .map(|b| VirtioDeviceState::Balloon(b.save())),
-                });
+                let device = t.with_device(|d| crate::device_kinds::of(e.kind).save(d));
                 let device = device.ok_or_else(|| {
                     crate::snapshot::Error::State(format!(
                         "Virtio device '{}' is not the kind it was attached as.",
@@ -317,18 +292,7 @@ impl DeviceManager {
     pub fn kick_restored(&self) {
         for e in &self.virtio {
             let t = e.transport.lock().unwrap_or_else(|e| e.into_inner());
-            if e.kind == VirtioKind::Vsock {
-                let told = t.with_device(|d| {
-                    d.as_any_mut()
-                        .downcast_mut::<Vsock>()
-                        .is_some_and(|v| v.reset_after_restore())
-                });
-                if !told {
-                    log::warn!(
-                        "vsock: the driver left no event buffer; its connections were not reset"
-                    );
-                }
-            }
+            t.with_device(|d| crate::device_kinds::of(e.kind).after_restore(d));
             t.kick_after_restore();
         }
     }

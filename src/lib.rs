@@ -24,6 +24,7 @@ pub mod arch;
 pub mod builder;
 pub mod cli;
 pub mod config;
+pub mod device_kinds;
 pub mod device_manager;
 pub mod exit;
 pub mod loader;

@@ -236,7 +236,7 @@ impl Vmm {
             }
             Err(e) => {
                 self.config.vsock = None;
-                Err(Error::Build(e.into()))
+                Err(Error::Build(crate::device_kinds::Error::from(e).into()))
             }
         }
     }
