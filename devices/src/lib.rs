@@ -25,6 +25,7 @@ pub mod boot_timer;
 pub mod bus;
 pub mod legacy;
 pub mod mmds;
+pub mod pci;
 pub mod persist;
 pub mod rate_limiter;
 pub mod virtio;
