@@ -8,7 +8,7 @@ use std::sync::Arc;
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
-use super::transport::{CoreState, VirtioCore, VirtioTransport};
+use super::transport::{CoreState, Ring, VirtioCore, VirtioTransport};
 use super::{status, LineInterrupt, VirtioDevice};
 use crate::bus::BusDevice;
 use crate::persist::Persist;
@@ -110,11 +110,7 @@ impl MmioTransport {
             REG_VERSION => VERSION,
             REG_DEVICE_ID => self.core.device_type,
             REG_VENDOR_ID => VENDOR_ID,
-            REG_DEVICE_FEATURES => match self.core.device_features_sel {
-                0 => self.core.device_features as u32,
-                1 => (self.core.device_features >> 32) as u32,
-                _ => 0,
-            },
+            REG_DEVICE_FEATURES => self.core.device_features_word(),
             REG_QUEUE_NUM_MAX => self
                 .core
                 .queues
@@ -135,58 +131,19 @@ impl MmioTransport {
     }
 
     fn write_register(&mut self, offset: u64, value: u32) {
-        let features_allowed = self.core.status & status::DRIVER != 0
-            && self.core.status & (status::FEATURES_OK | status::FAILED) == 0;
         match offset {
             REG_DEVICE_FEATURES_SEL => self.core.device_features_sel = value,
             REG_DRIVER_FEATURES_SEL => self.core.driver_features_sel = value,
-            REG_DRIVER_FEATURES if features_allowed => match self.core.driver_features_sel {
-                0 => {
-                    self.core.driver_features =
-                        (self.core.driver_features & !0xffff_ffff) | u64::from(value)
-                }
-                1 => {
-                    self.core.driver_features =
-                        (self.core.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
-                }
-                _ => {}
-            },
+            REG_DRIVER_FEATURES => self.core.write_driver_features_word(value),
             REG_QUEUE_SEL => self.core.queue_sel = value,
-            REG_QUEUE_NUM => {
-                let sel = self.core.queue_sel as usize;
-                if let Some(q) = self.core.selected_queue() {
-                    let size = u16::try_from(value).unwrap_or(0);
-                    let valid = size != 0 && size <= q.max_size() && size.is_power_of_two();
-                    if valid {
-                        q.set_size(size);
-                    }
-                    self.core.bad_config[sel] = !valid;
-                }
-            }
-            REG_QUEUE_READY => {
-                if let Some(q) = self.core.selected_queue() {
-                    q.set_ready(value == 1);
-                }
-            }
-            // Ring alignment (§2.7): descriptor table 16, available ring 2, used ring 4.
-            REG_QUEUE_DESC_LOW => self
-                .core
-                .with_queue(value, 16, |q| q.set_desc_table_address(Some(value), None)),
-            REG_QUEUE_DESC_HIGH => self
-                .core
-                .with_queue(0, 1, |q| q.set_desc_table_address(None, Some(value))),
-            REG_QUEUE_DRIVER_LOW => self
-                .core
-                .with_queue(value, 2, |q| q.set_avail_ring_address(Some(value), None)),
-            REG_QUEUE_DRIVER_HIGH => self
-                .core
-                .with_queue(0, 1, |q| q.set_avail_ring_address(None, Some(value))),
-            REG_QUEUE_DEVICE_LOW => self
-                .core
-                .with_queue(value, 4, |q| q.set_used_ring_address(Some(value), None)),
-            REG_QUEUE_DEVICE_HIGH => self
-                .core
-                .with_queue(0, 1, |q| q.set_used_ring_address(None, Some(value))),
+            REG_QUEUE_NUM => self.core.set_queue_size(value),
+            REG_QUEUE_READY => self.core.set_queue_ready(value),
+            REG_QUEUE_DESC_LOW => self.core.set_ring_address(Ring::Descriptors, false, value),
+            REG_QUEUE_DESC_HIGH => self.core.set_ring_address(Ring::Descriptors, true, value),
+            REG_QUEUE_DRIVER_LOW => self.core.set_ring_address(Ring::Driver, false, value),
+            REG_QUEUE_DRIVER_HIGH => self.core.set_ring_address(Ring::Driver, true, value),
+            REG_QUEUE_DEVICE_LOW => self.core.set_ring_address(Ring::Device, false, value),
+            REG_QUEUE_DEVICE_HIGH => self.core.set_ring_address(Ring::Device, true, value),
             REG_QUEUE_NOTIFY => self.core.notify(value),
             REG_INTERRUPT_ACK => self.interrupt.ack(value),
             REG_STATUS => self.set_status(value),

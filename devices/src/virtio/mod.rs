@@ -4,6 +4,7 @@ pub mod balloon;
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 pub mod ring;
 pub mod rng;
 pub mod tap;

@@ -325,21 +325,22 @@ impl VirtioCore {
             self.mark_needs_reset();
             return;
         }
-        // The device takes the configured queues; the transport keeps fresh ones
-        // of the same maximum size for after a reset.
+        // The device takes copies of the configured queues; the transport
+        // keeps the configuration for the driver to read back (PCI's
+        // common configuration), and resets it with the device.
         let mut ready = Vec::with_capacity(self.queues.len());
-        for q in self.queues.iter_mut() {
-            let fresh = match Queue::new(q.max_size()) {
-                Ok(f) => f,
+        for q in &self.queues {
+            match Queue::try_from(q.state()) {
+                Ok(mut live) => {
+                    live.set_event_idx(event_idx);
+                    ready.push(live);
+                }
                 Err(e) => {
-                    log::error!("virtio: cannot create a queue: {e:?}");
+                    log::error!("virtio: cannot copy a queue: {e:?}");
                     self.mark_needs_reset();
                     return;
                 }
-            };
-            let mut live = std::mem::replace(q, fresh);
-            live.set_event_idx(event_idx);
-            ready.push(live);
+            }
         }
         // Activation itself runs on the event loop, not on this vCPU thread.
         self.pending = Some(ready);
@@ -352,7 +353,7 @@ impl VirtioCore {
 
     /// Applies `f` to the selected queue; a `low` address not aligned to `align`
     /// marks the queue as misconfigured instead.
-    pub(crate) fn with_queue(&mut self, low: u32, align: u32, f: impl FnOnce(&mut Queue)) {
+    fn with_queue(&mut self, low: u32, align: u32, f: impl FnOnce(&mut Queue)) {
         let sel = self.queue_sel as usize;
         if let Some(q) = self.selected_queue() {
             if low.is_multiple_of(align) {
@@ -361,6 +362,97 @@ impl VirtioCore {
                 self.bad_config[sel] = true;
             }
         }
+    }
+}
+
+/// A queue's ring a driver gives the address of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ring {
+    /// The descriptor table (16-byte aligned).
+    Descriptors,
+    /// The driver (available) ring (2-byte aligned).
+    Driver,
+    /// The device (used) ring (4-byte aligned).
+    Device,
+}
+
+/// Register-level operations every transport decodes its registers into.
+impl VirtioCore {
+    /// The device feature word `device_features_sel` selects (0 past word 1).
+    pub fn device_features_word(&self) -> u32 {
+        match self.device_features_sel {
+            0 => self.device_features as u32,
+            1 => (self.device_features >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    /// The driver feature word `driver_features_sel` selects.
+    pub fn driver_features_word(&self) -> u32 {
+        match self.driver_features_sel {
+            0 => self.driver_features as u32,
+            1 => (self.driver_features >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    /// A driver feature word write: only between DRIVER and FEATURES_OK
+    /// (or FAILED), as §3.1.1 orders it; ignored otherwise.
+    pub fn write_driver_features_word(&mut self, value: u32) {
+        let allowed = self.status & status::DRIVER != 0
+            && self.status & (status::FEATURES_OK | status::FAILED) == 0;
+        if !allowed {
+            return;
+        }
+        let f = &mut self.driver_features;
+        match self.driver_features_sel {
+            0 => *f = (*f & !0xffff_ffff) | u64::from(value),
+            1 => *f = (*f & 0xffff_ffff) | u64::from(value) << 32,
+            _ => {}
+        }
+    }
+
+    /// The driver sets the selected queue's size: a power of two up to the
+    /// maximum, or the queue is marked misconfigured.
+    pub fn set_queue_size(&mut self, value: u32) {
+        let sel = self.queue_sel as usize;
+        if let Some(q) = self.selected_queue() {
+            let size = u16::try_from(value).unwrap_or(0);
+            let valid = size != 0 && size <= q.max_size() && size.is_power_of_two();
+            if valid {
+                q.set_size(size);
+            }
+            self.bad_config[sel] = !valid;
+        }
+    }
+
+    /// The driver marks the selected queue ready (1) or not.
+    pub fn set_queue_ready(&mut self, value: u32) {
+        if let Some(q) = self.selected_queue() {
+            q.set_ready(value == 1);
+        }
+    }
+
+    /// The driver writes the low or high half of the selected queue's
+    /// `ring` address; a low half not aligned as §2.7 says marks the queue
+    /// misconfigured.
+    pub fn set_ring_address(&mut self, ring: Ring, high: bool, value: u32) {
+        let (low, align) = match (high, ring) {
+            (true, _) => (0, 1),
+            (false, Ring::Descriptors) => (value, 16),
+            (false, Ring::Driver) => (value, 2),
+            (false, Ring::Device) => (value, 4),
+        };
+        let (lo, hi) = if high {
+            (None, Some(value))
+        } else {
+            (Some(value), None)
+        };
+        self.with_queue(low, align, |q| match ring {
+            Ring::Descriptors => q.set_desc_table_address(lo, hi),
+            Ring::Driver => q.set_avail_ring_address(lo, hi),
+            Ring::Device => q.set_used_ring_address(lo, hi),
+        });
     }
 }
 
@@ -500,6 +592,13 @@ impl VirtioCore {
             return Ok(t);
         }
         t.activated = true;
+        // The transport keeps the configuration for the driver to read back.
+        for (index, (saved, kept)) in state.queues.iter().zip(&mut t.queues).enumerate() {
+            *kept = saved.to_queue().map_err(|e| RestoreError::Queue {
+                index,
+                why: queue_error_text(&e).into(),
+            })?;
+        }
         if state.status & status::DEVICE_NEEDS_RESET != 0 {
             // Broken when saved: the driver must reset it, as before.
             return Ok(t);
