@@ -188,6 +188,24 @@ impl PciConfig {
         self.writable[reg] = (self.writable[reg] & !(0xff << shift)) | u32::from(writable) << shift;
     }
 
+    /// The registers, for a snapshot (what the guest wrote is in them).
+    pub fn save(&self) -> Vec<u32> {
+        self.regs.to_vec()
+    }
+
+    /// Takes back what the guest wrote from `saved` registers: only bits a
+    /// guest may write are taken, so a snapshot cannot change what the
+    /// function is. Returns false if `saved` is not a whole space.
+    pub fn restore(&mut self, saved: &[u32]) -> bool {
+        if saved.len() != REGS {
+            return false;
+        }
+        for ((reg, mask), value) in self.regs.iter_mut().zip(&self.writable).zip(saved) {
+            *reg = (*reg & !mask) | (value & mask);
+        }
+        true
+    }
+
     /// The byte at `offset` (0 past the end).
     pub fn byte(&self, offset: usize) -> u8 {
         self.regs
@@ -349,6 +367,25 @@ mod tests {
             c.add_capability(0x09, &big, &[]),
             Err(Error::CapabilityFull(_))
         ));
+    }
+
+    #[test]
+    fn a_restore_takes_only_what_a_guest_could_have_written() {
+        let mut c = virtio_block();
+        c.add_memory_bar(0, 0x1000, false).unwrap();
+        c.write(0x10, &0xd000_0000u32.to_le_bytes());
+        c.write(4, &[0x06, 0]);
+        c.write(0x3c, &[10]);
+        let mut saved = c.save();
+        saved[0] = 0xdead_beef; // IDs a guest cannot write
+        let mut back = virtio_block();
+        back.add_memory_bar(0, 0x1000, false).unwrap();
+        assert!(back.restore(&saved));
+        assert_eq!(r32(&back, 0), 0x1042_1af4, "the identity stays");
+        assert_eq!(back.bar(0), Some((0xd000_0000, 0x1000)));
+        assert!(back.memory_enabled());
+        assert_eq!(back.byte(0x3c), 10);
+        assert!(!back.restore(&saved[..10]));
     }
 
     #[test]

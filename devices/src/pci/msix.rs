@@ -85,6 +85,26 @@ impl Msix {
         }
     }
 
+    /// Takes a saved state for a function with the same number of vectors;
+    /// values are cut to what a guest could have written. False (nothing
+    /// taken) if the vector count differs.
+    pub fn restore(&mut self, saved: &Msix) -> bool {
+        if saved.entries.len() != self.entries.len() || saved.pending.len() != self.pending.len() {
+            return false;
+        }
+        for (e, s) in self.entries.iter_mut().zip(&saved.entries) {
+            *e = Entry {
+                addr_lo: s.addr_lo & !3,
+                addr_hi: s.addr_hi,
+                data: s.data,
+                control: s.control & VECTOR_MASKED,
+            };
+        }
+        self.pending.clone_from(&saved.pending);
+        self.control = saved.control & (ENABLE | FUNCTION_MASK);
+        true
+    }
+
     /// Number of vectors.
     pub fn vectors(&self) -> u16 {
         self.entries.len() as u16

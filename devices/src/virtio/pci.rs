@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
-use super::transport::{Ring, VirtioCore, VirtioTransport};
+use super::transport::{CoreState, RestoreError, Ring, VirtioCore, VirtioTransport};
 use super::{
     status, InterruptCause, VirtioDevice, VirtioInterrupt, INTERRUPT_CONFIG_CHANGE,
     INTERRUPT_USED_BUFFER,
@@ -25,6 +25,7 @@ use crate::bus::BusDevice;
 use crate::pci::config::{Identity, PciConfig};
 use crate::pci::msix::{Changes, MsiMessage, Msix};
 use crate::pci::root::PciFunction;
+use crate::persist::Persist;
 
 /// Virtio's PCI vendor ID.
 pub const VENDOR_ID: u16 = 0x1af4;
@@ -175,10 +176,27 @@ impl PciTransport {
         mem: GuestMemoryMmap,
         vectors: Arc<dyn MsiVectors>,
     ) -> std::io::Result<Self> {
+        let (config, interrupt, msix_cap, pci_cfg_cap) = Self::function(device.as_ref(), vectors)?;
+        let core = VirtioCore::new(device, mem, interrupt.clone())?;
+        Ok(PciTransport {
+            core,
+            config,
+            interrupt,
+            msix_cap,
+            pci_cfg_cap,
+        })
+    }
+
+    /// The PCI side of a transport for `device`: its configuration space
+    /// with the capabilities, the interrupt, and where the MSI-X and access
+    /// window capabilities are.
+    fn function(
+        device: &dyn VirtioDevice,
+        vectors: Arc<dyn MsiVectors>,
+    ) -> std::io::Result<(PciConfig, Arc<PciInterrupt>, usize, usize)> {
         let device_type = device.device_type();
         let queues = device.queue_max_sizes().len();
         let interrupt = Arc::new(PciInterrupt::new(queues, vectors));
-        let core = VirtioCore::new(device, mem, interrupt.clone())?;
         let mut config = PciConfig::new(
             Identity {
                 vendor: VENDOR_ID,
@@ -224,13 +242,7 @@ impl PciTransport {
         let msix_cap = config
             .add_capability(crate::pci::msix::CAP_ID, &body, &writable)
             .map_err(layout)?;
-        Ok(PciTransport {
-            core,
-            config,
-            interrupt,
-            msix_cap,
-            pci_cfg_cap,
-        })
+        Ok((config, interrupt, msix_cap, pci_cfg_cap))
     }
 
     /// BAR 0's guest-physical address (0 until the guest programs it) and
@@ -458,6 +470,105 @@ impl PciFunction for PciTransport {
             let changes = self.interrupt.msix().set_control(control);
             self.interrupt.apply(changes);
         }
+    }
+}
+
+/// What a snapshot keeps of a PCI transport: the core's registers and
+/// queues, the configuration space, the MSI-X state and the vectors the
+/// driver assigned.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PciTransportState {
+    /// The transport-neutral registers and queues.
+    pub core: CoreState,
+    /// Configuration space, by dword.
+    pub config: Vec<u32>,
+    /// The MSI-X table, pending bits and control.
+    pub msix: Msix,
+    /// The configuration change vector.
+    pub config_vector: u16,
+    /// Each queue's vector.
+    pub queue_vectors: Vec<u16>,
+    /// The ISR status.
+    pub isr: u32,
+}
+
+impl PciTransport {
+    /// After a restore, once the vCPUs can take them: routes every vector
+    /// as the table says, raises what was pending and deliverable, and
+    /// looks at every queue once.
+    pub fn kick_after_restore(&self) {
+        let vectors = self.interrupt.msix().vectors();
+        let changes = Changes {
+            vectors: (0..vectors).collect(),
+            deliver: Vec::new(),
+        };
+        self.interrupt.apply(changes);
+        self.core.kick_queues();
+    }
+}
+
+impl Persist for PciTransport {
+    type State = PciTransportState;
+    type Resources = (Box<dyn VirtioDevice>, GuestMemoryMmap, Arc<dyn MsiVectors>);
+    type Error = RestoreError;
+
+    fn save(&self) -> PciTransportState {
+        PciTransportState {
+            core: self.core.save(),
+            config: self.config.save(),
+            msix: self.interrupt.msix().clone(),
+            config_vector: self.interrupt.config_vector.load(Ordering::SeqCst),
+            queue_vectors: self
+                .interrupt
+                .queue_vectors
+                .iter()
+                .map(|v| v.load(Ordering::SeqCst))
+                .collect(),
+            isr: self.interrupt.isr.load(Ordering::SeqCst),
+        }
+    }
+
+    /// A transport in `state` for `device` (itself restored): the
+    /// configuration space and MSI-X state cut to what a guest could have
+    /// written, vectors the function has, then the core (see
+    /// [`VirtioCore::restore`]).
+    fn restore(
+        (device, mem, vectors): Self::Resources,
+        state: &PciTransportState,
+    ) -> Result<Self, RestoreError> {
+        let (mut config, interrupt, msix_cap, pci_cfg_cap) =
+            Self::function(device.as_ref(), vectors)?;
+        let bad = |why| Err(RestoreError::Inconsistent(why));
+        if !config.restore(&state.config) {
+            return bad("the PCI configuration space is not 256 bytes");
+        }
+        if !interrupt.msix().restore(&state.msix) {
+            return bad("the MSI-X table is not the function's size");
+        }
+        if state.queue_vectors.len() != interrupt.queue_vectors.len() {
+            return bad("the queue vectors are not one per queue");
+        }
+        let count = interrupt.msix().vectors();
+        let valid = |v: u16| if v < count { v } else { NO_VECTOR };
+        interrupt
+            .config_vector
+            .store(valid(state.config_vector), Ordering::SeqCst);
+        for (slot, &v) in interrupt.queue_vectors.iter().zip(&state.queue_vectors) {
+            slot.store(valid(v), Ordering::SeqCst);
+        }
+        interrupt.isr.store(
+            state.isr & (INTERRUPT_USED_BUFFER | INTERRUPT_CONFIG_CHANGE),
+            Ordering::SeqCst,
+        );
+        let core = VirtioCore::restore(device, mem, interrupt.clone(), &state.core)?;
+        let t = PciTransport {
+            core,
+            config,
+            interrupt,
+            msix_cap,
+            pci_cfg_cap,
+        };
+        Ok(t)
     }
 }
 

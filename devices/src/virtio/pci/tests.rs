@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use vm_memory::GuestAddress;
 
 use super::*;
+use crate::persist::Persist;
 use crate::virtio::rng::Rng;
 use crate::virtio::Interrupt;
 
@@ -257,4 +258,72 @@ fn hostile_bar_and_window_accesses_change_nothing() {
     t.write_config(window + 12, &1u32.to_le_bytes());
     assert_eq!(cfg32(&t, window + 16) & 0xff, before.0 as u32);
     assert!(vectors.raised.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_saved_transport_restores_its_bar_vectors_and_msi_x_and_runs_on() {
+    let (mut t, _) = transport();
+    t.write_config(0x10, &0xe000_0000u32.to_le_bytes());
+    t.write_config(0x14, &0u32.to_le_bytes());
+    t.write_config(4, &[0x06, 0]);
+    bring_up(&mut t);
+    assert!(t.core.complete_activation());
+    let msix = caps(&t).iter().find(|c| c.1 == 0x11).unwrap().0;
+    t.write_config(msix + 3, &[0x80]);
+    bar_w(&mut t, MSIX_TABLE + 16, 8, 0xfee0_0000);
+    bar_w(&mut t, MSIX_TABLE + 24, 4, 0x41);
+    bar_w(&mut t, MSIX_TABLE + 28, 4, 0);
+    let saved = t.save();
+
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+    let vectors = Arc::new(Vectors::default());
+    let dev: Box<dyn VirtioDevice> = Box::new(Rng::new());
+    let mut back = PciTransport::restore((dev, mem, vectors.clone()), &saved).unwrap();
+    assert_eq!(back.save(), saved, "what was saved is what is restored");
+    assert_eq!(back.bar0(), (0xe000_0000, true));
+    assert!(back.core.activated, "started again with its saved queue");
+    assert_eq!(bar_r(&mut back, 0x1a, 2), 1, "queue 0 on vector 1");
+    assert_eq!(bar_r(&mut back, 0x18, 2), 16);
+    back.kick_after_restore();
+    let msg = MsiMessage {
+        address: 0xfee0_0000,
+        data: 0x41,
+    };
+    assert!(vectors.routes.lock().unwrap().contains(&(1, Some(msg))));
+    assert!(
+        vectors.routes.lock().unwrap().contains(&(0, None)),
+        "vector 0 masked"
+    );
+    Interrupt::new(back.interrupt.clone()).signal_used(0);
+    assert_eq!(*vectors.raised.lock().unwrap(), [1]);
+}
+
+#[test]
+fn a_hostile_saved_transport_is_refused_or_cut_to_what_a_guest_could_write() {
+    let (t, _) = transport();
+    let good = t.save();
+    let restore = |s: &PciTransportState| {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+        let dev: Box<dyn VirtioDevice> = Box::new(Rng::new());
+        PciTransport::restore((dev, mem, Arc::new(Vectors::default())), s)
+    };
+    let mut short = good.clone();
+    short.config.truncate(3);
+    assert!(restore(&short).is_err());
+    let mut table = good.clone();
+    table.msix = Msix::new(9);
+    assert!(restore(&table).is_err());
+    let mut queues = good.clone();
+    queues.queue_vectors.push(0);
+    assert!(restore(&queues).is_err());
+    let mut odd = good.clone();
+    odd.config[0] = 0x1234_5678;
+    odd.queue_vectors[0] = 0x7ff;
+    odd.config_vector = 5;
+    odd.isr = u32::MAX;
+    let mut back = restore(&odd).unwrap();
+    assert_eq!(cfg32(&back, 0), 0x1044_1af4, "the identity is the device's");
+    assert_eq!(bar_r(&mut back, 0x1a, 2), u64::from(NO_VECTOR));
+    assert_eq!(bar_r(&mut back, 0x10, 2), u64::from(NO_VECTOR));
+    assert_eq!(bar_r(&mut back, ISR, 1), 3);
 }
