@@ -613,6 +613,8 @@ fn vmm_exe() -> PathBuf {
     [dir.join("vmm"), dir.join("../vmm")]
         .into_iter()
         .find(|p| p.is_file())
+        // One binary, one path: the template cache is keyed by it.
+        .map(|p| p.canonicalize().unwrap_or(p))
         .unwrap_or_else(|| PathBuf::from("vmm"))
 }
 
