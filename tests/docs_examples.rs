@@ -304,7 +304,9 @@ fn expectations(file: &str, host: Host) -> Vec<&'static str> {
             "file:boot.json:\"verdict\": \"pass\"",
         ],
         "docs/AGENT.md" => vec!["test result: ok"],
-        "docs/API.md" => vec!["\"state\":\"Running\"", "Linux version"],
+        // The guest is stopped right after the calls: how far it got
+        // depends on the host, so only the API's own answers are asserted.
+        "docs/API.md" => vec!["\"state\":\"Running\""],
         "docs/EMBEDDING.md" => vec!["line:42"],
         "docs/FUZZING.md" => vec![
             "fuzz target virtio_blk_requests exists",
