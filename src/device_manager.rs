@@ -155,11 +155,12 @@ impl DeviceManager {
         })
     }
 
-    /// Attaches `device` in the next virtio-mmio window with the next interrupt
-    /// line: an irqfd for its interrupt and an ioeventfd per queue, so neither
-    /// interrupts nor notifications wait on a vCPU exit handler. With `saved`,
-    /// the transport is restored in that state (the device started again if
-    /// it was), and must have been saved in this same window.
+    /// Attaches `device` in the first free virtio-mmio window with the first
+    /// free interrupt line (the allocator's): an irqfd for its interrupt and
+    /// an ioeventfd per queue, so neither interrupts nor notifications wait
+    /// on a vCPU exit handler. With `saved`, the transport is restored in
+    /// that state (the device started again if it was), at exactly the
+    /// window and line saved with it.
     pub fn attach_virtio(
         &mut self,
         vm: &vm::Vm,
@@ -182,7 +183,8 @@ impl DeviceManager {
                 err,
             })?,
         };
-        let attached = self.place_virtio(vm, mem, (id, kind, label), device, saved, placement);
+        let state = saved.map(|(state, _, _)| state);
+        let attached = self.place_virtio(vm, mem, (id, kind, label), device, state, placement);
         if attached.is_err() {
             self.allocator.release(placement);
         }
@@ -196,7 +198,7 @@ impl DeviceManager {
         mem: &GuestMemoryMmap,
         (id, kind, label): (String, VirtioKind, String),
         device: Box<dyn VirtioDevice>,
-        saved: Option<(&MmioTransportState, u64, u32)>,
+        saved: Option<&MmioTransportState>,
         Placement { base, irq }: Placement,
     ) -> Result<(), Error> {
         let virtio_err = |err| Error::Virtio {
@@ -207,11 +209,14 @@ impl DeviceManager {
         vm.register_irqfd(&irq_evt, irq)?;
         let line: Arc<dyn devices::InterruptLine> = Arc::new(irq_evt);
         let transport = match saved {
-            Some((state, _, _)) => MmioTransport::restore((device, mem.clone(), line), state)
-                .map_err(|err| Error::Restore {
-                    id: id.clone(),
-                    err,
-                })?,
+            Some(state) => {
+                MmioTransport::restore((device, mem.clone(), line), state).map_err(|err| {
+                    Error::Restore {
+                        id: id.clone(),
+                        err,
+                    }
+                })?
+            }
             None => MmioTransport::new(device, mem.clone(), line).map_err(virtio_err)?,
         };
         for (queue, evt) in transport.queue_evts().iter().enumerate() {
