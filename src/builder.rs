@@ -67,6 +67,12 @@ pub enum Error {
     /// A snapshot cannot be restored.
     #[error(transparent)]
     Snapshot(#[from] snapshot::Error),
+    /// A snapshot taken with PCI loaded without it, or the other way round.
+    #[error("The snapshot was taken {saved} --enable-pci and this vmm was started {started} it; start vmm {saved} --enable-pci to load it.")]
+    PciMismatch {
+        saved: &'static str,
+        started: &'static str,
+    },
 }
 
 impl Error {
@@ -83,8 +89,12 @@ impl Error {
                 | Error::Snapshot(_)
                 | Error::Vm(vm::Error::TooManyCpus { .. })
                 | Error::Vm(vm::Error::NoRealtimeClock)
+                | Error::PciMismatch { .. }
                 | Error::Devices(
-                    device_manager::Error::Restore { .. } | device_manager::Error::Placement { .. }
+                    device_manager::Error::Restore { .. }
+                        | device_manager::Error::Placement { .. }
+                        | device_manager::Error::PciDevice { .. }
+                        | device_manager::Error::TransportMismatch { .. }
                 )
         )
     }
@@ -157,6 +167,9 @@ pub fn build_with(
     vm.setup_irqchip()?;
 
     let mut devices = DeviceManager::new(&vm, exit.clone(), serial_out)?;
+    if config.pci {
+        devices.enable_pci(&vm)?;
+    }
     let mut opening = device_kinds::Opening {
         config,
         mmds,
@@ -167,7 +180,7 @@ pub fn build_with(
     }
     let virtio_info = devices.virtio_info();
     let kernel = load_boot_images(config, boot, &mem, &virtio_info)?;
-    let entry = write_boot_tables(cpus, &mem, &kernel, &virtio_info)?;
+    let entry = write_boot_tables(cpus, &mem, &kernel, &virtio_info, devices.pci_info())?;
     let vcpus = create_vcpus(&vm, cpus, &entry)?;
     Ok(MicroVm {
         config: config.clone(),
@@ -181,6 +194,16 @@ pub fn build_with(
     })
 }
 
+/// How a snapshot is built into a VM.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadFlags {
+    /// This VMM puts virtio devices on PCI (`--enable-pci`): the snapshot
+    /// must have been taken so.
+    pub pci: bool,
+    /// Advance the kvmclock by the wall-clock time since the snapshot.
+    pub clock_realtime: bool,
+}
+
 /// Builds a VM from a snapshot's state and memory file: the guest memory is
 /// the file mapped privately, and the irqchip, PIT, clock, COM1, i8042 and
 /// every vCPU are in their saved state. Disk images are reopened (and
@@ -190,7 +213,10 @@ pub fn build_with(
 /// registers) is not done: the guest is already past it.
 pub fn build_from_snapshot(
     state: &MicrovmState,
-    clock_realtime: bool,
+    LoadFlags {
+        pci,
+        clock_realtime,
+    }: LoadFlags,
     mem_source: &snapshot::MemorySource,
     serial_out: Box<dyn Write + Send>,
     exit: Arc<ExitSignal>,
@@ -201,6 +227,13 @@ pub fn build_from_snapshot(
     // the same checks as one given over the API.
     state.config.validate()?;
     state.check()?;
+    if state.pci != pci {
+        let with = |on: bool| if on { "with" } else { "without" };
+        return Err(Error::PciMismatch {
+            saved: with(state.pci),
+            started: with(pci),
+        });
+    }
     let reopened = device_kinds::reopen_all(&device_kinds::Reopening { state, mmds })?;
     let cpus = state.vcpus.len() as u32;
     let vm = vm::Vm::new()?;
@@ -215,14 +248,16 @@ pub fn build_from_snapshot(
         serial_out,
         Some((&state.serial, &state.i8042)),
     )?;
+    if pci {
+        devices.enable_pci(&vm)?;
+    }
     for (saved, ((names, device), resized)) in state.virtio.iter().zip(reopened) {
-        let at = Some((&saved.transport, saved.mmio_base, saved.irq));
-        devices.attach_virtio(&vm, &mem, names, device, at)?;
+        devices.attach_virtio(&vm, &mem, names, device, Some(&saved.placed))?;
         if resized {
             if let Some(entry) = devices.virtio.last() {
                 // The image changed size since the snapshot: the driver rereads it.
                 let mut t = entry.transport.lock().unwrap_or_else(|e| e.into_inner());
-                t.config_changed();
+                t.core_mut().config_changed();
             }
         }
     }
@@ -358,6 +393,7 @@ fn write_boot_tables(
     mem: &GuestMemoryMmap,
     (kernel, mut info): &(LoadedKernel, bootparams::BootInfo),
     virtio: &[acpi::VirtioMmioDeviceInfo],
+    pci: Option<acpi::PciRootInfo>,
 ) -> Result<BootEntry, Error> {
     let gdt: Vec<u8> = gdt::BOOT_GDT.iter().flat_map(|e| e.to_le_bytes()).collect();
     mem.write_slice(&gdt, GuestAddress(BOOT_GDT_START))
@@ -373,6 +409,7 @@ fn write_boot_tables(
         &acpi::AcpiConfig {
             num_cpus: cpus,
             virtio_devices: virtio,
+            pci,
         },
     )?;
     info.rsdp = rsdp.0;

@@ -179,7 +179,8 @@ pub struct Cli {
     /// Largest size of the metadata store, in bytes of JSON (default 51200).
     #[arg(long, value_name = "BYTES")]
     pub mmds_size_limit: Option<usize>,
-    /// PCI transport (refused: devices are on virtio-mmio).
+    /// Puts every virtio device on PCI (virtio-pci with MSI-X) instead of
+    /// virtio-mmio, as Firecracker's flag does.
     #[arg(long)]
     pub enable_pci: bool,
 
@@ -326,9 +327,6 @@ impl Cli {
 
     /// Checks the flags against each other and builds the plan.
     pub fn plan(&self) -> Result<Plan, Error> {
-        if self.enable_pci {
-            return Err(Error::Unsupported("--enable-pci"));
-        }
         check_instance_id(&self.id)?;
         if self.no_api && self.config_file.is_none() {
             return Err(Error::NoApiWithoutConfig);
@@ -797,10 +795,6 @@ mod tests {
             ),
             (&["--memory", "1G"][..], Error::NothingToRun),
             (&["--no-api"][..], Error::NoApiWithoutConfig),
-            (
-                &["--api-sock", "s", "--enable-pci"][..],
-                Error::Unsupported("--enable-pci"),
-            ),
             (
                 &["--api-sock", "s", "--id", "a_b"][..],
                 Error::InstanceId("a_b".into()),

@@ -18,6 +18,9 @@ pub const MIN_MEM_MIB: u64 = 16;
 pub const MAX_MEM_MIB: u64 = 1 << 20;
 /// Most virtio devices the VMM attaches (one interrupt line each, IRQ 5..=23).
 pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// Most virtio devices with `--enable-pci`: bus 0's slots but the host
+/// bridge's.
+pub const MAX_PCI_DEVICES: usize = devices::pci::root::SLOTS - 1;
 /// Firecracker's static CPU template names (its `CpuTemplate` enum).
 pub const CPU_TEMPLATES: &[&str] = &["None", "C3", "T2", "T2S", "T2CL", "T2A"];
 /// Longest device ID accepted (Firecracker's limit).
@@ -65,8 +68,8 @@ pub enum Error {
     #[error("A root block device already exists: drives '{0}' and '{1}' are both root devices; mark only one is_root_device.")]
     TwoRoots(String, String),
     /// More devices than the MMIO window and interrupt lines allow.
-    #[error("{0} virtio devices are more than the {max} the VMM can attach; configure fewer drives and network interfaces.", max = MAX_VIRTIO_DEVICES)]
-    TooManyDevices(usize),
+    #[error("{0} virtio devices are more than the {1} the VMM can attach; configure fewer drives and network interfaces.")]
+    TooManyDevices(usize, usize),
     /// A disk serial that does not fit GET_ID.
     #[error("drive '{0}': serial is longer than {MAX_SERIAL_LEN} bytes; shorten it.")]
     Serial(String),
@@ -633,6 +636,10 @@ pub struct VmConfig {
     /// Firecracker's `pmem` section: refused (not implemented yet).
     #[serde(default, skip_serializing)]
     pub pmem: Option<serde_json::Value>,
+    /// Virtio devices are PCI functions (`--enable-pci`, a process flag as
+    /// in Firecracker: never part of the JSON).
+    #[serde(skip)]
+    pub pci: bool,
     /// Where the serial console goes, and its rate limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialConfig>,
@@ -796,8 +803,13 @@ impl VmConfig {
             + usize::from(self.vsock.is_some())
             + usize::from(self.entropy.is_some())
             + usize::from(self.balloon.is_some());
-        if devices > MAX_VIRTIO_DEVICES {
-            return Err(Error::TooManyDevices(devices));
+        let max = if self.pci {
+            MAX_PCI_DEVICES
+        } else {
+            MAX_VIRTIO_DEVICES
+        };
+        if devices > max {
+            return Err(Error::TooManyDevices(devices, max));
         }
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! The device manager: the port-I/O and MMIO buses, the legacy devices (COM1,
 //! i8042, ACPI sleep registers), the allocation of virtio-mmio windows and
-//! interrupt lines, and one entry per virtio device (ID, kind, transport, where
-//! the guest finds it) — what the control API and snapshots walk.
+//! interrupt lines or, with `--enable-pci`, the PCI segment, and one entry
+//! per virtio device (ID, kind, transport, where the guest finds it) — what
+//! the control API and snapshots walk.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,8 @@ use devices::persist::Persist;
 use devices::virtio::mmio::{
     MmioTransport, MmioTransportState, RestoreError, MMIO_WINDOW_SIZE, REG_QUEUE_NOTIFY,
 };
+use devices::virtio::pci::PciTransport;
+use devices::virtio::transport::VirtioTransport;
 use devices::virtio::VirtioDevice;
 use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
@@ -24,7 +27,8 @@ use crate::allocator::{Placement, ResourceAllocator};
 use crate::arch::x86_64::acpi::VirtioMmioDeviceInfo;
 use crate::arch::x86_64::layout::*;
 use crate::exit::ExitSignal;
-use crate::snapshot::VirtioEntryState;
+use crate::pci::{PciEntryState, PciSegment};
+use crate::snapshot::{PlacedTransport, VirtioEntryState};
 use crate::vstate::vm;
 
 /// Errors placing devices.
@@ -54,6 +58,20 @@ pub enum Error {
     /// A queue notification cannot be connected to KVM.
     #[error("KVM could not connect a queue notification of virtio device '{id}': {err}.")]
     IoEvent { id: String, err: kvm_ioctls::Error },
+    /// The PCI segment cannot be set up.
+    #[error("Cannot set up PCI: {0}")]
+    Pci(crate::pci::Error),
+    /// A device cannot be plugged into the PCI segment.
+    #[error("Cannot plug virtio device '{id}' into PCI: {err}")]
+    PciDevice { id: String, err: crate::pci::Error },
+    /// A snapshot's device is on the other transport than this VMM's.
+    #[error("The snapshot's virtio device '{id}' is on {saved}, but this vmm was started {started}; start vmm {fix} to load it.")]
+    TransportMismatch {
+        id: String,
+        saved: &'static str,
+        started: &'static str,
+        fix: &'static str,
+    },
 }
 
 /// What a virtio device is, for the API and the metrics.
@@ -79,10 +97,25 @@ pub struct VirtioEntry {
     pub kind: VirtioKind,
     /// How the log names it, e.g. "disk rootfs (disk.img)".
     pub label: String,
-    /// Its register window and queues.
-    pub transport: Arc<Mutex<MmioTransport>>,
+    /// Its registers and queues, whatever the transport.
+    pub transport: Arc<Mutex<dyn VirtioTransport>>,
     /// Where the guest finds it.
-    pub info: VirtioMmioDeviceInfo,
+    pub place: Place,
+}
+
+/// Where the guest finds a virtio device, with its transport's own type (for
+/// snapshots).
+pub enum Place {
+    /// A virtio-mmio window and interrupt line.
+    Mmio {
+        transport: Arc<Mutex<MmioTransport>>,
+        info: VirtioMmioDeviceInfo,
+    },
+    /// A function on PCI bus 0.
+    Pci {
+        transport: Arc<Mutex<PciTransport>>,
+        slot: usize,
+    },
 }
 
 /// Every device of a VM and the buses that route vCPU exits to them.
@@ -99,6 +132,8 @@ pub struct DeviceManager {
     pub virtio: Vec<VirtioEntry>,
     /// Free register pages and interrupt lines.
     allocator: ResourceAllocator,
+    /// With `--enable-pci`: bus 0, where every virtio device goes.
+    pci: Option<PciSegment>,
 }
 
 impl DeviceManager {
@@ -152,7 +187,26 @@ impl DeviceManager {
             i8042,
             virtio: Vec::new(),
             allocator: ResourceAllocator::new(),
+            pci: None,
         })
+    }
+
+    /// Adds the PCI segment: from now on virtio devices are PCI functions.
+    pub fn enable_pci(&mut self, vm: &vm::Vm) -> Result<(), Error> {
+        if self.pci.is_none() {
+            self.pci = Some(PciSegment::new(vm, &self.pio, &self.mmio).map_err(Error::Pci)?);
+        }
+        Ok(())
+    }
+
+    /// What ACPI announces of the PCI segment, if there is one.
+    pub fn pci_info(&self) -> Option<crate::arch::x86_64::acpi::PciRootInfo> {
+        self.pci.as_ref().map(PciSegment::acpi_info)
+    }
+
+    /// Whether virtio devices are on PCI.
+    pub fn pci_enabled(&self) -> bool {
+        self.pci.is_some()
     }
 
     /// Attaches `device` in the first free virtio-mmio window with the first
@@ -167,8 +221,39 @@ impl DeviceManager {
         mem: &GuestMemoryMmap,
         (id, kind, label): (String, VirtioKind, String),
         device: Box<dyn VirtioDevice>,
-        saved: Option<(&MmioTransportState, u64, u32)>,
+        saved: Option<&PlacedTransport>,
     ) -> Result<(), Error> {
+        let mismatch = |saved: &'static str| Error::TransportMismatch {
+            id: id.clone(),
+            saved,
+            started: if self.pci.is_some() {
+                "with --enable-pci"
+            } else {
+                "without --enable-pci"
+            },
+            fix: if self.pci.is_some() {
+                "without --enable-pci"
+            } else {
+                "with --enable-pci"
+            },
+        };
+        let saved = match (saved, self.pci.is_some()) {
+            (None, false) => None,
+            (None, true) => return self.attach_pci(mem, (id, kind, label), device, None),
+            (Some(PlacedTransport::Pci { pci }), true) => {
+                return self.attach_pci(mem, (id, kind, label), device, Some(pci))
+            }
+            (Some(PlacedTransport::Mmio { .. }), true) => return Err(mismatch("virtio-mmio")),
+            (Some(PlacedTransport::Pci { .. }), false) => return Err(mismatch("PCI")),
+            (
+                Some(PlacedTransport::Mmio {
+                    mmio_base,
+                    irq,
+                    transport,
+                }),
+                false,
+            ) => Some((transport, *mmio_base, *irq)),
+        };
         let placement = match saved {
             Some((_, base, irq)) => {
                 let want = Placement { base, irq };
@@ -239,11 +324,46 @@ impl DeviceManager {
             id,
             kind,
             label,
-            transport,
-            info: VirtioMmioDeviceInfo {
-                addr: base,
-                len: VIRTIO_MMIO_SIZE,
-                irq,
+            transport: transport.clone(),
+            place: Place::Mmio {
+                transport,
+                info: VirtioMmioDeviceInfo {
+                    addr: base,
+                    len: VIRTIO_MMIO_SIZE,
+                    irq,
+                },
+            },
+        });
+        Ok(())
+    }
+
+    /// [`Self::attach_virtio`] on the PCI segment.
+    fn attach_pci(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        (id, kind, label): (String, VirtioKind, String),
+        device: Box<dyn VirtioDevice>,
+        saved: Option<&PciEntryState>,
+    ) -> Result<(), Error> {
+        let Some(pci) = self.pci.as_mut() else {
+            return Err(Error::Pci(crate::pci::Error::Function(
+                std::io::Error::other("the VM has no PCI segment"),
+            )));
+        };
+        let plugged = pci
+            .attach_virtio(mem, device, saved)
+            .map_err(|err| Error::PciDevice {
+                id: id.clone(),
+                err,
+            })?;
+        self.virtio.push(VirtioEntry {
+            id,
+            kind,
+            label,
+            transport: plugged.transport.clone(),
+            place: Place::Pci {
+                transport: plugged.transport,
+                slot: plugged.slot,
             },
         });
         Ok(())
@@ -261,9 +381,15 @@ impl DeviceManager {
             .map_err(|e| Error::Bus("boot timer", e))
     }
 
-    /// Where the guest finds each virtio device, in attachment order.
+    /// Where the guest finds each virtio-mmio device, in attachment order.
     pub fn virtio_info(&self) -> Vec<VirtioMmioDeviceInfo> {
-        self.virtio.iter().map(|e| e.info).collect()
+        self.virtio
+            .iter()
+            .filter_map(|e| match &e.place {
+                Place::Mmio { info, .. } => Some(*info),
+                Place::Pci { .. } => None,
+            })
+            .collect()
     }
 
     /// The state of every virtio device and its transport, in attachment
@@ -273,18 +399,33 @@ impl DeviceManager {
             .iter()
             .map(|e| {
                 let t = e.transport.lock().unwrap_or_else(|e| e.into_inner());
-                let device = t.with_device(|d| crate::device_kinds::of(e.kind).save(d));
+                let device = t
+                    .core()
+                    .with_device(|d| crate::device_kinds::of(e.kind).save(d));
+                drop(t);
                 let device = device.ok_or_else(|| {
                     crate::snapshot::Error::State(format!(
                         "Virtio device '{}' is not the kind it was attached as.",
                         e.id
                     ))
                 })?;
+                let placed = match &e.place {
+                    Place::Mmio { transport, info } => PlacedTransport::Mmio {
+                        mmio_base: info.addr,
+                        irq: info.irq,
+                        transport: transport.lock().unwrap_or_else(|e| e.into_inner()).save(),
+                    },
+                    Place::Pci { transport, slot } => PlacedTransport::Pci {
+                        pci: PciEntryState {
+                            // A slot of bus 0: below 32.
+                            slot: *slot as u8,
+                            transport: transport.lock().unwrap_or_else(|e| e.into_inner()).save(),
+                        },
+                    },
+                };
                 Ok(VirtioEntryState {
                     id: e.id.clone(),
-                    mmio_base: e.info.addr,
-                    irq: e.info.irq,
-                    transport: t.save(),
+                    placed,
                     device,
                 })
             })
@@ -297,7 +438,8 @@ impl DeviceManager {
     pub fn kick_restored(&self) {
         for e in &self.virtio {
             let t = e.transport.lock().unwrap_or_else(|e| e.into_inner());
-            t.with_device(|d| crate::device_kinds::of(e.kind).after_restore(d));
+            t.core()
+                .with_device(|d| crate::device_kinds::of(e.kind).after_restore(d));
             t.kick_after_restore();
         }
     }

@@ -30,6 +30,7 @@ pub mod exit;
 pub mod loader;
 pub mod logger;
 pub mod metrics;
+pub mod pci;
 pub mod run;
 pub mod runtime;
 pub mod seccomp;

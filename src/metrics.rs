@@ -589,6 +589,7 @@ impl DeviceTotals {
                     .transport
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
+                    .core()
                     .with_device(|d| d.metrics()),
             })
             .collect()

@@ -283,6 +283,11 @@ impl Vmm {
         self.boot_timer = on;
     }
 
+    /// `--enable-pci`: virtio devices are PCI functions.
+    pub fn set_pci(&mut self, on: bool) {
+        self.config.pci = on;
+    }
+
     /// The signal through which the VM's end is reported.
     pub fn exit_signal(&self) -> &Arc<ExitSignal> {
         &self.exit
@@ -377,9 +382,13 @@ impl Vmm {
             v.uds_path = path.clone();
         }
         let out = Box::new(self.serial_out.clone());
+        let pci = self.config.pci;
         let built = builder::build_from_snapshot(
             &state,
-            options.clock_realtime,
+            builder::LoadFlags {
+                pci,
+                clock_realtime: options.clock_realtime,
+            },
             mem_file,
             out,
             self.exit.clone(),
@@ -387,6 +396,7 @@ impl Vmm {
             &self.mmds,
         )?;
         self.config = state.config;
+        self.config.pci = pci;
         if serial.is_some() {
             self.config.serial = serial;
         }
@@ -445,6 +455,7 @@ impl Vmm {
             serial,
             i8042,
             virtio,
+            pci: s.devices.pci_enabled(),
         };
         // Both files are complete before either replaces what was there: a
         // failed snapshot leaves the old files as they were.
@@ -553,7 +564,7 @@ impl Vmm {
         if let Some(s) = &self.started {
             for entry in &s.devices.virtio {
                 let t = entry.transport.lock().unwrap_or_else(|e| e.into_inner());
-                for evt in t.queue_evts() {
+                for evt in t.core().queue_evts() {
                     let _ = evt.write(1);
                 }
             }
@@ -638,12 +649,12 @@ impl Vmm {
             }
             for entry in &s.devices.virtio {
                 let t = entry.transport.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(report) = t.report() {
+                if let Some(report) = t.core().report() {
                     log::info!("{}: {report}", entry.label);
                 }
                 // The event loop may outlive this (the process exits from
                 // it): the vsock socket goes now.
-                t.with_device(|d| {
+                t.core().with_device(|d| {
                     if let Some(v) = d
                         .as_any_mut()
                         .downcast_mut::<devices::virtio::vsock::Vsock>()

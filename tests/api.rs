@@ -462,11 +462,6 @@ fn bad_process_flags_and_files_are_one_line_errors() {
         FC_GENERIC,
     );
     assert_refused(
-        &["--api-sock", "/tmp/x.sock", "--enable-pci"],
-        "--enable-pci",
-        FC_GENERIC,
-    );
-    assert_refused(
         &["--api-sock", "/tmp/x.sock", "--id", "bad id"],
         "--id 'bad id'",
         FC_ARG_PARSING,

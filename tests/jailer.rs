@@ -114,15 +114,27 @@ impl Jail {
     /// Waits for the API socket `name` in the jail and a 200 on GET /.
     fn api_answers_at(&self, name: &str) -> String {
         let sock = self.root().join(name);
-        let until = Instant::now() + Duration::from_secs(20);
+        // Generous: in CI a Linux guest boots beside this under a software
+        // KVM, which can leave the host's processes starved for seconds.
+        let until = Instant::now() + Duration::from_secs(60);
+        let mut last = None;
         loop {
             if sock.exists() {
                 let (status, body) = curl(&sock, "GET", "/", None);
                 if status == 200 {
                     return body;
                 }
+                last = Some((status, body));
             }
-            assert!(Instant::now() < until, "no API in the jail");
+            assert!(
+                Instant::now() < until,
+                "no API in the jail at {}: socket exists: {}, last answer: {last:?}, jail: {:?}",
+                sock.display(),
+                sock.exists(),
+                std::fs::read_dir(self.root()).map(|d| d
+                    .filter_map(|e| e.ok().map(|e| e.file_name()))
+                    .collect::<Vec<_>>())
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -235,7 +235,7 @@ fn the_command_line_describes_and_restores_a_snapshot() {
     eprintln!("{text}");
     assert!(out.status.success());
     assert!(
-        text.contains("format 1.1") && text.contains("checksum ok"),
+        text.contains("format 1.2") && text.contains("checksum ok"),
         "{text}"
     );
     assert!(
@@ -577,7 +577,7 @@ fn a_snapshot_needing_what_this_host_lacks_is_refused_naming_it() {
 /// device, and nothing starts.
 #[test]
 fn a_snapshot_placing_a_device_where_this_vmm_cannot_is_refused() {
-    use vmm::snapshot::{format, MicrovmState};
+    use vmm::snapshot::{format, MicrovmState, PlacedTransport};
     let img = tmp_path("blk-place.img");
     std::fs::write(&img, seq_image_bytes()).unwrap();
     let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
@@ -585,9 +585,15 @@ fn a_snapshot_placing_a_device_where_this_vmm_cannot_is_refused() {
     let read = || -> MicrovmState { format::read(&snap).unwrap().1 };
     assert_eq!(read().virtio.len(), 1);
     let mut outside = read();
-    outside.virtio[0].mmio_base = 0xc000_0000;
+    let PlacedTransport::Mmio { mmio_base, .. } = &mut outside.virtio[0].placed else {
+        panic!("a virtio-mmio device");
+    };
+    *mmio_base = 0xc000_0000;
     let mut bad_line = read();
-    bad_line.virtio[0].irq = 40;
+    let PlacedTransport::Mmio { irq, .. } = &mut bad_line.virtio[0].placed else {
+        panic!("a virtio-mmio device");
+    };
+    *irq = 40;
     for (name, state, want) in [
         ("outside", outside, "virtio-mmio page 0xc0000000"),
         ("line", bad_line, "interrupt line 0x28"),

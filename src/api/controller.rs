@@ -579,7 +579,7 @@ fn patch_balloon(vmm: &mut Vmm, amount_mib: u32) -> Response {
         return bad(NO_BALLOON);
     };
     let mut t = entry.transport.lock().unwrap_or_else(|e| e.into_inner());
-    let set = t.with_device(|d| {
+    let set = t.core().with_device(|d| {
         d.as_any_mut()
             .downcast_mut::<Balloon>()
             .map(|b| b.set_target_pages(amount_mib.saturating_mul(crate::builder::MIB_PAGES)))
@@ -587,7 +587,7 @@ fn patch_balloon(vmm: &mut Vmm, amount_mib: u32) -> Response {
     if set.is_none() {
         return bad(NO_BALLOON);
     }
-    t.config_changed();
+    t.core_mut().config_changed();
     drop(t);
     cfg.amount_mib = amount_mib;
     vmm.config_runtime_update(|c| c.balloon = Some(cfg));
@@ -634,7 +634,8 @@ fn with_device<T: 'static, R>(
         .and_then(|d| d.find(kind, id))
         .ok_or_else(|| bad(format!("Device '{id}' has no device model.")))?;
     let t = entry.transport.lock().unwrap_or_else(|e| e.into_inner());
-    t.with_device(|d| d.as_any_mut().downcast_mut::<T>().map(f))
+    t.core()
+        .with_device(|d| d.as_any_mut().downcast_mut::<T>().map(f))
         .ok_or_else(|| bad(format!("Device '{id}' is not of the kind asked for.")))
 }
 
@@ -663,7 +664,7 @@ fn patch_drive(vmm: &mut Vmm, p: &PartialDrive) -> Response {
         // only the swap happens under the device lock.
         let opened = open_image(path, drive.is_read_only);
         let mut t = entry.transport.lock().unwrap_or_else(|e| e.into_inner());
-        let replaced = t.with_device(|d| {
+        let replaced = t.core().with_device(|d| {
             let block = d.as_any_mut().downcast_mut::<Block>()?;
             Some(match opened {
                 Ok((file, capacity)) => {
@@ -687,7 +688,7 @@ fn patch_drive(vmm: &mut Vmm, p: &PartialDrive) -> Response {
                 ))
             }
             Some(Err(e)) => return bad(e),
-            Some(Ok(())) => t.config_changed(),
+            Some(Ok(())) => t.core_mut().config_changed(),
         }
         drive.path_on_host = path.clone();
     }

@@ -99,14 +99,42 @@ pub enum VirtioDeviceState {
 pub struct VirtioEntryState {
     /// `drive_id` or `iface_id`.
     pub id: String,
-    /// Base of its MMIO window.
-    pub mmio_base: u64,
-    /// Its interrupt line.
-    pub irq: u32,
-    /// The virtio-mmio registers and queues.
-    pub transport: MmioTransportState,
+    /// Where the guest finds it, and its transport.
+    #[serde(flatten)]
+    pub placed: PlacedTransport,
     /// The device.
     pub device: VirtioDeviceState,
+}
+
+/// A virtio device's transport and where the guest finds it (format 1.2
+/// adds PCI; a virtio-mmio entry has the fields it had in 1.1).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PlacedTransport {
+    /// A virtio-mmio window and interrupt line.
+    Mmio {
+        /// Base of its MMIO window.
+        mmio_base: u64,
+        /// Its interrupt line.
+        irq: u32,
+        /// The virtio-mmio registers and queues.
+        transport: MmioTransportState,
+    },
+    /// A function on PCI bus 0 (`--enable-pci`).
+    Pci {
+        /// Its slot and transport.
+        pci: crate::pci::PciEntryState,
+    },
+}
+
+impl PlacedTransport {
+    /// The transport-neutral registers and queues.
+    pub fn core(&self) -> &devices::virtio::transport::CoreState {
+        match self {
+            PlacedTransport::Mmio { transport, .. } => &transport.core,
+            PlacedTransport::Pci { pci } => &pci.transport.core,
+        }
+    }
 }
 
 /// Everything a snapshot's state file holds.
@@ -128,6 +156,9 @@ pub struct MicrovmState {
     /// which could not hold any, has none).
     #[serde(default)]
     pub virtio: Vec<VirtioEntryState>,
+    /// Whether the VM had a PCI segment (`--enable-pci`; format 1.2).
+    #[serde(default)]
+    pub pci: bool,
 }
 
 impl MicrovmState {
@@ -300,9 +331,8 @@ pub fn describe(path: &Path) -> Result<String, Error> {
         state.i8042.output.len()
     );
     for v in &state.virtio {
-        let t = &v.transport;
-        let queues = t
-            .core
+        let core = v.placed.core();
+        let queues = core
             .queues
             .iter()
             .map(|q| format!("size {} next {}/{}", q.size, q.next_avail, q.next_used))
@@ -352,12 +382,16 @@ pub fn describe(path: &Path) -> Result<String, Error> {
                 )
             }
         };
+        let at = match &v.placed {
+            PlacedTransport::Mmio { mmio_base, irq, .. } => {
+                format!("virtio-mmio at {mmio_base:#x} IRQ {irq}")
+            }
+            PlacedTransport::Pci { pci } => format!("PCI 00:{:02x}.0", pci.slot),
+        };
         out += &format!(
-            "{what}; at {:#x} IRQ {}, status {:#x}, {}; queues: {queues}\n",
-            v.mmio_base,
-            v.irq,
-            t.core.status,
-            if t.core.activated {
+            "{what}; {at}, status {:#x}, {}; queues: {queues}\n",
+            core.status,
+            if core.activated {
                 "started"
             } else {
                 "not started"
@@ -584,24 +618,27 @@ mod tests {
                 output: vec![],
                 awaiting_data_for: None,
             },
+            pci: false,
             virtio: vec![VirtioEntryState {
                 id: "rootfs".into(),
-                mmio_base: 0xd000_0000,
-                irq: 5,
-                transport: MmioTransportState {
-                    core: CoreState {
-                        device_type: 2,
-                        status: 15,
-                        device_features_sel: 1,
-                        driver_features_sel: 1,
-                        driver_features: 1 << 32,
-                        queue_sel: 0,
-                        config_generation: 0,
-                        activated: true,
-                        queues: vec![queue],
-                        bad_config: vec![false],
+                placed: PlacedTransport::Mmio {
+                    mmio_base: 0xd000_0000,
+                    irq: 5,
+                    transport: MmioTransportState {
+                        core: CoreState {
+                            device_type: 2,
+                            status: 15,
+                            device_features_sel: 1,
+                            driver_features_sel: 1,
+                            driver_features: 1 << 32,
+                            queue_sel: 0,
+                            config_generation: 0,
+                            activated: true,
+                            queues: vec![queue],
+                            bad_config: vec![false],
+                        },
+                        interrupt_status: 1,
                     },
-                    interrupt_status: 1,
                 },
                 device: VirtioDeviceState::Block(BlockState {
                     path: "/r.img".into(),

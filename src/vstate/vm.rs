@@ -58,7 +58,9 @@ pub struct VmKvmState {
 /// A VM with its in-kernel irqchip (PIC, IOAPIC, local APICs) and PIT.
 pub struct Vm {
     kvm: Kvm,
-    fd: VmFd,
+    /// Shared with what changes the VM while it runs (MSI routes, moved
+    /// BARs' ioeventfds).
+    fd: std::sync::Arc<VmFd>,
 }
 
 impl Vm {
@@ -78,7 +80,10 @@ impl Vm {
             }
         }
         let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
-        Ok(Vm { kvm, fd })
+        Ok(Vm {
+            kvm,
+            fd: std::sync::Arc::new(fd),
+        })
     }
 
     /// The most vCPUs this VM may have.
@@ -237,5 +242,10 @@ impl Vm {
     /// The VM file descriptor (for device set-up such as ioeventfds).
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// The VM file descriptor, for what changes the VM while it runs.
+    pub fn shared_fd(&self) -> std::sync::Arc<VmFd> {
+        self.fd.clone()
     }
 }

@@ -151,6 +151,27 @@ impl PciConfig {
         Some((high | low, bar.size))
     }
 
+    /// Places BAR `index` at `addr`, as firmware does before the guest
+    /// runs: only the address bits change (an address not aligned to the
+    /// BAR's size, or above 4 GiB for a 32-bit BAR, is refused).
+    pub fn set_bar_address(&mut self, index: usize, addr: u64) -> Result<(), Error> {
+        let bar = self
+            .bars
+            .get(index)
+            .copied()
+            .flatten()
+            .ok_or(Error::Bar(index))?;
+        if !addr.is_multiple_of(bar.size) || (!bar.is_64 && addr > u64::from(u32::MAX)) {
+            return Err(Error::Bar(index));
+        }
+        let reg = REG_BAR0 + index;
+        self.regs[reg] = (self.regs[reg] & 0xf) | (addr as u32 & !0xf);
+        if bar.is_64 {
+            self.regs[reg + 1] = (addr >> 32) as u32;
+        }
+        Ok(())
+    }
+
     /// Whether the guest turned memory decoding on.
     pub fn memory_enabled(&self) -> bool {
         self.regs[REG_COMMAND_STATUS] as u16 & COMMAND_MEMORY != 0

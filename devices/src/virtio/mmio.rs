@@ -67,6 +67,14 @@ impl VirtioTransport for MmioTransport {
     fn core_mut(&mut self) -> &mut VirtioCore {
         &mut self.core
     }
+
+    /// Raises the interrupt again if the driver had not acknowledged it,
+    /// and looks at every queue once (requests made available before the
+    /// snapshot are served).
+    fn kick_after_restore(&self) {
+        self.interrupt.retrigger();
+        self.core.kick_queues();
+    }
 }
 
 impl MmioTransport {
@@ -205,16 +213,6 @@ pub struct MmioTransportState {
     pub core: CoreState,
     /// InterruptStatus: bits raised and not yet acknowledged.
     pub interrupt_status: u32,
-}
-
-impl MmioTransport {
-    /// After a restore, once the vCPUs can take it: raises the interrupt
-    /// again if the driver had not acknowledged it, and looks at every queue
-    /// once (requests made available before the snapshot are served).
-    pub fn kick_after_restore(&self) {
-        self.interrupt.retrigger();
-        self.core.kick_queues();
-    }
 }
 
 impl Persist for MmioTransport {

@@ -6,9 +6,9 @@
 //! transport-neutral [`VirtioCore`]; interrupts go out by MSI-X, one vector
 //! per queue and one for configuration changes, as the driver assigns them.
 //!
-//! Not wired into the VMM yet (issue 19, part 2): the VMM still has to place
-//! BAR 0 on its MMIO bus, connect each vector to a KVM MSI route and irqfd
-//! ([`MsiVectors`]) and announce the PCI root in ACPI.
+//! The VMM places BAR 0 on its MMIO bus (and moves it where the guest
+//! programs it), connects each vector to a KVM MSI route and irqfd
+//! ([`MsiVectors`]) and announces the PCI root in ACPI.
 
 use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -158,6 +158,18 @@ impl VirtioTransport for PciTransport {
     fn core_mut(&mut self) -> &mut VirtioCore {
         &mut self.core
     }
+
+    /// Routes every vector as the table says, raises what was pending and
+    /// deliverable, and looks at every queue once.
+    fn kick_after_restore(&self) {
+        let vectors = self.interrupt.msix().vectors();
+        let changes = Changes {
+            vectors: (0..vectors).collect(),
+            deliver: Vec::new(),
+        };
+        self.interrupt.apply(changes);
+        self.core.kick_queues();
+    }
 }
 
 /// A vendor-specific virtio capability body (after ID and next pointer).
@@ -252,6 +264,14 @@ impl PciTransport {
             self.config.bar(0).map_or(0, |b| b.0),
             self.config.memory_enabled(),
         )
+    }
+
+    /// Places BAR 0 at `addr` (aligned to [`BAR_SIZE`]) before the guest
+    /// runs, as firmware would.
+    pub fn set_bar0(&mut self, addr: u64) -> std::io::Result<()> {
+        self.config
+            .set_bar_address(0, addr)
+            .map_err(|e| std::io::Error::other(e.to_string()))
     }
 
     fn read_common(&self, offset: u64, data: &mut [u8]) {
@@ -490,21 +510,6 @@ pub struct PciTransportState {
     pub queue_vectors: Vec<u16>,
     /// The ISR status.
     pub isr: u32,
-}
-
-impl PciTransport {
-    /// After a restore, once the vCPUs can take them: routes every vector
-    /// as the table says, raises what was pending and deliverable, and
-    /// looks at every queue once.
-    pub fn kick_after_restore(&self) {
-        let vectors = self.interrupt.msix().vectors();
-        let changes = Changes {
-            vectors: (0..vectors).collect(),
-            deliver: Vec::new(),
-        };
-        self.interrupt.apply(changes);
-        self.core.kick_queues();
-    }
 }
 
 impl Persist for PciTransport {

@@ -32,6 +32,9 @@ pub trait VirtioTransport: Send {
     fn core(&self) -> &VirtioCore;
     /// The transport-neutral state, to change.
     fn core_mut(&mut self) -> &mut VirtioCore;
+    /// After a restore, once the vCPUs can take interrupts: delivers what
+    /// the driver had not acknowledged and looks at every queue once.
+    fn kick_after_restore(&self);
 }
 
 /// The state every transport keeps for one device.

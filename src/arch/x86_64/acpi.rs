@@ -5,17 +5,21 @@
 //! ```text
 //! RSDP (revision 2) -> XSDT -> FADT -> DSDT (X_DSDT)
 //!                          \-> MADT
+//!                          \-> MCFG (with --enable-pci)
 //! ```
 //!
 //! The platform is "hardware-reduced" (ACPI 6.x, section 4.1): there is no PM1 block,
 //! no GPE block, no SCI and no FACS. Power-off goes through the sleep control register
 //! named in the FADT, and the DSDT declares `\_S5` so that the guest offers it. The
 //! DSDT also enumerates the virtio-mmio devices, so the guest needs no
-//! `virtio_mmio.device=` command line parameters.
+//! `virtio_mmio.device=` command line parameters. With PCI, the DSDT holds
+//! the PCI root bridge (`\_SB_.PCI0`) with its bus, port and memory windows,
+//! and the MCFG table says where its ECAM configuration space is.
 
 use acpi_tables::fadt::{FADTBuilder, Flags, FADT};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -25,8 +29,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use super::layout::{
     ACPI_MAX_SIZE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, ACPI_START,
-    APIC_START, I8042_KBD_IRQ, I8042_PORT, IOAPIC_START, IRQ_MAX, MAX_CPUS, SERIAL_IRQ,
-    SERIAL_PORT,
+    APIC_START, I8042_KBD_IRQ, I8042_PORT, IOAPIC_START, IRQ_MAX, MAX_CPUS, PCI_ECAM_SIZE,
+    SERIAL_IRQ, SERIAL_PORT,
 };
 
 /// A virtio-mmio device to announce in the DSDT.
@@ -47,6 +51,19 @@ pub struct AcpiConfig<'a> {
     pub num_cpus: u8,
     /// The virtio-mmio devices, in the order they are named `VR00`, `VR01`, ...
     pub virtio_devices: &'a [VirtioMmioDeviceInfo],
+    /// The PCI root bridge, if the VM has one.
+    pub pci: Option<PciRootInfo>,
+}
+
+/// Where a PCI root bridge (segment 0, bus 0) has its windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciRootInfo {
+    /// Guest physical address of bus 0's ECAM configuration space (1 MiB).
+    pub ecam: u64,
+    /// First address of the window where BARs are placed.
+    pub mmio_start: u64,
+    /// Last address of that window (inclusive).
+    pub mmio_end: u64,
 }
 
 /// Errors while building or writing the ACPI tables.
@@ -172,16 +189,23 @@ pub fn create_acpi_tables(mem: &GuestMemoryMmap, cfg: &AcpiConfig) -> Result<Gue
     }
 
     // Tables whose contents do not depend on where the others are placed.
-    let dsdt = build_dsdt(cfg.virtio_devices)?;
+    let dsdt = build_dsdt(cfg.virtio_devices, cfg.pci.as_ref())?;
     let madt = build_madt(num_cpus);
+    let mcfg = cfg.pci.map(|pci| {
+        let mut mcfg = MCFG::new(OEM_ID, oem_table_id(b"MCFG"), OEM_REVISION);
+        mcfg.add_ecam(pci.ecam, 0, 0, 0);
+        to_bytes(&mcfg)
+    });
 
     let rsdp_addr = ACPI_START;
     let xsdt_addr = align_up(rsdp_addr + Rsdp::len() as u64);
-    let xsdt_len = TABLE_HEADER_SIZE + XSDT_ENTRIES * std::mem::size_of::<u64>();
+    let xsdt_entries = XSDT_ENTRIES + usize::from(mcfg.is_some());
+    let xsdt_len = TABLE_HEADER_SIZE + xsdt_entries * std::mem::size_of::<u64>();
     let fadt_addr = align_up(xsdt_addr + xsdt_len as u64);
     let madt_addr = align_up(fadt_addr + FADT::len() as u64);
     let dsdt_addr = align_up(madt_addr + madt.len() as u64);
-    let end = dsdt_addr + dsdt.len() as u64;
+    let mcfg_addr = align_up(dsdt_addr + dsdt.len() as u64);
+    let end = mcfg_addr + mcfg.as_ref().map_or(0, |t| t.len() as u64);
 
     let size = end - ACPI_START;
     if size > ACPI_MAX_SIZE {
@@ -196,6 +220,9 @@ pub fn create_acpi_tables(mem: &GuestMemoryMmap, cfg: &AcpiConfig) -> Result<Gue
     let mut xsdt = XSDT::new(OEM_ID, oem_table_id(b"XSDT"), OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    if mcfg.is_some() {
+        xsdt.add_entry(mcfg_addr);
+    }
     let xsdt = to_bytes(&xsdt);
     debug_assert_eq!(xsdt.len(), xsdt_len);
 
@@ -207,6 +234,7 @@ pub fn create_acpi_tables(mem: &GuestMemoryMmap, cfg: &AcpiConfig) -> Result<Gue
         ("FACP", fadt_addr, fadt.as_slice()),
         ("APIC", madt_addr, madt.as_slice()),
         ("DSDT", dsdt_addr, dsdt.as_slice()),
+        ("MCFG", mcfg_addr, mcfg.as_deref().unwrap_or_default()),
     ] {
         mem.write_slice(bytes, GuestAddress(addr))
             .map_err(|source| Error::WriteMemory { table, source })?;
@@ -268,7 +296,10 @@ fn build_madt(num_cpus: u8) -> Vec<u8> {
 
 /// Builds the DSDT: `\_S5`, the legacy devices, and one `\_SB_.VRxx` device per
 /// virtio-mmio device.
-fn build_dsdt(devices: &[VirtioMmioDeviceInfo]) -> Result<Vec<u8>, Error> {
+fn build_dsdt(
+    devices: &[VirtioMmioDeviceInfo],
+    pci: Option<&PciRootInfo>,
+) -> Result<Vec<u8>, Error> {
     if devices.len() > MAX_VIRTIO_DEVICES {
         return Err(Error::TooManyDevices(devices.len()));
     }
@@ -287,6 +318,9 @@ fn build_dsdt(devices: &[VirtioMmioDeviceInfo]) -> Result<Vec<u8>, Error> {
     for (index, device) in devices.iter().enumerate() {
         virtio_device_aml(index, device, &mut system_bus)?;
     }
+    if let Some(pci) = pci {
+        pci_root_aml(pci, &mut system_bus);
+    }
     body.extend_from_slice(&aml::Scope::raw("\\_SB_".into(), system_bus));
 
     let mut dsdt = Sdt::new(
@@ -299,6 +333,45 @@ fn build_dsdt(devices: &[VirtioMmioDeviceInfo]) -> Result<Vec<u8>, Error> {
     );
     dsdt.append_slice(&body);
     Ok(dsdt.as_slice().to_vec())
+}
+
+/// Appends the PCI root bridge `PCI0` (PNP0A08, compatible with PNP0A03) of
+/// segment 0 with bus 0, the configuration ports 0xcf8-0xcff and the BAR
+/// window, and a motherboard resource (PNP0C02) holding the ECAM window, so
+/// Linux accepts the MCFG's area as reserved.
+fn pci_root_aml(pci: &PciRootInfo, sink: &mut Vec<u8>) {
+    let zero: u8 = 0;
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
+    let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
+    let adr = aml::Name::new("_ADR".into(), &zero);
+    let seg = aml::Name::new("_SEG".into(), &zero);
+    let uid = aml::Name::new("_UID".into(), &zero);
+    let bbn = aml::Name::new("_BBN".into(), &zero);
+    let buses = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let ports = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    // The window is below 4 GiB: the layout checks it.
+    let window = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        pci.mmio_start as u32,
+        pci.mmio_end as u32,
+        None,
+    );
+    let crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![&buses, &ports, &window]),
+    );
+    aml::Device::new(
+        "PCI0".into(),
+        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs],
+    )
+    .to_aml_bytes(sink);
+
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02"));
+    let uid = aml::Name::new("_UID".into(), &zero);
+    let ecam = aml::Memory32Fixed::new(false, pci.ecam as u32, PCI_ECAM_SIZE as u32);
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&ecam]));
+    aml::Device::new("MRES".into(), vec![&hid, &uid, &crs]).to_aml_bytes(sink);
 }
 
 /// Appends COM1 (PNP0501) and the i8042 (PNP0303) with their ports and interrupts.
@@ -434,6 +507,7 @@ mod tests {
             let cfg = AcpiConfig {
                 num_cpus,
                 virtio_devices: devices,
+                pci: None,
             };
             let rsdp = create_acpi_tables(&mem, &cfg).unwrap().0;
             let mut area = vec![0u8; ACPI_MAX_SIZE as usize];
@@ -696,6 +770,58 @@ mod tests {
     }
 
     #[test]
+    fn with_pci_the_mcfg_names_the_ecam_and_the_dsdt_the_root_bridge() {
+        let mem = guest_memory();
+        let pci = PciRootInfo {
+            ecam: 0xe000_0000,
+            mmio_start: 0xe100_0000,
+            mmio_end: 0xfebf_ffff,
+        };
+        let cfg = AcpiConfig {
+            num_cpus: 1,
+            virtio_devices: &[],
+            pci: Some(pci),
+        };
+        let rsdp = create_acpi_tables(&mem, &cfg).unwrap().0;
+        let mut area = vec![0u8; ACPI_MAX_SIZE as usize];
+        mem.read_slice(&mut area, GuestAddress(ACPI_START)).unwrap();
+        let tables = Tables { area, rsdp };
+        assert_eq!(tables.xsdt_entries().len(), 3);
+        let mcfg = tables.find(b"MCFG");
+        assert_eq!(byte_sum(mcfg), 0, "MCFG checksum");
+        // Header, 8 reserved bytes, one allocation: base, segment 0, buses 0-0.
+        assert_eq!(mcfg.len(), 36 + 8 + 16);
+        assert_eq!(u64_at(mcfg, 44), pci.ecam);
+        assert_eq!(u16_at(mcfg, 52), 0);
+        assert_eq!((mcfg[54], mcfg[55]), (0, 0));
+        let dsdt = tables.dsdt();
+        assert_eq!(count(dsdt, b"PCI0"), 1);
+        // EisaId("PNP0A08"), EisaId("PNP0A03") and EisaId("PNP0C02").
+        for id in [0x080a_d041u32, 0x030a_d041, 0x020c_d041] {
+            assert_eq!(count(dsdt, &id.to_le_bytes()), 1, "{id:#x}");
+        }
+        // DWordMemory window: min and max fixed, read-write, the window's ends.
+        let window = [
+            &pci.mmio_start.to_le_bytes()[..4],
+            &pci.mmio_end.to_le_bytes()[..4],
+        ]
+        .concat();
+        assert_eq!(count(dsdt, &window), 1);
+        // Memory32Fixed (read-only) over the ECAM window.
+        let ecam = [
+            &[0x86, 0x09, 0x00, 0x00][..],
+            &(pci.ecam as u32).to_le_bytes(),
+            &(1u32 << 20).to_le_bytes(),
+        ]
+        .concat();
+        assert_eq!(count(dsdt, &ecam), 1);
+        // Without PCI neither is there.
+        let plain = Tables::create(1, &[]);
+        assert_eq!(plain.xsdt_entries().len(), 2);
+        assert_eq!(count(plain.dsdt(), b"PCI0"), 0);
+    }
+
+    #[test]
     fn dsdt_declares_one_virtio_device_per_entry() {
         let devices = virtio_devices(12);
         let tables = Tables::create(2, &devices);
@@ -749,6 +875,7 @@ mod tests {
             let cfg = AcpiConfig {
                 num_cpus,
                 virtio_devices: &[],
+                pci: None,
             };
             assert!(matches!(
                 create_acpi_tables(&mem, &cfg),
@@ -765,6 +892,7 @@ mod tests {
         let cfg = AcpiConfig {
             num_cpus: 1,
             virtio_devices: &devices,
+            pci: None,
         };
         assert!(matches!(
             create_acpi_tables(&mem, &cfg),
@@ -780,6 +908,7 @@ mod tests {
         let cfg = AcpiConfig {
             num_cpus: 1,
             virtio_devices: &devices,
+            pci: None,
         };
         assert!(matches!(
             create_acpi_tables(&mem, &cfg),
@@ -794,6 +923,7 @@ mod tests {
         let cfg = AcpiConfig {
             num_cpus: 1,
             virtio_devices: &devices,
+            pci: None,
         };
         assert!(matches!(
             create_acpi_tables(&mem, &cfg),
@@ -807,6 +937,7 @@ mod tests {
         let cfg = AcpiConfig {
             num_cpus: 1,
             virtio_devices: &[],
+            pci: None,
         };
         assert!(matches!(
             create_acpi_tables(&mem, &cfg),

@@ -11,7 +11,10 @@
 //! 0x0000_8ff0  initial stack pointer    0x0000_9000  PML4, PDPT, 4 x PD (identity map of 4 GiB)
 //! 0x0002_0000  kernel command line      0x0009_fc00  EBDA (reserved)
 //! 0x000e_0000  ACPI tables (RSDP first) 0x000f_0000  MP table
-//! 0x0010_0000  kernel (HIMEM_START)     0xc000_0000  32-bit MMIO hole up to 4 GiB
+//! 0x0010_0000  kernel (HIMEM_START)     0xc000_0000  32-bit MMIO hole up to 4 GiB:
+//!   0xc000_0000 boot timer, 0xd000_0000 virtio-mmio windows,
+//!   0xe000_0000 PCI ECAM (1 MiB), 0xe100_0000 PCI BARs, 0xfec0_0000 IOAPIC,
+//!   0xfee0_0000 local APIC
 //! ```
 
 /// Start of the GDT the VMM sets up for the boot CPU.
@@ -61,6 +64,21 @@ pub const BOOT_TIMER_START: u64 = MMIO_HOLE_START;
 pub const BOOT_TIMER_SIZE: u64 = 0x1000;
 /// Size of one virtio-mmio device window.
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// With `--enable-pci`: bus 0's ECAM configuration space (32 devices × 8
+/// functions × 4 KiB), announced by the MCFG table.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+/// Size of bus 0's ECAM space.
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
+/// With `--enable-pci`: the window where PCI BARs are placed (the PCI root's
+/// memory window in the DSDT), up to the IOAPIC.
+pub const PCI_MMIO_START: u64 = 0xe100_0000;
+/// First address past the BAR window.
+pub const PCI_MMIO_END: u64 = IOAPIC_START;
+/// The first GSI for MSI routes (0-23 are the IOAPIC's pins).
+pub const MSI_GSI_START: u32 = 24;
+/// One past the last GSI for MSI routes (KVM allows 4096 routes).
+pub const MSI_GSI_END: u32 = 4096;
+
 /// First interrupt line handed to virtio-mmio devices (IRQs 0..4 are legacy ISA devices).
 pub const VIRTIO_IRQ_START: u32 = 5;
 /// Last IOAPIC pin (the in-kernel IOAPIC has 24).

@@ -1,0 +1,228 @@
+//! Linux with `--enable-pci`, started as a Firecracker SDK starts it (an API
+//! socket, a configuration file and the flag): every virtio device is a
+//! modern virtio PCI function with MSI-X, none is on virtio-mmio; the guest
+//! reads and writes its drives (the bytes checked on the host), pings over
+//! its network interface and runs a command through the agent over vsock; a
+//! snapshot of it restores into a VMM started with the flag and goes on with
+//! its I/O, is refused by one started without it, and a reboot ends the VMM
+//! with exit code 0.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::golden::{agent_initramfs, shell, Netns, AGENT_PORT};
+use common::{curl, host, kernel, linux_cmdline, linux_timeout, pause_and_snapshot, tmp_path};
+use common::{wait_for_socket, Running};
+use vmm::run::vsock_connect;
+use vmm_agent::{AgentClient, ExecRequest};
+
+const GUEST_IP: &str = "172.31.251.2";
+const HOST_IP: &str = "172.31.251.1";
+const DATA_BYTES: usize = 256 << 10;
+
+fn data_byte(i: usize) -> u8 {
+    (i * 7 % 251) as u8
+}
+
+/// Runs `argv` in the guest through the agent: (stdout, exit code).
+fn agent_run(uds: &Path, argv: &[&str]) -> (String, i32) {
+    let s = vsock_connect(uds, AGENT_PORT).expect("the agent accepts");
+    let client = AgentClient::from_unix(s).unwrap();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let req = ExecRequest::new(argv.iter().copied());
+    let status = client
+        .exec(&req, std::io::empty(), &mut out, &mut err)
+        .expect("the command runs");
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        status.shell_code(),
+    )
+}
+
+/// Starts `vmm --api-sock S [--enable-pci] ARGS` in `ns`.
+fn start(ns: &Netns, name: &str, pci: bool, args: &[&str]) -> (Running, std::path::PathBuf) {
+    let sock = tmp_path(&format!("{name}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let mut cmd = ns.vmm();
+    cmd.arg("--api-sock").arg(&sock).args(["--level", "Info"]);
+    if pci {
+        cmd.arg("--enable-pci");
+    }
+    cmd.args(args);
+    let vm = Running::start(cmd);
+    wait_for_socket(&sock, &vm);
+    (vm, sock)
+}
+
+#[test]
+fn a_pci_guest_uses_every_device_over_msix_snapshots_restores_and_reboots() {
+    let host = host();
+    let ns = Netns::new("pci");
+    ns.add_tap("vmmtap0", Some(&format!("{HOST_IP}/24")));
+    let data = tmp_path("pci-data.img");
+    let out = tmp_path("pci-out.img");
+    let bytes: Vec<u8> = (0..DATA_BYTES).map(data_byte).collect();
+    std::fs::write(&data, &bytes).unwrap();
+    std::fs::write(&out, vec![0u8; DATA_BYTES]).unwrap();
+    let uds = tmp_path("pci-v.sock");
+    let _ = std::fs::remove_file(&uds);
+    let boot_args = linux_cmdline(
+        host,
+        &format!(
+            "ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off i8042.noaux i8042.nomux i8042.dumbkbd"
+        ),
+    );
+    let config = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": kernel("vmlinux"),
+            "initrd_path": agent_initramfs(),
+            "boot_args": boot_args,
+        },
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+        "drives": [
+            {"drive_id": "data", "path_on_host": data, "is_root_device": false, "is_read_only": true},
+            {"drive_id": "out", "path_on_host": out, "is_root_device": false, "is_read_only": false},
+        ],
+        "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "vmmtap0"}],
+        "vsock": {"guest_cid": 3, "uds_path": uds},
+        "entropy": {},
+        "balloon": {"amount_mib": 0, "deflate_on_oom": false},
+    });
+    let config_file = tmp_path("pci-vm.json");
+    std::fs::write(&config_file, config.to_string()).unwrap();
+    let config_arg = config_file.display().to_string();
+    let (mut vm, sock) = start(&ns, "pci", true, &["--config-file", &config_arg]);
+    assert!(
+        vm.wait_for("VMM-TEST: shell", linux_timeout(host)),
+        "no shell: {}",
+        vm.stdout_now()
+    );
+
+    // What the guest sees on its PCI bus: the host bridge and six virtio
+    // functions, modern IDs (0x1040 + the virtio device ID).
+    let ids = shell(
+        &mut vm,
+        "ids",
+        1,
+        "mkdir -p /sys; mount -t sysfs sysfs /sys 2>/dev/null; for d in /sys/bus/pci/devices/*; do echo $(cat $d/vendor):$(cat $d/device); done | sort | tr '\\n' ' '",
+    );
+    eprintln!("asserting: PCI functions {ids}");
+    let mut want = vec![
+        "0x1af4:0x1041", // net
+        "0x1af4:0x1042", // block
+        "0x1af4:0x1042",
+        "0x1af4:0x1044", // entropy
+        "0x1af4:0x1045", // balloon
+        "0x1af4:0x1053", // vsock
+        "0x8086:0x0d57", // host bridge
+    ];
+    want.sort();
+    assert_eq!(ids.split_whitespace().collect::<Vec<_>>(), want);
+    // Every virtio device hangs off PCI; none is a virtio-mmio platform device.
+    let parents = shell(
+        &mut vm,
+        "par",
+        2,
+        "for v in /sys/bus/virtio/devices/*; do readlink -f $v; done | tr '\\n' ' '",
+    );
+    eprintln!("asserting: virtio devices {parents}");
+    let parents: Vec<_> = parents.split_whitespace().collect();
+    assert_eq!(parents.len(), 6, "{parents:?}");
+    assert!(
+        parents.iter().all(|p| p.contains("/pci0000:00/")),
+        "{parents:?}"
+    );
+    // One MSI-X vector per queue plus one for configuration changes.
+    let msi = shell(
+        &mut vm,
+        "msi",
+        3,
+        "grep PCI-MSI /proc/interrupts | grep -c virtio",
+    );
+    let vectors: u32 = msi.parse().unwrap_or(0);
+    eprintln!("asserting: {vectors} PCI-MSI interrupt lines of virtio devices");
+    // blk 1+1 twice, net 2+1, entropy 1+1, balloon 2+1 (no statistics), vsock 3+1.
+    assert!(vectors >= 15, "{msi}");
+
+    // I/O: the read-only drive copied onto the writable one, checked on the host.
+    let copied = shell(
+        &mut vm,
+        "dd",
+        4,
+        "dd if=/dev/vda of=/dev/vdb bs=4096 count=32 conv=fsync 2>/dev/null && echo copied",
+    );
+    assert_eq!(copied, "copied");
+    let written = std::fs::read(&out).unwrap();
+    eprintln!("asserting: 128 KiB of drive 'data' on drive 'out', on the host");
+    assert!(written[..128 << 10] == bytes[..128 << 10]);
+    assert!(written[128 << 10..].iter().all(|&b| b == 0));
+    // Network and vsock.
+    let ping = shell(
+        &mut vm,
+        "ping",
+        5,
+        &format!("ping -c 1 -W 10 {HOST_IP} >/dev/null && echo pong"),
+    );
+    eprintln!("asserting: the guest pings the host over virtio-net on PCI");
+    assert_eq!(ping, "pong");
+    let (agent_out, code) = agent_run(&uds, &["sh", "-c", "echo through-$((6*7))"]);
+    eprintln!("asserting: a command runs through the agent over vsock on PCI");
+    assert_eq!((agent_out.as_str(), code), ("through-42\n", 0));
+
+    // Snapshot, then a VMM without the flag refuses it and one with it goes on.
+    let snap = tmp_path("pci.snap");
+    let mem = tmp_path("pci.mem");
+    pause_and_snapshot(&sock, &snap, &mem);
+    vm.signal(libc::SIGKILL);
+    drop(vm);
+    let load = |uds: &Path| {
+        format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true, "vsock_override": {{"uds_path": "{}"}}}}"#,
+            snap.display(),
+            mem.display(),
+            uds.display()
+        )
+    };
+    let (mmio_vm, mmio_sock) = start(&ns, "pci-mmio", false, &[]);
+    let (status, body) = curl(&mmio_sock, "PUT", "/snapshot/load", Some(&load(&uds)));
+    eprintln!("asserting: a VMM without --enable-pci refuses the snapshot: {body}");
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("taken with --enable-pci") && body.contains("start vmm with --enable-pci"),
+        "{body}"
+    );
+    drop(mmio_vm);
+
+    let uds2 = tmp_path("pci-v2.sock");
+    let _ = std::fs::remove_file(&uds2);
+    let (mut vm, sock) = start(&ns, "pci-restored", true, &[]);
+    let (status, body) = curl(&sock, "PUT", "/snapshot/load", Some(&load(&uds2)));
+    assert_eq!((status, body.as_str()), (204, ""), "{}", vm.stdout_now());
+    let copied = shell(
+        &mut vm,
+        "dd2",
+        6,
+        "dd if=/dev/vda of=/dev/vdb bs=4096 skip=32 seek=32 count=32 conv=fsync 2>/dev/null && echo copied",
+    );
+    assert_eq!(copied, "copied");
+    let written = std::fs::read(&out).unwrap();
+    eprintln!("asserting: after the restore the guest wrote the other 128 KiB, on the host");
+    assert!(written == bytes);
+    let ping = shell(
+        &mut vm,
+        "ping2",
+        7,
+        &format!("ping -c 1 -W 10 {HOST_IP} >/dev/null && echo pong"),
+    );
+    assert_eq!(ping, "pong");
+    let (agent_out, code) = agent_run(&uds2, &["cat", "/proc/sys/kernel/hostname"]);
+    assert_eq!(code, 0, "{agent_out}");
+
+    vm.type_on_console("reboot -f\n");
+    let outcome = vm.finish(Duration::from_secs(120));
+    eprintln!("asserting: reboot ends the VMM with exit code 0");
+    assert_eq!(outcome.code, Some(0), "{outcome:#?}");
+    drop(sock);
+}
