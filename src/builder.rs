@@ -225,8 +225,6 @@ pub fn build_from_snapshot(
 ) -> Result<MicroVm, Error> {
     // The state file is checksummed, not trusted: its configuration passes
     // the same checks as one given over the API.
-    state.config.validate()?;
-    state.check()?;
     if state.pci != pci {
         let with = |on: bool| if on { "with" } else { "without" };
         return Err(Error::PciMismatch {
@@ -234,6 +232,10 @@ pub fn build_from_snapshot(
             started: with(pci),
         });
     }
+    let mut config = state.config.clone();
+    config.pci = pci;
+    config.validate()?;
+    state.check()?;
     let reopened = device_kinds::reopen_all(&device_kinds::Reopening { state, mmds })?;
     let cpus = state.vcpus.len() as u32;
     let vm = vm::Vm::new()?;
@@ -271,7 +273,7 @@ pub fn build_from_snapshot(
         vcpu.restore_state(saved)?;
     }
     Ok(MicroVm {
-        config: state.config.clone(),
+        config,
         vm,
         mem,
         vcpus,

@@ -381,7 +381,7 @@ impl Cli {
                 if let Some(flag) = self.vm_flag() {
                     return Err(Error::MixedWithConfigFile(flag));
                 }
-                Some(read_config_file(path)?)
+                Some(read_config_file(path, self.enable_pci)?)
             }
             None if self.kernel.is_some() => Some(self.vm_config()?),
             None if self.vm_flag().is_some() || api_sock.is_none() => {
@@ -427,19 +427,20 @@ impl Cli {
         if let Some(spec) = &self.vsock {
             c.vsock = Some(parse_vsock_spec(spec)?);
         }
+        c.pci = self.enable_pci;
         c.validate()?;
         Ok(c)
     }
 }
 
 /// Reads and validates a `--config-file`.
-pub fn read_config_file(path: &std::path::Path) -> Result<VmConfig, Error> {
+pub fn read_config_file(path: &std::path::Path, pci: bool) -> Result<VmConfig, Error> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| Error::ConfigFileRead {
         path: shown.clone(),
         err: e.to_string(),
     })?;
-    VmConfig::from_json(&text).map_err(|err| Error::ConfigFile { path: shown, err })
+    VmConfig::from_json_for(&text, pci).map_err(|err| Error::ConfigFile { path: shown, err })
 }
 
 /// Checks an instance ID: 1 to 64 ASCII alphanumerics or '-'.

@@ -18,9 +18,9 @@ pub const MIN_MEM_MIB: u64 = 16;
 pub const MAX_MEM_MIB: u64 = 1 << 20;
 /// Most virtio devices the VMM attaches (one interrupt line each, IRQ 5..=23).
 pub const MAX_VIRTIO_DEVICES: usize = 19;
-/// Most virtio devices with `--enable-pci`: bus 0's slots but the host
-/// bridge's.
-pub const MAX_PCI_DEVICES: usize = devices::pci::root::SLOTS - 1;
+/// Most virtio devices with `--enable-pci`: every function of bus 0's
+/// devices but the host bridge's.
+pub const MAX_PCI_DEVICES: usize = devices::pci::root::MAX_FUNCTIONS;
 /// Firecracker's static CPU template names (its `CpuTemplate` enum).
 pub const CPU_TEMPLATES: &[&str] = &["None", "C3", "T2", "T2S", "T2CL", "T2A"];
 /// Longest device ID accepted (Firecracker's limit).
@@ -673,8 +673,15 @@ impl VmConfig {
 
     /// Parses a Firecracker-shaped JSON configuration and validates it.
     pub fn from_json(text: &str) -> Result<VmConfig, Error> {
-        let config: VmConfig =
+        Self::from_json_for(text, false)
+    }
+
+    /// As [`Self::from_json`], for a VMM whose virtio devices are on PCI or
+    /// not (`--enable-pci`: more devices fit).
+    pub fn from_json_for(text: &str, pci: bool) -> Result<VmConfig, Error> {
+        let mut config: VmConfig =
             serde_json::from_str(text).map_err(|e| Error::Json(e.to_string()))?;
+        config.pci = pci;
         config.validate()?;
         Ok(config)
     }

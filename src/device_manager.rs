@@ -101,6 +101,8 @@ pub struct VirtioEntry {
     pub transport: Arc<Mutex<dyn VirtioTransport>>,
     /// Where the guest finds it.
     pub place: Place,
+    /// Its queues' subscription in the event loop, once watched.
+    pub watch: Option<event_manager::SubscriberId>,
 }
 
 /// Where the guest finds a virtio device, with its transport's own type (for
@@ -114,7 +116,8 @@ pub enum Place {
     /// A function on PCI bus 0.
     Pci {
         transport: Arc<Mutex<PciTransport>>,
-        slot: usize,
+        /// `device << 3 | function` on bus 0.
+        devfn: usize,
     },
 }
 
@@ -325,6 +328,7 @@ impl DeviceManager {
             kind,
             label,
             transport: transport.clone(),
+            watch: None,
             place: Place::Mmio {
                 transport,
                 info: VirtioMmioDeviceInfo {
@@ -361,9 +365,10 @@ impl DeviceManager {
             kind,
             label,
             transport: plugged.transport.clone(),
+            watch: None,
             place: Place::Pci {
                 transport: plugged.transport,
-                slot: plugged.slot,
+                devfn: plugged.devfn,
             },
         });
         Ok(())
@@ -415,10 +420,10 @@ impl DeviceManager {
                         irq: info.irq,
                         transport: transport.lock().unwrap_or_else(|e| e.into_inner()).save(),
                     },
-                    Place::Pci { transport, slot } => PlacedTransport::Pci {
+                    Place::Pci { transport, devfn } => PlacedTransport::Pci {
                         pci: PciEntryState {
-                            // A slot of bus 0: below 32.
-                            slot: *slot as u8,
+                            // A devfn of bus 0: below 256.
+                            devfn: *devfn as u8,
                             transport: transport.lock().unwrap_or_else(|e| e.into_inner()).save(),
                         },
                     },
@@ -444,9 +449,62 @@ impl DeviceManager {
         }
     }
 
+    /// Takes the PCI device of `kind` with `id` off the bus: its function,
+    /// BAR and queue notifications go; the entry is returned (dropping it,
+    /// once the event loop no longer watches it, releases its vectors and
+    /// host side). A device a guest driver still holds stays.
+    pub fn detach_pci(&mut self, kind: VirtioKind, id: &str) -> Result<VirtioEntry, String> {
+        let Some(at) = self
+            .virtio
+            .iter()
+            .position(|e| e.kind == kind && e.id == id)
+        else {
+            return Err(format!(
+                "Device not found: no {} '{id}' is attached.",
+                kind_noun(kind)
+            ));
+        };
+        let Place::Pci { devfn, .. } = self.virtio[at].place else {
+            return Err("PCI is not enabled: devices on virtio-mmio cannot be unplugged; start vmm with --enable-pci for hotplug.".into());
+        };
+        let status = {
+            let t = self.virtio[at]
+                .transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            t.core().status()
+        };
+        // A driver that let go reset the device (Linux then acknowledges
+        // it again): no driver, no negotiated features, not running.
+        use devices::virtio::status::{DRIVER, DRIVER_OK, FEATURES_OK};
+        if status & (DRIVER | DRIVER_OK | FEATURES_OK) != 0 {
+            return Err(format!(
+                "The guest still uses {} '{id}': remove it in the guest first (echo 1 > /sys/bus/pci/devices/0000:00:{:02x}.{}/remove), then DELETE it again.",
+                kind_noun(kind),
+                devfn >> 3,
+                devfn & 7
+            ));
+        }
+        if let Some(pci) = self.pci.as_mut() {
+            pci.detach(devfn);
+        }
+        Ok(self.virtio.remove(at))
+    }
+
     /// The virtio device of `kind` with `id`.
     pub fn find(&self, kind: VirtioKind, id: &str) -> Option<&VirtioEntry> {
         self.virtio.iter().find(|e| e.kind == kind && e.id == id)
+    }
+}
+
+/// How messages name a device of `kind`.
+fn kind_noun(kind: VirtioKind) -> &'static str {
+    match kind {
+        VirtioKind::Block => "drive",
+        VirtioKind::Net => "network interface",
+        VirtioKind::Vsock => "vsock device",
+        VirtioKind::Entropy => "entropy device",
+        VirtioKind::Balloon => "balloon",
     }
 }
 

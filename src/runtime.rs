@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use devices::legacy::serial::SerialDevice;
 use devices::virtio::mmio::QueueEvents;
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{
+    EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
+};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::builder::MicroVm;
@@ -115,7 +117,7 @@ impl EventLoop {
     /// each virtio device's queues and backend (left alone while `paused`).
     pub fn watch_devices(
         &mut self,
-        devices: &DeviceManager,
+        devices: &mut DeviceManager,
         paused: Arc<AtomicBool>,
     ) -> Result<(), Error> {
         // Everything that can fail comes first: a failed start leaves no
@@ -138,10 +140,32 @@ impl EventLoop {
                 saw_prefix: false,
             })));
         }
-        for events in queue_events {
-            self.em.add_subscriber(Arc::new(Mutex::new(events)));
+        for (entry, events) in devices.virtio.iter_mut().zip(queue_events) {
+            entry.watch = Some(self.em.add_subscriber(Arc::new(Mutex::new(events))));
         }
         Ok(())
+    }
+
+    /// Watches the queues of one device added while the VM runs.
+    pub fn watch_device(
+        &mut self,
+        entry: &mut crate::device_manager::VirtioEntry,
+        paused: Arc<AtomicBool>,
+    ) -> Result<(), Error> {
+        let events =
+            QueueEvents::new(entry.transport.clone(), paused).map_err(|err| Error::Watch {
+                what: "virtio device queues",
+                err,
+            })?;
+        entry.watch = Some(self.em.add_subscriber(Arc::new(Mutex::new(events))));
+        Ok(())
+    }
+
+    /// Stops watching a device's queues (it is being removed).
+    pub fn unwatch(&mut self, id: SubscriberId) {
+        if let Err(e) = self.em.remove_subscriber(id) {
+            log::warn!("cannot stop watching a removed device: {e:?}");
+        }
     }
 
     /// Wakes the loop every `period` (for periodic work done between rounds).

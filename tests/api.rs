@@ -149,6 +149,20 @@ fn getting_started_sequence_then_pause_and_resume_exactly() {
         curl(&sock, "PUT", "/actions", Some(start)),
         "not supported after starting",
     );
+    // Hotplug and unplug need PCI (--enable-pci), in Firecracker's words.
+    let hot = r#"{"drive_id": "hot", "path_on_host": "/dev/null", "is_root_device": false, "is_read_only": true}"#;
+    assert_fault(
+        curl(&sock, "PUT", "/drives/hot", Some(hot)),
+        "PCI is not enabled",
+    );
+    assert_fault(
+        curl(&sock, "DELETE", "/drives/hot", None),
+        "PCI is not enabled",
+    );
+    assert_fault(
+        curl(&sock, "DELETE", "/network-interfaces/eth9", None),
+        "PCI is not enabled",
+    );
 
     assert_eq!(
         curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0,

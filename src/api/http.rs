@@ -68,6 +68,8 @@ pub enum Method {
     Put,
     /// `PATCH`.
     Patch,
+    /// `DELETE`.
+    Delete,
     /// Any other method token, e.g. `POST`.
     Other(String),
 }
@@ -665,6 +667,7 @@ fn parse_head(input: &[u8], opts: &ServerOptions) -> Result<Option<(Head, usize)
         "GET" => Method::Get,
         "PUT" => Method::Put,
         "PATCH" => Method::Patch,
+        "DELETE" => Method::Delete,
         other => Method::Other(other.to_string()),
     };
     let keep_alive = !close && (version == 1 || keep_alive);
@@ -823,6 +826,7 @@ mod tests {
                 Method::Get => "GET",
                 Method::Put => "PUT",
                 Method::Patch => "PATCH",
+                Method::Delete => "DELETE",
                 Method::Other(m) => m.as_str(),
             };
             seen.lock().unwrap().push(format!("{method} {}", req.path));

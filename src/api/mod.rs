@@ -174,6 +174,7 @@ fn log_request(req: &http::Request) {
         http::Method::Get => "Get",
         http::Method::Put => "Put",
         http::Method::Patch => "Patch",
+        http::Method::Delete => "Delete",
         http::Method::Other(m) => m.as_str(),
     };
     let path = req.path.split('?').next().unwrap_or("");

@@ -208,6 +208,11 @@ pub enum ApiRequest {
     PutNetworkInterface(NetworkInterface),
     /// `PATCH /network-interfaces/{id}`.
     PatchNetworkInterface(PartialNetworkInterface),
+    /// `DELETE /drives/{id}`: unplugs a drive from a running PCI VM.
+    DeleteDrive(String),
+    /// `DELETE /network-interfaces/{id}`: unplugs an interface from a
+    /// running PCI VM.
+    DeleteNetworkInterface(String),
     /// `PUT /logger`.
     PutLogger(LoggerConfig),
     /// `PUT /metrics`.
@@ -274,8 +279,6 @@ impl ApiRequest {
             ApiRequest::PutMachineConfig(_)
                 | ApiRequest::PatchMachineConfig(_)
                 | ApiRequest::PutBootSource(_)
-                | ApiRequest::PutDrive(_)
-                | ApiRequest::PutNetworkInterface(_)
                 | ApiRequest::PutLogger(_)
                 | ApiRequest::PutMetrics(_)
                 | ApiRequest::PutVsock(_)
@@ -294,6 +297,8 @@ impl ApiRequest {
             self,
             ApiRequest::PatchDrive(_)
                 | ApiRequest::PatchNetworkInterface(_)
+                | ApiRequest::DeleteDrive(_)
+                | ApiRequest::DeleteNetworkInterface(_)
                 | ApiRequest::PatchVm(_)
                 | ApiRequest::Action(ActionType::SendCtrlAltDel)
                 | ApiRequest::Action(ActionType::FlushMetrics)
@@ -328,6 +333,7 @@ fn invalid_path(req: &Request) -> Response {
         Method::Get => "GET",
         Method::Put => "PUT",
         Method::Patch => "PATCH",
+        Method::Delete => "DELETE",
         Method::Other(m) => m.as_str(),
     };
     let path: String = req.path.chars().take(100).collect();
@@ -461,6 +467,14 @@ pub fn parse(req: &Request) -> Result<ApiRequest, Response> {
             check_ids("iface_id", id, &n.iface_id)?;
             n.validate().map_err(|e| bad(e.to_string()))?;
             PutNetworkInterface(n)
+        }
+        (Method::Delete, ["drives", id]) => {
+            config::check_id("drive_id", id).map_err(|e| bad(e.to_string()))?;
+            DeleteDrive(id.to_string())
+        }
+        (Method::Delete, ["network-interfaces", id]) => {
+            config::check_id("iface_id", id).map_err(|e| bad(e.to_string()))?;
+            DeleteNetworkInterface(id.to_string())
         }
         (Method::Patch, ["network-interfaces", id]) => {
             let n: PartialNetworkInterface = body(req)?;

@@ -35,7 +35,7 @@ pub enum Error {
     /// MSI routing could not be set up.
     #[error(transparent)]
     Msi(#[from] msi::Error),
-    /// Every slot of bus 0 is taken, or a snapshot's slot is.
+    /// Every function of bus 0 is taken, or a snapshot's is.
     #[error("{0} Use fewer devices, or a snapshot taken with this device layout.")]
     Slot(devices::pci::root::Error),
     /// The BAR window is full, or a snapshot's BAR is taken.
@@ -52,13 +52,13 @@ pub enum Error {
     IoEvent(kvm_ioctls::Error),
 }
 
-/// What a snapshot keeps of a PCI virtio device: its slot and its
+/// What a snapshot keeps of a PCI virtio device: its function number and its
 /// transport (BAR 0's address is in the configuration space). The GSIs
 /// behind its vectors are the VMM's own and are taken again on restore.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PciEntryState {
-    /// Device number on bus 0.
-    pub slot: u8,
+    /// Device and function on bus 0 (`device << 3 | function`).
+    pub devfn: u8,
     /// The transport: virtio registers, configuration space, MSI-X.
     pub transport: PciTransportState,
 }
@@ -66,6 +66,8 @@ pub struct PciEntryState {
 /// Bus 0 and what its functions need from the VM.
 pub struct PciSegment {
     root: Arc<Mutex<PciRoot>>,
+    /// The virtio functions plugged in, by devfn.
+    functions: std::collections::BTreeMap<usize, Arc<Mutex<VirtioFunction>>>,
     router: Arc<msi::MsiRouter>,
     bars: AddressAllocator,
     mmio: Bus,
@@ -76,8 +78,8 @@ pub struct PciSegment {
 pub struct PciPlugged {
     /// The transport, also on the MMIO bus at BAR 0.
     pub transport: Arc<Mutex<PciTransport>>,
-    /// Its device number.
-    pub slot: usize,
+    /// Its device and function (`device << 3 | function`).
+    pub devfn: usize,
 }
 
 impl PciSegment {
@@ -100,6 +102,7 @@ impl PciSegment {
         let router = Arc::new(msi::MsiRouter::new(vm.shared_fd())?);
         Ok(PciSegment {
             root,
+            functions: Default::default(),
             router,
             // A constant range that fits: this cannot fail.
             bars: AddressAllocator::new(PCI_MMIO_START, PCI_MMIO_END - PCI_MMIO_START)
@@ -118,8 +121,8 @@ impl PciSegment {
         }
     }
 
-    /// Plugs `device` in: the first free slot and BAR room, or with `saved`
-    /// the slot and BAR address of its snapshot, in that state.
+    /// Plugs `device` in: the first free function and BAR room, or with
+    /// `saved` the function and BAR address of its snapshot, in that state.
     pub fn attach_virtio(
         &mut self,
         mem: &GuestMemoryMmap,
@@ -160,8 +163,25 @@ impl PciSegment {
                 range.start()
             }
         };
-        let mut transport = transport;
-        if saved.is_none() {
+        let plugged = self.plug(transport, bar, saved.map(|s| usize::from(s.devfn)));
+        if plugged.is_err() {
+            if let Ok(r) = RangeInclusive::new(bar, bar + BAR_SIZE - 1) {
+                // Outside the window nothing was taken: nothing to free.
+                let _ = self.bars.free(&r);
+            }
+        }
+        plugged
+    }
+
+    /// The rest of [`Self::attach_virtio`]: BAR 0 at `bar` on the MMIO bus
+    /// with its ioeventfds, the function at `devfn` (or the first free one).
+    fn plug(
+        &mut self,
+        mut transport: PciTransport,
+        bar: u64,
+        devfn: Option<usize>,
+    ) -> Result<PciPlugged, Error> {
+        if devfn.is_none() {
             transport.set_bar0(bar).map_err(Error::Function)?;
         }
         let evts: Vec<Arc<EventFd>> = transport.core().queue_evts().to_vec();
@@ -169,28 +189,48 @@ impl PciSegment {
         let function = VirtioFunction {
             transport: transport.clone(),
             placed: bar,
+            allocated: bar,
             evts,
             mmio: self.mmio.clone(),
             vm: self.vm.clone(),
         };
-        let plugged = function.place(bar).and_then(|()| {
-            let function = Arc::new(Mutex::new(function));
+        function.place(bar)?;
+        let function = Arc::new(Mutex::new(function));
+        let added = {
             let mut root = self.root.lock().unwrap_or_else(|e| e.into_inner());
-            match saved {
-                Some(s) => root
-                    .add_at(usize::from(s.slot), function)
-                    .map(|()| usize::from(s.slot)),
-                None => root.add(function),
+            match devfn {
+                Some(at) => root.add_at(at, function.clone()).map(|()| at),
+                None => root.add(function.clone()),
             }
             .map_err(Error::Slot)
-        });
-        match plugged {
-            Ok(slot) => Ok(PciPlugged { transport, slot }),
+        };
+        match added {
+            Ok(devfn) => {
+                self.functions.insert(devfn, function);
+                Ok(PciPlugged { transport, devfn })
+            }
             Err(e) => {
-                if let Ok(r) = RangeInclusive::new(bar, bar + BAR_SIZE - 1) {
-                    let _ = self.bars.free(&r);
-                }
+                let f = function.lock().unwrap_or_else(|e| e.into_inner());
+                f.unplace(f.placed, f.evts.len());
                 Err(e)
+            }
+        }
+    }
+}
+
+impl PciSegment {
+    /// Unplugs the function at `devfn`: off the bus, its BAR off the MMIO
+    /// bus with its ioeventfds, its BAR room free again.
+    pub fn detach(&mut self, devfn: usize) {
+        self.root
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(devfn);
+        if let Some(function) = self.functions.remove(&devfn) {
+            let f = function.lock().unwrap_or_else(|e| e.into_inner());
+            f.unplace(f.placed, f.evts.len());
+            if let Ok(r) = RangeInclusive::new(f.allocated, f.allocated + BAR_SIZE - 1) {
+                let _ = self.bars.free(&r);
             }
         }
     }
@@ -202,6 +242,8 @@ struct VirtioFunction {
     transport: Arc<Mutex<PciTransport>>,
     /// Where BAR 0 is on the MMIO bus.
     placed: u64,
+    /// Where the segment placed it (its room in the BAR window).
+    allocated: u64,
     evts: Vec<Arc<EventFd>>,
     mmio: Bus,
     vm: Arc<VmFd>,

@@ -122,7 +122,7 @@ pub enum PlacedTransport {
     },
     /// A function on PCI bus 0 (`--enable-pci`).
     Pci {
-        /// Its slot and transport.
+        /// Its function number and transport.
         pci: crate::pci::PciEntryState,
     },
 }
@@ -195,9 +195,11 @@ impl MicrovmState {
                 "the memory regions do not lay out {want} bytes of guest memory"
             ));
         }
-        // Every configured drive and interface has its device, in the order
-        // they are attached (drives first, the root drive first).
-        let configured: Vec<(&str, u8)> = self
+        // Every configured drive and interface has its device and no other
+        // device is there (in the order they were attached at the start,
+        // drives first, the root drive first, and devices hotplugged later
+        // after them: compared as sets, each ID once).
+        let mut configured: Vec<(&str, u8)> = self
             .config
             .ordered_drives()
             .into_iter()
@@ -212,7 +214,7 @@ impl MicrovmState {
             .chain(self.config.entropy.iter().map(|_| (ENTROPY_ID, 3)))
             .chain(self.config.balloon.iter().map(|_| (BALLOON_ID, 4)))
             .collect();
-        let saved: Vec<(&str, u8)> = self
+        let mut saved: Vec<(&str, u8)> = self
             .virtio
             .iter()
             .map(|v| {
@@ -226,7 +228,9 @@ impl MicrovmState {
                 (v.id.as_str(), kind)
             })
             .collect();
-        if configured != saved {
+        configured.sort_unstable();
+        saved.sort_unstable();
+        if configured != saved || saved.windows(2).any(|w| w[0] == w[1]) {
             return bad(format!(
                 "its virtio devices {saved:?} are not the configured drives, interfaces and vsock {configured:?}"
             ));
@@ -386,7 +390,9 @@ pub fn describe(path: &Path) -> Result<String, Error> {
             PlacedTransport::Mmio { mmio_base, irq, .. } => {
                 format!("virtio-mmio at {mmio_base:#x} IRQ {irq}")
             }
-            PlacedTransport::Pci { pci } => format!("PCI 00:{:02x}.0", pci.slot),
+            PlacedTransport::Pci { pci } => {
+                format!("PCI 00:{:02x}.{}", pci.devfn >> 3, pci.devfn & 7)
+            }
         };
         out += &format!(
             "{what}; {at}, status {:#x}, {}; queues: {queues}\n",

@@ -151,6 +151,12 @@ impl PciConfig {
         Some((high | low, bar.size))
     }
 
+    /// Sets the header type's multi-function bit: the guest then looks for
+    /// functions 1-7 of this function's device too.
+    pub fn set_multifunction(&mut self) {
+        self.regs[REG_HEADER] |= 0x80 << 16;
+    }
+
     /// Places BAR `index` at `addr`, as firmware does before the guest
     /// runs: only the address bits change (an address not aligned to the
     /// BAR's size, or above 4 GiB for a 32-bit BAR, is refused).

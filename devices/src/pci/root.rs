@@ -1,8 +1,11 @@
 //! PCI segment 0, bus 0: the host bridge at 00:00.0 and the functions
 //! plugged in, reached through configuration mechanism #1 (the address
 //! register at port 0xcf8, data at 0xcfc) and through ECAM (a memory window
-//! with each function's 4 KiB of configuration space). Only function 0 of
-//! each device exists; anything else reads as all ones, as an empty slot.
+//! with each function's 4 KiB of configuration space). Functions are placed
+//! by device/function number (devfn, `device << 3 | function`): function 0
+//! of devices 1-31 first, then function 1 of each, and so on, so up to 248
+//! functions fit on the bus (a function that is not there reads as all
+//! ones).
 
 use std::sync::{Arc, Mutex};
 
@@ -11,6 +14,10 @@ use crate::bus::BusDevice;
 
 /// Devices on the bus (device numbers 0-31; 0 is the host bridge).
 pub const SLOTS: usize = 32;
+/// Functions of one device.
+pub const FUNCTIONS: usize = 8;
+/// Functions the bus can take besides the host bridge (devices 1-31).
+pub const MAX_FUNCTIONS: usize = (SLOTS - 1) * FUNCTIONS;
 /// Bytes of ECAM configuration space per function.
 pub const ECAM_FUNCTION_SIZE: u64 = 4096;
 /// Bytes of ECAM space for bus 0 (32 devices × 8 functions × 4 KiB).
@@ -41,16 +48,17 @@ impl PciFunction for PciConfig {
 /// Errors plugging functions in.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
-    /// Every slot is taken.
-    #[error("All {SLOTS} PCI slots are taken.")]
+    /// Every function of every device is taken.
+    #[error("All {MAX_FUNCTIONS} PCI functions of bus 0 are taken.")]
     Full,
-    /// The slot is taken or does not exist.
-    #[error("PCI slot {0} is taken or does not exist.")]
+    /// The function (devfn) is taken or does not exist.
+    #[error("PCI function 00:{:02x}.{} is taken or cannot be used.", .0 >> 3, .0 & 7)]
     Slot(usize),
 }
 
 /// Bus 0.
 pub struct PciRoot {
+    /// By devfn.
     slots: Vec<Option<SharedFunction>>,
     /// Configuration mechanism #1's address register.
     address: u32,
@@ -77,46 +85,46 @@ impl PciRoot {
             },
             false,
         );
-        let mut slots: Vec<Option<SharedFunction>> = vec![None; SLOTS];
+        let mut slots: Vec<Option<SharedFunction>> = vec![None; SLOTS * FUNCTIONS];
         slots[0] = Some(Arc::new(Mutex::new(bridge)));
         PciRoot { slots, address: 0 }
     }
 
-    /// Plugs `f` into the first free slot; returns its device number.
+    /// Plugs `f` into the first free function (function 0 of each device
+    /// first); returns its devfn.
     pub fn add(&mut self, f: SharedFunction) -> Result<usize, Error> {
-        let slot = self
-            .slots
-            .iter()
-            .position(Option::is_none)
+        let devfn = (0..FUNCTIONS)
+            .flat_map(|func| (1..SLOTS).map(move |dev| dev * FUNCTIONS + func))
+            .find(|&devfn| self.slots[devfn].is_none())
             .ok_or(Error::Full)?;
-        self.slots[slot] = Some(f);
-        Ok(slot)
+        self.slots[devfn] = Some(f);
+        Ok(devfn)
     }
 
-    /// Plugs `f` into `slot` (a restored device's).
-    pub fn add_at(&mut self, slot: usize, f: SharedFunction) -> Result<(), Error> {
-        match self.slots.get_mut(slot) {
-            Some(s @ None) if slot != 0 => {
+    /// Plugs `f` in at `devfn` (a restored device's).
+    pub fn add_at(&mut self, devfn: usize, f: SharedFunction) -> Result<(), Error> {
+        match self.slots.get_mut(devfn) {
+            Some(s @ None) if devfn >= FUNCTIONS => {
                 *s = Some(f);
                 Ok(())
             }
-            _ => Err(Error::Slot(slot)),
+            _ => Err(Error::Slot(devfn)),
         }
     }
 
-    /// Unplugs the function in `slot` (never the host bridge).
-    pub fn remove(&mut self, slot: usize) -> Option<SharedFunction> {
-        if slot == 0 {
+    /// Unplugs the function at `devfn` (never the host bridge's device).
+    pub fn remove(&mut self, devfn: usize) -> Option<SharedFunction> {
+        if devfn < FUNCTIONS {
             return None;
         }
-        self.slots.get_mut(slot)?.take()
+        self.slots.get_mut(devfn)?.take()
     }
 
     fn function(&self, device: usize, function: usize) -> Option<&SharedFunction> {
-        if function != 0 {
+        if function >= FUNCTIONS {
             return None;
         }
-        self.slots.get(device)?.as_ref()
+        self.slots.get(device * FUNCTIONS + function)?.as_ref()
     }
 
     /// Reads function `(device, function)`'s configuration space; an empty
@@ -257,8 +265,8 @@ mod tests {
     #[test]
     fn mechanism_one_reads_the_bridge_and_a_plugged_function() {
         let root = Arc::new(Mutex::new(PciRoot::new()));
-        let slot = root.lock().unwrap().add(plain()).unwrap();
-        assert_eq!(slot, 1);
+        let devfn = root.lock().unwrap().add(plain()).unwrap();
+        assert_eq!(devfn, 1 << 3, "function 0 of device 1");
         let mut io = PciConfigIo(root.clone());
         let mut d = [0u8; 4];
         io.write(0, &cf8(0, 0, 0));
@@ -318,18 +326,33 @@ mod tests {
     }
 
     #[test]
-    fn slots_fill_in_order_and_the_bridge_stays() {
+    fn functions_fill_device_by_device_then_function_by_function() {
         let mut root = PciRoot::new();
-        for want in 1..SLOTS {
-            assert_eq!(root.add(plain()), Ok(want));
+        for func in 0..FUNCTIONS {
+            for dev in 1..SLOTS {
+                assert_eq!(root.add(plain()), Ok(dev << 3 | func));
+            }
         }
         assert_eq!(root.add(plain()), Err(Error::Full));
         assert!(root.remove(0).is_none(), "the host bridge cannot go");
-        assert!(root.remove(5).is_some());
-        assert!(root.remove(5).is_none());
+        assert!(root.remove(3).is_none(), "nor its device's other functions");
+        assert!(root.remove(5 << 3).is_some());
+        assert!(root.remove(5 << 3).is_none());
         assert_eq!(root.add_at(0, plain()), Err(Error::Slot(0)));
-        assert_eq!(root.add_at(40, plain()), Err(Error::Slot(40)));
-        root.add_at(5, plain()).unwrap();
-        assert_eq!(root.add_at(5, plain()), Err(Error::Slot(5)));
+        assert_eq!(root.add_at(7, plain()), Err(Error::Slot(7)));
+        assert_eq!(root.add_at(256, plain()), Err(Error::Slot(256)));
+        root.add_at(5 << 3, plain()).unwrap();
+        assert_eq!(root.add_at(5 << 3, plain()), Err(Error::Slot(5 << 3)));
+        // Function 2 of device 9 answers on both mechanisms.
+        let root = Arc::new(Mutex::new(PciRoot::new()));
+        root.lock().unwrap().add_at(9 << 3 | 2, plain()).unwrap();
+        let mut io = PciConfigIo(root.clone());
+        let mut d = [0u8; 4];
+        io.write(0, &cf8(9, 2, 0));
+        io.read(4, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x1041_1af4);
+        let mut ecam = PciEcam(root);
+        ecam.read(9 << 15 | 2 << 12, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x1041_1af4);
     }
 }

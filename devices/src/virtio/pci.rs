@@ -220,6 +220,9 @@ impl PciTransport {
             },
             false,
         );
+        // Every virtio function says it may have siblings: a device's other
+        // functions can then be plugged in (and found by a rescan) later.
+        config.set_multifunction();
         let layout = |e: crate::pci::config::Error| std::io::Error::other(e.to_string());
         config.add_memory_bar(0, BAR_SIZE, true).map_err(layout)?;
         let notify_len = queues as u64 * u64::from(NOTIFY_MULTIPLIER);
