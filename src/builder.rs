@@ -67,12 +67,6 @@ pub enum Error {
     /// A snapshot cannot be restored.
     #[error(transparent)]
     Snapshot(#[from] snapshot::Error),
-    /// A snapshot taken with PCI loaded without it, or the other way round.
-    #[error("The snapshot was taken {saved} --enable-pci and this vmm was started {started} it; start vmm {saved} --enable-pci to load it.")]
-    PciMismatch {
-        saved: &'static str,
-        started: &'static str,
-    },
 }
 
 impl Error {
@@ -89,7 +83,6 @@ impl Error {
                 | Error::Snapshot(_)
                 | Error::Vm(vm::Error::TooManyCpus { .. })
                 | Error::Vm(vm::Error::NoRealtimeClock)
-                | Error::PciMismatch { .. }
                 | Error::Devices(
                     device_manager::Error::Restore { .. }
                         | device_manager::Error::Placement { .. }
@@ -197,8 +190,8 @@ pub fn build_with(
 /// How a snapshot is built into a VM.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoadFlags {
-    /// This VMM puts virtio devices on PCI (`--enable-pci`): the snapshot
-    /// must have been taken so.
+    /// This VMM puts virtio devices on PCI (`--enable-pci`); a snapshot's
+    /// devices stay on the transport they were saved on all the same.
     pub pci: bool,
     /// Advance the kvmclock by the wall-clock time since the snapshot.
     pub clock_realtime: bool,
@@ -214,7 +207,7 @@ pub struct LoadFlags {
 pub fn build_from_snapshot(
     state: &MicrovmState,
     LoadFlags {
-        pci,
+        pci: started_with_pci,
         clock_realtime,
     }: LoadFlags,
     mem_source: &snapshot::MemorySource,
@@ -225,12 +218,15 @@ pub fn build_from_snapshot(
 ) -> Result<MicroVm, Error> {
     // The state file is checksummed, not trusted: its configuration passes
     // the same checks as one given over the API.
-    if state.pci != pci {
-        let with = |on: bool| if on { "with" } else { "without" };
-        return Err(Error::PciMismatch {
-            saved: with(state.pci),
-            started: with(pci),
-        });
+    // As Firecracker: the snapshot's devices come back on the transport
+    // they were saved on, whether this process was started with
+    // --enable-pci or not.
+    let pci = state.pci;
+    if pci != started_with_pci {
+        log::info!(
+            "the snapshot's virtio devices are on {}: restored so, whatever --enable-pci says",
+            if pci { "PCI" } else { "virtio-mmio" }
+        );
     }
     let mut config = state.config.clone();
     config.pci = pci;

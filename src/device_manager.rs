@@ -64,13 +64,12 @@ pub enum Error {
     /// A device cannot be plugged into the PCI segment.
     #[error("Cannot plug virtio device '{id}' into PCI: {err}")]
     PciDevice { id: String, err: crate::pci::Error },
-    /// A snapshot's device is on the other transport than this VMM's.
-    #[error("The snapshot's virtio device '{id}' is on {saved}, but this vmm was started {started}; start vmm {fix} to load it.")]
+    /// A snapshot's device is on another transport than its VM had.
+    #[error("The snapshot is inconsistent: its virtio device '{id}' is on {saved}, but its VM {had}; take the snapshot again.")]
     TransportMismatch {
         id: String,
         saved: &'static str,
-        started: &'static str,
-        fix: &'static str,
+        had: &'static str,
     },
 }
 
@@ -229,15 +228,10 @@ impl DeviceManager {
         let mismatch = |saved: &'static str| Error::TransportMismatch {
             id: id.clone(),
             saved,
-            started: if self.pci.is_some() {
-                "with --enable-pci"
+            had: if self.pci.is_some() {
+                "had a PCI segment (--enable-pci)"
             } else {
-                "without --enable-pci"
-            },
-            fix: if self.pci.is_some() {
-                "without --enable-pci"
-            } else {
-                "with --enable-pci"
+                "had no PCI segment"
             },
         };
         let saved = match (saved, self.pci.is_some()) {

@@ -505,7 +505,8 @@ impl Vmm {
             &self.mmds,
         )?;
         self.config = state.config;
-        self.config.pci = pci;
+        // The snapshot's transport, whatever the flag (as Firecracker).
+        self.config.pci = state.pci;
         if serial.is_some() {
             self.config.serial = serial;
         }

@@ -572,9 +572,9 @@ fn a_snapshot_needing_what_this_host_lacks_is_refused_naming_it() {
 }
 
 /// A virtio device is restored exactly where its snapshot placed it: a
-/// snapshot whose device sits outside this VMM's window, or whose two
-/// devices claim one interrupt line, is refused in one answer naming the
-/// device, and nothing starts.
+/// snapshot whose device sits outside this VMM's window, whose two devices
+/// claim one interrupt line, or whose device is on virtio-mmio in a VM saved
+/// with PCI, is refused in one answer naming the device, and nothing starts.
 #[test]
 fn a_snapshot_placing_a_device_where_this_vmm_cannot_is_refused() {
     use vmm::snapshot::{format, MicrovmState, PlacedTransport};
@@ -610,4 +610,17 @@ fn a_snapshot_placing_a_device_where_this_vmm_cannot_is_refused() {
         assert_eq!(out.code, Some(1), "{}", out.stderr);
         assert!(out.stdout.is_empty(), "{}", out.stdout);
     }
+    // A state that says its VM had PCI but keeps a virtio-mmio device.
+    let mut mixed = read();
+    mixed.pci = true;
+    let file = tmp_path("blk-place-mixed.snap");
+    format::write(&file, &mixed).unwrap();
+    let (vm, sock) = api_vmm("blk-place-mixed");
+    let msg = fault(load_snapshot(&sock, &file, &mem, true));
+    assert!(
+        msg.contains("device 'data' is on virtio-mmio, but its VM had a PCI segment"),
+        "{msg}"
+    );
+    let out = vm.finish(TIMEOUT);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
 }
