@@ -187,16 +187,6 @@ pub fn build_with(
     })
 }
 
-/// How a snapshot is built into a VM.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct LoadFlags {
-    /// This VMM puts virtio devices on PCI (`--enable-pci`); a snapshot's
-    /// devices stay on the transport they were saved on all the same.
-    pub pci: bool,
-    /// Advance the kvmclock by the wall-clock time since the snapshot.
-    pub clock_realtime: bool,
-}
-
 /// Builds a VM from a snapshot's state and memory file: the guest memory is
 /// the file mapped privately, and the irqchip, PIT, clock, COM1, i8042 and
 /// every vCPU are in their saved state. Disk images are reopened (and
@@ -206,10 +196,7 @@ pub struct LoadFlags {
 /// registers) is not done: the guest is already past it.
 pub fn build_from_snapshot(
     state: &MicrovmState,
-    LoadFlags {
-        pci: started_with_pci,
-        clock_realtime,
-    }: LoadFlags,
+    clock_realtime: bool,
     mem_source: &snapshot::MemorySource,
     serial_out: Box<dyn Write + Send>,
     exit: Arc<ExitSignal>,
@@ -217,17 +204,9 @@ pub fn build_from_snapshot(
     mmds: &SharedMmds,
 ) -> Result<MicroVm, Error> {
     // The state file is checksummed, not trusted: its configuration passes
-    // the same checks as one given over the API.
-    // As Firecracker: the snapshot's devices come back on the transport
-    // they were saved on, whether this process was started with
-    // --enable-pci or not.
+    // the same checks as one given over the API. Its devices come back on
+    // the transport they were saved on.
     let pci = state.pci;
-    if pci != started_with_pci {
-        log::info!(
-            "the snapshot's virtio devices are on {}: restored so, whatever --enable-pci says",
-            if pci { "PCI" } else { "virtio-mmio" }
-        );
-    }
     let mut config = state.config.clone();
     config.pci = pci;
     config.validate()?;

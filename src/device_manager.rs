@@ -301,7 +301,7 @@ impl DeviceManager {
             }
             None => MmioTransport::new(device, mem.clone(), line).map_err(virtio_err)?,
         };
-        for (queue, evt) in transport.queue_evts().iter().enumerate() {
+        for (queue, evt) in transport.core().queue_evts().iter().enumerate() {
             vm.fd()
                 .register_ioevent(
                     evt,

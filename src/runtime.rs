@@ -125,12 +125,8 @@ impl EventLoop {
         let queue_events = devices
             .virtio
             .iter()
-            .map(|entry| QueueEvents::new(entry.transport.clone(), paused.clone()))
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|err| Error::Watch {
-                what: "virtio device queues",
-                err,
-            })?;
+            .map(|entry| queue_events(entry, paused.clone()))
+            .collect::<Result<Vec<_>, Error>>()?;
         if let Some(c) = self.console {
             self.em.add_subscriber(Arc::new(Mutex::new(ConsoleInput {
                 fd: c.fd,
@@ -152,11 +148,7 @@ impl EventLoop {
         entry: &mut crate::device_manager::VirtioEntry,
         paused: Arc<AtomicBool>,
     ) -> Result<(), Error> {
-        let events =
-            QueueEvents::new(entry.transport.clone(), paused).map_err(|err| Error::Watch {
-                what: "virtio device queues",
-                err,
-            })?;
+        let events = queue_events(entry, paused)?;
         entry.watch = Some(self.em.add_subscriber(Arc::new(Mutex::new(events))));
         Ok(())
     }
@@ -185,6 +177,17 @@ impl EventLoop {
     pub fn run_once(&mut self) -> Result<(), Error> {
         self.em.run().map(|_| ()).map_err(Error::EventLoop)
     }
+}
+
+/// The event-loop side of a virtio device: its queues, backend and timer.
+fn queue_events(
+    entry: &crate::device_manager::VirtioEntry,
+    paused: Arc<AtomicBool>,
+) -> Result<QueueEvents, Error> {
+    QueueEvents::new(entry.transport.clone(), paused).map_err(|err| Error::Watch {
+        what: "virtio device queues",
+        err,
+    })
 }
 
 /// Runs the event loop until the VM must end, calling `between` after each

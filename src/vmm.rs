@@ -491,22 +491,25 @@ impl Vmm {
             v.uds_path = path.clone();
         }
         let out = Box::new(self.serial_out.clone());
-        let pci = self.config.pci;
+        // As Firecracker: the snapshot's devices come back on the transport
+        // they were saved on, whether this process was started with
+        // --enable-pci or not.
+        if state.pci != self.config.pci {
+            log::info!(
+                "the snapshot's virtio devices are on {}: restored so, whatever --enable-pci says",
+                if state.pci { "PCI" } else { "virtio-mmio" }
+            );
+        }
         let built = builder::build_from_snapshot(
             &state,
-            builder::LoadFlags {
-                pci,
-                clock_realtime: options.clock_realtime,
-            },
+            options.clock_realtime,
             mem_file,
             out,
             self.exit.clone(),
             self.started_at,
             &self.mmds,
         )?;
-        self.config = state.config;
-        // The snapshot's transport, whatever the flag (as Firecracker).
-        self.config.pci = state.pci;
+        self.config = built.config.clone();
         if serial.is_some() {
             self.config.serial = serial;
         }

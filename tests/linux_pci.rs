@@ -41,6 +41,32 @@ fn disk(serial: &str) -> String {
     format!("/dev/$(grep -lx {serial} /sys/block/vd*/serial | cut -d/ -f4)")
 }
 
+/// Has the guest copy 128 KiB of drive `data` onto drive `out` from 4 KiB
+/// block `first`, asserting the copy succeeded in the guest.
+fn copy_data_to_out(vm: &mut Running, tag: &str, n: u32, first: u32) {
+    let copied = shell(
+        vm,
+        tag,
+        n,
+        &format!(
+            "dd if={} of={} bs=4096 skip={first} seek={first} count=32 conv=fsync 2>/dev/null && echo copied",
+            disk("data"),
+            disk("out")
+        ),
+    );
+    assert_eq!(copied, "copied");
+}
+
+/// Has the guest ping the host once: "pong" when it answered.
+fn ping_host(vm: &mut Running, tag: &str, n: u32) -> String {
+    shell(
+        vm,
+        tag,
+        n,
+        &format!("ping -c 1 -W 10 {HOST_IP} >/dev/null && echo pong"),
+    )
+}
+
 /// Runs `argv` in the guest through the agent: (stdout, exit code).
 fn agent_run(uds: &Path, argv: &[&str]) -> (String, i32) {
     let s = vsock_connect(uds, AGENT_PORT).expect("the agent accepts");
@@ -181,30 +207,14 @@ fn a_pci_guest_uses_every_device_over_msix_snapshots_restores_and_reboots() {
     assert!(vectors as usize >= 15 + 2 * EXTRA_DRIVES, "{msi}");
 
     // I/O: the read-only drive copied onto the writable one, checked on the host.
-    let copied = shell(
-        &mut vm,
-        "dd",
-        4,
-        &format!(
-            "dd if={} of={} bs=4096 count=32 conv=fsync 2>/dev/null && echo copied",
-            disk("data"),
-            disk("out")
-        ),
-    );
-    assert_eq!(copied, "copied");
+    copy_data_to_out(&mut vm, "dd", 4, 0);
     let written = std::fs::read(&out).unwrap();
     eprintln!("asserting: 128 KiB of drive 'data' on drive 'out', on the host");
     assert!(written[..128 << 10] == bytes[..128 << 10]);
     assert!(written[128 << 10..].iter().all(|&b| b == 0));
     // Network and vsock.
-    let ping = shell(
-        &mut vm,
-        "ping",
-        5,
-        &format!("ping -c 1 -W 10 {HOST_IP} >/dev/null && echo pong"),
-    );
     eprintln!("asserting: the guest pings the host over virtio-net on PCI");
-    assert_eq!(ping, "pong");
+    assert_eq!(ping_host(&mut vm, "ping", 5), "pong");
     let (agent_out, code) = agent_run(&uds, &["sh", "-c", "echo through-$((6*7))"]);
     eprintln!("asserting: a command runs through the agent over vsock on PCI");
     assert_eq!((agent_out.as_str(), code), ("through-42\n", 0));
@@ -254,27 +264,11 @@ fn a_pci_guest_uses_every_device_over_msix_snapshots_restores_and_reboots() {
     let (status, body) = curl(&sock, "PUT", "/snapshot/load", Some(&load(&uds2)));
     eprintln!("asserting: a VMM started without --enable-pci restores the PCI snapshot");
     assert_eq!((status, body.as_str()), (204, ""), "{}", vm.stdout_now());
-    let copied = shell(
-        &mut vm,
-        "dd2",
-        6,
-        &format!(
-            "dd if={} of={} bs=4096 skip=32 seek=32 count=32 conv=fsync 2>/dev/null && echo copied",
-            disk("data"),
-            disk("out")
-        ),
-    );
-    assert_eq!(copied, "copied");
+    copy_data_to_out(&mut vm, "dd2", 6, 32);
     let written = std::fs::read(&out).unwrap();
     eprintln!("asserting: after the restore the guest wrote the other 128 KiB, on the host");
     assert!(written[..DATA_BYTES] == bytes[..]);
-    let ping = shell(
-        &mut vm,
-        "ping2",
-        7,
-        &format!("ping -c 1 -W 10 {HOST_IP} >/dev/null && echo pong"),
-    );
-    assert_eq!(ping, "pong");
+    assert_eq!(ping_host(&mut vm, "ping2", 7), "pong");
     let (agent_out, code) = agent_run(&uds2, &["cat", "/proc/sys/kernel/hostname"]);
     assert_eq!(code, 0, "{agent_out}");
 

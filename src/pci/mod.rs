@@ -216,9 +216,7 @@ impl PciSegment {
             }
         }
     }
-}
 
-impl PciSegment {
     /// Unplugs the function at `devfn`: off the bus, its BAR off the MMIO
     /// bus with its ioeventfds, its BAR room free again.
     pub fn detach(&mut self, devfn: usize) {

@@ -91,27 +91,6 @@ impl MmioTransport {
         })
     }
 
-    /// The eventfds signalled by queue notifications, one per queue.
-    pub fn queue_evts(&self) -> &[Arc<vmm_sys_util::eventfd::EventFd>] {
-        self.core.queue_evts()
-    }
-
-    /// One line of device statistics for the log at exit.
-    pub fn report(&self) -> Option<String> {
-        self.core.report()
-    }
-
-    /// Runs `f` on the device, under its lock (see [`Self::config_changed`]
-    /// after a change the driver must learn of).
-    pub fn with_device<R>(&self, f: impl FnOnce(&mut dyn VirtioDevice) -> R) -> R {
-        self.core.with_device(f)
-    }
-
-    /// Tells the driver that the device configuration changed.
-    pub fn config_changed(&mut self) {
-        self.core.config_changed()
-    }
-
     fn read_register(&mut self, offset: u64) -> u32 {
         match offset {
             REG_MAGIC => MAGIC_VALUE,
@@ -172,7 +151,8 @@ impl MmioTransport {
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE {
-            self.with_device(|d| d.read_config(offset - CONFIG_SPACE, data));
+            self.core
+                .with_device(|d| d.read_config(offset - CONFIG_SPACE, data));
             return;
         }
         // Registers are 32 bits wide and aligned; anything else reads as zero.
@@ -188,7 +168,8 @@ impl BusDevice for MmioTransport {
         if offset >= CONFIG_SPACE {
             // Config writes only while the driver is setting the device up or running it.
             if self.core.status & status::DRIVER != 0 {
-                self.with_device(|d| d.write_config(offset - CONFIG_SPACE, data));
+                self.core
+                    .with_device(|d| d.write_config(offset - CONFIG_SPACE, data));
             }
             return;
         }
@@ -410,7 +391,7 @@ mod tests {
     fn notify_signals_only_existing_queues_and_odd_accesses_are_ignored() {
         let (mut t, p) = transport("notify");
         w(&mut t, REG_QUEUE_NOTIFY, 0);
-        assert_eq!(t.queue_evts()[0].read().unwrap(), 1);
+        assert_eq!(t.core().queue_evts()[0].read().unwrap(), 1);
         w(&mut t, REG_QUEUE_NOTIFY, 7);
         w(&mut t, REG_QUEUE_NOTIFY, u32::MAX);
         t.core.notify_queue(usize::MAX);
@@ -590,13 +571,13 @@ mod tests {
     #[test]
     fn a_config_change_bumps_the_generation_and_interrupts_a_running_driver() {
         let (mut t, p) = transport("config-change");
-        t.config_changed();
+        t.core_mut().config_changed();
         assert_eq!(r(&mut t, REG_CONFIG_GENERATION), 1);
         assert_eq!(r(&mut t, REG_INTERRUPT_STATUS), 0, "no driver yet");
         negotiate(&mut t);
         setup_queue(&mut t, 16);
         w(&mut t, REG_STATUS, RUNNING);
-        t.config_changed();
+        t.core_mut().config_changed();
         assert_eq!(r(&mut t, REG_CONFIG_GENERATION), 2);
         assert_eq!(r(&mut t, REG_INTERRUPT_STATUS), INTERRUPT_CONFIG_CHANGE);
         let _ = std::fs::remove_file(p);
@@ -651,7 +632,7 @@ mod tests {
         // Saved between DRIVER_OK and the event loop's activation: started.
         let pending = t.save();
         assert!(t.core.complete_activation());
-        t.config_changed();
+        t.core_mut().config_changed();
         let saved = t.save();
         assert_eq!(pending.core.queues, saved.core.queues);
         assert!(saved.core.activated);

@@ -503,11 +503,19 @@ mod tests {
 
     impl Tables {
         fn create(num_cpus: u8, devices: &[VirtioMmioDeviceInfo]) -> Self {
+            Self::create_with_pci(num_cpus, devices, None)
+        }
+
+        fn create_with_pci(
+            num_cpus: u8,
+            devices: &[VirtioMmioDeviceInfo],
+            pci: Option<PciRootInfo>,
+        ) -> Self {
             let mem = guest_memory();
             let cfg = AcpiConfig {
                 num_cpus,
                 virtio_devices: devices,
-                pci: None,
+                pci,
             };
             let rsdp = create_acpi_tables(&mem, &cfg).unwrap().0;
             let mut area = vec![0u8; ACPI_MAX_SIZE as usize];
@@ -771,21 +779,12 @@ mod tests {
 
     #[test]
     fn with_pci_the_mcfg_names_the_ecam_and_the_dsdt_the_root_bridge() {
-        let mem = guest_memory();
         let pci = PciRootInfo {
             ecam: 0xe000_0000,
             mmio_start: 0xe100_0000,
             mmio_end: 0xfebf_ffff,
         };
-        let cfg = AcpiConfig {
-            num_cpus: 1,
-            virtio_devices: &[],
-            pci: Some(pci),
-        };
-        let rsdp = create_acpi_tables(&mem, &cfg).unwrap().0;
-        let mut area = vec![0u8; ACPI_MAX_SIZE as usize];
-        mem.read_slice(&mut area, GuestAddress(ACPI_START)).unwrap();
-        let tables = Tables { area, rsdp };
+        let tables = Tables::create_with_pci(1, &[], Some(pci));
         assert_eq!(tables.xsdt_entries().len(), 3);
         let mcfg = tables.find(b"MCFG");
         assert_eq!(byte_sum(mcfg), 0, "MCFG checksum");
