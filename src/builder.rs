@@ -348,6 +348,12 @@ fn load_boot_images(
             entries.push(if root.is_read_only { "ro" } else { "rw" }.into());
         }
     }
+    if let Some((index, root)) = config.root_pmem() {
+        if !user_root {
+            entries.push(format!("root=/dev/pmem{index}"));
+            entries.push(if root.read_only { "ro" } else { "rw" }.into());
+        }
+    }
     if boot.boot_args.is_none() && crate::pvm_host() {
         log::info!(
             "PVM host: the default kernel command line adds the parameters this host's instruction emulator needs (docs/TESTING-ON-PVM.md)"

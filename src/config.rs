@@ -67,6 +67,15 @@ pub enum Error {
     /// Two root drives.
     #[error("A root block device already exists: drives '{0}' and '{1}' are both root devices; mark only one is_root_device.")]
     TwoRoots(String, String),
+    /// A root pmem device beside a root drive (Firecracker's message first).
+    #[error("Attempt to add pmem as a root device while the root device defined as a block device: pmem '{pmem}' and drive '{drive}'; mark only one as root.")]
+    PmemRootBesideDrive { pmem: String, drive: String },
+    /// A root drive beside a root pmem device (Firecracker's message first).
+    #[error("Attempt to add block as a root device while the root device defined as a pmem device: drive '{drive}' and pmem '{pmem}'; mark only one as root.")]
+    DriveRootBesidePmem { drive: String, pmem: String },
+    /// Two root pmem devices (Firecracker's message first).
+    #[error("A root pmem device already exist: pmem '{0}' and '{1}' are both root devices; mark only one root_device.")]
+    TwoPmemRoots(String, String),
     /// More devices than the MMIO window and interrupt lines allow.
     #[error("{0} virtio devices are more than the {1} the VMM can attach; configure fewer drives and network interfaces.")]
     TooManyDevices(usize, usize),
@@ -633,9 +642,9 @@ pub struct VmConfig {
     /// Firecracker's `cpu-config` section: refused (not implemented yet).
     #[serde(rename = "cpu-config", default, skip_serializing)]
     pub cpu_config: Option<serde_json::Value>,
-    /// Firecracker's `pmem` section: refused (not implemented yet).
-    #[serde(default, skip_serializing)]
-    pub pmem: Option<serde_json::Value>,
+    /// virtio-pmem devices, in order (/dev/pmem0, /dev/pmem1, ...).
+    #[serde(default)]
+    pub pmem: Vec<PmemConfig>,
     /// Virtio devices are PCI functions (`--enable-pci`, a process flag as
     /// in Firecracker: never part of the JSON).
     #[serde(skip)]
@@ -717,6 +726,32 @@ impl VmConfig {
         }
     }
 
+    /// Inserts `pmem`, or replaces the device with the same ID (Firecracker's
+    /// checks of root devices first).
+    pub fn upsert_pmem(&mut self, pmem: PmemConfig) -> Result<(), Error> {
+        if pmem.root_device {
+            if let Some(d) = self.drives.iter().find(|d| d.is_root_device) {
+                return Err(Error::PmemRootBesideDrive {
+                    pmem: pmem.id,
+                    drive: d.drive_id.clone(),
+                });
+            }
+            if let Some(p) = self.pmem.iter().find(|p| p.root_device && p.id != pmem.id) {
+                return Err(Error::TwoPmemRoots(p.id.clone(), pmem.id));
+            }
+        }
+        match self.pmem.iter_mut().find(|p| p.id == pmem.id) {
+            Some(p) => *p = pmem,
+            None => self.pmem.push(pmem),
+        }
+        Ok(())
+    }
+
+    /// The root pmem device, if there is one, with its index (/dev/pmemN).
+    pub fn root_pmem(&self) -> Option<(usize, &PmemConfig)> {
+        self.pmem.iter().enumerate().find(|(_, p)| p.root_device)
+    }
+
     /// Inserts `iface`, or replaces the interface with the same ID.
     pub fn upsert_interface(&mut self, iface: NetworkInterface) {
         match self
@@ -734,7 +769,6 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), Error> {
         for (present, name) in [
             (present(&self.cpu_config), "cpu-config"),
-            (present(&self.pmem), "pmem"),
             (present(&self.memory_hotplug), "memory-hotplug"),
         ] {
             if present {
@@ -767,6 +801,28 @@ impl VmConfig {
                     return Err(Error::TwoRoots(r.into(), d.drive_id.clone()));
                 }
                 root = Some(&d.drive_id);
+            }
+        }
+        let mut pmem_root: Option<&str> = None;
+        for (i, p) in self.pmem.iter().enumerate() {
+            p.validate()?;
+            if self.pmem[..i].iter().any(|o| o.id == p.id) {
+                return Err(Error::DuplicateId {
+                    field: "pmem id",
+                    id: p.id.clone(),
+                });
+            }
+            if p.root_device {
+                if let Some(r) = pmem_root {
+                    return Err(Error::TwoPmemRoots(r.into(), p.id.clone()));
+                }
+                if let Some(d) = root {
+                    return Err(Error::PmemRootBesideDrive {
+                        pmem: p.id.clone(),
+                        drive: d.into(),
+                    });
+                }
+                pmem_root = Some(&p.id);
             }
         }
         for (i, n) in self.network_interfaces.iter().enumerate() {
@@ -809,7 +865,8 @@ impl VmConfig {
             + self.network_interfaces.len()
             + usize::from(self.vsock.is_some())
             + usize::from(self.entropy.is_some())
-            + usize::from(self.balloon.is_some());
+            + usize::from(self.balloon.is_some())
+            + self.pmem.len();
         let max = if self.pci {
             MAX_PCI_DEVICES
         } else {
@@ -876,6 +933,36 @@ pub fn check_balloon_size(amount_mib: u32, mem_size_mib: u64) -> Result<(), Erro
         });
     }
     Ok(())
+}
+
+/// Firecracker's `pmem` object: a virtio-pmem device on a host file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PmemConfig {
+    /// The device's ID (API path, metrics group `pmem_<id>`).
+    pub id: String,
+    /// The backing file, mapped into guest-physical memory.
+    pub path_on_host: PathBuf,
+    /// The root file system: `root=/dev/pmemN` on the kernel command line.
+    #[serde(default)]
+    pub root_device: bool,
+    /// Mapped read-only: the file never changes.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Flushes (msync) per refill period, and bytes (the file's size per flush).
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+impl PmemConfig {
+    /// Checks the ID and the path.
+    pub fn validate(&self) -> Result<(), Error> {
+        check_id("id", &self.id)?;
+        if self.path_on_host.as_os_str().is_empty() {
+            return Err(Error::EmptyPath("pmem path_on_host"));
+        }
+        Ok(())
+    }
 }
 
 /// Firecracker's `entropy` object: the virtio-rng device and its limit.
@@ -1146,5 +1233,53 @@ mod tests {
         assert_eq!(only_ops.patch(None), Some(only_ops.clone()));
         let (bandwidth, ops) = off.buckets();
         assert!(!bandwidth.unwrap().limits() && !ops.unwrap().limits());
+    }
+
+    #[test]
+    fn pmem_devices_parse_as_firecracker_writes_them_and_one_root_device_is_allowed() {
+        let c: VmConfig = serde_json::from_str(
+            r#"{"pmem": [{"id": "p0", "path_on_host": "./f", "root_device": true, "read_only": false, "rate_limiter": null},
+                         {"id": "p1", "path_on_host": "./g"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.root_pmem().map(|(i, p)| (i, p.id.as_str())),
+            Some((0, "p0"))
+        );
+        assert!(!c.pmem[1].read_only && !c.pmem[1].root_device);
+        c.validate().unwrap();
+        let mut with_root_drive = c.clone();
+        let mut d = Drive::new("rootfs", "r.ext4");
+        d.is_root_device = true;
+        with_root_drive.drives.push(d);
+        assert!(matches!(
+            with_root_drive.validate(),
+            Err(Error::PmemRootBesideDrive { .. })
+        ));
+        let mut two = c.clone();
+        let err = two.upsert_pmem(PmemConfig {
+            id: "p2".into(),
+            path_on_host: "h".into(),
+            root_device: true,
+            read_only: true,
+            rate_limiter: None,
+        });
+        assert!(err
+            .unwrap_err()
+            .to_string()
+            .starts_with("A root pmem device already exist"));
+        // The root device itself may be replaced.
+        let mut same = c.pmem[0].clone();
+        same.read_only = true;
+        two.upsert_pmem(same).unwrap();
+        assert!(two.pmem[0].read_only);
+        let bad: Result<VmConfig, _> =
+            serde_json::from_str(r#"{"pmem": [{"id": "p", "path_on_host": "f", "extra": 1}]}"#);
+        assert!(bad.is_err());
+        let dup: VmConfig = serde_json::from_str(
+            r#"{"pmem": [{"id": "p", "path_on_host": "f"}, {"id": "p", "path_on_host": "g"}]}"#,
+        )
+        .unwrap();
+        assert!(matches!(dup.validate(), Err(Error::DuplicateId { .. })));
     }
 }

@@ -23,7 +23,7 @@ use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::allocator::{Placement, ResourceAllocator};
+use crate::allocator::{DeviceMemoryAllocator, Placement, ResourceAllocator};
 use crate::arch::x86_64::acpi::VirtioMmioDeviceInfo;
 use crate::arch::x86_64::layout::*;
 use crate::exit::ExitSignal;
@@ -86,6 +86,8 @@ pub enum VirtioKind {
     Entropy,
     /// virtio-balloon.
     Balloon,
+    /// virtio-pmem: a file in guest-physical memory.
+    Pmem,
 }
 
 /// One attached virtio device.
@@ -102,6 +104,19 @@ pub struct VirtioEntry {
     pub place: Place,
     /// Its queues' subscription in the event loop, once watched.
     pub watch: Option<event_manager::SubscriberId>,
+    /// The memory slot of its device memory (virtio-pmem), if it has any.
+    pub memory: Option<MemorySlot>,
+}
+
+/// A device's memory as the guest sees it: a KVM slot at an address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemorySlot {
+    /// The KVM memory slot.
+    pub slot: u32,
+    /// Guest-physical address.
+    pub guest_addr: u64,
+    /// Length in bytes.
+    pub len: u64,
 }
 
 /// Where the guest finds a virtio device, with its transport's own type (for
@@ -136,6 +151,9 @@ pub struct DeviceManager {
     allocator: ResourceAllocator,
     /// With `--enable-pci`: bus 0, where every virtio device goes.
     pci: Option<PciSegment>,
+    /// Guest-physical room and memory slots for device memory, from the
+    /// first device that has some.
+    device_memory: Option<DeviceMemoryAllocator>,
 }
 
 impl DeviceManager {
@@ -190,6 +208,7 @@ impl DeviceManager {
             virtio: Vec::new(),
             allocator: ResourceAllocator::new(),
             pci: None,
+            device_memory: None,
         })
     }
 
@@ -217,7 +236,91 @@ impl DeviceManager {
     /// on a vCPU exit handler. With `saved`, the transport is restored in
     /// that state (the device started again if it was), at exactly the
     /// window and line saved with it.
+    /// A device with memory of its own (virtio-pmem) gets it mapped first,
+    /// past guest RAM (at the address it had, for a restored device).
     pub fn attach_virtio(
+        &mut self,
+        vm: &vm::Vm,
+        mem: &GuestMemoryMmap,
+        names: (String, VirtioKind, String),
+        mut device: Box<dyn VirtioDevice>,
+        saved: Option<&PlacedTransport>,
+    ) -> Result<(), Error> {
+        let memory = self.map_device_memory(vm, mem, &names.0, device.as_mut())?;
+        let attached = self.attach_transport(vm, mem, names, device, saved);
+        match (attached, memory) {
+            (Ok(()), Some(m)) => {
+                if let Some(e) = self.virtio.last_mut() {
+                    e.memory = Some(m);
+                }
+                Ok(())
+            }
+            (Err(e), Some(m)) => {
+                self.unmap_device_memory(vm, m);
+                Err(e)
+            }
+            (r, None) => r,
+        }
+    }
+
+    /// Maps `device`'s own memory, if it has any, and tells it where.
+    fn map_device_memory(
+        &mut self,
+        vm: &vm::Vm,
+        mem: &GuestMemoryMmap,
+        id: &str,
+        device: &mut dyn VirtioDevice,
+    ) -> Result<Option<MemorySlot>, Error> {
+        use vm_memory::{Address, GuestMemoryBackend};
+        let Some(m) = device.device_memory() else {
+            return Ok(None);
+        };
+        let ram_end = mem.last_addr().unchecked_add(1).raw_value();
+        let space = self
+            .device_memory
+            .get_or_insert_with(|| DeviceMemoryAllocator::new(ram_end));
+        let (slot, guest_addr) = space
+            .place(
+                m.len,
+                devices::virtio::DEVICE_MEMORY_ALIGNMENT,
+                m.guest_addr,
+            )
+            .map_err(|err| Error::Placement {
+                id: id.to_string(),
+                err,
+            })?;
+        if m.read_only && !vm.has_readonly_memory() {
+            log::warn!("pmem '{id}': KVM has no read-only memory slots here; the guest's writes stay in private memory, the file is not changed");
+        }
+        // SAFETY: the device keeps its mapping for as long as it lives, and
+        // it lives in this manager's entry until detach removes the slot
+        // before dropping it (or the VM goes with the process).
+        let mapped =
+            unsafe { vm.map_device_memory(slot, guest_addr, m.len, m.host_addr, m.read_only) };
+        if let Err(e) = mapped {
+            space.release(slot, guest_addr, m.len);
+            return Err(e.into());
+        }
+        device.set_device_memory_address(guest_addr);
+        Ok(Some(MemorySlot {
+            slot,
+            guest_addr,
+            len: m.len,
+        }))
+    }
+
+    /// Removes a device's memory slot and gives its room back.
+    fn unmap_device_memory(&mut self, vm: &vm::Vm, m: MemorySlot) {
+        if let Err(e) = vm.unmap_device_memory(m.slot, m.guest_addr) {
+            log::warn!("{e}");
+        }
+        if let Some(space) = self.device_memory.as_mut() {
+            space.release(m.slot, m.guest_addr, m.len);
+        }
+    }
+
+    /// [`Self::attach_virtio`] once device memory is mapped.
+    fn attach_transport(
         &mut self,
         vm: &vm::Vm,
         mem: &GuestMemoryMmap,
@@ -323,6 +426,7 @@ impl DeviceManager {
             label,
             transport: transport.clone(),
             watch: None,
+            memory: None,
             place: Place::Mmio {
                 transport,
                 info: VirtioMmioDeviceInfo {
@@ -360,6 +464,7 @@ impl DeviceManager {
             label,
             transport: plugged.transport.clone(),
             watch: None,
+            memory: None,
             place: Place::Pci {
                 transport: plugged.transport,
                 devfn: plugged.devfn,
@@ -447,7 +552,12 @@ impl DeviceManager {
     /// BAR and queue notifications go; the entry is returned (dropping it,
     /// once the event loop no longer watches it, releases its vectors and
     /// host side). A device a guest driver still holds stays.
-    pub fn detach_pci(&mut self, kind: VirtioKind, id: &str) -> Result<VirtioEntry, String> {
+    pub fn detach_pci(
+        &mut self,
+        vm: &vm::Vm,
+        kind: VirtioKind,
+        id: &str,
+    ) -> Result<VirtioEntry, String> {
         let Some(at) = self
             .virtio
             .iter()
@@ -482,7 +592,11 @@ impl DeviceManager {
         if let Some(pci) = self.pci.as_mut() {
             pci.detach(devfn);
         }
-        Ok(self.virtio.remove(at))
+        let entry = self.virtio.remove(at);
+        if let Some(m) = entry.memory {
+            self.unmap_device_memory(vm, m);
+        }
+        Ok(entry)
     }
 
     /// The virtio device of `kind` with `id`.
@@ -499,6 +613,7 @@ fn kind_noun(kind: VirtioKind) -> &'static str {
         VirtioKind::Vsock => "vsock device",
         VirtioKind::Entropy => "entropy device",
         VirtioKind::Balloon => "balloon",
+        VirtioKind::Pmem => "pmem device",
     }
 }
 

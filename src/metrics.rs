@@ -6,11 +6,12 @@
 //! in its order, and nothing else, because Firecracker's integration suite
 //! validates it strictly (tests/common/fc_metrics_schema.rs has the schema
 //! as data, and the tests hold the line to it). Fields for things this VMM
-//! does not have (pmem, memory hotplug, MSI-X, latency aggregates it does not
+//! does not have (memory hotplug, MSI-X, latency aggregates it does not
 //! measure, ...) are there and zero. Counters report what happened since the
 //! previous line (as Firecracker's do); stored values report their current
-//! value. Per-device groups (`block_<drive_id>`, `net_<iface_id>`) come from
-//! each device's own counters, just before their aggregate (`block`, `net`),
+//! value. Per-device groups (`block_<drive_id>`, `net_<iface_id>`,
+//! `pmem_<id>`) come from each device's own counters, just before their
+//! aggregate (`block`, `net`, `pmem`),
 //! which is their sum; the vsock, entropy and balloon devices are reported in
 //! one group each, as Firecracker reports them.
 
@@ -533,7 +534,7 @@ const ENTROPY_KEYS: &[Key] = &[
     N("entropy_rate_limiter_throttled"),
     N("rate_limiter_event_count"),
 ];
-/// Firecracker's pmem metrics (this VMM has no pmem device: all zero).
+/// Firecracker's pmem metrics (`pmem_<id>` per device, then their sum).
 const PMEM_KEYS: &[Key] = &[
     N("activate_fails"),
     N("cfg_fails"),
@@ -649,7 +650,7 @@ fn layout(m: &'static Metrics) -> [Part; 23] {
         Part::Global("signals", &m.signals),
         devices(Some(VirtioKind::Vsock), "vsock", VSOCK_KEYS, false),
         devices(Some(VirtioKind::Entropy), "entropy", ENTROPY_KEYS, false),
-        devices(None, "pmem", PMEM_KEYS, false),
+        devices(Some(VirtioKind::Pmem), "pmem", PMEM_KEYS, true),
         Part::Global("interrupts", &m.interrupts),
         devices(None, "memory_hotplug", MEMORY_HOTPLUG_KEYS, false),
     ]

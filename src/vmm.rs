@@ -319,6 +319,12 @@ impl Vmm {
                 })
                 .cloned()
                 .collect(),
+            pmem: config
+                .pmem
+                .iter()
+                .filter(|p| !self.config.pmem.iter().any(|o| o.id == p.id))
+                .cloned()
+                .collect(),
             mmds_config: config.mmds_config.clone(),
             ..VmConfig::default()
         };
@@ -341,7 +347,7 @@ impl Vmm {
                 .ok_or("the device was not attached")?;
             if let Err(e) = el.watch_device(entry, self.devices_paused.clone()) {
                 let (kind, id) = (entry.kind, entry.id.clone());
-                let _ = s.devices.detach_pci(kind, &id);
+                let _ = s.devices.detach_pci(&s.vm, kind, &id);
                 return Err(e.to_string());
             }
             log::info!("{label}: plugged into PCI");
@@ -361,18 +367,21 @@ impl Vmm {
                 "The requested operation is not supported before starting the microVM.".into(),
             );
         };
-        if kind == VirtioKind::Block
-            && self
+        let root = match kind {
+            VirtioKind::Block => self
                 .config
                 .drives
                 .iter()
-                .any(|d| d.drive_id == id && d.is_root_device)
-        {
+                .any(|d| d.drive_id == id && d.is_root_device),
+            VirtioKind::Pmem => self.config.pmem.iter().any(|p| p.id == id && p.root_device),
+            _ => false,
+        };
+        if root {
             return Err(format!(
-                "Cannot unplug root device: drive '{id}' is the root device."
+                "Cannot unplug root device: '{id}' is the root device."
             ));
         }
-        let entry = s.devices.detach_pci(kind, id)?;
+        let entry = s.devices.detach_pci(&s.vm, kind, id)?;
         if let Some(watch) = entry.watch {
             el.unwatch(watch);
         }
@@ -381,6 +390,7 @@ impl Vmm {
         match kind {
             VirtioKind::Block => self.config.drives.retain(|d| d.drive_id != id),
             VirtioKind::Net => self.config.network_interfaces.retain(|n| n.iface_id != id),
+            VirtioKind::Pmem => self.config.pmem.retain(|p| p.id != id),
             _ => {}
         }
         Ok(())

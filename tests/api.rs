@@ -163,6 +163,15 @@ fn getting_started_sequence_then_pause_and_resume_exactly() {
         curl(&sock, "DELETE", "/network-interfaces/eth9", None),
         "PCI is not enabled",
     );
+    let pmem = r#"{"id": "hotpm", "path_on_host": "/dev/null"}"#;
+    assert_fault(
+        curl(&sock, "PUT", "/pmem/hotpm", Some(pmem)),
+        "PCI is not enabled",
+    );
+    assert_fault(
+        curl(&sock, "DELETE", "/pmem/hotpm", None),
+        "PCI is not enabled",
+    );
 
     assert_eq!(
         curl(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0,

@@ -8,10 +8,11 @@ use std::time::Instant;
 
 use devices::virtio::balloon::Balloon;
 use devices::virtio::block::{open_image, Block, Error as BlockError};
+use devices::virtio::pmem::Pmem;
 use serde_json::json;
 
 use super::http::Response;
-use super::request::{ActionType, ApiRequest, PartialDrive, VmStateChange};
+use super::request::{ActionType, ApiRequest, PartialDrive, PartialPmem, VmStateChange};
 use crate::config::VmConfig;
 use crate::device_manager::VirtioKind;
 use crate::metrics::{MetricsSink, METRICS};
@@ -62,11 +63,20 @@ fn count(req: &ApiRequest, failed: bool) {
         | ApiRequest::PatchBalloon(_)
         | ApiRequest::GetBalloon
         | ApiRequest::GetBalloonStats
-        | ApiRequest::PatchBalloonStats(_)
-        | ApiRequest::PatchPmem => return,
+        | ApiRequest::PatchBalloonStats(_) => return,
         ApiRequest::GetVmConfig => return,
         // Firecracker keeps no counters for unplugs.
-        ApiRequest::DeleteDrive(_) | ApiRequest::DeleteNetworkInterface(_) => return,
+        ApiRequest::DeleteDrive(_)
+        | ApiRequest::DeleteNetworkInterface(_)
+        | ApiRequest::DeletePmem(_) => return,
+        ApiRequest::PutPmem(_) => (
+            &m.put_api_requests.pmem_count,
+            &m.put_api_requests.pmem_fails,
+        ),
+        ApiRequest::PatchPmem(_) => (
+            &m.patch_api_requests.pmem_count,
+            &m.patch_api_requests.pmem_fails,
+        ),
         // Firecracker reports snapshots through latencies_us only.
         ApiRequest::CreateSnapshot(_) | ApiRequest::LoadSnapshot(_) => return,
         ApiRequest::PutMachineConfig(_) => (
@@ -158,7 +168,36 @@ impl Controller {
             ApiRequest::GetVersion => ok_json(&json!({
                 "firecracker_version": FIRECRACKER_API_VERSION,
             })),
-            ApiRequest::PatchPmem => bad("virtio-pmem (/pmem) is not supported by this VMM yet."),
+            ApiRequest::PutPmem(p) if started => hotplug(vmm, el, |c| {
+                if c.pmem.iter().any(|o| o.id == p.id) {
+                    return Err(format!(
+                        "Device ID in use: pmem device '{}' is attached; give a new id.",
+                        p.id
+                    ));
+                }
+                if p.root_device {
+                    return Err("A root pmem device cannot be hotplugged; attach it with root_device false.".into());
+                }
+                c.pmem.push(p.clone());
+                Ok(())
+            }),
+            ApiRequest::PutPmem(p) => {
+                let config = match vmm.config_mut() {
+                    Ok(c) => c,
+                    Err(e) => return bad(e),
+                };
+                let mut next = config.clone();
+                match next.upsert_pmem(p.clone()).and_then(|()| next.validate()) {
+                    Ok(()) => {
+                        *config = next;
+                        vmm.mark_boot_configured();
+                        Response::no_content()
+                    }
+                    Err(e) => bad(e),
+                }
+            }
+            ApiRequest::PatchPmem(p) => patch_pmem(vmm, p),
+            ApiRequest::DeletePmem(id) => unplug(vmm, el, VirtioKind::Pmem, id),
             ApiRequest::GetVmConfig => ok_json(&full_vm_config(vmm.config())),
             ApiRequest::GetMachineConfig => ok_json(&vmm.config().machine_config),
             ApiRequest::PutMachineConfig(m) => configure(vmm, |c| c.machine_config = m.clone()),
@@ -217,6 +256,12 @@ impl Controller {
                 Ok(())
             }),
             ApiRequest::PutDrive(d) => {
+                if let Some((_, p)) = vmm.config().root_pmem().filter(|_| d.is_root_device) {
+                    return bad(crate::config::Error::DriveRootBesidePmem {
+                        drive: d.drive_id.clone(),
+                        pmem: p.id.clone(),
+                    });
+                }
                 match std::fs::metadata(&d.path_on_host) {
                     Err(e) => {
                         return bad(format!(
@@ -688,6 +733,32 @@ fn with_device<T: 'static, R>(
     t.core()
         .with_device(|d| d.as_any_mut().downcast_mut::<T>().map(f))
         .ok_or_else(|| bad(format!("Device '{id}' is not of the kind asked for.")))
+}
+
+/// A new rate limiter for a running pmem device (none given: unchanged).
+fn patch_pmem(vmm: &mut Vmm, p: &PartialPmem) -> Response {
+    let Some(mut cfg) = vmm.config().pmem.iter().find(|c| c.id == p.id).cloned() else {
+        return bad(format!(
+            "Device not found: no pmem device '{}' is attached.",
+            p.id
+        ));
+    };
+    let Some(limiter) = &p.rate_limiter else {
+        return Response::no_content();
+    };
+    let (bandwidth, ops) = limiter.buckets();
+    if let Err(resp) = with_device(vmm, VirtioKind::Pmem, &p.id, |d: &mut Pmem| {
+        d.update_rate_limiter(bandwidth, ops)
+    }) {
+        return resp;
+    }
+    cfg.rate_limiter = limiter.patch(cfg.rate_limiter.as_ref());
+    vmm.config_runtime_update(|c| {
+        if let Some(slot) = c.pmem.iter_mut().find(|c| c.id == cfg.id) {
+            *slot = cfg;
+        }
+    });
+    Response::no_content()
 }
 
 fn patch_drive(vmm: &mut Vmm, p: &PartialDrive) -> Response {

@@ -10,8 +10,8 @@ use serde::Deserialize;
 use super::http::{Method, Request, Response};
 use crate::config::{
     self, BalloonConfig, BootSource, Drive, EntropyConfig, LoggerConfig, MachineConfig,
-    MachineConfigUpdate, MetricsConfig, MmdsConfig, NetworkInterface, RateLimiter, SerialConfig,
-    VsockConfig,
+    MachineConfigUpdate, MetricsConfig, MmdsConfig, NetworkInterface, PmemConfig, RateLimiter,
+    SerialConfig, VsockConfig,
 };
 use crate::snapshot::MemorySource;
 
@@ -249,10 +249,24 @@ pub enum ApiRequest {
     GetBalloonStats,
     /// `PATCH /balloon/statistics`.
     PatchBalloonStats(BalloonStatsUpdate),
-    /// `PATCH /pmem/{id}`: a running VM's virtio-pmem device (which this VMM
-    /// does not have yet; refused after the start, and before it as
-    /// Firecracker refuses any PATCH then).
-    PatchPmem,
+    /// `PUT /pmem/{id}`: a virtio-pmem device before the start, or hotplugged
+    /// into a running PCI VM.
+    PutPmem(PmemConfig),
+    /// `PATCH /pmem/{id}`: a running pmem device's rate limiter.
+    PatchPmem(PartialPmem),
+    /// `DELETE /pmem/{id}`: unplugs a pmem device from a running PCI VM.
+    DeletePmem(String),
+}
+
+/// `PATCH /pmem/{id}` (Firecracker's `PartialPmem`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialPmem {
+    /// The device.
+    pub id: String,
+    /// Its new rate limiter (none: unchanged).
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiter>,
 }
 
 /// `PATCH /balloon`.
@@ -306,7 +320,8 @@ impl ApiRequest {
                 | ApiRequest::PatchBalloon(_)
                 | ApiRequest::GetBalloonStats
                 | ApiRequest::PatchBalloonStats(_)
-                | ApiRequest::PatchPmem
+                | ApiRequest::PatchPmem(_)
+                | ApiRequest::DeletePmem(_)
         )
     }
 }
@@ -361,7 +376,6 @@ fn check_ids(field: &'static str, path_id: &str, body_id: &str) -> Result<(), Re
 /// Features of Firecracker's API this VMM does not have yet.
 const UNSUPPORTED: &[(&str, &str)] = &[
     ("cpu-config", "CPU configuration (/cpu-config)"),
-    ("pmem", "virtio-pmem (/pmem)"),
     ("hotplug", "Memory hotplug (/hotplug)"),
 ];
 
@@ -426,9 +440,6 @@ pub fn parse(req: &Request) -> Result<ApiRequest, Response> {
         path
     };
     let parts: Vec<&str> = path.split('/').skip(1).collect();
-    if let (Method::Patch, ["pmem", _]) = (&req.method, parts.as_slice()) {
-        return Ok(ApiRequest::PatchPmem);
-    }
     if let Some((_, name)) = UNSUPPORTED.iter().find(|(p, _)| parts.first() == Some(p)) {
         return Err(bad(format!("{name} is not supported by this VMM yet.")));
     }
@@ -475,6 +486,21 @@ pub fn parse(req: &Request) -> Result<ApiRequest, Response> {
         (Method::Delete, ["network-interfaces", id]) => {
             config::check_id("iface_id", id).map_err(|e| bad(e.to_string()))?;
             DeleteNetworkInterface(id.to_string())
+        }
+        (Method::Put, ["pmem", id]) => {
+            let p: PmemConfig = body(req)?;
+            check_ids("id", id, &p.id)?;
+            p.validate().map_err(|e| bad(e.to_string()))?;
+            PutPmem(p)
+        }
+        (Method::Patch, ["pmem", id]) => {
+            let p: PartialPmem = body(req)?;
+            check_ids("id", id, &p.id)?;
+            PatchPmem(p)
+        }
+        (Method::Delete, ["pmem", id]) => {
+            config::check_id("id", id).map_err(|e| bad(e.to_string()))?;
+            DeletePmem(id.to_string())
         }
         (Method::Patch, ["network-interfaces", id]) => {
             let n: PartialNetworkInterface = body(req)?;

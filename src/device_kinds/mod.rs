@@ -10,6 +10,7 @@ pub mod balloon;
 pub mod block;
 pub mod entropy;
 pub mod net;
+pub mod pmem;
 pub mod vsock;
 
 use devices::mmds::SharedMmds;
@@ -32,6 +33,9 @@ pub enum Error {
     /// A TAP device cannot be used.
     #[error(transparent)]
     Tap(#[from] devices::virtio::tap::Error),
+    /// A pmem backing file cannot be used.
+    #[error(transparent)]
+    Pmem(#[from] devices::virtio::pmem::Error),
     /// The vsock socket cannot be set up.
     #[error(transparent)]
     Vsock(#[from] devices::virtio::vsock::muxer::Error),
@@ -96,13 +100,14 @@ pub trait DeviceKind: Sync {
 }
 
 /// Every kind, in attachment order: drives (the root device first),
-/// network interfaces, vsock, entropy, balloon.
+/// network interfaces, vsock, entropy, balloon, pmem.
 pub static KINDS: &[&dyn DeviceKind] = &[
     &block::BlockKind,
     &net::NetKind,
     &vsock::VsockKind,
     &entropy::EntropyKind,
     &balloon::BalloonKind,
+    &pmem::PmemKind,
 ];
 
 /// The handling of `kind`.
@@ -167,6 +172,7 @@ mod tests {
             VirtioKind::Vsock,
             VirtioKind::Entropy,
             VirtioKind::Balloon,
+            VirtioKind::Pmem,
         ];
         for k in all {
             assert_eq!(KINDS.iter().filter(|h| h.kind() == k).count(), 1, "{k:?}");

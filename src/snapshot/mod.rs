@@ -91,6 +91,9 @@ pub enum VirtioDeviceState {
     Entropy,
     /// The balloon: its target and the size the guest reported.
     Balloon(devices::virtio::balloon::BalloonState),
+    /// A virtio-pmem device: its file and where the guest finds it (the
+    /// file holds its contents; its rate limit is the configuration's).
+    Pmem(devices::virtio::pmem::PmemState),
 }
 
 /// One virtio device: its ID in the configuration, where the guest finds it,
@@ -213,6 +216,7 @@ impl MicrovmState {
             .chain(self.config.vsock.iter().map(|_| (VSOCK_ID, 2)))
             .chain(self.config.entropy.iter().map(|_| (ENTROPY_ID, 3)))
             .chain(self.config.balloon.iter().map(|_| (BALLOON_ID, 4)))
+            .chain(self.config.pmem.iter().map(|p| (p.id.as_str(), 5)))
             .collect();
         let mut saved: Vec<(&str, u8)> = self
             .virtio
@@ -224,6 +228,7 @@ impl MicrovmState {
                     VirtioDeviceState::Vsock(_) => 2,
                     VirtioDeviceState::Entropy => 3,
                     VirtioDeviceState::Balloon(_) => 4,
+                    VirtioDeviceState::Pmem(_) => 5,
                 };
                 (v.id.as_str(), kind)
             })
@@ -232,7 +237,7 @@ impl MicrovmState {
         saved.sort_unstable();
         if configured != saved || saved.windows(2).any(|w| w[0] == w[1]) {
             return bad(format!(
-                "its virtio devices {saved:?} are not the configured drives, interfaces and vsock {configured:?}"
+                "its virtio devices {saved:?} are not the configured ones {configured:?}"
             ));
         }
         // A device is what its configuration says (the configuration is what
@@ -261,6 +266,9 @@ impl MicrovmState {
                     .as_ref()
                     .is_some_and(|c| u64::from(c.guest_cid) == vs.guest_cid),
                 VirtioDeviceState::Entropy => v.id == ENTROPY_ID && self.config.entropy.is_some(),
+                VirtioDeviceState::Pmem(p) => self.config.pmem.iter().any(|c| {
+                    c.id == v.id && c.path_on_host == p.path && c.read_only == p.read_only
+                }),
                 VirtioDeviceState::Balloon(b) => {
                     v.id == BALLOON_ID
                         && self.config.balloon.as_ref().is_some_and(|c| {
@@ -355,6 +363,18 @@ pub fn describe(path: &Path) -> Result<String, Error> {
                 b.capacity
             ),
             VirtioDeviceState::Entropy => "virtio-rng: the entropy device".to_string(),
+            VirtioDeviceState::Pmem(p) => format!(
+                "virtio-pmem '{}': {} ({}, {} MiB at {:#x})",
+                v.id,
+                p.path.display(),
+                if p.read_only {
+                    "read-only"
+                } else {
+                    "read-write"
+                },
+                p.size >> 20,
+                p.guest_addr
+            ),
             VirtioDeviceState::Balloon(b) => format!(
                 "virtio-balloon: target {} pages, guest reported {}",
                 b.num_pages, b.actual
@@ -732,7 +752,7 @@ mod tests {
             .check()
             .unwrap_err()
             .to_string()
-            .contains("not the configured drives"));
+            .contains("not the configured ones"));
         let mut st = sample_state();
         st.config.machine_config.mem_size_mib = 1;
         assert!(st.check().is_ok());

@@ -61,6 +61,8 @@ pub struct Vm {
     /// Shared with what changes the VM while it runs (MSI routes, moved
     /// BARs' ioeventfds).
     fd: std::sync::Arc<VmFd>,
+    /// KVM_CAP_READONLY_MEM, asked once (a hotplug runs under seccomp).
+    readonly_mem: bool,
 }
 
 impl Vm {
@@ -80,9 +82,11 @@ impl Vm {
             }
         }
         let fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        let readonly_mem = kvm.check_extension(Cap::ReadonlyMem);
         Ok(Vm {
             kvm,
             fd: std::sync::Arc::new(fd),
+            readonly_mem,
         })
     }
 
@@ -120,6 +124,56 @@ impl Vm {
                 .map_err(kvm_err("register guest memory"))?;
         }
         Ok(())
+    }
+
+    /// Whether KVM can give the guest read-only memory (writes exit to the VMM).
+    pub fn has_readonly_memory(&self) -> bool {
+        self.readonly_mem
+    }
+
+    /// Puts `len` bytes of host memory at `host_addr` at guest-physical
+    /// `guest_addr`, in memory slot `slot` (a device's memory, outside RAM),
+    /// read-only to the guest when `read_only` and KVM can do it.
+    ///
+    /// # Safety
+    /// The host range must be a live mapping of at least `len` bytes that
+    /// stays mapped until [`Vm::unmap_device_memory`] removes the slot.
+    pub unsafe fn map_device_memory(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        len: u64,
+        host_addr: u64,
+        read_only: bool,
+    ) -> Result<(), Error> {
+        let flags = if read_only && self.has_readonly_memory() {
+            kvm_bindings::KVM_MEM_READONLY
+        } else {
+            0
+        };
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags,
+            guest_phys_addr: guest_addr,
+            memory_size: len,
+            userspace_addr: host_addr,
+        };
+        // SAFETY: the caller guarantees the host range stays mapped while
+        // the slot exists.
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(kvm_err("map device memory"))
+    }
+
+    /// Removes the memory slot `slot` that [`Vm::map_device_memory`] made.
+    pub fn unmap_device_memory(&self, slot: u32, guest_addr: u64) -> Result<(), Error> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: guest_addr,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        // SAFETY: a size of 0 deletes the slot; no host memory is handed to KVM.
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(kvm_err("unmap device memory"))
     }
 
     /// Creates the in-kernel PIC + IOAPIC + local APICs and the PIT.

@@ -5,6 +5,7 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod pci;
+pub mod pmem;
 pub mod ring;
 pub mod rng;
 pub mod tap;
@@ -283,6 +284,26 @@ pub struct Activation {
     pub interrupt: Interrupt,
 }
 
+/// Host memory a device puts in guest-physical address space (virtio-pmem's
+/// file): the VMM gives it a memory slot of its own, outside guest RAM, at
+/// an address it chooses (or, for a restored device, the one it had).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Host virtual address of the mapping, which the device keeps mapped
+    /// for as long as it lives.
+    pub host_addr: u64,
+    /// Length in bytes, a multiple of [`DEVICE_MEMORY_ALIGNMENT`].
+    pub len: u64,
+    /// The guest may read it only.
+    pub read_only: bool,
+    /// Its guest-physical address once placed.
+    pub guest_addr: Option<u64>,
+}
+
+/// Alignment of device memory, in guest-physical space and in length: 2 MiB,
+/// as virtio-pmem requires.
+pub const DEVICE_MEMORY_ALIGNMENT: u64 = 2 << 20;
+
 /// A virtio device behind a transport.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (2 = block, 1 = net).
@@ -359,6 +380,13 @@ pub trait VirtioDevice: Send {
     fn metrics(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
+    /// Host memory the device maps into guest-physical space, if any.
+    fn device_memory(&self) -> Option<DeviceMemory> {
+        None
+    }
+    /// Where the VMM placed [`VirtioDevice::device_memory`] (before the
+    /// driver can read the device's configuration).
+    fn set_device_memory_address(&mut self, _guest_addr: u64) {}
     /// The device as `Any`, for the VMM's device-specific calls (e.g. a new
     /// disk image).
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
