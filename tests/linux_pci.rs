@@ -3,7 +3,7 @@
 //! modern virtio PCI function with MSI-X, none is on virtio-mmio; the guest
 //! reads and writes its drives (the bytes checked on the host), pings over
 //! its network interface and runs a command through the agent over vsock;
-//! drives are hotplugged and unplugged; a snapshot of it restores (in a VMM
+//! a drive and a pmem device are hotplugged and unplugged; a snapshot of it restores (in a VMM
 //! started without the flag, as Firecracker restores one) and goes on with
 //! its I/O on PCI, and a reboot ends the VMM with exit code 0.
 
@@ -32,6 +32,8 @@ fn data_byte(i: usize) -> u8 {
 /// Where the hotplugged drive lands: the 65th virtio function (function 0
 /// of devices 1-31, function 1 of each, then function 2 of devices 1-3).
 const HOT_FN: &str = "0000:00:03.2";
+/// Where the hotplugged pmem device lands, next.
+const HOT_PMEM_FN: &str = "0000:00:04.2";
 /// Its block device's directory in sysfs.
 const HOT_DISK: &str = "/sys/bus/pci/devices/0000:00:03.2/virtio*/block";
 
@@ -240,6 +242,26 @@ fn a_pci_guest_uses_every_device_over_msix_snapshots_restores_and_reboots() {
     assert_eq!(found, "0x1042 copied");
     let written = std::fs::read(&out).unwrap();
     assert!(written[DATA_BYTES..DATA_BYTES + HOT_BYTES] == hot_bytes[..]);
+    // And a read-only pmem device: its file in guest-physical memory.
+    let hot_pmem = tmp_path("pci-hotpm.bin");
+    let mut pmem_bytes = b"vmm-pmem-hotplug".to_vec();
+    pmem_bytes.resize(1 << 20, 0x3c);
+    std::fs::write(&hot_pmem, &pmem_bytes).unwrap();
+    let pmem_body = format!(
+        r#"{{"id": "hotpm", "path_on_host": "{}", "read_only": true}}"#,
+        hot_pmem.display()
+    );
+    let plugged = curl(&sock, "PUT", "/pmem/hotpm", Some(&pmem_body));
+    eprintln!("asserting: PUT /pmem/hotpm on the running PCI VM: {plugged:?}");
+    assert_eq!(plugged, (204, String::new()));
+    let found = shell(
+        &mut vm,
+        "hotpm",
+        12,
+        &format!("echo 1 > /sys/bus/pci/rescan; i=0; while [ ! -e /dev/pmem0 ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done; echo $(cat /sys/bus/pci/devices/{HOT_PMEM_FN}/device) $(head -c 16 /dev/pmem0) $(cat /sys/block/pmem0/size)"),
+    );
+    eprintln!("asserting: the guest finds the hotplugged pmem device at {HOT_PMEM_FN} and reads its file: {found}");
+    assert_eq!(found, "0x105b vmm-pmem-hotplug 4096");
 
     // Snapshot (with the hotplugged drive), then a VMM without the flag
     // refuses it and one with it goes on.
@@ -283,17 +305,26 @@ fn a_pci_guest_uses_every_device_over_msix_snapshots_restores_and_reboots() {
         &mut vm,
         "rm",
         9,
-        &format!("echo $(dd if=/dev/$(ls {HOT_DISK}) bs=4096 count=1 2>/dev/null | wc -c) $(echo 1 > /sys/bus/pci/devices/{HOT_FN}/remove; ls /sys/bus/pci/devices | wc -l)"),
+        &format!("echo $(dd if=/dev/$(ls {HOT_DISK}) bs=4096 count=1 2>/dev/null | wc -c) $(head -c 16 /dev/pmem0) $(echo 1 > /sys/bus/pci/devices/{HOT_FN}/remove; echo 1 > /sys/bus/pci/devices/{HOT_PMEM_FN}/remove; ls /sys/bus/pci/devices | wc -l)"),
     );
     eprintln!(
         "asserting: the restored guest reads the hotplugged drive, then releases it: {released}"
     );
-    assert_eq!(released, format!("4096 {}", 7 + EXTRA_DRIVES));
+    assert_eq!(
+        released,
+        format!("4096 vmm-pmem-hotplug {}", 7 + EXTRA_DRIVES)
+    );
     let unplugged = curl(&sock, "DELETE", "/drives/hot", None);
     eprintln!("asserting: DELETE /drives/hot after the guest released it: {unplugged:?}");
     assert_eq!(unplugged, (204, String::new()));
+    let unplugged = curl(&sock, "DELETE", "/pmem/hotpm", None);
+    eprintln!("asserting: DELETE /pmem/hotpm after the guest released it: {unplugged:?}");
+    assert_eq!(unplugged, (204, String::new()));
     let config = curl(&sock, "GET", "/vm/config", None).1;
-    assert!(!config.contains("pci-hot.img"), "{config}");
+    assert!(
+        !config.contains("pci-hot.img") && !config.contains("pci-hotpm.bin"),
+        "{config}"
+    );
     let gone = shell(
         &mut vm,
         "gone",
