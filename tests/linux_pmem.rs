@@ -59,6 +59,19 @@ fn ext4_file(image: &Path, name: &str) -> Vec<u8> {
     out.stdout
 }
 
+/// `vmm --api-sock SOCK`, its console on a pipe, once it listens.
+fn start(sock: &Path) -> Running {
+    let _ = std::fs::remove_file(sock);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
+    cmd.stdin(std::process::Stdio::piped())
+        .arg("--api-sock")
+        .arg(sock)
+        .args(["--level", "Info"]);
+    let vm = Running::start(cmd);
+    wait_for_socket(sock, &vm);
+    vm
+}
+
 fn put(sock: &Path, path: &str, body: serde_json::Value) -> (u16, String) {
     curl(sock, "PUT", path, Some(&body.to_string()))
 }
@@ -75,14 +88,7 @@ fn linux_boots_from_pmem_writes_through_dax_and_restores() {
     std::fs::write(&plain, &plain_bytes).unwrap();
 
     let sock = tmp_path("pmem.sock");
-    let _ = std::fs::remove_file(&sock);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
-    cmd.stdin(std::process::Stdio::piped())
-        .arg("--api-sock")
-        .arg(&sock)
-        .args(["--level", "Info"]);
-    let mut vm = Running::start(cmd);
-    wait_for_socket(&sock, &vm);
+    let mut vm = start(&sock);
 
     let boot = serde_json::json!({
         "kernel_image_path": kernel("vmlinux"),
@@ -235,14 +241,7 @@ fn linux_boots_from_pmem_writes_through_dax_and_restores() {
     let described = String::from_utf8_lossy(&described.stdout).into_owned();
     eprintln!("asserting: the snapshot names its pmem devices: {described}");
     assert!(described.contains("virtio-pmem 'data'"), "{described}");
-    let _ = std::fs::remove_file(&sock);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
-    cmd.stdin(std::process::Stdio::piped())
-        .arg("--api-sock")
-        .arg(&sock)
-        .args(["--level", "Info"]);
-    let mut vm = Running::start(cmd);
-    wait_for_socket(&sock, &vm);
+    let mut vm = start(&sock);
     let load = format!(
         r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
         snap.display(),

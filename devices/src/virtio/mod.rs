@@ -4,6 +4,7 @@ pub mod balloon;
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod one_queue;
 pub mod pci;
 pub mod pmem;
 pub mod ring;

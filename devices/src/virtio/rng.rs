@@ -11,6 +11,7 @@ use std::time::Instant;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
+use super::one_queue::OneQueue;
 use super::{ring, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::rate_limiter::{BucketConfig, RateLimiter};
 
@@ -39,10 +40,7 @@ pub struct RngCounters {
 /// The entropy device.
 pub struct Rng {
     acked_features: u64,
-    active: Option<(GuestMemoryMmap, Queue, Interrupt)>,
-    limiter: RateLimiter,
-    throttled: bool,
-    more: bool,
+    queue: OneQueue,
     counters: RngCounters,
 }
 
@@ -75,10 +73,7 @@ impl Rng {
     pub fn new() -> Self {
         Rng {
             acked_features: 0,
-            active: None,
-            limiter: RateLimiter::default(),
-            throttled: false,
-            more: false,
+            queue: OneQueue::default(),
             counters: RngCounters::default(),
         }
     }
@@ -90,7 +85,7 @@ impl Rng {
         bandwidth: Option<BucketConfig>,
         ops: Option<BucketConfig>,
     ) -> Self {
-        self.limiter = RateLimiter::new(bandwidth, ops, Instant::now());
+        self.queue.limiter = RateLimiter::new(bandwidth, ops, Instant::now());
         self
     }
 
@@ -100,11 +95,17 @@ impl Rng {
     }
 
     fn drain(&mut self) -> bool {
-        let Some((mem, q, interrupt)) = self.active.as_mut() else {
+        let OneQueue {
+            active,
+            limiter,
+            throttled,
+            more,
+        } = &mut self.queue;
+        let Some((mem, q, interrupt)) = active.as_mut() else {
             return true;
         };
-        self.more = false;
-        self.throttled = false;
+        *more = false;
+        *throttled = false;
         if !ring::avail_index_sane(q, mem) {
             return false;
         }
@@ -119,9 +120,9 @@ impl Rng {
             let wanted: usize = descs.iter().map(|d| d.len() as usize).sum();
             let usable = !descs.is_empty() && descs.iter().all(|d| d.is_write_only());
             let give = wanted.min(MAX_REQUEST_BYTES);
-            if usable && !self.limiter.consume(1, give as u64) {
+            if usable && !limiter.consume(1, give as u64) {
                 ring::unpop(q);
-                self.throttled = true;
+                *throttled = true;
                 break;
             }
             let mut written = 0;
@@ -159,7 +160,7 @@ impl Rng {
             used += 1;
         }
         if used >= ring::BUDGET {
-            self.more = true;
+            *more = true;
         }
         if used > 0 {
             interrupt.signal_used(0);
@@ -196,12 +197,10 @@ impl VirtioDevice for Rng {
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
         interrupt: Interrupt,
     ) -> Result<(), ActivateError> {
-        ActivateError::check_count(&queues, 1)?;
-        self.active = Some((mem, queues.remove(0), interrupt));
-        Ok(())
+        self.queue.activate(mem, queues, interrupt)
     }
 
     fn process_queue(&mut self, index: usize) -> bool {
@@ -210,19 +209,15 @@ impl VirtioDevice for Rng {
     }
 
     fn queue_pending(&self, index: usize) -> bool {
-        index == 0 && self.more
+        self.queue.pending(index)
     }
 
     fn throttled_for(&self) -> Option<std::time::Duration> {
-        if self.throttled && self.active.is_some() {
-            self.limiter.wait(Instant::now())
-        } else {
-            None
-        }
+        self.queue.throttled_for()
     }
 
     fn process_timer(&mut self) -> bool {
-        if !self.throttled {
+        if !self.queue.throttled {
             return true;
         }
         self.counters.rate_limiter_event_count += 1;
@@ -230,15 +225,12 @@ impl VirtioDevice for Rng {
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.queue.reset();
         self.acked_features = 0;
-        self.throttled = false;
-        self.more = false;
     }
 
     fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
-        // Requests are served whole: nothing is held between passes.
-        self.active.as_ref().map(|(_, q, _)| vec![q.state()])
+        self.queue.queue_states()
     }
 
     fn metrics(&self) -> Vec<(&'static str, u64)> {
@@ -251,7 +243,7 @@ impl VirtioDevice for Rng {
             ("rate_limiter_event_count", c.rate_limiter_event_count),
             (
                 "entropy_rate_limiter_throttled",
-                self.limiter.throttled_events(),
+                self.queue.limiter.throttled_events(),
             ),
         ]
     }

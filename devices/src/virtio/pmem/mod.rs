@@ -24,11 +24,12 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
+use super::one_queue::OneQueue;
 use super::{
     ring, ActivateError, DeviceMemory, Interrupt, VirtioDevice, DEVICE_MEMORY_ALIGNMENT,
     VIRTIO_F_VERSION_1,
 };
-use crate::rate_limiter::{BucketConfig, RateLimiter};
+use crate::rate_limiter::BucketConfig;
 
 /// Virtio device ID of a persistent memory device.
 pub const VIRTIO_ID_PMEM: u32 = 27;
@@ -194,10 +195,7 @@ pub struct Pmem {
     mapping: Mapping,
     guest_addr: Option<u64>,
     acked_features: u64,
-    active: Option<(GuestMemoryMmap, Queue, Interrupt)>,
-    limiter: RateLimiter,
-    throttled: bool,
-    more: bool,
+    queue: OneQueue,
     counters: PmemCounters,
 }
 
@@ -252,10 +250,7 @@ impl Pmem {
             mapping,
             guest_addr: None,
             acked_features: 0,
-            active: None,
-            limiter: RateLimiter::default(),
-            throttled: false,
-            more: false,
+            queue: OneQueue::default(),
             counters: PmemCounters::default(),
         })
     }
@@ -268,7 +263,7 @@ impl Pmem {
         bandwidth: Option<BucketConfig>,
         ops: Option<BucketConfig>,
     ) {
-        self.limiter.update(bandwidth, ops, Instant::now());
+        self.queue.limiter.update(bandwidth, ops, Instant::now());
     }
 
     /// The counters so far.
@@ -311,11 +306,17 @@ impl Pmem {
     }
 
     fn drain(&mut self) -> bool {
-        let Some((mem, q, interrupt)) = self.active.as_mut() else {
+        let OneQueue {
+            active,
+            limiter,
+            throttled,
+            more,
+        } = &mut self.queue;
+        let Some((mem, q, interrupt)) = active.as_mut() else {
             return true;
         };
-        self.more = false;
-        self.throttled = false;
+        *more = false;
+        *throttled = false;
         if !ring::avail_index_sane(q, mem) {
             return false;
         }
@@ -325,9 +326,9 @@ impl Pmem {
         while taken.len() < ring::BUDGET {
             match ring::pop_descriptors(q, mem) {
                 Ok(Some(r)) => {
-                    if taken.is_empty() && !self.limiter.consume(1, self.file_len) {
+                    if taken.is_empty() && !limiter.consume(1, self.file_len) {
                         ring::unpop(q);
-                        self.throttled = true;
+                        *throttled = true;
                         break;
                     }
                     taken.push(r);
@@ -337,7 +338,7 @@ impl Pmem {
             }
         }
         if taken.len() >= ring::BUDGET {
-            self.more = true;
+            *more = true;
         }
         if taken.is_empty() {
             return true;
@@ -425,15 +426,14 @@ impl VirtioDevice for Pmem {
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
         interrupt: Interrupt,
     ) -> Result<(), ActivateError> {
-        if let Err(e) = ActivateError::check_count(&queues, 1) {
+        let started = self.queue.activate(mem, queues, interrupt);
+        if started.is_err() {
             self.counters.activate_fails += 1;
-            return Err(e);
         }
-        self.active = Some((mem, queues.remove(0), interrupt));
-        Ok(())
+        started
     }
 
     fn process_queue(&mut self, index: usize) -> bool {
@@ -442,19 +442,15 @@ impl VirtioDevice for Pmem {
     }
 
     fn queue_pending(&self, index: usize) -> bool {
-        index == 0 && self.more
+        self.queue.pending(index)
     }
 
     fn throttled_for(&self) -> Option<std::time::Duration> {
-        if self.throttled && self.active.is_some() {
-            self.limiter.wait(Instant::now())
-        } else {
-            None
-        }
+        self.queue.throttled_for()
     }
 
     fn process_timer(&mut self) -> bool {
-        if !self.throttled {
+        if !self.queue.throttled {
             return true;
         }
         self.counters.rate_limiter_event_count += 1;
@@ -462,15 +458,12 @@ impl VirtioDevice for Pmem {
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.queue.reset();
         self.acked_features = 0;
-        self.throttled = false;
-        self.more = false;
     }
 
     fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
-        // Requests are answered in the pass that takes them.
-        self.active.as_ref().map(|(_, q, _)| vec![q.state()])
+        self.queue.queue_states()
     }
 
     fn metrics(&self) -> Vec<(&'static str, u64)> {
@@ -482,7 +475,7 @@ impl VirtioDevice for Pmem {
             ("queue_event_count", c.queue_event_count),
             (
                 "rate_limiter_throttled_events",
-                self.limiter.throttled_events(),
+                self.queue.limiter.throttled_events(),
             ),
             ("rate_limiter_event_count", c.rate_limiter_event_count),
         ]
