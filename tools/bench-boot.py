@@ -5,7 +5,9 @@ same guests, in the same run.
 1. Start latency, median of N runs: a PVH test guest (tests/guests/pvh.S) whose
    first instruction writes a byte to COM1. Measured from spawn to that byte on
    the VMM's stdout, and to the process exit. For vmm also the VMM's own trace
-   of its first KVM_RUN (--log-level debug), from the start of main().
+   of its first KVM_RUN (--log-level debug), from the start of main(); vmm
+   runs with and without --enable-pci (the PCI segment's set-up: host
+   bridge, ECAM, ACPI MCFG and DSDT entries).
 2. Memory: the project's Linux kernel with 1 vCPU / 128 MiB, sampled when the
    console shows MILESTONE: VmRSS and VmHWM of the process, minus the resident
    part of the guest-RAM mapping (from /proc/PID/smaps) = VMM overhead.
@@ -48,26 +50,33 @@ def median_ms(xs):
 
 def bench_start(runs, tmp):
     elf = build_guest("pvh", tmp)
-    vmm_first, vmm_exit, vmm_kvm_run = [], [], []
+    variants = [("vmm", []), ("vmm --enable-pci", ["--enable-pci"])]
+    first = {name: [] for name, _ in variants}
+    exits = {name: [] for name, _ in variants}
+    kvm_run = {name: [] for name, _ in variants}
     q_first, q_exit = [], []
     for _ in range(runs):
-        f, e, err = time_to_first_byte([VMM, "--kernel", elf, "--memory", "128M", "--log-level", "debug"])
-        vmm_first.append(f)
-        vmm_exit.append(e)
-        m = re.search(r"first KVM_RUN (\d+) us after VMM start", err)
-        if m:
-            vmm_kvm_run.append(int(m.group(1)) / 1e6)
+        for name, extra in variants:
+            f, e, err = time_to_first_byte([VMM, "--kernel", elf, "--memory", "128M", "--log-level", "debug"] + extra)
+            first[name].append(f)
+            exits[name].append(e)
+            m = re.search(r"first KVM_RUN (\d+) us after VMM start", err)
+            if m:
+                kvm_run[name].append(int(m.group(1)) / 1e6)
         f, e, _ = time_to_first_byte(qemu_cmd(elf, 128, ["-device", "isa-debug-exit,iobase=0xf4,iosize=1"]))
         q_first.append(f)
         q_exit.append(e)
     print(f"## Start latency, PVH test guest, median of {runs} (ms)\n")
-    print("| | vmm | QEMU microvm | QEMU / vmm |\n|---|---|---|---|")
-    print(f"| spawn → first guest byte on the console | {median_ms(vmm_first):.2f} | {median_ms(q_first):.2f} | "
-          f"{median_ms(q_first) / median_ms(vmm_first):.1f}x |")
-    print(f"| spawn → process exit | {median_ms(vmm_exit):.2f} | {median_ms(q_exit):.2f} | "
-          f"{median_ms(q_exit) / median_ms(vmm_exit):.1f}x |")
-    if vmm_kvm_run:
-        print(f"| main() → first KVM_RUN (vmm's own trace) | {median_ms(vmm_kvm_run):.2f} | | |")
+    print("| | vmm | vmm --enable-pci | QEMU microvm | QEMU / vmm |\n|---|---|---|---|---|")
+    v, p = first["vmm"], first["vmm --enable-pci"]
+    print(f"| spawn → first guest byte on the console | {median_ms(v):.2f} | {median_ms(p):.2f} | "
+          f"{median_ms(q_first):.2f} | {median_ms(q_first) / median_ms(v):.1f}x |")
+    v, p = exits["vmm"], exits["vmm --enable-pci"]
+    print(f"| spawn → process exit | {median_ms(v):.2f} | {median_ms(p):.2f} | {median_ms(q_exit):.2f} | "
+          f"{median_ms(q_exit) / median_ms(v):.1f}x |")
+    v, p = kvm_run["vmm"], kvm_run["vmm --enable-pci"]
+    if v and p:
+        print(f"| main() → first KVM_RUN (vmm's own trace) | {median_ms(v):.2f} | {median_ms(p):.2f} | | |")
     print()
 
 

@@ -26,8 +26,12 @@ table; the other figures are still measured. Every spawned VMM is killed on
 exit, error or SIGINT/SIGTERM, and the temporary directory (snapshot memory
 files are large) is removed unless --keep-tmp.
 
+With --pci each VMM also runs with --enable-pci (two more columns), and every
+VM gets an entropy device and a read-only 1 MiB drive, so that the restore
+has virtio devices to bring back on either transport.
+
 Usage: tools/bench-snapshot.py [--runs 20] [--vmm PATH] [--firecracker PATH] [--sizes 128,1024]
-                               [--clones 10] [--skip-fc] [--keep-tmp]
+                               [--clones 10] [--skip-fc] [--pci] [--keep-tmp]
 Needs: cargo build --release (or --vmm), resources/build-kernel.sh and
 build-initramfs.sh (run by the script; cached).
 """
@@ -109,9 +113,9 @@ def log_tail(path, n=600):
 class Peer:
     """One VMM binary, its snapshots and its results (label -> cell text)."""
 
-    def __init__(self, name, binary, tmp):
-        self.name, self.binary = name, binary
-        self.dir = os.path.join(tmp, name.lower())
+    def __init__(self, name, binary, tmp, extra=()):
+        self.name, self.binary, self.extra = name, binary, list(extra)
+        self.dir = os.path.join(tmp, "-".join(name.lower().replace("-", " ").split()))
         os.makedirs(self.dir)
         self.snaps = {}      # size -> (state path, memory path)
         self.cells = {}      # row label -> text
@@ -121,7 +125,7 @@ class Peer:
 
     def cmd(self, sock):
         # Error level: Firecracker logs to stdout, where the console goes.
-        return [self.binary, "--api-sock", sock, "--level", "Error"]
+        return [self.binary, "--api-sock", sock, "--level", "Error"] + self.extra
 
     def new_log(self, what):
         self.nspawn += 1
@@ -162,7 +166,7 @@ def unlink(path):
 
 # --- 1. boot and snapshot -------------------------------------------------------
 
-def boot_and_snapshot(peer, size, kernel, initrd, cmdline, timeout):
+def boot_and_snapshot(peer, size, kernel, initrd, cmdline, timeout, drive=None):
     d = os.path.join(peer.dir, f"{size}M")
     os.makedirs(d, exist_ok=True)
     sock, state, mem = os.path.join(d, "boot.sock"), os.path.join(d, "state"), os.path.join(d, "mem")
@@ -173,6 +177,10 @@ def boot_and_snapshot(peer, size, kernel, initrd, cmdline, timeout):
             wait_api(sock, p, None)
             call(sock, "PUT", "/boot-source", {"kernel_image_path": kernel, "initrd_path": initrd, "boot_args": cmdline})
             call(sock, "PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": size})
+            if drive:
+                call(sock, "PUT", "/entropy", {})
+                call(sock, "PUT", "/drives/data", {"drive_id": "data", "path_on_host": drive,
+                                                   "is_root_device": False, "is_read_only": True})
             t0 = time.monotonic()
             call(sock, "PUT", "/actions", {"action_type": "InstanceStart"})
             try:
@@ -336,7 +344,7 @@ def stat_ms(xs):
     return f"{statistics.median(xs) * 1000:.2f} ({min(xs) * 1000:.2f}–{max(xs) * 1000:.2f})"
 
 
-def report(peers, sizes, runs, clones, share_size, settle):
+def report(peers, sizes, runs, clones, share_size, settle, devices):
     for peer in peers:
         for key, xs in peer.samples.items():
             peer.cells.setdefault(key, stat_ms(xs))
@@ -361,7 +369,7 @@ def report(peers, sizes, runs, clones, share_size, settle):
             ("ratio", f"{pre}: summed PSS / ({clones} × RSS alone)"),
             ("clones_alive", f"{pre}: clones that then rebooted on Ctrl-Alt-Del"),
         ]
-    print("## Snapshot create / restore, Linux 1 vCPU, no devices\n")
+    print(f"## Snapshot create / restore, Linux 1 vCPU, {devices}\n")
     print("| | " + " | ".join(q.name for q in peers) + " |")
     print("|---|" + "---|" * len(peers))
     for key, label in rows:
@@ -384,6 +392,8 @@ def main():
     ap.add_argument("--clones", type=int, default=10)
     ap.add_argument("--settle", type=float, default=3.0, help="seconds clones run before their memory is read")
     ap.add_argument("--timeout", type=int, default=300, help="seconds a boot may take to reach the marker")
+    ap.add_argument("--pci", action="store_true",
+                    help="also each VMM with --enable-pci; every VM gets an entropy device and a drive")
     ap.add_argument("--keep-tmp", action="store_true")
     a = benchlib.parse_args(ap)
     sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
@@ -408,8 +418,17 @@ def main():
     tmp = tempfile.mkdtemp(prefix="bench-snapshot-", dir="/tmp")
     try:
         peers = [Peer("vmm", a.vmm, tmp)]
+        if a.pci:
+            peers.append(Peer("vmm --enable-pci", a.vmm, tmp, ["--enable-pci"]))
         if fc:
             peers.append(Peer("Firecracker", fc, tmp))
+            if a.pci:
+                peers.append(Peer("Firecracker --enable-pci", fc, tmp, ["--enable-pci"]))
+        drive = None
+        if a.pci:
+            drive = os.path.join(tmp, "drive.img")
+            with open(drive, "wb") as f:
+                f.write(b"\x5a" * MIB)
         print(host_line())
         print(f"vmm: {a.vmm}; Firecracker: {fc or 'not run'}; kernel: {kernel}; initramfs: {initrd}")
         print(f"guest command line: {cmdline}\n")
@@ -418,7 +437,7 @@ def main():
                 print(f"booting {peer.name}, {s} MiB ...", file=sys.stderr, flush=True)
                 try:
                     boot_s, create_s, state_b, mem_alloc, mem_size = \
-                        boot_and_snapshot(peer, s, kernel, initrd, cmdline, a.timeout)
+                        boot_and_snapshot(peer, s, kernel, initrd, cmdline, a.timeout, drive)
                 except Exception as e:
                     peer.fail([f"boot{s}", f"create{s}", f"files{s}", f"load{s}", f"spawn{s}", f"alive{s}"], e)
                     continue
@@ -437,7 +456,8 @@ def main():
                 else:
                     for key in SHARING_ROWS:
                         peer.cells[key] = f"n/a (no {share} MiB snapshot)"
-        report(peers, sizes, a.runs, a.clones, share, a.settle)
+        devices = "an entropy device and a read-only drive" if a.pci else "no devices"
+        report(peers, sizes, a.runs, a.clones, share, a.settle, devices)
     finally:
         PROCS.kill_all()
         if a.keep_tmp:
