@@ -505,7 +505,7 @@ impl DeviceManager {
                 let t = e.transport.lock().unwrap_or_else(|e| e.into_inner());
                 let device = t
                     .core()
-                    .with_device(|d| crate::device_kinds::of(e.kind).save(d));
+                    .with_device(|d| crate::device_kinds::of(e.kind)?.save(d));
                 drop(t);
                 let device = device.ok_or_else(|| {
                     crate::snapshot::Error::State(format!(
@@ -542,8 +542,11 @@ impl DeviceManager {
     pub fn kick_restored(&self) {
         for e in &self.virtio {
             let t = e.transport.lock().unwrap_or_else(|e| e.into_inner());
-            t.core()
-                .with_device(|d| crate::device_kinds::of(e.kind).after_restore(d));
+            t.core().with_device(|d| {
+                if let Some(kind) = crate::device_kinds::of(e.kind) {
+                    kind.after_restore(d)
+                }
+            });
             t.kick_after_restore();
         }
     }

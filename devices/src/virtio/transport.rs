@@ -50,7 +50,7 @@ pub struct VirtioCore {
     /// Queues checked at DRIVER_OK, waiting for the event loop to activate the
     /// device with them (`activate_evt` tells it).
     pub(crate) pending: Option<Vec<Queue>>,
-    pub(crate) activate_evt: EventFd,
+    pub(crate) activate_evt: Arc<EventFd>,
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) interrupt: Arc<dyn VirtioInterrupt>,
     /// Signalled when the guest notifies a queue without an ioeventfd in
@@ -92,7 +92,7 @@ impl VirtioCore {
             device: Arc::new(Mutex::new(device)),
             running: Arc::new(AtomicBool::new(false)),
             pending: None,
-            activate_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            activate_evt: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
             mem,
             interrupt,
             queue_evts,
@@ -742,8 +742,10 @@ pub struct QueueEvents {
     /// Set while the VM is paused: notifications are consumed but not served
     /// (the VMM signals every queue again on resume), the backend is not watched.
     paused: Arc<AtomicBool>,
-    evts: Vec<EventFd>,
-    activate_evt: EventFd,
+    /// The transport's own eventfds, shared (not duplicated: a device
+    /// costs no more descriptors for being watched).
+    evts: Vec<Arc<EventFd>>,
+    activate_evt: Arc<EventFd>,
     backend: Option<std::os::fd::RawFd>,
     backend_watched: bool,
     /// Wakes a device whose rate limiter held work back (non-blocking).
@@ -759,12 +761,8 @@ impl QueueEvents {
     ) -> std::io::Result<Self> {
         let guard = transport.lock().unwrap_or_else(|e| e.into_inner());
         let t = guard.core();
-        let evts = t
-            .queue_evts()
-            .iter()
-            .map(|e| e.try_clone())
-            .collect::<std::io::Result<Vec<_>>>()?;
-        let activate_evt = t.activate_evt.try_clone()?;
+        let evts = t.queue_evts().to_vec();
+        let activate_evt = t.activate_evt.clone();
         let backend = t.backend_fd();
         let (device, running) = (t.device.clone(), t.running.clone());
         drop(guard);
