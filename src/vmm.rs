@@ -301,30 +301,13 @@ impl Vmm {
         // Only the new device, opened as at the start (its rate limiter,
         // the metadata service's interfaces).
         let mut one = VmConfig {
-            drives: config
-                .drives
-                .iter()
-                .filter(|d| !self.config.drives.iter().any(|o| o.drive_id == d.drive_id))
-                .cloned()
-                .collect(),
-            network_interfaces: config
-                .network_interfaces
-                .iter()
-                .filter(|n| {
-                    !self
-                        .config
-                        .network_interfaces
-                        .iter()
-                        .any(|o| o.iface_id == n.iface_id)
-                })
-                .cloned()
-                .collect(),
-            pmem: config
-                .pmem
-                .iter()
-                .filter(|p| !self.config.pmem.iter().any(|o| o.id == p.id))
-                .cloned()
-                .collect(),
+            drives: added(&config.drives, &self.config.drives, |d| &d.drive_id),
+            network_interfaces: added(
+                &config.network_interfaces,
+                &self.config.network_interfaces,
+                |n| &n.iface_id,
+            ),
+            pmem: added(&config.pmem, &self.config.pmem, |p| &p.id),
             mmds_config: config.mmds_config.clone(),
             ..VmConfig::default()
         };
@@ -795,6 +778,14 @@ impl Drop for Vmm {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The entries of `new` whose ID is not in `old`.
+fn added<T: Clone>(new: &[T], old: &[T], id: impl Fn(&T) -> &String) -> Vec<T> {
+    new.iter()
+        .filter(|n| !old.iter().any(|o| id(o) == id(n)))
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]

@@ -181,21 +181,7 @@ impl Controller {
                 c.pmem.push(p.clone());
                 Ok(())
             }),
-            ApiRequest::PutPmem(p) => {
-                let config = match vmm.config_mut() {
-                    Ok(c) => c,
-                    Err(e) => return bad(e),
-                };
-                let mut next = config.clone();
-                match next.upsert_pmem(p.clone()).and_then(|()| next.validate()) {
-                    Ok(()) => {
-                        *config = next;
-                        vmm.mark_boot_configured();
-                        Response::no_content()
-                    }
-                    Err(e) => bad(e),
-                }
-            }
+            ApiRequest::PutPmem(p) => configure_checked(vmm, true, |c| c.upsert_pmem(p.clone())),
             ApiRequest::PatchPmem(p) => patch_pmem(vmm, p),
             ApiRequest::DeletePmem(id) => unplug(vmm, el, VirtioKind::Pmem, id),
             ApiRequest::GetVmConfig => ok_json(&full_vm_config(vmm.config())),
@@ -594,13 +580,24 @@ fn configure_as(
     boot_resource: bool,
     change: impl FnOnce(&mut VmConfig),
 ) -> Response {
+    configure_checked(vmm, boot_resource, |c| {
+        change(c);
+        Ok(())
+    })
+}
+
+/// As [`configure_as`] for a change that can itself be refused.
+fn configure_checked(
+    vmm: &mut Vmm,
+    boot_resource: bool,
+    change: impl FnOnce(&mut VmConfig) -> Result<(), crate::config::Error>,
+) -> Response {
     let config = match vmm.config_mut() {
         Ok(c) => c,
         Err(e) => return bad(e),
     };
     let mut next = config.clone();
-    change(&mut next);
-    match next.validate() {
+    match change(&mut next).and_then(|()| next.validate()) {
         Ok(()) => {
             *config = next;
             if boot_resource {

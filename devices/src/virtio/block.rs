@@ -137,6 +137,23 @@ fn request_cost(mem: &GuestMemoryMmap, descs: &[Descriptor]) -> (u64, u64) {
     (1, bytes)
 }
 
+/// Takes the advisory lock a VM holds on a file it serves (a disk image, a
+/// pmem file) without waiting: shared when it only reads it, exclusive when
+/// it writes, so that no two VMs write one file. An error of kind
+/// `WouldBlock` means another process holds a lock that conflicts.
+pub fn lock_image(file: &File, read_only: bool) -> std::io::Result<()> {
+    let op = if read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    // SAFETY: flock on a descriptor the caller owns; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Opens and locks a disk image (see [`Block::open`]); returns it with its
 /// capacity in sectors. Opening never blocks (a FIFO is refused, not waited
 /// on), so a bad path cannot stall the thread that opens it.
@@ -165,18 +182,12 @@ pub fn open_image(path: &Path, read_only: bool) -> Result<(File, u64), Error> {
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, 0) } != 0 {
         return Err(open_err(std::io::Error::last_os_error()));
     }
-    let op = if read_only {
-        libc::LOCK_SH
-    } else {
-        libc::LOCK_EX
-    };
-    // SAFETY: flock on a descriptor this function owns; no memory is involved.
-    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(Error::InUse(path.to_path_buf()));
+    match lock_image(&file, read_only) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            return Err(Error::InUse(path.to_path_buf()))
         }
-        return Err(open_err(err));
+        Err(e) => return Err(open_err(e)),
     }
     let len = if kind.is_block_device() {
         let mut f = &file;

@@ -200,8 +200,7 @@ pub struct Pmem {
 }
 
 impl Pmem {
-    /// Opens, locks (shared when read-only, exclusive otherwise, as disk
-    /// images are) and maps `path`.
+    /// Opens, locks (as disk images are: `block::lock_image`) and maps `path`.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, Error> {
         use std::os::unix::fs::OpenOptionsExt;
         let open_err = |err| Error::Open {
@@ -221,18 +220,12 @@ impl Pmem {
         if !meta.is_file() {
             return Err(Error::NotAFile(path.to_path_buf()));
         }
-        let op = if read_only {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        };
-        // SAFETY: flock on a descriptor this function owns; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(Error::InUse(path.to_path_buf()));
+        match super::block::lock_image(&file, read_only) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(Error::InUse(path.to_path_buf()))
             }
-            return Err(open_err(err));
+            Err(e) => return Err(open_err(e)),
         }
         let file_len = meta.len();
         if file_len == 0 {
