@@ -6,9 +6,10 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
+use devices::memory::GuestMemoryMmap;
 use devices::mmds::{Mmds, SharedMmds};
 use devices::virtio::vsock::muxer::Muxer;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::x86_64::layout::*;
 use crate::arch::x86_64::regs::EntryProtocol;
@@ -146,16 +147,11 @@ pub fn build_with(
             "machine-config smt is stored but not enforced: the guest sees one thread per core"
         );
     }
-    if machine.track_dirty_pages {
-        log::warn!(
-            "machine-config track_dirty_pages is stored but not enforced yet (no diff snapshots)"
-        );
-    }
     // Validated: 1..=MAX_CPUS.
     let cpus = machine.vcpu_count as u32;
     let vm = vm::Vm::new()?;
     vm.check_vcpu_count(cpus)?;
-    let mem = memory::create_guest_memory(machine.mem_bytes())?;
+    let mem = memory::create_guest_memory(machine.mem_bytes(), backing(machine))?;
     vm.register_memory(&mem)?;
     vm.setup_irqchip()?;
 
@@ -187,6 +183,14 @@ pub fn build_with(
     })
 }
 
+/// How the machine configuration wants guest memory backed.
+fn backing(machine: &crate::config::MachineConfig) -> memory::Backing {
+    memory::Backing {
+        track_dirty_pages: machine.track_dirty_pages,
+        huge_pages: machine.huge_pages,
+    }
+}
+
 /// Builds a VM from a snapshot's state and memory file: the guest memory is
 /// the file mapped privately, and the irqchip, PIT, clock, COM1, i8042 and
 /// every vCPU are in their saved state. Disk images are reopened (and
@@ -215,7 +219,8 @@ pub fn build_from_snapshot(
     let cpus = state.vcpus.len() as u32;
     let vm = vm::Vm::new()?;
     vm.check_vcpu_count(cpus)?;
-    let (mem, uffd) = snapshot::guest_memory(mem_source, &state.memory)?;
+    let (mem, uffd) =
+        snapshot::guest_memory(mem_source, &state.memory, backing(&config.machine_config))?;
     vm.register_memory(&mem)?;
     vm.setup_irqchip()?;
     vm.restore_state(&state.vm, clock_realtime)?;

@@ -75,7 +75,7 @@ pub enum Error {
 #[command(
     name = "vmm",
     disable_version_flag = true,
-    after_help = "Commands:\n  vmm run [OPTIONS] -- CMD [ARGS]...  Runs a command in a fresh microVM and exits with its status (vmm run --help)\n\nWithout --api-sock, --no-api or --kernel, the API listens on /run/firecracker.socket, as Firecracker's does."
+    after_help = "Commands:\n  vmm run [OPTIONS] -- CMD [ARGS]...  Runs a command in a fresh microVM and exits with its status (vmm run --help)\n  vmm snapshot rebase --base-mem B --diff-mem D  Merges a Diff snapshot's memory file onto its base (vmm snapshot --help)\n\nWithout --api-sock, --no-api or --kernel, the API listens on /run/firecracker.socket, as Firecracker's does."
 )]
 pub struct Cli {
     // --- Firecracker's process flags -------------------------------------
@@ -249,11 +249,16 @@ pub fn one_line_error(e: &clap::Error, command: &str) -> String {
 
 /// What a misspelt command word probably meant: `vmm rn` is `vmm run`.
 pub fn command_suggestion(word: &str) -> Option<&'static str> {
-    if word.starts_with('-') || word == "run" {
+    if word.starts_with('-') || COMMANDS.contains(&word) {
         return None;
     }
-    (edit_distance(word, "run") <= 2 && word.len() <= 5).then_some("run")
+    COMMANDS
+        .into_iter()
+        .find(|c| edit_distance(word, c) <= 2.min(c.len() / 3 + 1) && word.len() <= c.len() + 2)
 }
+
+/// The subcommands of `vmm`.
+const COMMANDS: [&str; 2] = ["run", "snapshot"];
 
 /// Levenshtein distance, for short words.
 fn edit_distance(a: &str, b: &str) -> usize {
@@ -838,6 +843,8 @@ mod tests {
         assert_eq!(command_suggestion("rnu"), Some("run"));
         assert_eq!(command_suggestion("runn"), Some("run"));
         assert_eq!(command_suggestion("run"), None);
+        assert_eq!(command_suggestion("snapshto"), Some("snapshot"));
+        assert_eq!(command_suggestion("snapshot"), None);
         assert_eq!(command_suggestion("--run"), None);
         assert_eq!(command_suggestion("restore"), None);
     }

@@ -55,6 +55,12 @@ pub enum Error {
     /// A feature of Firecracker's machine configuration this VMM does not have.
     #[error("machine-config {field} '{value}' is not supported; give \"None\" or leave it out.")]
     MachineFeature { field: &'static str, value: String },
+    /// Guest memory that huge pages cannot back whole.
+    #[error("machine-config mem_size_mib {0} is not a multiple of 2 MiB, which huge_pages \"{1}\" needs; give an even mem_size_mib.")]
+    HugePagesSize(u64, &'static str),
+    /// A balloon on hugetlbfs memory, which it cannot give back page by page.
+    #[error("Firecracker's huge pages support is incompatible with memory ballooning: huge_pages \"2M\" and a balloon device cannot be used together; remove one.")]
+    HugePagesBalloon,
     /// A CPU template name Firecracker does not have.
     #[error("machine-config cpu_template '{0}' is not a CPU template; give one of None, C3, T2, T2S, T2CL, T2A.")]
     CpuTemplate(String),
@@ -146,19 +152,41 @@ pub struct MachineConfig {
     /// topology is one thread per core either way).
     #[serde(default)]
     pub smt: bool,
-    /// Dirty-page tracking, for diff snapshots (stored; not enforced yet).
+    /// Dirty-page tracking: KVM's dirty log and the VMM's own writes, so
+    /// that a Diff snapshot holds only the pages written since the last one.
     #[serde(default)]
     pub track_dirty_pages: bool,
     /// Firecracker CPU template; only "None" is accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_template: Option<String>,
-    /// Huge pages; only "None" is accepted.
-    #[serde(default = "huge_pages_none")]
-    pub huge_pages: String,
+    /// What backs guest memory: base pages, transparent huge pages, or 2 MiB
+    /// hugetlbfs pages.
+    #[serde(default)]
+    pub huge_pages: HugePages,
 }
 
-fn huge_pages_none() -> String {
-    "None".into()
+/// Firecracker's `huge_pages`: what backs guest memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HugePages {
+    /// The host's base pages.
+    #[default]
+    None,
+    /// Anonymous memory advised to use transparent huge pages (MADV_HUGEPAGE).
+    Transparent,
+    /// 2 MiB pages from the host's hugetlbfs pool, reserved when mapped.
+    #[serde(rename = "2M")]
+    Hugetlbfs2M,
+}
+
+impl HugePages {
+    /// The name the API uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            HugePages::None => "None",
+            HugePages::Transparent => "Transparent",
+            HugePages::Hugetlbfs2M => "2M",
+        }
+    }
 }
 
 impl Default for MachineConfig {
@@ -169,7 +197,7 @@ impl Default for MachineConfig {
             smt: false,
             track_dirty_pages: false,
             cpu_template: None,
-            huge_pages: huge_pages_none(),
+            huge_pages: HugePages::None,
         }
     }
 }
@@ -189,7 +217,7 @@ pub struct MachineConfigUpdate {
     /// New CPU template.
     pub cpu_template: Option<String>,
     /// New huge-page setting.
-    pub huge_pages: Option<String>,
+    pub huge_pages: Option<HugePages>,
 }
 
 impl MachineConfig {
@@ -201,7 +229,7 @@ impl MachineConfig {
             smt: update.smt.unwrap_or(self.smt),
             track_dirty_pages: update.track_dirty_pages.unwrap_or(self.track_dirty_pages),
             cpu_template: update.cpu_template.or_else(|| self.cpu_template.clone()),
-            huge_pages: update.huge_pages.unwrap_or_else(|| self.huge_pages.clone()),
+            huge_pages: update.huge_pages.unwrap_or(self.huge_pages),
         }
     }
 
@@ -223,11 +251,11 @@ impl MachineConfig {
                 return Err(Error::CpuTemplate(t.into()));
             }
         }
-        if self.huge_pages != "None" {
-            return Err(Error::MachineFeature {
-                field: "huge_pages",
-                value: self.huge_pages.clone(),
-            });
+        if self.huge_pages != HugePages::None && !self.mem_size_mib.is_multiple_of(2) {
+            return Err(Error::HugePagesSize(
+                self.mem_size_mib,
+                self.huge_pages.name(),
+            ));
         }
         Ok(())
     }
@@ -777,6 +805,9 @@ impl VmConfig {
         }
         self.machine_config.validate()?;
         if let Some(b) = &self.balloon {
+            if self.machine_config.huge_pages == HugePages::Hugetlbfs2M {
+                return Err(Error::HugePagesBalloon);
+            }
             b.validate(self.machine_config.mem_size_mib)?;
         }
         if let Some(v) = &self.vsock {

@@ -20,7 +20,7 @@ use devices::virtio::pci::PciTransport;
 use devices::virtio::transport::VirtioTransport;
 use devices::virtio::VirtioDevice;
 use kvm_ioctls::IoEventAddress;
-use vm_memory::GuestMemoryMmap;
+
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::allocator::{DeviceMemoryAllocator, Placement, ResourceAllocator};
@@ -30,6 +30,7 @@ use crate::exit::ExitSignal;
 use crate::pci::{PciEntryState, PciSegment};
 use crate::snapshot::{PlacedTransport, VirtioEntryState};
 use crate::vstate::vm;
+use devices::memory::GuestMemoryMmap;
 
 /// Errors placing devices.
 #[derive(Debug, thiserror::Error)]

@@ -6,9 +6,10 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use devices::memory::GuestMemoryMmap;
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
 use crate::arch::x86_64::regs::EntryProtocol;
@@ -377,7 +378,7 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (64 * MIB) as usize)]).unwrap()
+        devices::memory::anonymous(&[(GuestAddress(0), (64 * MIB) as usize)], false).unwrap()
     }
 
     fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {

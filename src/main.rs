@@ -133,8 +133,11 @@ fn main() {
     let started = Instant::now();
     // `vmm run -- CMD`: a command in a fresh microVM (src/run.rs).
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("run") {
-        vmm::run::main(args[2..].to_vec());
+    match args.get(1).map(String::as_str) {
+        Some("run") => vmm::run::main(args[2..].to_vec()),
+        // `vmm snapshot rebase ...`: offline snapshot tools (src/snapshot/tool.rs).
+        Some("snapshot") => vmm::snapshot::tool::main(args[2..].to_vec()),
+        _ => {}
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -8,8 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vm_memory::GuestMemoryMmap;
-
 use std::path::Path;
 
 use devices::persist::Persist;
@@ -24,6 +22,7 @@ use crate::vstate::vcpu::{self, VcpuContext, VcpuEvent, VcpuHandle, VcpuResponse
 use crate::vstate::vcpu_state::VcpuState as VcpuStateData;
 use crate::vstate::vm;
 use crate::vstate::vm::VmKvmState;
+use devices::memory::GuestMemoryMmap;
 
 /// How long a vCPU gets to answer a pause or resume.
 const VCPU_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -138,6 +137,10 @@ pub struct RestoreOptions {
     pub vsock_override: Option<std::path::PathBuf>,
     /// Advance the kvmclock by the wall-clock time since the snapshot.
     pub clock_realtime: bool,
+    /// Track dirty pages on the restored VM (for Diff snapshots of it).
+    pub track_dirty_pages: bool,
+    /// What backs guest memory; `None` for the snapshot's setting.
+    pub huge_pages: Option<crate::config::HugePages>,
 }
 
 /// The console output, shared so that a failed start does not lose it.
@@ -483,6 +486,10 @@ impl Vmm {
             };
             v.uds_path = path.clone();
         }
+        state.config.machine_config.track_dirty_pages = options.track_dirty_pages;
+        if let Some(h) = options.huge_pages {
+            state.config.machine_config.huge_pages = h;
+        }
         let out = Box::new(self.serial_out.clone());
         // As Firecracker: the snapshot's devices come back on the transport
         // they were saved on, whether this process was started with
@@ -520,7 +527,12 @@ impl Vmm {
     /// Saves the paused VM: devices first, then the KVM state (vCPUs on
     /// their own threads), then guest memory to `mem_file`, then the state
     /// file.
-    pub fn create_snapshot(&self, snapshot_path: &Path, mem_file: &Path) -> Result<(), Error> {
+    pub fn create_snapshot(
+        &self,
+        snapshot_path: &Path,
+        mem_file: &Path,
+        kind: snapshot::Kind,
+    ) -> Result<(), Error> {
         if self.state != VmState::Paused {
             return Err(Error::Snapshot(snapshot::Error::State(
                 "Operation not allowed: save/restore unavailable while running; pause the microVM first (PATCH /vm {\"state\": \"Paused\"}).".into(),
@@ -552,7 +564,39 @@ impl Vmm {
         let (vm, vcpus) = self
             .save_kvm_state()
             .map_err(|e| Error::Snapshot(snapshot::Error::State(e)))?;
-        let (memory, mem_pending) = snapshot::save_memory(&s.mem, mem_file)?;
+        let tracked = devices::memory::is_tracked(&s.mem);
+        let (memory, mem_pending) = match kind {
+            snapshot::Kind::Full => {
+                let saved = snapshot::save_memory(&s.mem, mem_file)?;
+                if tracked {
+                    // The next Diff holds what changes after this snapshot.
+                    snapshot::diff::take_dirty(&s.vm, &s.mem)?;
+                }
+                (saved.0, Some(saved.1))
+            }
+            snapshot::Kind::Diff => {
+                let sets = if tracked {
+                    snapshot::diff::take_dirty(&s.vm, &s.mem)?
+                } else {
+                    snapshot::diff::resident(&s.mem)?
+                };
+                match snapshot::diff::save(&s.mem, mem_file, &sets) {
+                    Ok((memory, written)) => {
+                        log::info!(
+                            "Diff snapshot: {written} bytes of guest memory written to '{}'",
+                            mem_file.display()
+                        );
+                        (memory, None)
+                    }
+                    Err(e) => {
+                        if tracked {
+                            snapshot::diff::give_back(&s.mem, &sets);
+                        }
+                        return Err(e.into());
+                    }
+                }
+            }
+        };
         let state = MicrovmState {
             config: self.config.clone(),
             memory,
@@ -567,13 +611,15 @@ impl Vmm {
         // failed snapshot leaves the old files as they were.
         let state_pending =
             snapshot::format::prepare(snapshot_path, &state).map_err(snapshot::Error::from)?;
-        mem_pending
-            .commit()
-            .map_err(|err| snapshot::Error::MemoryFile {
-                what: "write",
-                path: mem_file.display().to_string(),
-                err,
-            })?;
+        if let Some(pending) = mem_pending {
+            pending
+                .commit()
+                .map_err(|err| snapshot::Error::MemoryFile {
+                    what: "write",
+                    path: mem_file.display().to_string(),
+                    err,
+                })?;
+        }
         state_pending.commit().map_err(|err| {
             snapshot::Error::Format(snapshot::format::Error::Io {
                 what: "write",

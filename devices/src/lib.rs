@@ -24,6 +24,7 @@ pub mod acpi_pm;
 pub mod boot_timer;
 pub mod bus;
 pub mod legacy;
+pub mod memory;
 pub mod mmds;
 pub mod pci;
 pub mod persist;
@@ -107,7 +108,9 @@ pub(crate) mod test_util {
         }
     }
 
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use crate::memory::GuestMemoryMmap;
+
+    use vm_memory::{Bytes, GuestAddress};
 
     /// Guest memory of 1 MiB with split rings for `n` queues of 16
     /// descriptors (queue i's at 0x1000 + i * 0x4000), for device tests:
@@ -128,7 +131,7 @@ pub(crate) mod test_util {
     impl Rings {
         pub fn new(n: usize) -> Self {
             Rings {
-                mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RING_MEM)]).unwrap(),
+                mem: crate::memory::anonymous(&[(GuestAddress(0), RING_MEM)], false).unwrap(),
                 next_desc: vec![0; n],
                 avail_idx: vec![0; n],
             }

@@ -12,12 +12,14 @@ use devices::virtio::pmem::Pmem;
 use serde_json::json;
 
 use super::http::Response;
-use super::request::{ActionType, ApiRequest, PartialDrive, PartialPmem, VmStateChange};
+use super::request::{
+    ActionType, ApiRequest, PartialDrive, PartialPmem, SnapshotType, VmStateChange,
+};
 use crate::config::VmConfig;
 use crate::device_manager::VirtioKind;
 use crate::metrics::{MetricsSink, METRICS};
 use crate::runtime::EventLoop;
-use crate::snapshot::BALLOON_ID;
+use crate::snapshot::{self, BALLOON_ID};
 use crate::vmm::{RestoreOptions, Vmm};
 
 /// The API level this VMM implements, reported as Firecracker's version.
@@ -355,10 +357,19 @@ impl Controller {
             }
             ApiRequest::CreateSnapshot(p) => {
                 let t = Instant::now();
-                let result = vmm.create_snapshot(&p.snapshot_path, &p.mem_file_path);
+                let kind = match p.snapshot_type {
+                    Some(SnapshotType::Diff) => snapshot::Kind::Diff,
+                    _ => snapshot::Kind::Full,
+                };
+                let result = vmm.create_snapshot(&p.snapshot_path, &p.mem_file_path, kind);
                 let us = t.elapsed().as_micros() as u64;
-                METRICS.latencies_us.full_create_snapshot.set(us);
-                METRICS.latencies_us.vmm_full_create_snapshot.set(us);
+                if kind == snapshot::Kind::Diff {
+                    METRICS.latencies_us.diff_create_snapshot.set(us);
+                    METRICS.latencies_us.vmm_diff_create_snapshot.set(us);
+                } else {
+                    METRICS.latencies_us.full_create_snapshot.set(us);
+                    METRICS.latencies_us.vmm_full_create_snapshot.set(us);
+                }
                 match result {
                     Ok(()) => Response::no_content(),
                     Err(e) => bad(e),
@@ -375,6 +386,8 @@ impl Controller {
                         .collect(),
                     vsock_override: l.vsock_override.clone(),
                     clock_realtime: l.clock_realtime,
+                    track_dirty_pages: l.track_dirty_pages,
+                    huge_pages: l.huge_pages,
                 };
                 let loadable = vmm.snapshot_loadable();
                 let result = vmm.load_snapshot(&l.snapshot_path, &l.mem, &options, el);

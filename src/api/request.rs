@@ -141,7 +141,7 @@ pub struct SnapshotLoadParams {
     /// Resume the VM once loaded (default: stay paused).
     #[serde(default)]
     pub resume_vm: Option<bool>,
-    /// Dirty-page tracking (refused when true: no diff snapshots yet).
+    /// Dirty-page tracking on the restored VM, for Diff snapshots of it.
     #[serde(default)]
     pub track_dirty_pages: Option<bool>,
     /// Deprecated name of `track_dirty_pages`.
@@ -156,6 +156,23 @@ pub struct SnapshotLoadParams {
     /// Advance the kvmclock by the wall-clock time since the snapshot.
     #[serde(default)]
     pub clock_realtime: Option<bool>,
+    /// What backs the restored guest memory ("Snapshot": as when taken).
+    #[serde(default)]
+    pub huge_pages: Option<LoadHugePages>,
+}
+
+/// `huge_pages` of a snapshot load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum LoadHugePages {
+    /// As the snapshot's machine configuration says.
+    Snapshot,
+    /// Base pages.
+    None,
+    /// Transparent huge pages.
+    Transparent,
+    /// 2 MiB hugetlbfs pages (a Uffd backend only).
+    #[serde(rename = "2M")]
+    Hugetlbfs2M,
 }
 
 /// `vsock_override` of a snapshot load.
@@ -181,6 +198,11 @@ pub struct SnapshotLoad {
     pub vsock_override: Option<PathBuf>,
     /// Advance the kvmclock by the wall-clock time since the snapshot.
     pub clock_realtime: bool,
+    /// Track dirty pages (`track_dirty_pages` or its deprecated alias
+    /// `enable_diff_snapshots`).
+    pub track_dirty_pages: bool,
+    /// What backs guest memory; `None` for the snapshot's setting.
+    pub huge_pages: Option<crate::config::HugePages>,
 }
 
 /// A well-formed request for the VMM thread.
@@ -398,11 +420,13 @@ fn parse_load(p: SnapshotLoadParams) -> Result<SnapshotLoad, Response> {
         }
         (None, Some(b)) => MemorySource::File(b.backend_path),
     };
-    if p.track_dirty_pages == Some(true) || p.enable_diff_snapshots == Some(true) {
-        return Err(bad(
-            "Dirty-page tracking is not supported yet (no diff snapshots); leave it off.",
-        ));
-    }
+    use crate::config::HugePages;
+    let huge_pages = match p.huge_pages {
+        None | Some(LoadHugePages::Snapshot) => None,
+        Some(LoadHugePages::None) => Some(HugePages::None),
+        Some(LoadHugePages::Transparent) => Some(HugePages::Transparent),
+        Some(LoadHugePages::Hugetlbfs2M) => Some(HugePages::Hugetlbfs2M),
+    };
     Ok(SnapshotLoad {
         snapshot_path: p.snapshot_path,
         mem,
@@ -410,6 +434,10 @@ fn parse_load(p: SnapshotLoadParams) -> Result<SnapshotLoad, Response> {
         network_overrides: p.network_overrides.unwrap_or_default(),
         vsock_override: p.vsock_override.map(|v| v.uds_path),
         clock_realtime: p.clock_realtime.unwrap_or(false),
+        // As Firecracker: either name turns tracking on.
+        track_dirty_pages: p.track_dirty_pages.unwrap_or(false)
+            || p.enable_diff_snapshots.unwrap_or(false),
+        huge_pages,
     })
 }
 
@@ -543,13 +571,7 @@ pub fn parse(req: &Request) -> Result<ApiRequest, Response> {
         (Method::Put, ["actions"]) => Action(body::<ActionInfo>(req)?.action_type),
         (Method::Patch, ["vm"]) => PatchVm(body::<VmInfo>(req)?.state),
         (Method::Put, ["snapshot", "create"]) => {
-            let p: SnapshotCreateParams = body(req)?;
-            if p.snapshot_type == Some(SnapshotType::Diff) {
-                return Err(bad(
-                    "Diff snapshots are not supported yet; take a Full snapshot.",
-                ));
-            }
-            CreateSnapshot(p)
+            CreateSnapshot(body(req)?)
         }
         (Method::Put, ["snapshot", "load"]) => LoadSnapshot(parse_load(body(req)?)?),
         _ => return Err(invalid_path(req)),
@@ -845,8 +867,8 @@ mod tests {
             (
                 Put,
                 "/snapshot/create",
-                r#"{"snapshot_path": "s", "mem_file_path": "m", "snapshot_type": "Diff"}"#,
-                "Diff snapshots are not supported",
+                r#"{"snapshot_path": "s", "mem_file_path": "m", "snapshot_type": "Incremental"}"#,
+                "unknown variant `Incremental`, expected `Full` or `Diff`",
             ),
             (
                 Put,
@@ -875,8 +897,8 @@ mod tests {
             (
                 Put,
                 "/snapshot/load",
-                r#"{"snapshot_path": "s", "mem_file_path": "m", "track_dirty_pages": true}"#,
-                "Dirty-page tracking",
+                r#"{"snapshot_path": "s", "mem_file_path": "m", "huge_pages": "1G"}"#,
+                "unknown variant `1G`",
             ),
             (Put, "/vsock", "{}", "missing field"),
             (
@@ -939,8 +961,41 @@ mod tests {
                 }],
                 vsock_override: Some("/run/v.sock".into()),
                 clock_realtime: true,
+                track_dirty_pages: false,
+                huge_pages: None,
             }
         );
+    }
+
+    #[test]
+    fn firecracker_python_s_load_with_enable_diff_snapshots_turns_tracking_on() {
+        // What firecracker-python's restore sends (the deprecated alias).
+        let body = r#"{"enable_diff_snapshots": true,
+            "mem_backend": {"backend_type": "File", "backend_path": "vm.mem"},
+            "snapshot_path": "vm.snap", "resume_vm": true,
+            "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap0"}]}"#;
+        let r = req(Method::Put, "/snapshot/load", body);
+        let Ok(ApiRequest::LoadSnapshot(l)) = parse(&r) else {
+            panic!("not a load");
+        };
+        assert!(l.track_dirty_pages && l.resume);
+        assert_eq!(
+            deprecated(&r).as_deref(),
+            Some("PUT /snapshot/load: enable_diff_snapshots field is deprecated.")
+        );
+        let body = r#"{"snapshot_path": "s", "mem_file_path": "m", "huge_pages": "2M"}"#;
+        let Ok(ApiRequest::LoadSnapshot(l)) = parse(&req(Method::Put, "/snapshot/load", body))
+        else {
+            panic!("not a load");
+        };
+        assert_eq!(l.huge_pages, Some(crate::config::HugePages::Hugetlbfs2M));
+        // A Diff is a snapshot type like Full.
+        let body = r#"{"snapshot_path": "s", "mem_file_path": "m", "snapshot_type": "Diff"}"#;
+        let Ok(ApiRequest::CreateSnapshot(c)) = parse(&req(Method::Put, "/snapshot/create", body))
+        else {
+            panic!("not a create");
+        };
+        assert_eq!(c.snapshot_type, Some(SnapshotType::Diff));
     }
 
     #[test]

@@ -16,12 +16,13 @@ use devices::virtio::transport::{RestoreError, VirtioTransport};
 use devices::virtio::VirtioDevice;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
-use vm_memory::GuestMemoryMmap;
+
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::acpi::PciRootInfo;
 use crate::arch::x86_64::layout::{PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_END, PCI_MMIO_START};
 use crate::vstate::vm;
+use devices::memory::GuestMemoryMmap;
 
 /// Port of configuration mechanism #1's address register (data at 0xcfc).
 const CONFIG_IO_PORT: u64 = 0xcf8;

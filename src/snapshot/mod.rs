@@ -6,25 +6,26 @@
 //!
 //! Devices are saved before the KVM state, with their transports; on
 //! restore, disk images are reopened (and locked) by path and TAP devices by
-//! name before any vCPU runs. Not yet: diff snapshots, a userfaultfd backend.
+//! name before any vCPU runs. A Diff snapshot ([`diff`]) writes only the pages written since the
+//! previous one.
 
+pub mod diff;
 pub mod format;
+pub mod tool;
 pub mod uffd;
 
 use std::path::Path;
 
 use devices::legacy::i8042::I8042State;
 use devices::legacy::serial::SerialDeviceState;
+use devices::memory::{GuestMemoryMmap, GuestRegionMmap};
 use devices::virtio::block::BlockState;
 use devices::virtio::mmio::MmioTransportState;
 use devices::virtio::net::NetState;
 use devices::virtio::vsock::VsockState;
 use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap,
-};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::VmConfig;
 use crate::vstate::vcpu_state::VcpuState;
@@ -46,6 +47,9 @@ pub enum Error {
     /// The memory file does not have the snapshot's size.
     #[error("The memory file '{path}' has {found} bytes, the snapshot's guest memory {want}; give the memory file taken with this snapshot.")]
     MemorySize { path: String, found: u64, want: u64 },
+    /// A Diff written onto a memory file of another guest size.
+    #[error("The memory file '{path}' has {found} bytes, the guest's memory {want}: a Diff is written onto the memory file of this VM's previous snapshot or a new file; give one of those.")]
+    DiffBase { path: String, found: u64, want: u64 },
     /// The memory file cannot be mapped.
     #[error("Cannot map the memory file '{path}': {err}.")]
     Map { path: String, err: String },
@@ -55,6 +59,16 @@ pub enum Error {
     /// The VM is not in a state to snapshot.
     #[error("{0}")]
     State(String),
+}
+
+/// What a snapshot's memory file holds (Firecracker's `snapshot_type`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kind {
+    /// Every page of guest memory.
+    #[default]
+    Full,
+    /// The pages written since the previous snapshot ([`diff`]).
+    Diff,
 }
 
 /// Where one guest RAM region lives in the memory file.
@@ -502,7 +516,6 @@ fn write_sparse(file: &std::fs::File, bytes: &[u8], offset: u64) -> std::io::Res
     Ok(())
 }
 
-/// Maps the memory file privately and lazily as the guest RAM `regions`.
 /// Where a restored VM's memory comes from (Firecracker's `mem_backend`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MemorySource {
@@ -513,20 +526,43 @@ pub enum MemorySource {
 }
 
 /// Guest memory from `source`, and the userfaultfd behind it if any.
+/// With `backing`, as the load asks: dirty-page tracking, and huge pages
+/// (hugetlbfs only from a page fault handler: a file cannot be mapped on
+/// them; transparent huge pages for the pages the guest writes).
 pub fn guest_memory(
     source: &MemorySource,
     regions: &[MemoryRegionState],
+    backing: crate::vstate::memory::Backing,
 ) -> Result<(GuestMemoryMmap, Option<std::os::fd::OwnedFd>), Error> {
-    match source {
-        MemorySource::File(path) => Ok((map_memory(path, regions)?, None)),
-        MemorySource::Uffd(socket) => {
-            let (mem, fd) = uffd::guest_memory(socket, regions)?;
-            Ok((mem, Some(fd)))
+    use crate::config::HugePages;
+    let (mem, fd) = match source {
+        MemorySource::File(path) => {
+            if backing.huge_pages == HugePages::Hugetlbfs2M {
+                return Err(Error::State(format!(
+                    "Cannot restore hugetlbfs backed snapshot by mapping the memory file '{}'. Please use uffd (mem_backend Uffd), or load with huge_pages \"None\".",
+                    path.display()
+                )));
+            }
+            (map_memory(path, regions, backing.track_dirty_pages)?, None)
         }
+        MemorySource::Uffd(socket) => {
+            let (mem, fd) = uffd::guest_memory(socket, regions, backing)?;
+            (mem, Some(fd))
+        }
+    };
+    if backing.huge_pages == HugePages::Transparent {
+        crate::vstate::memory::advise_transparent(&mem).map_err(|e| Error::State(e.to_string()))?;
     }
+    Ok((mem, fd))
 }
 
-pub fn map_memory(path: &Path, regions: &[MemoryRegionState]) -> Result<GuestMemoryMmap, Error> {
+/// Maps the memory file privately and lazily as the guest RAM `regions`,
+/// with dirty bitmaps when `track`.
+pub fn map_memory(
+    path: &Path,
+    regions: &[MemoryRegionState],
+    track: bool,
+) -> Result<GuestMemoryMmap, Error> {
     let shown = path.display().to_string();
     let file = format::open_regular(path).map_err(|err| Error::MemoryFile {
         what: "read",
@@ -561,12 +597,13 @@ pub fn map_memory(path: &Path, regions: &[MemoryRegionState]) -> Result<GuestMem
             err,
         };
         let size = usize::try_from(r.size).map_err(|e| map_err(e.to_string()))?;
-        let mapping = MmapRegionBuilder::new(size)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-            .with_file_offset(FileOffset::from_arc(file.clone(), r.offset))
-            .build()
-            .map_err(|e| map_err(e.to_string()))?;
+        let mapping =
+            MmapRegionBuilder::new_with_bitmap(size, devices::memory::bitmap(size, track))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .with_file_offset(FileOffset::from_arc(file.clone(), r.offset))
+                .build()
+                .map_err(|e| map_err(e.to_string()))?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(r.gpa))
             .ok_or_else(|| map_err("a region wraps the guest address space".into()))?;
         mapped.push(region);
@@ -760,7 +797,7 @@ mod tests {
 
     #[test]
     fn memory_round_trips_through_a_private_mapping() {
-        let mem = crate::vstate::memory::create_guest_memory(32 << 20).unwrap();
+        let mem = crate::vstate::memory::create_guest_memory(32 << 20, Default::default()).unwrap();
         mem.write_slice(b"hello snapshot", GuestAddress(0x1234))
             .unwrap();
         mem.write_obj(0xfeed_u64, GuestAddress((32 << 20) - 8))
@@ -780,7 +817,7 @@ mod tests {
             std::fs::metadata(&path).unwrap().blocks() * 512
         };
         assert!(allocated < 1 << 20, "{allocated} bytes allocated");
-        let restored = map_memory(&path, &regions).unwrap();
+        let restored = map_memory(&path, &regions, false).unwrap();
         let mut whole = vec![0u8; 32 << 20];
         let mut back = vec![0u8; 32 << 20];
         mem.read_slice(&mut whole, GuestAddress(0)).unwrap();
@@ -799,13 +836,13 @@ mod tests {
         restored
             .write_slice(b"changed", GuestAddress(0x1234))
             .unwrap();
-        let again = map_memory(&path, &regions).unwrap();
+        let again = map_memory(&path, &regions, false).unwrap();
         again.read_slice(&mut buf, GuestAddress(0x1234)).unwrap();
         assert_eq!(&buf, b"hello snapshot");
         // A memory file of another size is refused.
         let short = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         short.set_len((32 << 20) - 4096).unwrap();
-        let e = map_memory(&path, &regions).unwrap_err().to_string();
+        let e = map_memory(&path, &regions, false).unwrap_err().to_string();
         std::fs::remove_file(&path).unwrap();
         assert!(
             e.contains("has 33550336 bytes") && e.contains("33554432"),

@@ -14,7 +14,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use devices::memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::{Error, MemoryRegionState};
 
@@ -68,6 +69,7 @@ fn uffd_error(path: &Path, what: &str, err: std::io::Error) -> Error {
 pub fn guest_memory(
     socket: &Path,
     regions: &[MemoryRegionState],
+    backing: crate::vstate::memory::Backing,
 ) -> Result<(GuestMemoryMmap, OwnedFd), Error> {
     let ranges = regions
         .iter()
@@ -77,8 +79,14 @@ pub fn guest_memory(
                 .map_err(|e| uffd_error(socket, "a region's size", std::io::Error::other(e)))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let mem = GuestMemoryMmap::from_ranges(&ranges)
-        .map_err(|e| uffd_error(socket, "guest memory", std::io::Error::other(e.to_string())))?;
+    let mem = crate::vstate::memory::from_ranges(&ranges, backing)
+        .map_err(|e| Error::State(e.to_string()))?;
+    // The unit the handler must copy in (UFFDIO_COPY of a whole huge page).
+    let page_size = if backing.huge_pages == crate::config::HugePages::Hugetlbfs2M {
+        2 << 20
+    } else {
+        PAGE_SIZE
+    };
 
     let uffd = new_userfaultfd().map_err(|e| uffd_error(socket, "userfaultfd", e))?;
     let mut api = UffdioApi {
@@ -117,8 +125,8 @@ pub fn guest_memory(
             base_host_virt_addr: base,
             size: region.len(),
             offset: state.offset,
-            page_size: PAGE_SIZE,
-            page_size_kib: PAGE_SIZE,
+            page_size,
+            page_size_kib: page_size,
         });
     }
     let message = serde_json::to_vec(&mappings)

@@ -1,12 +1,13 @@
 //! The KVM VM: its file descriptor, memory slots, in-kernel interrupt controllers.
 
+use devices::memory::GuestMemoryMmap;
 use kvm_bindings::{
     kvm_clock_data, kvm_enable_cap, kvm_irqchip, kvm_pit_config, kvm_pit_state2,
     kvm_userspace_memory_region, CpuId, KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM_IRQCHIP_IOAPIC,
     KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Address of the three pages KVM needs for the TSS on Intel (inside the MMIO hole).
@@ -104,15 +105,22 @@ impl Vm {
         Ok(())
     }
 
-    /// Registers every guest memory region as a KVM memory slot.
+    /// Registers every guest memory region as a KVM memory slot (slot i for
+    /// region i), with KVM's dirty log on each when the memory tracks dirty
+    /// pages ([`devices::memory::is_tracked`]).
     pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), Error> {
+        let flags = if devices::memory::is_tracked(mem) {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())
                 .map_err(|_| Error::MissingCap("a host mapping of guest memory"))?;
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host as u64,
@@ -124,6 +132,21 @@ impl Vm {
                 .map_err(kvm_err("register guest memory"))?;
         }
         Ok(())
+    }
+
+    /// The pages the guest wrote in each guest RAM region since the last
+    /// call (or since [`Self::register_memory`]), one bit per 4 KiB page,
+    /// 64 pages per word; KVM clears its log as it hands it over. Only for
+    /// memory registered with tracking on.
+    pub fn dirty_log(&self, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, Error> {
+        mem.iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                self.fd
+                    .get_dirty_log(slot as u32, region.len() as usize)
+                    .map_err(kvm_err("read the dirty page log"))
+            })
+            .collect()
     }
 
     /// Whether KVM can give the guest read-only memory (writes exit to the VMM).

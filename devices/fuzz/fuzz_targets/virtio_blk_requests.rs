@@ -13,7 +13,8 @@ use devices::virtio::block::Block;
 use devices::virtio::{Interrupt, VirtioDevice};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use devices::memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 const MEM_SIZE: usize = 0x10000;
 const DESC: u64 = 0x1000;
@@ -22,7 +23,7 @@ const USED: u64 = 0x3000;
 const QSIZE: u16 = 16;
 
 fuzz_target!(|data: &[u8]| {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = devices::memory::anonymous(&[(GuestAddress(0), MEM_SIZE)], false).unwrap();
     // Layout of the input: descriptor table (16 x 16 bytes), available ring, then
     // request buffers from 0x4000.
     let (desc, rest) = data.split_at(data.len().min(16 * QSIZE as usize));

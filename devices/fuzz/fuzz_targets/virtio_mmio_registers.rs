@@ -13,10 +13,11 @@ use devices::virtio::block::Block;
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::transport::VirtioTransport;
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use devices::memory::GuestMemoryMmap;
+use vm_memory::GuestAddress;
 
 fuzz_target!(|data: &[u8]| {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    let mem = devices::memory::anonymous(&[(GuestAddress(0), 0x10000)], false).unwrap();
     let dev = Block::open(common::image("mmio", 0, 16), true, None).unwrap();
     let mut t = MmioTransport::new(Box::new(dev), mem, Arc::new(NoIrq)).unwrap();
     // Each operation: 1 byte kind/width, 2 bytes offset, 4 bytes value.

@@ -13,13 +13,14 @@ use common::{queue, socket_pair, NoIrq};
 use devices::virtio::net::Net;
 use devices::virtio::{Interrupt, VirtioDevice};
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use devices::memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 const MEM_SIZE: usize = 0x20000;
 const QSIZE: u16 = 16;
 
 fuzz_target!(|data: &[u8]| {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = devices::memory::anonymous(&[(GuestAddress(0), MEM_SIZE)], false).unwrap();
     let Some((&flags, data)) = data.split_first() else {
         return;
     };

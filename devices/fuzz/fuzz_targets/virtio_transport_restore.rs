@@ -17,7 +17,8 @@ use devices::virtio::block::Block;
 use devices::virtio::mmio::{MmioTransport, MmioTransportState};
 use devices::virtio::transport::VirtioTransport;
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use devices::memory::GuestMemoryMmap;
+use vm_memory::GuestAddress;
 
 fuzz_target!(|data: &[u8]| {
     let (json, ops) = match data.iter().position(|&b| b == 0) {
@@ -27,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(state) = serde_json::from_slice::<MmioTransportState>(json) else {
         return;
     };
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    let mem = devices::memory::anonymous(&[(GuestAddress(0), 0x10000)], false).unwrap();
     let dev = Block::open(common::image("restore", 0, 16), true, None).unwrap();
     let Ok(mut t) = MmioTransport::restore(
         (Box::new(dev), mem, Arc::new(NoIrq)),

@@ -17,7 +17,8 @@ use devices::virtio::vsock::muxer::Muxer;
 use devices::virtio::vsock::Vsock;
 use devices::virtio::{Interrupt, VirtioDevice};
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use devices::memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 const MEM_SIZE: usize = 0x40000;
 const QSIZE: u16 = 16;
@@ -39,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
     let (d, listener) = dir();
     // Accepted host ends are dropped at once: the device sees them close.
     while listener.accept().is_ok() {}
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = devices::memory::anonymous(&[(GuestAddress(0), MEM_SIZE)], false).unwrap();
     // Transmit rings at 0x8000 (descriptors) and 0x9000 (available ring);
     // the rest of the input is buffer memory from 0x10000. Receive buffers:
     // a ring at 0x1000 left empty, so answers wait in the device (bounded).

@@ -13,8 +13,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::{ring, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 
@@ -315,7 +316,8 @@ impl Balloon {
 /// Drops the host memory behind the guest page at `gpa`; false if the page
 /// is not wholly in guest memory.
 fn discard(mem: &GuestMemoryMmap, gpa: u64) -> bool {
-    let Ok(slice) = mem.get_slice(GuestAddress(gpa), PAGE_SIZE as usize) else {
+    // The page's contents change (to zero or the file's): marked dirty.
+    let Ok(slice) = crate::memory::writable(mem, GuestAddress(gpa), PAGE_SIZE as usize) else {
         return false;
     };
     let ptr = slice.ptr_guard_mut().as_ptr();

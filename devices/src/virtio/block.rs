@@ -10,10 +10,11 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::memory::GuestMemoryMmap;
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::rate_limiter::{BucketConfig, RateLimiter};
 
@@ -395,9 +396,14 @@ impl Block {
         offset: u64,
         write: bool,
     ) -> std::io::Result<()> {
-        let slice = mem
-            .get_slice(addr, len)
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // A read from the file writes guest memory behind vm-memory's back:
+        // its pages are marked dirty first (crate::memory::writable).
+        let slice = if write {
+            mem.get_slice(addr, len)
+        } else {
+            crate::memory::writable(mem, addr, len)
+        }
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
         let guard = slice.ptr_guard_mut();
         let base = guard.as_ptr();
         let mut done = 0usize;

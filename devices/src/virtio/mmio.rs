@@ -6,11 +6,11 @@
 use std::sync::Arc;
 
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
 
 use super::transport::{CoreState, Ring, VirtioCore, VirtioTransport};
 use super::{status, LineInterrupt, VirtioDevice};
 use crate::bus::BusDevice;
+use crate::memory::GuestMemoryMmap;
 use crate::persist::Persist;
 use crate::InterruptLine;
 
@@ -242,7 +242,7 @@ mod tests {
             .unwrap()
             .write_all(&[0u8; 4096])
             .unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+        let mem = crate::memory::anonymous(&[(GuestAddress(0), 0x100000)], false).unwrap();
         let dev = Block::open(&path, false, None).unwrap();
         let t = MmioTransport::new(Box::new(dev), mem, Arc::new(CountingIrq::default())).unwrap();
         (t, path)
@@ -495,7 +495,7 @@ mod tests {
 
     /// A transport for `dev` whose driver started it with one queue.
     fn started(dev: Failing) -> MmioTransport {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+        let mem = crate::memory::anonymous(&[(GuestAddress(0), 0x100000)], false).unwrap();
         let mut t =
             MmioTransport::new(Box::new(dev), mem, Arc::new(CountingIrq::default())).unwrap();
         negotiate(&mut t);
@@ -587,7 +587,7 @@ mod tests {
         saved: &MmioTransportState,
         path: &std::path::Path,
     ) -> Result<MmioTransport, RestoreError> {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+        let mem = crate::memory::anonymous(&[(GuestAddress(0), 0x100000)], false).unwrap();
         let dev = Block::open(path, false, None).unwrap();
         MmioTransport::restore(
             (Box::new(dev), mem, Arc::new(CountingIrq::default())),

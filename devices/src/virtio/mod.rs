@@ -18,9 +18,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState};
-use vm_memory::GuestMemoryMmap;
+
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::memory::GuestMemoryMmap;
 use crate::InterruptLine;
 
 /// Feature bit: the device conforms to virtio 1.x (no legacy interface).

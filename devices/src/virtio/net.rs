@@ -9,10 +9,11 @@ use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
 
+use crate::memory::GuestMemoryMmap;
 use virtio_bindings::virtio_net::*;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::mmds::stack::MmdsStack;
 use crate::rate_limiter::{earliest, BucketConfig, RateLimiter};
@@ -182,6 +183,17 @@ fn iovecs(mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Option<Vec<libc::iovec
 /// within one region of guest memory.
 fn guest_iovec(mem: &GuestMemoryMmap, addr: GuestAddress, len: usize) -> Option<libc::iovec> {
     let slice = mem.get_slice(addr, len).ok()?;
+    Some(libc::iovec {
+        iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+        iov_len: len,
+    })
+}
+
+/// An iovec over `len` bytes of guest memory at `addr` that a `readv` is
+/// about to fill: as [`guest_iovec`], with the pages marked dirty
+/// ([`crate::memory::writable`]).
+fn guest_iovec_mut(mem: &GuestMemoryMmap, addr: GuestAddress, len: usize) -> Option<libc::iovec> {
+    let slice = crate::memory::writable(mem, addr, len).ok()?;
     Some(libc::iovec {
         iov_base: slice.ptr_guard_mut().as_ptr().cast(),
         iov_len: len,
@@ -577,7 +589,7 @@ impl RxBuffers {
             for &(addr, len) in self.descs.range(next..next + ndescs) {
                 // Checked when the chain was taken, and guest memory does not
                 // change: a failure here would be a bug, so read nothing.
-                let Some(v) = guest_iovec(mem, addr, len) else {
+                let Some(v) = guest_iovec_mut(mem, addr, len) else {
                     return (Vec::new(), 0);
                 };
                 iov.push(v);

@@ -6,9 +6,9 @@
 use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueState};
-use vm_memory::GuestMemoryMmap;
 
 use super::{ActivateError, Interrupt};
+use crate::memory::GuestMemoryMmap;
 use crate::rate_limiter::RateLimiter;
 
 /// One queue and its limiter.

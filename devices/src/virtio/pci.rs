@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
 
 use super::transport::{CoreState, RestoreError, Ring, VirtioCore, VirtioTransport};
 use super::{
@@ -22,6 +21,7 @@ use super::{
     INTERRUPT_USED_BUFFER,
 };
 use crate::bus::BusDevice;
+use crate::memory::GuestMemoryMmap;
 use crate::pci::config::{Identity, PciConfig};
 use crate::pci::msix::{Changes, MsiMessage, Msix};
 use crate::pci::root::PciFunction;

@@ -6,9 +6,10 @@
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
+use crate::memory::GuestMemoryMmap;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 /// Errors of the queue helpers.
 #[derive(Debug, thiserror::Error)]

@@ -8,8 +8,9 @@
 
 use std::time::Instant;
 
+use crate::memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 use super::one_queue::OneQueue;
 use super::{ring, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};

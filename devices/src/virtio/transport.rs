@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -20,6 +20,7 @@ use super::{
     status, ActivateError, Interrupt, QueueSnapshot, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1,
 };
+use crate::memory::GuestMemoryMmap;
 
 /// The device behind a transport, under a lock of its own: the event loop
 /// holds it for a queue pass, a vCPU never needs it for a register access

@@ -24,8 +24,9 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
+use devices::memory::GuestMemoryMmap;
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use super::layout::{
     ACPI_MAX_SIZE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, ACPI_START,
@@ -482,7 +483,7 @@ mod tests {
     use crate::arch::x86_64::layout::{VIRTIO_IRQ_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 
     fn guest_memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap()
+        devices::memory::anonymous(&[(GuestAddress(0), 2 << 20)], false).unwrap()
     }
 
     fn virtio_devices(count: u32) -> Vec<VirtioMmioDeviceInfo> {
@@ -932,7 +933,7 @@ mod tests {
 
     #[test]
     fn reports_memory_that_does_not_cover_the_tables() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let mem = devices::memory::anonymous(&[(GuestAddress(0), 0x1000)], false).unwrap();
         let cfg = AcpiConfig {
             num_cpus: 1,
             virtio_devices: &[],

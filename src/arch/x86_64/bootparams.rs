@@ -1,9 +1,10 @@
 //! The memory map and the boot information the kernel reads at entry: the Linux
 //! zero page (`boot_params`) or the PVH `hvm_start_info` with its memory map.
 
+use devices::memory::GuestMemoryMmap;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use super::layout::{
     EBDA_START, HIMEM_START, MMIO_HOLE_END, MMIO_HOLE_START, PVH_INFO_START, ZERO_PAGE_START,
@@ -274,7 +275,7 @@ mod tests {
     }
 
     fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (2 * MIB) as usize)]).unwrap()
+        devices::memory::anonymous(&[(GuestAddress(0), (2 * MIB) as usize)], false).unwrap()
     }
 
     #[test]

@@ -13,8 +13,9 @@
 //! Interrupt routing mirrors the default routing of KVM's in-kernel irqchip: ISA IRQ
 //! `n` arrives on IOAPIC pin `n`, with no override for the timer.
 
+use devices::memory::GuestMemoryMmap;
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use super::layout::{APIC_START, IOAPIC_START, IRQ_MAX, MAX_CPUS, MPTABLE_MAX_SIZE, MPTABLE_START};
 
@@ -228,7 +229,7 @@ mod tests {
     use super::*;
 
     fn guest_memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap()
+        devices::memory::anonymous(&[(GuestAddress(0), 2 << 20)], false).unwrap()
     }
 
     fn byte_sum(bytes: &[u8]) -> u8 {
@@ -416,7 +417,7 @@ mod tests {
 
     #[test]
     fn reports_memory_that_does_not_cover_the_table() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let mem = devices::memory::anonymous(&[(GuestAddress(0), 0x1000)], false).unwrap();
         assert!(matches!(setup_mptable(&mem, 1), Err(Error::WriteMemory(_))));
     }
 }

@@ -1,7 +1,8 @@
 //! Identity-mapped page tables for the boot CPU: 0..4 GiB with 2 MiB pages, so
 //! the kernel, its boot data and the local APIC/IOAPIC are all reachable.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use devices::memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{PDE_START, PDPTE_START, PML4_START};
 
@@ -56,7 +57,7 @@ mod tests {
     use super::*;
 
     fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+        devices::memory::anonymous(&[(GuestAddress(0), 1 << 20)], false).unwrap()
     }
 
     #[test]
@@ -78,7 +79,7 @@ mod tests {
 
     #[test]
     fn too_small_memory_is_an_error() {
-        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x9000)]).unwrap();
+        let m = devices::memory::anonymous(&[(GuestAddress(0), 0x9000)], false).unwrap();
         assert!(setup_identity_map(&m).is_err());
     }
 }

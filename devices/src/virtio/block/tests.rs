@@ -4,7 +4,8 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::test_util::CountingIrq;
@@ -65,7 +66,7 @@ impl Harness {
     }
 
     fn with_event_idx(path: &std::path::Path, read_only: bool, event_idx: bool) -> Self {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mem = crate::memory::anonymous(&[(GuestAddress(0), MEM_SIZE)], false).unwrap();
         let mut q = Queue::new(QUEUE_SIZE).unwrap();
         q.set_size(QSIZE);
         q.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));

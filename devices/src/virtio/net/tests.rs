@@ -4,7 +4,8 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::test_util::CountingIrq;
@@ -89,7 +90,7 @@ impl Harness {
     }
 
     fn with_queue_size(qsize: u16) -> Self {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mem = crate::memory::anonymous(&[(GuestAddress(0), MEM_SIZE)], false).unwrap();
         let queues = (0..2)
             .map(|i| {
                 let (d, a, u) = ring(i);

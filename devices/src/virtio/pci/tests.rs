@@ -29,7 +29,7 @@ impl MsiVectors for Vectors {
 }
 
 fn transport() -> (PciTransport, Arc<Vectors>) {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+    let mem = crate::memory::anonymous(&[(GuestAddress(0), 0x100000)], false).unwrap();
     let vectors = Arc::new(Vectors::default());
     let t = PciTransport::new(Box::new(Rng::new()), mem, vectors.clone()).unwrap();
     (t, vectors)
@@ -275,7 +275,7 @@ fn a_saved_transport_restores_its_bar_vectors_and_msi_x_and_runs_on() {
     bar_w(&mut t, MSIX_TABLE + 28, 4, 0);
     let saved = t.save();
 
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+    let mem = crate::memory::anonymous(&[(GuestAddress(0), 0x100000)], false).unwrap();
     let vectors = Arc::new(Vectors::default());
     let dev: Box<dyn VirtioDevice> = Box::new(Rng::new());
     let mut back = PciTransport::restore((dev, mem, vectors.clone()), &saved).unwrap();
@@ -303,7 +303,7 @@ fn a_hostile_saved_transport_is_refused_or_cut_to_what_a_guest_could_write() {
     let (t, _) = transport();
     let good = t.save();
     let restore = |s: &PciTransportState| {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+        let mem = crate::memory::anonymous(&[(GuestAddress(0), 0x100000)], false).unwrap();
         let dev: Box<dyn VirtioDevice> = Box::new(Rng::new());
         PciTransport::restore((dev, mem, Arc::new(Vectors::default())), s)
     };

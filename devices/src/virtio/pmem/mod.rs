@@ -19,10 +19,11 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::memory::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 use super::one_queue::OneQueue;
 use super::{

@@ -9,9 +9,10 @@ pub mod packet;
 
 use std::os::fd::RawFd;
 
+use crate::memory::GuestMemoryMmap;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestMemoryMmap};
+use vm_memory::{Address, Bytes};
 
 use super::{
     ring, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,

@@ -7,7 +7,8 @@ use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 use std::time::Duration;
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use crate::memory::GuestMemoryMmap;
+use vm_memory::GuestAddress;
 
 use super::packet::{op, HOST_CID};
 use super::*;
@@ -40,7 +41,7 @@ impl Harness {
         let dir = std::env::temp_dir().join(format!("vmm-vsockdev-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mem = crate::memory::anonymous(&[(GuestAddress(0), MEM_SIZE)], false).unwrap();
         let queues = (0..3)
             .map(|i| {
                 let (d, a, u) = ring(i);
