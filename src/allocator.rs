@@ -6,7 +6,9 @@
 
 use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 
-use crate::arch::x86_64::layout::{IRQ_MAX, VIRTIO_IRQ_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use crate::arch::x86_64::layout::{
+    VIRTIO_IRQ_END, VIRTIO_IRQ_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+};
 use crate::config::MAX_VIRTIO_DEVICES;
 
 /// Errors of placement.
@@ -96,10 +98,10 @@ impl Default for ResourceAllocator {
 }
 
 impl ResourceAllocator {
-    /// Everything free: pages from `VIRTIO_MMIO_START`, lines 5 to 23.
+    /// Everything free: pages from `VIRTIO_MMIO_START`, lines 5 to 22.
     pub fn new() -> Self {
         let pages = MAX_VIRTIO_DEVICES as u64 * VIRTIO_MMIO_SIZE;
-        let lines = u64::from(IRQ_MAX - VIRTIO_IRQ_START + 1);
+        let lines = u64::from(VIRTIO_IRQ_END - VIRTIO_IRQ_START + 1);
         ResourceAllocator {
             // Both ranges are constants that fit: these cannot fail.
             mmio: Space::new(VIRTIO_MMIO_START, pages)

@@ -29,6 +29,9 @@ pub enum Error {
     /// Bad configuration.
     #[error(transparent)]
     Config(#[from] crate::config::Error),
+    /// The VM generation ID cannot be set.
+    #[error(transparent)]
+    VmGenId(#[from] devices::vmgenid::Error),
     /// The kernel, initrd or command line cannot be loaded.
     #[error(transparent)]
     Loader(#[from] loader::Error),
@@ -167,9 +170,20 @@ pub fn build_with(
     for (names, device) in device_kinds::open_all(&mut opening)? {
         devices.attach_virtio(&vm, &mem, names, device, None)?;
     }
+    if !config.no_vmgenid {
+        devices.add_vmgenid(&vm)?;
+    }
+    if let Some(g) = &devices.vmgenid {
+        g.write_new(&mem)?;
+    }
     let virtio_info = devices.virtio_info();
     let kernel = load_boot_images(config, boot, &mem, &virtio_info)?;
-    let entry = write_boot_tables(cpus, &mem, &kernel, &virtio_info, devices.pci_info())?;
+    let tables = BootTables {
+        virtio: &virtio_info,
+        pci: devices.pci_info(),
+        vmgenid: devices.vmgenid_info(),
+    };
+    let entry = write_boot_tables(cpus, &mem, &kernel, &tables)?;
     let vcpus = create_vcpus(&vm, cpus, &entry)?;
     Ok(MicroVm {
         config: config.clone(),
@@ -251,6 +265,16 @@ pub fn build_from_snapshot(
     check_host_supports(&vm, state, &vcpus[0])?;
     for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
         vcpu.restore_state(saved)?;
+    }
+    if state.vmgenid {
+        devices.add_vmgenid(&vm)?;
+        // A new generation, announced once the irqchip and the local APICs
+        // hold their saved state (else the restore would drop the interrupt):
+        // the guest reseeds its RNG as it resumes. With --no-vmgenid the
+        // clone keeps the snapshot's ID.
+        if let (Some(g), false) = (&devices.vmgenid, config.no_vmgenid) {
+            g.regenerate(&mem)?;
+        }
     }
     Ok(MicroVm {
         config,
@@ -375,13 +399,19 @@ fn load_boot_images(
     Ok((kernel, info))
 }
 
+/// What the ACPI tables announce besides the CPUs.
+struct BootTables<'a> {
+    virtio: &'a [acpi::VirtioMmioDeviceInfo],
+    pci: Option<acpi::PciRootInfo>,
+    vmgenid: Option<acpi::VmGenIdInfo>,
+}
+
 /// GDT, page tables, MP table, ACPI tables and the zero page or PVH start info.
 fn write_boot_tables(
     cpus: u32,
     mem: &GuestMemoryMmap,
     (kernel, mut info): &(LoadedKernel, bootparams::BootInfo),
-    virtio: &[acpi::VirtioMmioDeviceInfo],
-    pci: Option<acpi::PciRootInfo>,
+    tables: &BootTables,
 ) -> Result<BootEntry, Error> {
     let gdt: Vec<u8> = gdt::BOOT_GDT.iter().flat_map(|e| e.to_le_bytes()).collect();
     mem.write_slice(&gdt, GuestAddress(BOOT_GDT_START))
@@ -396,8 +426,9 @@ fn write_boot_tables(
         mem,
         &acpi::AcpiConfig {
             num_cpus: cpus,
-            virtio_devices: virtio,
-            pci,
+            virtio_devices: tables.virtio,
+            pci: tables.pci,
+            vmgenid: tables.vmgenid,
         },
     )?;
     info.rsdp = rsdp.0;

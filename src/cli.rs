@@ -183,6 +183,11 @@ pub struct Cli {
     /// virtio-mmio, as Firecracker's flag does.
     #[arg(long)]
     pub enable_pci: bool,
+    /// No VM generation ID device: clones restored from one snapshot keep
+    /// its ID, and a Linux guest does not reseed its random number generator
+    /// (their random bytes repeat; for deterministic replays only).
+    #[arg(long)]
+    pub no_vmgenid: bool,
 
     // --- This VMM's VM flags ------------------------------------------------
     /// Kernel image: ELF vmlinux (64-bit or PVH entry) or bzImage.
@@ -433,6 +438,7 @@ impl Cli {
             c.vsock = Some(parse_vsock_spec(spec)?);
         }
         c.pci = self.enable_pci;
+        c.no_vmgenid = self.no_vmgenid;
         c.validate()?;
         Ok(c)
     }

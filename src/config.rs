@@ -16,8 +16,9 @@ pub const MIB: u64 = 1 << 20;
 pub const MIN_MEM_MIB: u64 = 16;
 /// Largest guest memory accepted, in MiB (1 TiB).
 pub const MAX_MEM_MIB: u64 = 1 << 20;
-/// Most virtio devices the VMM attaches (one interrupt line each, IRQ 5..=23).
-pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// Most virtio devices the VMM attaches (one interrupt line each, IRQ 5..=22;
+/// 23 is the VM generation ID's event device).
+pub const MAX_VIRTIO_DEVICES: usize = 18;
 /// Most virtio devices with `--enable-pci`: every function of bus 0's
 /// devices but the host bridge's.
 pub const MAX_PCI_DEVICES: usize = devices::pci::root::MAX_FUNCTIONS;
@@ -677,6 +678,11 @@ pub struct VmConfig {
     /// in Firecracker: never part of the JSON).
     #[serde(skip)]
     pub pci: bool,
+    /// No VM generation ID device at boot, and a restored one keeps the
+    /// snapshot's ID (`--no-vmgenid`: clones then share their RNG state; a
+    /// process flag, never part of the JSON).
+    #[serde(skip)]
+    pub no_vmgenid: bool,
     /// Where the serial console goes, and its rate limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialConfig>,

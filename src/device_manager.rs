@@ -155,6 +155,8 @@ pub struct DeviceManager {
     /// Guest-physical room and memory slots for device memory, from the
     /// first device that has some.
     device_memory: Option<DeviceMemoryAllocator>,
+    /// The VM generation ID, if the VM has one.
+    pub vmgenid: Option<devices::vmgenid::VmGenId>,
 }
 
 impl DeviceManager {
@@ -210,7 +212,29 @@ impl DeviceManager {
             allocator: ResourceAllocator::new(),
             pci: None,
             device_memory: None,
+            vmgenid: None,
         })
+    }
+
+    /// Adds the VM generation ID device: its ID at [`VMGENID_START`] and the
+    /// interrupt line of the event device that announces a new one.
+    pub fn add_vmgenid(&mut self, vm: &vm::Vm) -> Result<(), Error> {
+        let line: Arc<dyn devices::InterruptLine> = irq_line(vm, VMGENID_IRQ)?;
+        self.vmgenid = Some(devices::vmgenid::VmGenId::new(
+            vm_memory::GuestAddress(VMGENID_START),
+            line,
+        ));
+        Ok(())
+    }
+
+    /// What ACPI announces of the VM generation ID, if the VM has one.
+    pub fn vmgenid_info(&self) -> Option<crate::arch::x86_64::acpi::VmGenIdInfo> {
+        self.vmgenid
+            .as_ref()
+            .map(|g| crate::arch::x86_64::acpi::VmGenIdInfo {
+                addr: g.addr().0,
+                gsi: VMGENID_IRQ,
+            })
     }
 
     /// Adds the PCI segment: from now on virtio devices are PCI functions.

@@ -289,6 +289,7 @@ fn main() {
     let mut vmm = Vmm::new(boot.clone().unwrap_or_default(), exit, console, started);
     vmm.set_boot_timer(cli.boot_timer);
     vmm.set_pci(cli.enable_pci);
+    vmm.set_vmgenid(!cli.no_vmgenid);
     *vmm.mmds().lock().unwrap_or_else(|e| e.into_inner()) = metadata;
     let started_vm = match &plan.restore {
         Some(r) => {

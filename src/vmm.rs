@@ -393,6 +393,12 @@ impl Vmm {
         self.config.pci = on;
     }
 
+    /// Whether a booted VM gets a VM generation ID device and a restored
+    /// one a new ID (on unless `--no-vmgenid`).
+    pub fn set_vmgenid(&mut self, on: bool) {
+        self.config.no_vmgenid = !on;
+    }
+
     /// The signal through which the VM's end is reported.
     pub fn exit_signal(&self) -> &Arc<ExitSignal> {
         &self.exit
@@ -487,6 +493,7 @@ impl Vmm {
             v.uds_path = path.clone();
         }
         state.config.machine_config.track_dirty_pages = options.track_dirty_pages;
+        state.config.no_vmgenid = self.config.no_vmgenid;
         if let Some(h) = options.huge_pages {
             state.config.machine_config.huge_pages = h;
         }
@@ -606,6 +613,7 @@ impl Vmm {
             i8042,
             virtio,
             pci: s.devices.pci_enabled(),
+            vmgenid: s.devices.vmgenid.is_some(),
         };
         // Both files are complete before either replaces what was there: a
         // failed snapshot leaves the old files as they were.

@@ -30,6 +30,7 @@ pub mod pci;
 pub mod persist;
 pub mod rate_limiter;
 pub mod virtio;
+pub mod vmgenid;
 
 /// What a device may ask of the VM as a whole.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -176,6 +176,10 @@ pub struct MicrovmState {
     /// Whether the VM had a PCI segment (`--enable-pci`; format 1.2).
     #[serde(default)]
     pub pci: bool,
+    /// Whether the VM has the VM generation ID device (a snapshot taken
+    /// before it existed, or with --no-vmgenid, has not).
+    #[serde(default)]
+    pub vmgenid: bool,
 }
 
 impl MicrovmState {
@@ -438,6 +442,13 @@ pub fn describe(path: &Path) -> Result<String, Error> {
             },
         );
     }
+    if state.vmgenid {
+        out += &format!(
+            "VM generation ID: at {:#x}, notified on GSI {} (a new one at every restore)\n",
+            crate::arch::x86_64::layout::VMGENID_START,
+            crate::arch::x86_64::layout::VMGENID_IRQ
+        );
+    }
     if let Some(b) = &state.config.boot_source {
         out += &format!(
             "booted from: {} ({})\n",
@@ -682,6 +693,7 @@ mod tests {
                 awaiting_data_for: None,
             },
             pci: false,
+            vmgenid: true,
             virtio: vec![VirtioEntryState {
                 id: "rootfs".into(),
                 placed: PlacedTransport::Mmio {

@@ -54,6 +54,17 @@ pub struct AcpiConfig<'a> {
     pub virtio_devices: &'a [VirtioMmioDeviceInfo],
     /// The PCI root bridge, if the VM has one.
     pub pci: Option<PciRootInfo>,
+    /// The VM generation ID device, if the VM has one.
+    pub vmgenid: Option<VmGenIdInfo>,
+}
+
+/// Where the VM generation ID is and the interrupt that announces a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmGenIdInfo {
+    /// Guest physical address of the 16-byte ID.
+    pub addr: u64,
+    /// IOAPIC pin (GSI) of the generic event device that notifies `VGEN`.
+    pub gsi: u32,
 }
 
 /// Where a PCI root bridge (segment 0, bus 0) has its windows.
@@ -190,7 +201,7 @@ pub fn create_acpi_tables(mem: &GuestMemoryMmap, cfg: &AcpiConfig) -> Result<Gue
     }
 
     // Tables whose contents do not depend on where the others are placed.
-    let dsdt = build_dsdt(cfg.virtio_devices, cfg.pci.as_ref())?;
+    let dsdt = build_dsdt(cfg.virtio_devices, cfg.pci.as_ref(), cfg.vmgenid.as_ref())?;
     let madt = build_madt(num_cpus);
     let mcfg = cfg.pci.map(|pci| {
         let mut mcfg = MCFG::new(OEM_ID, oem_table_id(b"MCFG"), OEM_REVISION);
@@ -300,6 +311,7 @@ fn build_madt(num_cpus: u8) -> Vec<u8> {
 fn build_dsdt(
     devices: &[VirtioMmioDeviceInfo],
     pci: Option<&PciRootInfo>,
+    vmgenid: Option<&VmGenIdInfo>,
 ) -> Result<Vec<u8>, Error> {
     if devices.len() > MAX_VIRTIO_DEVICES {
         return Err(Error::TooManyDevices(devices.len()));
@@ -322,6 +334,9 @@ fn build_dsdt(
     if let Some(pci) = pci {
         pci_root_aml(pci, &mut system_bus);
     }
+    if let Some(v) = vmgenid {
+        vmgenid_aml(v, &mut system_bus);
+    }
     body.extend_from_slice(&aml::Scope::raw("\\_SB_".into(), system_bus));
 
     let mut dsdt = Sdt::new(
@@ -334,6 +349,45 @@ fn build_dsdt(
     );
     dsdt.append_slice(&body);
     Ok(dsdt.as_slice().to_vec())
+}
+
+/// Appends the VM generation ID device and the generic event device that
+/// notifies it:
+///
+/// ```text
+/// Device (VGEN) {
+///     Name (_HID, "VMGENCTR")          // Linux's vmgenid driver binds to it
+///     Name (_CID, "VM_Gen_Counter")    // the name Microsoft's spec gives
+///     Name (_DDN, "VM_Gen_Counter")
+///     Name (ADDR, Package () { addr & 0xffffffff, addr >> 32 })
+/// }
+/// Device (GED0) {                     // hardware-reduced ACPI's event source
+///     Name (_HID, "ACPI0013")
+///     Name (_UID, 0)
+///     Name (_CRS, ResourceTemplate () { Interrupt (edge, active high) { gsi } })
+///     Method (_EVT, 1) { If (Arg0 == gsi) { Notify (\_SB_.VGEN, 0x80) } }
+/// }
+/// ```
+fn vmgenid_aml(v: &VmGenIdInfo, sink: &mut Vec<u8>) {
+    let hid = aml::Name::new("_HID".into(), &"VMGENCTR");
+    let cid = aml::Name::new("_CID".into(), &"VM_Gen_Counter");
+    let ddn = aml::Name::new("_DDN".into(), &"VM_Gen_Counter");
+    let (low, high) = (v.addr as u32, (v.addr >> 32) as u32);
+    let addr = aml::Name::new("ADDR".into(), &aml::Package::new(vec![&low, &high]));
+    aml::Device::new("VGEN".into(), vec![&hid, &cid, &ddn, &addr]).to_aml_bytes(sink);
+
+    let hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let zero: u8 = 0;
+    let uid = aml::Name::new("_UID".into(), &zero);
+    let irq = aml::Interrupt::new(true, true, false, false, v.gsi);
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&irq]));
+    let vgen = aml::Path::new("\\_SB_.VGEN");
+    let notify_value: u8 = 0x80;
+    let notify = aml::Notify::new(&vgen, &notify_value);
+    let is_ours = aml::Equal::new(&aml::Arg(0), &v.gsi);
+    let when = aml::If::new(&is_ours, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&when]);
+    aml::Device::new("GED0".into(), vec![&hid, &uid, &crs, &evt]).to_aml_bytes(sink);
 }
 
 /// Appends the PCI root bridge `PCI0` (PNP0A08, compatible with PNP0A03) of
@@ -517,6 +571,7 @@ mod tests {
                 num_cpus,
                 virtio_devices: devices,
                 pci,
+                vmgenid: None,
             };
             let rsdp = create_acpi_tables(&mem, &cfg).unwrap().0;
             let mut area = vec![0u8; ACPI_MAX_SIZE as usize];
@@ -876,6 +931,7 @@ mod tests {
                 num_cpus,
                 virtio_devices: &[],
                 pci: None,
+                vmgenid: None,
             };
             assert!(matches!(
                 create_acpi_tables(&mem, &cfg),
@@ -893,6 +949,7 @@ mod tests {
             num_cpus: 1,
             virtio_devices: &devices,
             pci: None,
+            vmgenid: None,
         };
         assert!(matches!(
             create_acpi_tables(&mem, &cfg),
@@ -909,6 +966,7 @@ mod tests {
             num_cpus: 1,
             virtio_devices: &devices,
             pci: None,
+            vmgenid: None,
         };
         assert!(matches!(
             create_acpi_tables(&mem, &cfg),
@@ -924,6 +982,7 @@ mod tests {
             num_cpus: 1,
             virtio_devices: &devices,
             pci: None,
+            vmgenid: None,
         };
         assert!(matches!(
             create_acpi_tables(&mem, &cfg),
@@ -938,10 +997,54 @@ mod tests {
             num_cpus: 1,
             virtio_devices: &[],
             pci: None,
+            vmgenid: None,
         };
         assert!(matches!(
             create_acpi_tables(&mem, &cfg),
             Err(Error::WriteMemory { table: "RSDP", .. })
         ));
+    }
+
+    #[test]
+    fn the_vm_generation_id_device_and_its_event_device_are_in_the_dsdt() {
+        let mem = guest_memory();
+        let cfg = AcpiConfig {
+            num_cpus: 1,
+            virtio_devices: &[],
+            pci: None,
+            vmgenid: Some(VmGenIdInfo {
+                addr: 0xdf000,
+                gsi: 23,
+            }),
+        };
+        let rsdp = create_acpi_tables(&mem, &cfg).unwrap().0;
+        let mut area = vec![0u8; ACPI_MAX_SIZE as usize];
+        mem.read_slice(&mut area, GuestAddress(ACPI_START)).unwrap();
+        let t = Tables { area, rsdp };
+        let dsdt = t.dsdt();
+        for needle in [
+            &b"VGEN"[..],
+            b"VMGENCTR\0",
+            b"VM_Gen_Counter\0",
+            b"ADDR",
+            b"GED0",
+            b"ACPI0013\0",
+            b"_EVT",
+        ] {
+            // VGEN: the device and Notify's path; VM_Gen_Counter: _CID and _DDN.
+            let want = if needle == b"VGEN" || needle == b"VM_Gen_Counter\0" {
+                2
+            } else {
+                1
+            };
+            assert_eq!(count(dsdt, needle), want, "{needle:?}");
+        }
+        // ADDR's package holds the address's two halves as DWords.
+        assert!(
+            count(dsdt, &[0x0c, 0x00, 0xf0, 0x0d, 0x00]) >= 1,
+            "DWordPrefix 0xdf000"
+        );
+        // The event device interrupts on GSI 23, edge-triggered, active high.
+        assert_eq!(count(dsdt, &[0x89, 6, 0, 0b0011, 1, 23, 0, 0, 0]), 1);
     }
 }

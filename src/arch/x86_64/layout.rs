@@ -83,6 +83,14 @@ pub const MSI_GSI_END: u32 = 4096;
 pub const VIRTIO_IRQ_START: u32 = 5;
 /// Last IOAPIC pin (the in-kernel IOAPIC has 24).
 pub const IRQ_MAX: u32 = 23;
+/// Last interrupt line handed to virtio-mmio devices (the one after it is
+/// the VM generation ID's).
+pub const VIRTIO_IRQ_END: u32 = IRQ_MAX - 1;
+/// The interrupt line of the generic event device that announces a new VM
+/// generation ID.
+pub const VMGENID_IRQ: u32 = IRQ_MAX;
+/// The 16-byte VM generation ID, in the reserved area below the ACPI tables.
+pub const VMGENID_START: u64 = 0xdf000;
 /// Default physical address of the IOAPIC.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Default physical address of the local APIC.
