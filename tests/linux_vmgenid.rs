@@ -10,7 +10,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use common::golden::{self, Golden, Netns};
 use common::{curl, host, tmp_path, wait_for_socket, Running};
