@@ -117,7 +117,9 @@ fn every_vmm_command_the_docs_show_parses() {
                 continue; // a synopsis
             }
             let w = words(cmd);
-            let parsed = if w.get(1).map(String::as_str) == Some("run") {
+            let parsed = if w.get(1).map(String::as_str) == Some("snapshot") {
+                vmm::snapshot::tool::check_args(w[2..].to_vec())
+            } else if w.get(1).map(String::as_str) == Some("run") {
                 let args = std::iter::once("vmm run".to_string()).chain(w[2..].iter().cloned());
                 vmm::run::RunCli::try_parse_from(args)
                     .map(|_| ())

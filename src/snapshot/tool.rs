@@ -31,6 +31,13 @@ enum Command {
     },
 }
 
+/// Whether `vmm snapshot ARGS` parses (clap's message if not).
+pub fn check_args(args: Vec<String>) -> Result<(), String> {
+    SnapshotCli::try_parse_from(std::iter::once("vmm snapshot".to_string()).chain(args))
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// Runs `vmm snapshot ARGS` and exits.
 pub fn main(args: Vec<String>) -> ! {
     let cli = match SnapshotCli::try_parse_from(
