@@ -112,7 +112,7 @@ mod tests {
         assert_eq!(back, second);
         // The write is the VMM's: a Diff snapshot must carry it.
         let bitmap = crate::memory::region_bitmap(mem.iter().next().unwrap()).unwrap();
-        assert!(bitmap.is_addr_set(0xf000));
+        assert!(bitmap.is_page_set(0xf));
         // Outside guest memory: an error, not a panic.
         let far = VmGenId::new(GuestAddress(0x10_0000), irq);
         assert!(matches!(far.write_new(&mem), Err(Error::Write(_))));

@@ -31,17 +31,8 @@ pub fn take_dirty(vm: &Vm, mem: &GuestMemoryMmap) -> Result<PageSets, Error> {
         .map_err(|e| Error::State(format!("{e}")))?;
     for (set, region) in sets.iter_mut().zip(mem.iter()) {
         if let Some(bitmap) = devices::memory::region_bitmap(region) {
-            // Read in place rather than through get_and_reset's copy: for a
-            // large guest that copy is as large as KVM's log (the VM is
-            // paused, so nothing marks pages meanwhile).
-            for (w, word) in set.iter_mut().enumerate() {
-                for b in 0..64 {
-                    if bitmap.is_bit_set(w * 64 + b) {
-                        *word |= 1 << b;
-                    }
-                }
-            }
-            bitmap.reset();
+            bitmap.or_into(set);
+            bitmap.clear();
         }
     }
     Ok(sets)
@@ -55,7 +46,7 @@ pub fn give_back(mem: &GuestMemoryMmap, sets: &PageSets) {
             continue;
         };
         for page in pages(set) {
-            bitmap.set_bit(page);
+            bitmap.set_page(page);
         }
     }
 }

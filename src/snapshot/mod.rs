@@ -608,13 +608,15 @@ pub fn map_memory(
             err,
         };
         let size = usize::try_from(r.size).map_err(|e| map_err(e.to_string()))?;
-        let mapping =
-            MmapRegionBuilder::new_with_bitmap(size, devices::memory::bitmap(size, track))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-                .with_file_offset(FileOffset::from_arc(file.clone(), r.offset))
-                .build()
-                .map_err(|e| map_err(e.to_string()))?;
+        let mapping = MmapRegionBuilder::new_with_bitmap(
+            size,
+            devices::memory::bitmap(size, track).map_err(|e| map_err(e.to_string()))?,
+        )
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+        .with_file_offset(FileOffset::from_arc(file.clone(), r.offset))
+        .build()
+        .map_err(|e| map_err(e.to_string()))?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(r.gpa))
             .ok_or_else(|| map_err("a region wraps the guest address space".into()))?;
         mapped.push(region);

@@ -115,7 +115,12 @@ fn hugetlb(ranges: &[(GuestAddress, usize)], track: bool) -> Result<GuestMemoryM
     let map = |source| Error::Map { size, source };
     let mut regions = Vec::with_capacity(ranges.len());
     for &(start, len) in ranges {
-        let mapping = MmapRegionBuilder::new_with_bitmap(len, devices::memory::bitmap(len, track))
+        let bitmap = devices::memory::bitmap(len, track).map_err(|e| {
+            map(vm_memory::mmap::FromRangesError::MmapRegion(
+                vm_memory::mmap::MmapRegionError::Mmap(e),
+            ))
+        })?;
+        let mapping = MmapRegionBuilder::new_with_bitmap(len, bitmap)
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB,
