@@ -10,7 +10,12 @@ the CPU time of the VMM's own threads (all but the vCPU threads, from
 call costs a fault round trip, so the guest's side dominates the rate; the
 VMM's CPU per request is the figure that does not depend on the host.
 
-Usage: tools/bench-blk-pci.py [--runs 3] [--firecracker PATH]   (after cargo build --release)
+With --tracking the configurations are instead virtio-mmio with dirty-page
+tracking off and on (`track_dirty_pages` in the machine configuration: KVM's
+dirty log, and the VMM marking the pages its reads fill), for vmm and, with
+--firecracker, Firecracker, each from the same configuration file.
+
+Usage: tools/bench-blk-pci.py [--runs 3] [--firecracker PATH] [--tracking]   (after cargo build --release)
 """
 import argparse, json, os, statistics, subprocess, tempfile, time
 
@@ -33,10 +38,10 @@ def cmdline():
     return f"{base} {PVM_PARAMS}" if on_pvm() else base
 
 
-def firecracker_cmd(fc, tmp, name, kernel, initrd, image, pci):
+def firecracker_cmd(fc, tmp, name, kernel, initrd, image, pci, track=False):
     cfg = {
         "boot-source": {"kernel_image_path": kernel, "initrd_path": initrd, "boot_args": cmdline()},
-        "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 256, "track_dirty_pages": track},
         "drives": [{"drive_id": "bench", "path_on_host": image, "is_root_device": False,
                     "is_read_only": True}],
     }
@@ -68,6 +73,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--firecracker", help="Firecracker binary to measure beside vmm")
+    ap.add_argument("--tracking", action="store_true",
+                    help="compare dirty-page tracking off and on instead of the transports")
     a = benchlib.parse_args(ap)
     kernel = os.path.join(benchlib.guest_kernel(), "vmlinux")
     initrd = initramfs()
@@ -78,7 +85,15 @@ def main():
         base = [VMM, "--kernel", kernel, "--initrd", initrd, "--memory", "256M",
                 "--disk", f"path={image},readonly=on", "--cmdline", cmdline()]
         cmds = {"vmm virtio-mmio": base, "vmm virtio-pci": base + ["--enable-pci"]}
-        if a.firecracker:
+        if a.tracking:
+            peers = [("vmm", VMM)] + ([("Firecracker", a.firecracker)] if a.firecracker else [])
+            cmds = {}
+            for peer, binary in peers:
+                for track in (False, True):
+                    name = f"{peer}, tracking {'on' if track else 'off'}"
+                    cmds[name] = firecracker_cmd(binary, tmp, f"{peer}-{track}", kernel, initrd,
+                                                 image, False, track)
+        elif a.firecracker:
             for name, pci in (("Firecracker virtio-mmio", False), ("Firecracker virtio-pci", True)):
                 cmds[name] = firecracker_cmd(a.firecracker, tmp, name.split()[1], kernel, initrd,
                                              image, pci)

@@ -350,6 +350,12 @@ impl Running {
         }
     }
 
+    /// The VMM's process ID.
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Types `text` on the guest console (the VMM's stdin, which the command
     /// must have had piped).
     pub fn type_on_console(&mut self, text: &str) {
