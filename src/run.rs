@@ -894,6 +894,10 @@ fn boot_and_save(vmm: &Path, shape: &Shape, dir: &Path) -> Result<(), Error> {
                 "/vsock".into(),
                 serde_json::json!({"guest_cid": 3, "uds_path": uds}).to_string(),
             ),
+            // An entropy device: the guest's RNG is ready (seeded from the
+            // host) before the template is saved, so that each clone's new
+            // VM generation ID reseeds it at its restore.
+            ("/entropy".into(), "{}".into()),
         ];
         for (id, path, read_only) in shape.drives() {
             let body = serde_json::json!({

@@ -86,6 +86,32 @@ fn stdout_stderr_and_the_exit_status_come_back() {
 }
 
 #[test]
+fn every_run_is_a_new_vm_generation_with_its_own_random_bytes() {
+    warm();
+    // Each run restores the template: the VM generation ID changes, the
+    // guest's vmgenid driver reseeds its RNG, and two runs do not share
+    // random bytes.
+    let script = "dmesg | grep -c 'crng reseeded due to virtual machine fork'; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' '";
+    let runs: Vec<String> = (0..2)
+        .map(|_| {
+            let out = run_with(&["--", "sh", "-c", script], b"");
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).to_string()
+        })
+        .collect();
+    eprintln!("asserting: each run reseeded once at its restore and read its own bytes: {runs:?}");
+    for r in &runs {
+        assert!(r.starts_with("1\n") && r.len() == 2 + 33, "{r:?}");
+    }
+    assert_ne!(runs[0], runs[1]);
+}
+
+#[test]
 fn stdin_goes_through_the_command_and_back_byte_exact() {
     warm();
     // PVM moves the guest's side of vsock at ~0.15 MiB/s: smaller there.
