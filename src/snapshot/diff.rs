@@ -171,7 +171,9 @@ pub fn save(
         });
         offset += size;
     }
-    file.sync_data().map_err(io)?;
+    // Not synced, as Firecracker's: the pages are in the page cache, where a
+    // restore on this host reads them (a Full is synced before it is renamed
+    // over an older file; a Diff has no older file to keep).
     Ok((regions, written))
 }
 
