@@ -571,39 +571,8 @@ impl Vmm {
         let (vm, vcpus) = self
             .save_kvm_state()
             .map_err(|e| Error::Snapshot(snapshot::Error::State(e)))?;
-        let tracked = devices::memory::is_tracked(&s.mem);
-        let (memory, mem_pending) = match kind {
-            snapshot::Kind::Full => {
-                let saved = snapshot::save_memory(&s.mem, mem_file)?;
-                if tracked {
-                    // The next Diff holds what changes after this snapshot.
-                    snapshot::diff::take_dirty(&s.vm, &s.mem)?;
-                }
-                (saved.0, Some(saved.1))
-            }
-            snapshot::Kind::Diff => {
-                let sets = if tracked {
-                    snapshot::diff::take_dirty(&s.vm, &s.mem)?
-                } else {
-                    snapshot::diff::resident(&s.mem)?
-                };
-                match snapshot::diff::save(&s.mem, mem_file, &sets) {
-                    Ok((memory, written)) => {
-                        log::info!(
-                            "Diff snapshot: {written} bytes of guest memory written to '{}'",
-                            mem_file.display()
-                        );
-                        (memory, None)
-                    }
-                    Err(e) => {
-                        if tracked {
-                            snapshot::diff::give_back(&s.mem, &sets);
-                        }
-                        return Err(e.into());
-                    }
-                }
-            }
-        };
+        let (memory, mem_pending) =
+            snapshot::diff::save_memory_of_kind(&s.vm, &s.mem, mem_file, kind)?;
         let state = MicrovmState {
             config: self.config.clone(),
             memory,

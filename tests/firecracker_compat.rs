@@ -283,7 +283,7 @@ fn version_flags_print_what_firecracker_s_tools_parse() {
         },
         TIMEOUT,
     );
-    assert_eq!(out.stdout.trim(), "v1.2.0");
+    assert_eq!(out.stdout.trim(), "v1.3.0");
 }
 
 #[test]

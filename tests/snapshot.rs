@@ -235,7 +235,7 @@ fn the_command_line_describes_and_restores_a_snapshot() {
     eprintln!("{text}");
     assert!(out.status.success());
     assert!(
-        text.contains("format 1.2") && text.contains("checksum ok"),
+        text.contains("format 1.3") && text.contains("checksum ok"),
         "{text}"
     );
     assert!(

@@ -22,10 +22,14 @@ Configurations: vmm (mergeable receive buffers on, the default), vmm with
 --net ...,mrg_rxbuf=off, and QEMU 7.2 (modern virtio-mmio, userspace
 virtio-net: this host has no /dev/vhost-net).
 
-Usage: sudo tools/bench-net.py [--runs 3]   (after cargo build --release; needs root,
+With --tracking the configurations are vmm with dirty-page tracking off and
+on (`track_dirty_pages` in a configuration file: KVM's dirty log, and the
+device marking the receive buffers it fills), compared with each other.
+
+Usage: sudo tools/bench-net.py [--runs 3] [--tracking]   (after cargo build --release; needs root,
 iproute2, iputils-ping, qemu-system-x86, and the kernel from resources/)
 """
-import argparse, os, re, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, re, statistics, subprocess, sys, tempfile, time
 
 import benchlib
 from benchlib import VMM, PVM_PARAMS, cpu_ns, guest_kernel, guest_ram_rss_kib, host_line, on_pvm, qemu_cmd, \
@@ -106,6 +110,8 @@ def measure(name, cmd, ns, tmp):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--tracking", action="store_true",
+                    help="compare dirty-page tracking off and on (vmm only)")
     a = benchlib.parse_args(ap)
     if os.geteuid() != 0:
         sys.exit("run as root: the benchmark creates a network namespace and a TAP device")
@@ -125,6 +131,22 @@ def main():
             "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
             "-device", f"virtio-net-device,netdev=n0,mac={MAC}"])),
     ]
+    ref = "QEMU microvm"
+    if a.tracking:
+        cfgdir = tempfile.mkdtemp(prefix="bench-net-")
+        configs = []
+        for track in (False, True):
+            cfg = {
+                "boot-source": {"kernel_image_path": kernel, "boot_args": cmdline},
+                "machine-config": {"vcpu_count": 1, "mem_size_mib": MEM_MIB, "track_dirty_pages": track},
+                "network-interfaces": [{"iface_id": "eth0", "host_dev_name": TAP, "guest_mac": MAC}],
+            }
+            path = os.path.join(cfgdir, f"track-{track}.json")
+            with open(path, "w") as f:
+                json.dump(cfg, f)
+            configs.append((f"vmm, tracking {'on' if track else 'off'}",
+                            [VMM, "--no-api", "--config-file", path, "--log-level", "info"]))
+        ref = configs[0][0]
     runs = {name: [] for name, _ in configs}
     for _ in range(a.runs):
         for name, cmd in configs:
@@ -138,8 +160,9 @@ def main():
     print(f"{host_line()}, Linux guest 1 vCPU / {MEM_MIB} MiB, ping from the host side of the TAP, "
           f"median of {a.runs} boots each\n")
     names = [n for n, _ in configs]
-    q = results["QEMU microvm"]
-    print("| | " + " | ".join(names) + " | vmm vs QEMU |")
+    q = results[ref]
+    vs = "on vs off" if a.tracking else "vmm vs QEMU"
+    print("| | " + " | ".join(names) + f" | {vs} |")
     print("|---|" + "---|" * (len(names) + 1))
     rows = [
         ("ping round trip, median of 100", "rtt_ms", "{:.3f} ms", lambda v: f"{q['rtt_ms'] / v:.2f}x faster"),
@@ -156,7 +179,8 @@ def main():
     ]
     for label, key, fmt, ratio in rows:
         cells = [fmt.format(results[n][key]) if results[n][key] == results[n][key] else "n/a" for n in names]
-        print(f"| {label} | " + " | ".join(cells) + f" | {ratio(results['vmm'][key])} |")
+        mine = results[names[-1]] if a.tracking else results["vmm"]
+        print(f"| {label} | " + " | ".join(cells) + f" | {ratio(mine[key])} |")
 
 
 if __name__ == "__main__":

@@ -177,6 +177,50 @@ pub fn save(
     Ok((regions, written))
 }
 
+/// Saves guest memory for a snapshot of `kind` to `path`: a Full through
+/// [`super::save_memory`] (its file, still to be committed, is returned),
+/// which with tracking on also starts the next Diff afresh; a Diff through
+/// [`save`], in place. A Diff that fails gives its pages back.
+pub fn save_memory_of_kind(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    kind: super::Kind,
+) -> Result<(Vec<MemoryRegionState>, Option<super::format::PendingFile>), Error> {
+    let tracked = devices::memory::is_tracked(mem);
+    match kind {
+        super::Kind::Full => {
+            let (regions, pending) = super::save_memory(mem, path)?;
+            if tracked {
+                take_dirty(vm, mem)?;
+            }
+            Ok((regions, Some(pending)))
+        }
+        super::Kind::Diff => {
+            let sets = if tracked {
+                take_dirty(vm, mem)?
+            } else {
+                resident(mem)?
+            };
+            match save(mem, path, &sets) {
+                Ok((regions, written)) => {
+                    log::info!(
+                        "Diff snapshot: {written} bytes of guest memory written to '{}'",
+                        path.display()
+                    );
+                    Ok((regions, None))
+                }
+                Err(e) => {
+                    if tracked {
+                        give_back(mem, &sets);
+                    }
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
 /// Errors merging a Diff memory file onto its base.
 #[derive(Debug, thiserror::Error)]
 pub enum RebaseError {

@@ -30,7 +30,7 @@ pub const MAGIC: [u8; 8] = *b"VMMSNAP\0";
 /// The format major version this VMM writes and reads.
 pub const VERSION_MAJOR: u16 = 1;
 /// The format minor version this VMM writes (and the newest it reads).
-pub const VERSION_MINOR: u16 = 2;
+pub const VERSION_MINOR: u16 = 3;
 /// Size of the fixed header.
 pub const HEADER_SIZE: usize = 24;
 /// Largest payload accepted (the VM state, not guest memory: that is a

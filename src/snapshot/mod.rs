@@ -176,8 +176,8 @@ pub struct MicrovmState {
     /// Whether the VM had a PCI segment (`--enable-pci`; format 1.2).
     #[serde(default)]
     pub pci: bool,
-    /// Whether the VM has the VM generation ID device (a snapshot taken
-    /// before it existed, or with --no-vmgenid, has not).
+    /// Whether the VM has the VM generation ID device (format 1.3; a
+    /// snapshot taken before it existed, or with --no-vmgenid, has not).
     #[serde(default)]
     pub vmgenid: bool,
 }
