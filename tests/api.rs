@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -30,15 +30,6 @@ fn assert_fault((code, body): (u16, String), want: &str) {
 }
 
 /// A VMM serving its API on a fresh socket, with `args` added.
-fn api_vmm(name: &str, args: &[&str]) -> (Running, PathBuf) {
-    let sock = tmp_path(&format!("{name}.sock"));
-    let mut cmd = vmm();
-    cmd.arg("--api-sock").arg(&sock).args(args);
-    let vm = Running::start(cmd);
-    wait_for_socket(&sock, &vm);
-    (vm, sock)
-}
-
 fn state(sock: &Path) -> String {
     let (code, body) = curl(sock, "GET", "/", None);
     assert_eq!(code, 200, "{body}");

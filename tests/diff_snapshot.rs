@@ -22,20 +22,11 @@ const PATTERN: u64 = 0x100_0000;
 const READS: u64 = 0x180_0000;
 const DISK_BYTE: u8 = 0xa5;
 
-fn fault(resp: (u16, String)) -> String {
-    assert_eq!(resp.0, 400, "{}", resp.1);
-    let v: serde_json::Value = serde_json::from_str(&resp.1).unwrap();
-    v["fault_message"].as_str().unwrap().to_string()
-}
-
 /// A VMM with an API socket and its console on a pipe.
 fn api_vmm(name: &str) -> (Running, PathBuf) {
-    let sock = tmp_path(&format!("{name}.sock"));
     let mut cmd = vmm();
-    cmd.arg("--api-sock").arg(&sock).stdin(Stdio::piped());
-    let vm = Running::start(cmd);
-    wait_for_socket(&sock, &vm);
-    (vm, sock)
+    cmd.stdin(Stdio::piped());
+    serve_api(name, cmd)
 }
 
 fn put(sock: &Path, path: &str, body: &str) {
@@ -74,6 +65,18 @@ fn disk(name: &str) -> PathBuf {
     let p = tmp_path(&format!("{name}.img"));
     std::fs::write(&p, vec![DISK_BYTE; 64 << 10]).unwrap();
     p
+}
+
+/// Paths `PREFIX-NAME` in the scratch directory, the `.snap` and `.mem` of
+/// each of `names` removed first (tmp_path removes what is there, once per
+/// file; the returned closure gives the plain paths).
+fn scratch(prefix: &'static str, names: &[&str]) -> impl Fn(&str) -> PathBuf {
+    for n in names {
+        for ext in ["snap", "mem"] {
+            tmp_path(&format!("{prefix}-{n}.{ext}"));
+        }
+    }
+    move |s| Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{prefix}-{s}"))
 }
 
 /// Boots the dirty guest with `track` and waits for it to be ready.
@@ -218,13 +221,7 @@ fn restore(name: &str, snap: &Path, mem: &Path) -> (Running, PathBuf) {
 
 #[test]
 fn a_diff_holds_exactly_the_dirtied_pages_and_merged_chains_restore() {
-    // tmp_path removes what is there: once per file, then plain paths.
-    let f = |s: &str| Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("diff-{s}"));
-    for s in ["0", "1", "2", "3", "short", "m1", "m2", "m3"] {
-        for ext in ["snap", "mem"] {
-            tmp_path(&format!("diff-{s}.{ext}"));
-        }
-    }
+    let f = scratch("diff", &["0", "1", "2", "3", "short", "m1", "m2", "m3"]);
     let (mut vm, sock) = boot("diff-origin", true);
     patch_vm(&sock, "Paused");
     assert_eq!(snapshot(&sock, "Full", &f("0.snap"), &f("0.mem")).0, 204);
@@ -310,12 +307,7 @@ fn without_tracking_a_diff_holds_every_page_in_core_and_still_merges() {
     // As Firecracker since 1.13: mincore(2) tells which pages the guest has
     // touched since it booted, more than changed since the Full but never
     // fewer (this host has no swap; with swap the VMM refuses).
-    let f = |s: &str| Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("mincore-{s}"));
-    for s in ["0", "1", "m"] {
-        for ext in ["snap", "mem"] {
-            tmp_path(&format!("mincore-{s}.{ext}"));
-        }
-    }
+    let f = scratch("mincore", &["0", "1", "m"]);
     let (mut vm, sock) = boot("mincore-origin", false);
     patch_vm(&sock, "Paused");
     assert_eq!(snapshot(&sock, "Full", &f("0.snap"), &f("0.mem")).0, 204);

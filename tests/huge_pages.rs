@@ -5,22 +5,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
-
-fn api_vmm(name: &str) -> (Running, PathBuf) {
-    let sock = tmp_path(&format!("{name}.sock"));
-    let mut cmd = vmm();
-    cmd.arg("--api-sock").arg(&sock);
-    let vm = Running::start(cmd);
-    wait_for_socket(&sock, &vm);
-    (vm, sock)
-}
 
 fn configure(sock: &Path, mem_mib: u32, huge: &str) -> (u16, String) {
     let boot = format!(
@@ -45,12 +36,6 @@ fn start(sock: &Path) -> (u16, String) {
         "/actions",
         Some(r#"{"action_type": "InstanceStart"}"#),
     )
-}
-
-fn fault(resp: (u16, String)) -> String {
-    assert_eq!(resp.0, 400, "{}", resp.1);
-    let v: serde_json::Value = serde_json::from_str(&resp.1).unwrap();
-    v["fault_message"].as_str().unwrap().to_string()
 }
 
 fn meminfo(key: &str) -> u64 {
@@ -83,7 +68,7 @@ impl Drop for Pool {
 fn a_guest_runs_on_2m_pages_from_the_pool_and_a_small_pool_is_refused() {
     // One test: the pool is the host's, shared by everything that runs.
     let pool = Pool::set(0);
-    let (vm, sock) = api_vmm("huge-none");
+    let (vm, sock) = api_vmm("huge-none", &[]);
     assert_eq!(configure(&sock, 64, "2M"), (204, String::new()));
     let e = fault(start(&sock));
     eprintln!("asserting: no pool, a one-line refusal: {e}");
@@ -100,7 +85,7 @@ fn a_guest_runs_on_2m_pages_from_the_pool_and_a_small_pool_is_refused() {
         eprintln!("skipped: the host could not give 32 huge pages");
         return;
     }
-    let (mut vm, sock) = api_vmm("huge-2m");
+    let (mut vm, sock) = api_vmm("huge-2m", &[]);
     assert_eq!(configure(&sock, 64, "2M"), (204, String::new()));
     let before = meminfo("HugePages_Free") - meminfo("HugePages_Rsvd");
     assert_eq!(start(&sock), (204, String::new()), "{}", vm.stdout_now());
@@ -122,7 +107,7 @@ fn a_guest_runs_on_2m_pages_from_the_pool_and_a_small_pool_is_refused() {
 
 #[test]
 fn transparent_huge_pages_are_advised_and_odd_sizes_and_files_refused() {
-    let (mut vm, sock) = api_vmm("huge-thp");
+    let (mut vm, sock) = api_vmm("huge-thp", &[]);
     // An odd size cannot be backed by 2 MiB pages.
     let e = fault(configure(&sock, 63, "Transparent"));
     assert!(e.contains("not a multiple of 2 MiB"), "{e}");
@@ -151,7 +136,7 @@ fn transparent_huge_pages_are_advised_and_odd_sizes_and_files_refused() {
     pause_and_snapshot(&sock, &snap, &mem);
     drop(vm);
     // hugetlbfs from a memory file is refused (Firecracker's rule: Uffd only).
-    let (vm, sock) = api_vmm("huge-load");
+    let (vm, sock) = api_vmm("huge-load", &[]);
     let body = format!(
         r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "huge_pages": "2M"}}"#,
         snap.display(),
@@ -161,7 +146,7 @@ fn transparent_huge_pages_are_advised_and_odd_sizes_and_files_refused() {
     assert!(e.contains("Please use uffd"), "{e}");
     drop(vm);
     // "Snapshot" keeps the snapshot's Transparent.
-    let (vm, sock) = api_vmm("huge-load2");
+    let (vm, sock) = api_vmm("huge-load2", &[]);
     let body = format!(
         r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "huge_pages": "Snapshot", "resume_vm": true}}"#,
         snap.display(),

@@ -12,20 +12,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::golden::{self, Golden, Netns};
-use common::{curl, host, tmp_path, wait_for_socket, Running};
+use common::{curl, host, serve_api, tmp_path, Running};
 
 /// A clone of the golden guest with `extra` flags on the VMM, restored
 /// with `load` (a PUT /snapshot/load body) and resumed.
 fn clone(ns: &Netns, name: &str, extra: &[&str], load: &str) -> (Running, PathBuf) {
-    let sock = tmp_path(&format!("{name}.sock"));
     let _ = std::fs::remove_file(golden::vsock_path(name));
     let mut cmd = ns.vmm();
-    cmd.arg("--api-sock")
-        .arg(&sock)
-        .args(["--level", "Info"])
-        .args(extra);
-    let vm = Running::start(cmd);
-    wait_for_socket(&sock, &vm);
+    cmd.args(["--level", "Info"]).args(extra);
+    let (vm, sock) = serve_api(name, cmd);
     let r = curl(&sock, "PUT", "/snapshot/load", Some(load));
     assert_eq!(r, (204, String::new()), "{name}: {}", vm.stdout_now());
     (vm, sock)
@@ -127,11 +122,7 @@ fn firecracker_python_s_restore_with_enable_diff_snapshots_runs_and_its_diff_mer
     // The request names no vsock socket: the snapshot's is used, and a
     // stale one from the VMM that took the golden snapshot is in the way.
     let _ = std::fs::remove_file(g.snap.parent().unwrap().join("golden-v.sock"));
-    let sock = tmp_path("fcpy.sock");
-    let mut cmd = ns.vmm();
-    cmd.arg("--api-sock").arg(&sock);
-    let mut vm = Running::start(cmd);
-    wait_for_socket(&sock, &vm);
+    let (mut vm, sock) = serve_api("fcpy", ns.vmm());
     let out = Command::new("curl")
         .args(["-si", "--unix-socket"])
         .arg(&sock)

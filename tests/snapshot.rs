@@ -12,26 +12,11 @@ use common::*;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-fn api_vmm(name: &str) -> (Running, std::path::PathBuf) {
-    let sock = tmp_path(&format!("{name}.sock"));
-    let mut cmd = vmm();
-    cmd.arg("--api-sock").arg(&sock);
-    let vm = Running::start(cmd);
-    wait_for_socket(&sock, &vm);
-    (vm, sock)
-}
-
-fn fault(resp: (u16, String)) -> String {
-    assert_eq!(resp.0, 400, "{}", resp.1);
-    let v: serde_json::Value = serde_json::from_str(&resp.1).unwrap();
-    v["fault_message"].as_str().unwrap().to_string()
-}
-
 /// Boots the counter guest over the API, pauses it and snapshots it; returns
 /// the state file, the memory file and what the guest printed (the pause may
 /// fall in the middle of a line, which the restored guest then completes).
 fn counter_snapshot(name: &str) -> (std::path::PathBuf, std::path::PathBuf, String) {
-    let (mut vm, sock) = api_vmm(&format!("{name}-origin"));
+    let (mut vm, sock) = api_vmm(&format!("{name}-origin"), &[]);
     let boot = format!(
         r#"{{"kernel_image_path": "{}"}}"#,
         guest("counter").display()
@@ -97,7 +82,7 @@ fn a_counting_guest_continues_where_it_stopped_three_times_from_one_snapshot() {
     let (snap, mem, original) = counter_snapshot("counter");
     let last = guest_counts(&original).len() as u64;
     for round in 0..3 {
-        let (mut clone, sock) = api_vmm(&format!("snap-clone{round}"));
+        let (mut clone, sock) = api_vmm(&format!("snap-clone{round}"), &[]);
         let t = Instant::now();
         assert_eq!(
             load_snapshot(&sock, &snap, &mem, true),
@@ -134,7 +119,7 @@ fn bad_snapshots_and_late_loads_are_refused_and_nothing_starts() {
         (junk.clone(), "truncated"),
         (tmp_path("none.snap"), "none.snap"),
     ] {
-        let (vm, sock) = api_vmm("snap-bad");
+        let (vm, sock) = api_vmm("snap-bad", &[]);
         let msg = fault(curl(
             &sock,
             "PUT",
@@ -151,7 +136,7 @@ fn bad_snapshots_and_late_loads_are_refused_and_nothing_starts() {
     }
     // Firecracker's rule: no load once a boot resource was configured; that
     // refusal leaves the VMM as it was.
-    let (vm, sock) = api_vmm("snap-late");
+    let (vm, sock) = api_vmm("snap-late", &[]);
     assert_eq!(
         curl(
             &sock,
@@ -183,7 +168,7 @@ fn bad_snapshots_and_late_loads_are_refused_and_nothing_starts() {
 #[test]
 fn vsock_override_and_clock_realtime_are_checked_against_the_snapshot() {
     let (snap, mem, original) = counter_snapshot("counter-opts");
-    let (vm, sock) = api_vmm("opts-vsock");
+    let (vm, sock) = api_vmm("opts-vsock", &[]);
     let body = load_body(&snap, &mem, true).replace(
         r#""resume_vm""#,
         r#""vsock_override": {"uds_path": "/tmp/v.sock"}, "resume_vm""#,
@@ -204,7 +189,7 @@ fn vsock_override_and_clock_realtime_are_checked_against_the_snapshot() {
         allowed || described.contains("clock_realtime refused"),
         "{described}"
     );
-    let (mut clone, sock) = api_vmm("opts-clock");
+    let (mut clone, sock) = api_vmm("opts-clock", &[]);
     let body = load_body(&snap, &mem, true)
         .replace(r#""resume_vm""#, r#""clock_realtime": true, "resume_vm""#);
     let answer = curl(&sock, "PUT", "/snapshot/load", Some(&body));
@@ -286,7 +271,7 @@ fn a_clone_snapshots_itself_over_the_files_it_was_restored_from() {
     // The clone's memory is mapped from counter-self.mem; writing the new
     // snapshot there must neither crash it nor corrupt the files.
     let (snap, mem, original) = counter_snapshot("counter-self");
-    let (mut clone, sock) = api_vmm("snap-self");
+    let (mut clone, sock) = api_vmm("snap-self", &[]);
     // Logger and metrics may come first (firecracker-go-sdk configures them).
     let log = tmp_path("snap-self.log");
     let logger = format!(r#"{{"log_path": "{}", "level": "Info"}}"#, log.display());
@@ -332,7 +317,7 @@ fn a_clone_snapshots_itself_over_the_files_it_was_restored_from() {
     clone.signal(libc::SIGTERM);
     assert_eq!(clone.finish(TIMEOUT).code, Some(128 + libc::SIGTERM));
     // The new snapshot restores where the clone was paused.
-    let (mut again, sock) = api_vmm("snap-self-again");
+    let (mut again, sock) = api_vmm("snap-self-again", &[]);
     assert_eq!(
         load_snapshot(&sock, &snap, &mem, true),
         (204, String::new())
@@ -345,7 +330,7 @@ fn a_clone_snapshots_itself_over_the_files_it_was_restored_from() {
     // SAFETY: mkfifo reads the NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     drop(again);
-    let (vm, sock) = api_vmm("snap-fifo");
+    let (vm, sock) = api_vmm("snap-fifo", &[]);
     let msg = fault(curl(
         &sock,
         "PUT",
@@ -451,7 +436,7 @@ fn a_virtio_blk_guest_snapshotted_between_requests_completes_them_after_restore(
     let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let (snap, mem, original) = seq_snapshot("blk-seq", root, &img.display().to_string());
 
-    let (clone, sock) = api_vmm("blk-seq-clone");
+    let (clone, sock) = api_vmm("blk-seq-clone", &[]);
     assert_eq!(
         load_snapshot(&sock, &snap, &mem, true),
         (204, String::new())
@@ -459,7 +444,7 @@ fn a_virtio_blk_guest_snapshotted_between_requests_completes_them_after_restore(
     // The disk is reopened by path and locked: a second clone of a VM with
     // a writable disk is refused while the first runs, and nothing starts:
     // the failed load ends that VMM (as Firecracker's), without guest output.
-    let (second, sock2) = api_vmm("blk-seq-second");
+    let (second, sock2) = api_vmm("blk-seq-second", &[]);
     let refused = fault(load_snapshot(&sock2, &snap, &mem, true));
     assert!(refused.contains("in use by another process"), "{refused}");
     let out = second.finish(TIMEOUT);
@@ -558,7 +543,7 @@ fn a_snapshot_needing_what_this_host_lacks_is_refused_naming_it() {
         (&bad_cpu, format!("leaf 0x7.0 EBX bit {bit}")),
         (&bad_msr, "MSRs of vCPU 0: 0x4b564dff".to_string()),
     ] {
-        let (vm, sock) = api_vmm("host-lacks");
+        let (vm, sock) = api_vmm("host-lacks", &[]);
         let msg = fault(load_snapshot(&sock, file, &mem, true));
         assert!(
             msg.contains("This host's KVM lacks") && msg.contains(&want),
@@ -600,7 +585,7 @@ fn a_snapshot_placing_a_device_where_this_vmm_cannot_is_refused() {
     ] {
         let file = tmp_path(&format!("blk-place-{name}.snap"));
         format::write(&file, &state).unwrap();
-        let (vm, sock) = api_vmm(&format!("blk-place-{name}"));
+        let (vm, sock) = api_vmm(&format!("blk-place-{name}"), &[]);
         let msg = fault(load_snapshot(&sock, &file, &mem, true));
         assert!(
             msg.contains("Cannot place virtio device 'data'") && msg.contains(want),
@@ -615,7 +600,7 @@ fn a_snapshot_placing_a_device_where_this_vmm_cannot_is_refused() {
     mixed.pci = true;
     let file = tmp_path("blk-place-mixed.snap");
     format::write(&file, &mixed).unwrap();
-    let (vm, sock) = api_vmm("blk-place-mixed");
+    let (vm, sock) = api_vmm("blk-place-mixed", &[]);
     let msg = fault(load_snapshot(&sock, &file, &mem, true));
     assert!(
         msg.contains("device 'data' is on virtio-mmio, but its VM had a PCI segment"),

@@ -13,28 +13,19 @@ on disk (st_blocks), one sample per cell, --runs times (median shown).
 Usage: tools/bench-diff.py [--runs 3] [--sizes 8,64,512] [--vmm PATH] [--firecracker PATH] [--skip-fc]
 Needs: cargo build --release (or --vmm), GNU as and ld.
 """
-import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, time
+import argparse, os, shutil, statistics, subprocess, sys, tempfile, time
 
 import benchlib
-from benchlib import ROOT, VMM, UnixHTTP, build_guest, host_line, stop, wait_for
+from benchlib import ROOT, VMM, build_guest, host_line, stop, wait_for
 
 DEFAULT_FC = os.path.normpath(os.path.join(ROOT, "..", "shared", "peers", "firecracker"))
 MIB = 1024 * 1024
 MEM_MIB = 1024
 
 
-def call(sock, method, path, body=None, timeout=120):
-    c = UnixHTTP(sock, timeout)
-    try:
-        c.request(method, path, body=json.dumps(body) if body is not None else None,
-                  headers={"Content-Type": "application/json"})
-        r = c.getresponse()
-        data = r.read()
-    finally:
-        c.close()
-    if r.status >= 300:
-        raise RuntimeError(f"{method} {path}: HTTP {r.status} {data.decode(errors='replace').strip()}")
-    return data
+def call(sock, method, path, body=None):
+    # A Full snapshot of 1 GiB may take seconds: a longer timeout than the default.
+    return benchlib.call(sock, method, path, body, timeout=120)
 
 
 def allocated_mib(path):

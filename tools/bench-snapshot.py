@@ -35,28 +35,14 @@ Usage: tools/bench-snapshot.py [--runs 20] [--vmm PATH] [--firecracker PATH] [--
 Needs: cargo build --release (or --vmm), resources/build-kernel.sh and
 build-initramfs.sh (run by the script; cached).
 """
-import argparse, json, os, shutil, signal, statistics, subprocess, sys, tempfile, time
+import argparse, os, shutil, signal, statistics, subprocess, sys, tempfile, time
 
 import benchlib
-from benchlib import ROOT, VMM, PVM_PARAMS, UnixHTTP, guest_kernel, host_line, on_pvm, wait_for
+from benchlib import ROOT, VMM, PVM_PARAMS, call, guest_kernel, host_line, on_pvm, wait_for
 
 DEFAULT_FC = os.path.normpath(os.path.join(ROOT, "..", "shared", "peers", "firecracker"))
 MILESTONE = "VMM-TEST: waiting"
 MIB = 1024 * 1024
-
-
-def call(sock, method, path, body=None, timeout=10):
-    c = UnixHTTP(sock, timeout)
-    try:
-        c.request(method, path, body=json.dumps(body) if body is not None else None,
-                  headers={"Content-Type": "application/json"})
-        r = c.getresponse()
-        data = r.read()
-    finally:
-        c.close()
-    if r.status >= 300:
-        raise RuntimeError(f"{method} {path}: HTTP {r.status} {data.decode(errors='replace').strip()}")
-    return data
 
 
 class Procs:

@@ -1,7 +1,7 @@
 """Shared parts of the benchmarks in tools/: paths, the guest kernel parameters
 the PVM host needs, QEMU's base command line, test-guest assembly, and the
 /proc readings (CPU time of the VMM's own threads, resident guest RAM)."""
-import http.client, os, re, select, signal, socket, subprocess, time
+import http.client, json, os, re, select, signal, socket, subprocess, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VMM = os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/vmm")
@@ -172,3 +172,19 @@ class UnixHTTP(http.client.HTTPConnection):
         s.settimeout(self.timeout)
         s.connect(self.unix_path)
         self.sock = s
+
+
+def call(sock, method, path, body=None, timeout=10):
+    """One request to the VMM API at `sock` (JSON body); the response body,
+    or RuntimeError with the status and body for anything but 2xx."""
+    c = UnixHTTP(sock, timeout)
+    try:
+        c.request(method, path, body=json.dumps(body) if body is not None else None,
+                  headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        data = r.read()
+    finally:
+        c.close()
+    if r.status >= 300:
+        raise RuntimeError(f"{method} {path}: HTTP {r.status} {data.decode(errors='replace').strip()}")
+    return data

@@ -179,21 +179,34 @@ pub fn anonymous(
     ranges: &[(GuestAddress, usize)],
     track: bool,
 ) -> Result<GuestMemoryMmap, vm_memory::mmap::FromRangesError> {
+    anonymous_with(ranges, track, libc::MAP_NORESERVE, false)
+}
+
+/// Anonymous private guest memory laid out as `ranges`, tracked when
+/// `track`, mapped with `flags` besides MAP_PRIVATE | MAP_ANONYMOUS (and on
+/// hugetlbfs pages, which vm-memory must know of, when `hugetlbfs`).
+pub fn anonymous_with(
+    ranges: &[(GuestAddress, usize)],
+    track: bool,
+    flags: i32,
+    hugetlbfs: bool,
+) -> Result<GuestMemoryMmap, vm_memory::mmap::FromRangesError> {
+    use vm_memory::mmap::{FromRangesError, MmapRegionError};
     let mut regions = Vec::with_capacity(ranges.len());
     for &(start, len) in ranges {
-        let bitmap = bitmap(len, track).map_err(|e| {
-            vm_memory::mmap::FromRangesError::MmapRegion(vm_memory::mmap::MmapRegionError::Mmap(e))
-        })?;
+        let bitmap = bitmap(len, track)
+            .map_err(|e| FromRangesError::MmapRegion(MmapRegionError::Mmap(e)))?;
         let mapping = MmapRegionBuilder::new_with_bitmap(len, bitmap)
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags)
+            .with_hugetlbfs(hugetlbfs)
             .build()
-            .map_err(vm_memory::mmap::FromRangesError::MmapRegion)?;
-        let region = GuestRegionMmap::new(mapping, start)
-            .ok_or(vm_memory::mmap::FromRangesError::InvalidGuestRegion)?;
+            .map_err(FromRangesError::MmapRegion)?;
+        let region =
+            GuestRegionMmap::new(mapping, start).ok_or(FromRangesError::InvalidGuestRegion)?;
         regions.push(region);
     }
-    GuestMemoryMmap::from_regions(regions).map_err(vm_memory::mmap::FromRangesError::Collection)
+    GuestMemoryMmap::from_regions(regions).map_err(FromRangesError::Collection)
 }
 
 /// `len` bytes of guest memory at `addr` that the host is about to write

@@ -145,32 +145,23 @@ pub fn save(
             want: total,
         });
     }
-    file.set_len(total).map_err(io)?;
-    let mut regions = Vec::new();
-    let mut offset = 0u64;
     let mut written = 0u64;
-    for (region, set) in mem.iter().zip(sets) {
-        let size = region.len();
-        // SAFETY: the region's mapping is `size` bytes long and stays mapped
-        // while `mem` lives; the VM is paused, so nothing writes it meanwhile.
-        let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr(), size as usize) };
+    let regions = super::write_regions(mem, &file, |i, bytes, offset| {
+        let Some(set) = sets.get(i) else {
+            return Ok(());
+        };
         for (first, n) in runs(set) {
             let start = first * PAGE_SIZE;
             let end = ((first + n) * PAGE_SIZE).min(bytes.len());
             if start >= end {
                 continue;
             }
-            file.write_all_at(&bytes[start..end], offset + start as u64)
-                .map_err(io)?;
+            file.write_all_at(&bytes[start..end], offset + start as u64)?;
             written += (end - start) as u64;
         }
-        regions.push(MemoryRegionState {
-            gpa: region.start_addr().0,
-            size,
-            offset,
-        });
-        offset += size;
-    }
+        Ok(())
+    })
+    .map_err(io)?;
     // Not synced, as Firecracker's: the pages are in the page cache, where a
     // restore on this host reads them (a Full is synced before it is renamed
     // over an older file; a Diff has no older file to keep).

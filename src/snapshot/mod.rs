@@ -477,20 +477,33 @@ pub fn save_memory(
     // from the old file keeps its mapping of the old file.
     let mut pending = format::PendingFile::create(path).map_err(io)?;
     let file = pending.file();
+    let regions = write_regions(mem, file, |_, bytes, offset| {
+        write_sparse(file, bytes, offset)
+    })
+    .map_err(io)?;
+    Ok((regions, pending))
+}
+
+/// Sizes `file` to hold guest memory, its regions back to back from offset 0,
+/// and hands each region's bytes to `write` with the region's index and its
+/// offset in the file; returns the layout. The VM must be paused (nothing
+/// writes guest memory meanwhile).
+fn write_regions(
+    mem: &GuestMemoryMmap,
+    file: &std::fs::File,
+    mut write: impl FnMut(usize, &[u8], u64) -> std::io::Result<()>,
+) -> std::io::Result<Vec<MemoryRegionState>> {
     let total: u64 = mem.iter().map(|r| r.len()).sum();
-    file.set_len(total).map_err(io)?;
+    file.set_len(total)?;
     let mut regions = Vec::new();
     let mut offset = 0u64;
-    for region in mem.iter() {
+    for (i, region) in mem.iter().enumerate() {
         let size = region.len();
-        let host = mem
-            .get_host_address(region.start_addr())
-            .map_err(|e| Error::State(format!("Guest memory is not mapped: {e}.")))?;
-        // SAFETY: `host` is the start of this region's mapping, which is
-        // `size` bytes long and stays mapped while `mem` lives; the VM is
-        // paused, so no vCPU writes it meanwhile (devices are idle too).
-        let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, size as usize) };
-        write_sparse(file, bytes, offset).map_err(io)?;
+        // SAFETY: the region's mapping starts at `as_ptr` and is `size` bytes
+        // long; it stays mapped while `mem` lives, and the VM is paused, so
+        // no vCPU writes it meanwhile (devices are idle too).
+        let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr(), size as usize) };
+        write(i, bytes, offset)?;
         regions.push(MemoryRegionState {
             gpa: region.start_addr().0,
             size,
@@ -498,7 +511,7 @@ pub fn save_memory(
         });
         offset += size;
     }
-    Ok((regions, pending))
+    Ok(regions)
 }
 
 /// Writes `bytes` at `offset` of `file` (already long enough), skipping the

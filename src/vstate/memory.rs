@@ -2,8 +2,7 @@
 //! first touch (untouched guest pages cost nothing), on base pages, transparent
 //! huge pages or 2 MiB hugetlbfs pages, with or without dirty-page tracking.
 
-use devices::memory::{GuestMemoryMmap, GuestRegionMmap};
-use vm_memory::mmap::MmapRegionBuilder;
+use devices::memory::GuestMemoryMmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::x86_64::bootparams::ram_regions;
@@ -112,28 +111,8 @@ fn hugetlb(ranges: &[(GuestAddress, usize)], track: bool) -> Result<GuestMemoryM
     if free < want {
         return Err(Error::HugetlbPool { free, want });
     }
-    let map = |source| Error::Map { size, source };
-    let mut regions = Vec::with_capacity(ranges.len());
-    for &(start, len) in ranges {
-        let bitmap = devices::memory::bitmap(len, track).map_err(|e| {
-            map(vm_memory::mmap::FromRangesError::MmapRegion(
-                vm_memory::mmap::MmapRegionError::Mmap(e),
-            ))
-        })?;
-        let mapping = MmapRegionBuilder::new_with_bitmap(len, bitmap)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB,
-            )
-            .with_hugetlbfs(true)
-            .build()
-            .map_err(|e| map(vm_memory::mmap::FromRangesError::MmapRegion(e)))?;
-        let region = GuestRegionMmap::new(mapping, start)
-            .ok_or(map(vm_memory::mmap::FromRangesError::InvalidGuestRegion))?;
-        regions.push(region);
-    }
-    GuestMemoryMmap::from_regions(regions)
-        .map_err(|e| map(vm_memory::mmap::FromRangesError::Collection(e)))
+    devices::memory::anonymous_with(ranges, track, libc::MAP_HUGETLB | libc::MAP_HUGE_2MB, true)
+        .map_err(|source| Error::Map { size, source })
 }
 
 #[cfg(test)]

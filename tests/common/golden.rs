@@ -361,13 +361,11 @@ pub fn restore_from(
     before: &[(&str, String)],
     backend: (&str, &Path),
 ) -> (Running, PathBuf) {
-    let sock = super::tmp_path(&format!("{name}.sock"));
     // A socket left by an earlier run that was killed.
     let _ = std::fs::remove_file(vsock_path(name));
     let mut cmd = ns.vmm();
-    cmd.arg("--api-sock").arg(&sock).args(["--level", "Info"]);
-    let vm = Running::start(cmd);
-    wait_for_socket(&sock, &vm);
+    cmd.args(["--level", "Info"]);
+    let (vm, sock) = super::serve_api(name, cmd);
     for (path, body) in before {
         assert_eq!(
             curl(&sock, "PUT", path, Some(body)),

@@ -180,6 +180,33 @@ pub fn pause_and_snapshot(sock: &Path, snap: &Path, mem: &Path) {
     assert_eq!(created, (204, String::new()));
 }
 
+/// Starts `cmd` (a vmm) with its API on `NAME.sock` in the target's scratch
+/// directory and waits until it listens.
+#[allow(dead_code)]
+pub fn serve_api(name: &str, mut cmd: Command) -> (Running, PathBuf) {
+    let sock = tmp_path(&format!("{name}.sock"));
+    cmd.arg("--api-sock").arg(&sock);
+    let vm = Running::start(cmd);
+    wait_for_socket(&sock, &vm);
+    (vm, sock)
+}
+
+/// `vmm ARGS --api-sock NAME.sock`, listening.
+#[allow(dead_code)]
+pub fn api_vmm(name: &str, args: &[&str]) -> (Running, PathBuf) {
+    let mut cmd = vmm();
+    cmd.args(args);
+    serve_api(name, cmd)
+}
+
+/// The `fault_message` of a 400 answer (asserting that it is one).
+#[allow(dead_code)]
+pub fn fault(resp: (u16, String)) -> String {
+    assert_eq!(resp.0, 400, "{}", resp.1);
+    let v: serde_json::Value = serde_json::from_str(&resp.1).unwrap();
+    v["fault_message"].as_str().unwrap().to_string()
+}
+
 /// Waits until the VMM's API socket exists.
 pub fn wait_for_socket(sock: &Path, vm: &Running) {
     let deadline = Instant::now() + Duration::from_secs(30);

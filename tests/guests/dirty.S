@@ -1,6 +1,6 @@
 # Dirties known guest pages on demand, for the Diff snapshot tests. Starts its
 # virtio-blk device, prints "VMM-GUEST: ready", then takes one step per byte
-# typed on COM1 (polled: the wait writes no memory). Step N (1, 2, ...):
+# typed on COM1 (polled, lib.S's getc). Step N (1, 2, ...):
 #   - checks that the pages of every earlier step still hold what that step
 #     left (so a restored guest shows whether its memory came back whole);
 #   - fills the 16 pages at PATTERN + (N-1) * 64 KiB with the byte N;
@@ -26,12 +26,7 @@ _start:
     call putnl
     xor %r12, %r12                    # steps done
 wait:
-    mov $COM1 + 5, %dx
-1:  inb %dx, %al
-    test $1, %al
-    jz 1b
-    mov $COM1, %dx
-    inb %dx, %al
+    call getc
     inc %r12
 
     # Check steps 1 .. N-1: pattern pages hold their step's byte, read pages

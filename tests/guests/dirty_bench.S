@@ -14,12 +14,7 @@ _start:
     call putnl
     xor %r12, %r12                    # steps
 wait:
-    mov $COM1 + 5, %dx
-1:  inb %dx, %al
-    test $1, %al
-    jz 1b
-    mov $COM1, %dx
-    inb %dx, %al
+    call getc
     inc %r12
     movzbq %al, %rcx
     shl $23, %rcx                     # B * 8 MiB

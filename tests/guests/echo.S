@@ -6,12 +6,7 @@ _start:
     lea ready(%rip), %rsi
     call puts
     lea line(%rip), %rdi
-1:  mov $COM1 + 5, %dx
-2:  inb %dx, %al
-    test $1, %al                      # data ready
-    jz 2b
-    mov $COM1, %dx
-    inb %dx, %al
+1:  call getc
     cmp $'\n', %al
     je 3f
     stosb

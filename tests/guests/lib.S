@@ -21,6 +21,19 @@ putc:
     pop %rdx
     ret
 
+# getc: waits for a byte on COM1 (polling the line status register's data
+# ready bit) and returns it in %al.
+getc:
+    push %rdx
+    mov $COM1 + 5, %dx
+1:  inb %dx, %al
+    test $1, %al
+    jz 1b
+    mov $COM1, %dx
+    inb %dx, %al
+    pop %rdx
+    ret
+
 # puts: NUL-terminated string at %rsi.
 puts:
     push %rsi
